@@ -1,0 +1,91 @@
+import datetime
+
+from copilot.v1 import common_pb2 as _common_pb2
+from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class AnswerRequest(_message.Message):
+    __slots__ = ("question", "top_k", "mode", "filters", "request_id")
+    class FiltersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    QUESTION_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    FILTERS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    question: str
+    top_k: int
+    mode: _common_pb2.RetrievalMode
+    filters: _containers.ScalarMap[str, str]
+    request_id: str
+    def __init__(self, question: _Optional[str] = ..., top_k: _Optional[int] = ..., mode: _Optional[_Union[_common_pb2.RetrievalMode, str]] = ..., filters: _Optional[_Mapping[str, str]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class StreamAnswerRequest(_message.Message):
+    __slots__ = ("question", "top_k", "mode", "filters", "request_id")
+    class FiltersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    QUESTION_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    FILTERS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    question: str
+    top_k: int
+    mode: _common_pb2.RetrievalMode
+    filters: _containers.ScalarMap[str, str]
+    request_id: str
+    def __init__(self, question: _Optional[str] = ..., top_k: _Optional[int] = ..., mode: _Optional[_Union[_common_pb2.RetrievalMode, str]] = ..., filters: _Optional[_Mapping[str, str]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class AnswerDetails(_message.Message):
+    __slots__ = ("citations", "usage", "latency", "mode_used", "degraded", "degraded_reason", "provider", "model", "request_id")
+    CITATIONS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_FIELD_NUMBER: _ClassVar[int]
+    MODE_USED_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_REASON_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    citations: _containers.RepeatedCompositeFieldContainer[_common_pb2.Citation]
+    usage: _common_pb2.TokenUsage
+    latency: _duration_pb2.Duration
+    mode_used: _common_pb2.RetrievalMode
+    degraded: bool
+    degraded_reason: str
+    provider: str
+    model: str
+    request_id: str
+    def __init__(self, citations: _Optional[_Iterable[_Union[_common_pb2.Citation, _Mapping]]] = ..., usage: _Optional[_Union[_common_pb2.TokenUsage, _Mapping]] = ..., latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., mode_used: _Optional[_Union[_common_pb2.RetrievalMode, str]] = ..., degraded: bool = ..., degraded_reason: _Optional[str] = ..., provider: _Optional[str] = ..., model: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class AnswerResponse(_message.Message):
+    __slots__ = ("answer", "details")
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    answer: str
+    details: AnswerDetails
+    def __init__(self, answer: _Optional[str] = ..., details: _Optional[_Union[AnswerDetails, _Mapping]] = ...) -> None: ...
+
+class StreamAnswerResponse(_message.Message):
+    __slots__ = ("delta", "details")
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    delta: str
+    details: AnswerDetails
+    def __init__(self, delta: _Optional[str] = ..., details: _Optional[_Union[AnswerDetails, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,2 @@
+"""Plumbing shared by every server: settings, identity, errors, interceptors, health,
+reflection, telemetry, logging and the server lifecycle."""

@@ -1,0 +1,120 @@
+"""The caller's verified identity, carried in a contextvar for the duration of a call.
+
+Envoy verifies the JWT and sets these headers from its claims (replacing anything the
+client sent); the server interceptor reads them into the contextvar and the client
+interceptor forwards them on every service-to-service call. Application code reads
+`current()` and never passes tenant ids around by hand.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import re
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from servers.common.errors import PermissionDenied, Unauthenticated
+
+TENANT_HEADER = "x-tenant-id"
+SUBJECT_HEADER = "x-user-id"
+ROLES_HEADER = "x-roles"
+IDENTITY_HEADERS = (TENANT_HEADER, SUBJECT_HEADER, ROLES_HEADER)
+
+# Platform-wide role: manages all tenants. Its holder still has a home tenant.
+OPERATOR = "operator"
+ADMIN = "admin"
+MEMBER = "member"
+INGEST = "ingest"
+
+# The tenant the platform's own service accounts act as (e.g. the edge reading plans).
+PLATFORM_TENANT = "platform"
+
+TENANT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
+
+
+@dataclass(frozen=True)
+class Identity:
+    tenant_id: str
+    subject: str
+    roles: frozenset[str]
+
+    def has_any(self, roles: Iterable[str]) -> bool:
+        return not self.roles.isdisjoint(roles)
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (
+            (TENANT_HEADER, self.tenant_id),
+            (SUBJECT_HEADER, self.subject),
+            (ROLES_HEADER, ",".join(sorted(self.roles))),
+        )
+
+
+_current: contextvars.ContextVar[Identity | None] = contextvars.ContextVar(
+    "copilot_identity", default=None
+)
+
+
+def parse_roles(raw: str) -> frozenset[str]:
+    # Envoy renders a JSON list claim as comma-separated values; tokens may also use spaces.
+    return frozenset(r for r in re.split(r"[,\s]+", raw.strip()) if r)
+
+
+def from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> Identity | None:
+    """The identity in request metadata, or None when there is no tenant header."""
+    values: dict[str, str] = {}
+    for key, value in metadata or ():
+        if key in IDENTITY_HEADERS:
+            values[key] = value.decode() if isinstance(value, bytes) else value
+    tenant = values.get(TENANT_HEADER, "").strip()
+    if not tenant:
+        return None
+    if not TENANT_ID_RE.match(tenant):
+        raise Unauthenticated(f"malformed tenant id in verified identity: {tenant!r}")
+    return Identity(
+        tenant_id=tenant,
+        subject=values.get(SUBJECT_HEADER, "").strip() or "anonymous",
+        roles=parse_roles(values.get(ROLES_HEADER, "")),
+    )
+
+
+def current() -> Identity:
+    """The caller's identity; raises UNAUTHENTICATED when the call carries none."""
+    identity = _current.get()
+    if identity is None:
+        raise Unauthenticated("this call carries no verified tenant identity")
+    return identity
+
+
+def current_or_none() -> Identity | None:
+    return _current.get()
+
+
+def tenant_id() -> str:
+    return current().tenant_id
+
+
+def require_role(*roles: str) -> Identity:
+    """The caller's identity if it holds one of `roles` (operators hold them all)."""
+    identity = current()
+    if not identity.has_any((*roles, OPERATOR)):
+        raise PermissionDenied(
+            f"this operation needs one of the roles {', '.join(sorted(roles))}",
+            reason="MISSING_ROLE",
+        )
+    return identity
+
+
+@contextmanager
+def acting_as(identity: Identity) -> Iterator[Identity]:
+    """Runs a block as `identity`: used by the server interceptor and by background work
+    that acts for a service account."""
+    token = _current.set(identity)
+    try:
+        yield identity
+    finally:
+        _current.reset(token)
+
+
+def service_account(name: str) -> Identity:
+    return Identity(tenant_id=PLATFORM_TENANT, subject=f"service:{name}", roles=frozenset({OPERATOR}))

@@ -1,0 +1,206 @@
+"""Server and client interceptors: identity, deadlines, errors and the access log.
+
+Server side: every handler runs with the caller's identity in a contextvar (and on the
+current span), with its deadline remembered for outgoing calls, and with domain errors
+turned into rich gRPC statuses. Client side: identity and the remaining deadline are
+forwarded on every service-to-service call.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from opentelemetry import baggage, context as otel_context, trace
+
+from servers.common import identity as ident
+from servers.common.errors import PASS_THROUGH, CopilotError, Unauthenticated
+
+log = logging.getLogger("copilot.access")
+
+# Calls that need no identity: probes and schema discovery.
+PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+# Absolute deadline (time.monotonic()) of the call being served, for propagation.
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("copilot_deadline", default=None)
+
+
+class _Abort(Exception):
+    """Carries a status to abort with once we are back in the handler's frame."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, trailing: tuple[tuple[str, Any], ...] = ()) -> None:
+        super().__init__(message)
+        self.code, self.message, self.trailing = code, message, trailing
+
+
+def _to_abort(exc: BaseException, method: str) -> _Abort:
+    if isinstance(exc, CopilotError):
+        status = exc.to_status()
+        return _Abort(status.code, status.details, tuple(status.trailing_metadata))
+    if isinstance(exc, grpc.aio.AioRpcError):
+        if exc.code() in PASS_THROUGH:
+            trailing = tuple((k, v) for k, v in (exc.trailing_metadata() or ())
+                             if k == "grpc-status-details-bin")
+            return _Abort(exc.code(), exc.details() or "", trailing)
+        log.warning("dependency failed", extra={"rpc": method, "peer_code": exc.code().name,
+                                                "peer_message": exc.details()})
+        return _Abort(grpc.StatusCode.UNAVAILABLE, "a dependency of this service is unavailable; retry later")
+    log.exception("unhandled error", extra={"rpc": method})
+    trace_id = trace.get_current_span().get_span_context().trace_id
+    return _Abort(grpc.StatusCode.INTERNAL, f"internal error (trace {trace_id:032x})")
+
+
+class IdentityServerInterceptor(grpc.aio.ServerInterceptor):
+    """Runs each handler as the caller's verified identity; refuses calls without one."""
+
+    def __init__(self, access_log: bool = True) -> None:
+        self._access_log = access_log
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        method = details.method
+        public = method.startswith(PUBLIC_PREFIXES)
+        try:
+            caller = ident.from_metadata(details.invocation_metadata)  # type: ignore[arg-type]
+        except Unauthenticated as exc:
+            return _wrap(handler, method, None, exc, self._access_log)
+        if caller is None and not public:
+            err = Unauthenticated("missing verified identity: call through the edge with a valid token")
+            return _wrap(handler, method, None, err, self._access_log)
+        return _wrap(handler, method, caller, None, self._access_log)
+
+
+def _enter(caller: ident.Identity | None, context: grpc.aio.ServicerContext) -> list[Callable[[], None]]:
+    """Sets the call's contextvars; returns the resets."""
+    resets: list[Callable[[], None]] = []
+    remaining = context.time_remaining()
+    dl_token = _deadline.set(time.monotonic() + remaining if remaining is not None else None)
+    resets.append(lambda: _deadline.reset(dl_token))
+    if caller is not None:
+        id_token = ident._current.set(caller)
+        resets.append(lambda: ident._current.reset(id_token))
+        span = trace.get_current_span()
+        span.set_attribute("tenant.id", caller.tenant_id)
+        span.set_attribute("enduser.id", caller.subject)
+        ctx = baggage.set_baggage("tenant.id", caller.tenant_id)
+        otel_token = otel_context.attach(ctx)
+        resets.append(lambda: otel_context.detach(otel_token))
+    return resets
+
+
+def _finish(method: str, caller: ident.Identity | None, started: float, code: grpc.StatusCode,
+            enabled: bool) -> None:
+    if enabled:
+        log.info("rpc", extra={
+            "rpc": method, "status": code.name, "tenant": caller.tenant_id if caller else None,
+            "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+        })
+
+
+def _wrap(handler: grpc.RpcMethodHandler, method: str, caller: ident.Identity | None,
+          refusal: CopilotError | None, access_log: bool) -> grpc.RpcMethodHandler:
+    log_it = access_log and not method.startswith(PUBLIC_PREFIXES)
+
+    async def _fail(context: grpc.aio.ServicerContext, exc: BaseException, started: float) -> None:
+        abort = _to_abort(exc, method)
+        _finish(method, caller, started, abort.code, log_it)
+        await context.abort(abort.code, abort.message, trailing_metadata=abort.trailing)
+
+    if handler.unary_unary or handler.stream_unary:
+        inner = handler.unary_unary or handler.stream_unary
+
+        async def unary_out(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            if refusal is not None:
+                await _fail(context, refusal, started)
+            resets = _enter(caller, context)
+            try:
+                response = await inner(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - converted to a status
+                await _fail(context, exc, started)
+            finally:
+                for reset in reversed(resets):
+                    reset()
+            _finish(method, caller, started, grpc.StatusCode.OK, log_it)
+            return response
+
+        kind = "unary_unary" if handler.unary_unary else "stream_unary"
+    else:
+        inner_stream = handler.unary_stream or handler.stream_stream
+
+        async def stream_out(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            started = time.perf_counter()
+            if refusal is not None:
+                await _fail(context, refusal, started)
+            resets = _enter(caller, context)
+            try:
+                async for item in inner_stream(request, context):
+                    yield item
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - converted to a status
+                await _fail(context, exc, started)
+            finally:
+                for reset in reversed(resets):
+                    reset()
+            _finish(method, caller, started, grpc.StatusCode.OK, log_it)
+
+        kind = "unary_stream" if handler.unary_stream else "stream_stream"
+
+    factory = getattr(grpc, f"{kind}_rpc_method_handler")
+    behavior = unary_out if kind in ("unary_unary", "stream_unary") else stream_out
+    return factory(behavior, request_deserializer=handler.request_deserializer,
+                   response_serializer=handler.response_serializer)
+
+
+def remaining_deadline() -> float | None:
+    """Seconds left of the call being served, or None when it has no deadline."""
+    deadline = _deadline.get()
+    return None if deadline is None else deadline - time.monotonic()
+
+
+def _outgoing(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+    caller = ident.current_or_none()
+    if caller is None:
+        # A bug, not a client error: every outgoing call acts for someone.
+        raise RuntimeError(f"outgoing call {details.method!r} made without a tenant identity")
+    metadata = grpc.aio.Metadata(*[(k, v) for k, v in (details.metadata or ())
+                                   if k not in ident.IDENTITY_HEADERS])
+    for key, value in caller.metadata():
+        metadata.add(key, value)
+    timeout = details.timeout
+    remaining = remaining_deadline()
+    if remaining is not None:
+        timeout = max(0.001, min(timeout, remaining) if timeout is not None else remaining)
+    return grpc.aio.ClientCallDetails(method=details.method, timeout=timeout, metadata=metadata,
+                                      credentials=details.credentials,
+                                      wait_for_ready=details.wait_for_ready)
+
+
+class IdentityClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor,
+                                grpc.aio.StreamUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor):
+    """Forwards the current identity and the remaining deadline on every outgoing call."""
+
+    async def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        return await continuation(_outgoing(client_call_details), request)
+
+    async def intercept_unary_stream(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        return await continuation(_outgoing(client_call_details), request)
+
+    async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):  # type: ignore[no-untyped-def]
+        return await continuation(_outgoing(client_call_details), request_iterator)
+
+    async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):  # type: ignore[no-untyped-def]
+        return await continuation(_outgoing(client_call_details), request_iterator)

@@ -1,0 +1,105 @@
+"""Server lifecycle: build a grpc.aio server with the common interceptors, health and
+reflection; run it until SIGTERM/SIGINT; shut down gracefully (health NOT_SERVING first,
+in-flight calls drained within the grace period, then the service's own resources)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from servers.common import logs, telemetry
+from servers.common.health import DependencyCheck, Health
+from servers.common.interceptors import IdentityClientInterceptor, IdentityServerInterceptor
+from servers.common.reflection import add_reflection
+from servers.common.settings import Settings
+
+log = logging.getLogger("copilot.server")
+
+# Large enough for batched ingest; Envoy enforces the public limit in front.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+CHANNEL_OPTIONS: Sequence[tuple[str, int | str]] = (
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.enable_retries", 1),
+)
+
+
+@dataclass
+class Service:
+    """What one server process hosts."""
+
+    name: str
+    port: int
+    service_names: list[str]
+    register: Callable[[grpc.aio.Server], None]
+    dependencies: dict[str, DependencyCheck] = field(default_factory=dict)
+    on_start: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Whether calls to this server need a verified identity (the edge's companion
+    # services are called by Envoy itself).
+    identity_required: bool = True
+
+
+def connect(address: str) -> grpc.aio.Channel:
+    """A channel to another service that forwards identity, deadline and trace context."""
+    interceptors = [*telemetry.client_interceptors(), IdentityClientInterceptor()]
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors)
+
+
+async def serve(service: Service, settings: Settings) -> None:
+    interceptors: list[grpc.aio.ServerInterceptor] = [*telemetry.server_interceptors()]
+    if service.identity_required:
+        interceptors.append(IdentityServerInterceptor())
+    server = grpc.aio.server(interceptors=interceptors, options=CHANNEL_OPTIONS)
+    health = Health(service.service_names)
+    for name, check in service.dependencies.items():
+        health.add_dependency(name, check)
+    health.add_to_server(server)
+    add_reflection(server, [*service.service_names, "grpc.health.v1.Health"])
+    service.register(server)
+
+    address = f"{settings.host}:{service.port}"
+    if server.add_insecure_port(address) == 0:
+        raise SystemExit(f"{service.name}: cannot listen on {address}")
+    for hook in service.on_start:
+        await hook()
+    await server.start()
+    await health.start()
+    log.info("serving", extra={"address": address, "services": service.service_names})
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+    log.info("shutting down", extra={"grace_s": settings.shutdown_grace_s})
+    await health.shutdown()
+    await server.stop(settings.shutdown_grace_s)
+    for hook in reversed(service.on_stop):
+        try:
+            await hook()
+        except Exception:  # noqa: BLE001 - keep closing the rest
+            log.exception("error while stopping")
+    telemetry.shutdown()
+    log.info("stopped")
+
+
+def run(name: str, build: Callable[[Settings], Service]) -> None:
+    """Entry point of a server process: settings, logs, telemetry, serve until signalled."""
+    settings = Settings.from_env()
+    logs.configure(name, settings.log_level)
+    telemetry.setup(name, settings.otel_endpoint)
+
+    async def main() -> None:
+        # Built inside the loop: services open channels and stores bound to it.
+        await serve(build(settings), settings)
+
+    asyncio.run(main())
