@@ -12,7 +12,8 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import _async as health_aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 log = logging.getLogger("copilot.health")
 
@@ -24,7 +25,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 class Health:
     def __init__(self, service_names: Iterable[str], interval_s: float = 2.0) -> None:
-        self.servicer = health.aio.HealthServicer()
+        self.servicer = health_aio.HealthServicer()
         self._names = ["", *service_names]
         self._checks: dict[str, DependencyCheck] = {}
         self._interval = interval_s
@@ -51,7 +52,7 @@ class Health:
         for name, check in self._checks.items():
             try:
                 ok = await asyncio.wait_for(check(), timeout=max(self._interval, 1.0))
-            except Exception:  # noqa: BLE001 - a failing check is a result, not a crash
+            except Exception:
                 ok = False
             if not ok:
                 failing.add(name)

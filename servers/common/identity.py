@@ -8,7 +8,9 @@ interceptor forwards them on every service-to-service call. Application code rea
 
 from __future__ import annotations
 
+import base64
 import contextvars
+import json
 import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -56,8 +58,18 @@ _current: contextvars.ContextVar[Identity | None] = contextvars.ContextVar(
 
 
 def parse_roles(raw: str) -> frozenset[str]:
-    # Envoy renders a JSON list claim as comma-separated values; tokens may also use spaces.
-    return frozenset(r for r in re.split(r"[,\s]+", raw.strip()) if r)
+    """Roles from the x-roles header. Envoy's claim_to_headers renders a JSON list claim
+    (`"roles": ["member", "admin"]`) as base64 of the JSON; a string claim arrives as it is
+    (comma- or space-separated)."""
+    raw = raw.strip()
+    if raw and not any(sep in raw for sep in ", "):
+        try:
+            decoded = json.loads(base64.b64decode(raw, validate=True))
+        except (ValueError, UnicodeDecodeError):
+            decoded = None
+        if isinstance(decoded, list):
+            return frozenset(str(r) for r in decoded if str(r))
+    return frozenset(r for r in re.split(r"[,\s]+", raw) if r)
 
 
 def from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> Identity | None:

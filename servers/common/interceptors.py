@@ -15,7 +15,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-from opentelemetry import baggage, context as otel_context, trace
+from opentelemetry import baggage, trace
+from opentelemetry import context as otel_context
 
 from servers.common import identity as ident
 from servers.common.errors import PASS_THROUGH, CopilotError, Unauthenticated
@@ -43,8 +44,8 @@ def _to_abort(exc: BaseException, method: str) -> _Abort:
         return _Abort(status.code, status.details, tuple(status.trailing_metadata))
     if isinstance(exc, grpc.aio.AioRpcError):
         if exc.code() in PASS_THROUGH:
-            trailing = tuple((k, v) for k, v in (exc.trailing_metadata() or ())
-                             if k == "grpc-status-details-bin")
+            peer_trailing: Any = exc.trailing_metadata() or ()
+            trailing = tuple((k, v) for k, v in peer_trailing if k == "grpc-status-details-bin")
             return _Abort(exc.code(), exc.details() or "", trailing)
         log.warning("dependency failed", extra={"rpc": method, "peer_code": exc.code().name,
                                                 "peer_message": exc.details()})
@@ -117,7 +118,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, caller: ident.Identity | 
         await context.abort(abort.code, abort.message, trailing_metadata=abort.trailing)
 
     if handler.unary_unary or handler.stream_unary:
-        inner = handler.unary_unary or handler.stream_unary
+        inner: Any = handler.unary_unary or handler.stream_unary
 
         async def unary_out(request: Any, context: grpc.aio.ServicerContext) -> Any:
             started = time.perf_counter()
@@ -128,7 +129,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, caller: ident.Identity | 
                 response = await inner(request, context)
             except grpc.aio.AbortError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - converted to a status
+            except Exception as exc:
                 await _fail(context, exc, started)
             finally:
                 for reset in reversed(resets):
@@ -138,7 +139,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, caller: ident.Identity | 
 
         kind = "unary_unary" if handler.unary_unary else "stream_unary"
     else:
-        inner_stream = handler.unary_stream or handler.stream_stream
+        inner_stream: Any = handler.unary_stream or handler.stream_stream
 
         async def stream_out(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             started = time.perf_counter()
@@ -150,7 +151,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, caller: ident.Identity | 
                     yield item
             except grpc.aio.AbortError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - converted to a status
+            except Exception as exc:
                 await _fail(context, exc, started)
             finally:
                 for reset in reversed(resets):

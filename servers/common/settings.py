@@ -55,6 +55,7 @@ class Settings:
     log_level: str
     shutdown_grace_s: float
     tenant_cache_ttl_s: float
+    access_log: bool
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -75,6 +76,8 @@ class Settings:
             log_level=os.environ.get("COPILOT_LOG_LEVEL", "INFO").upper(),
             shutdown_grace_s=float(os.environ.get("COPILOT_SHUTDOWN_GRACE_S", "5")),
             tenant_cache_ttl_s=float(os.environ.get("COPILOT_TENANT_CACHE_TTL_S", "5")),
+            # One JSON line per call (trace id, tenant, RPC, status, latency).
+            access_log=_bool("COPILOT_ACCESS_LOG", True),
         )
 
     def address(self, service: str) -> str:

@@ -1,0 +1,53 @@
+# Compliance Copilot Mesh. `make run` starts the mesh; `make test` runs the whole suite.
+# Both set up what they need first (scripts/setup.sh is idempotent).
+SHELL := /bin/bash
+VENV := .venv/bin
+export PATH := $(CURDIR)/.venv/bin:$(CURDIR)/node_modules/.bin:$(PATH)
+
+.PHONY: setup run test unit integration lint gen check-gen buf-lint buf-breaking bench-edge clean
+
+setup:
+	@scripts/setup.sh
+
+run: setup
+	$(VENV)/copilot up
+
+## Regenerate gen/ (Python and TypeScript) from proto/.
+gen: setup
+	scripts/gen.sh
+
+## Fail when gen/ is not what proto/ generates.
+check-gen: setup
+	@tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && scripts/gen.sh $$tmp/gen && \
+	  diff -r gen $$tmp/gen >/dev/null || { echo "gen/ is stale: run 'make gen'"; diff -r gen $$tmp/gen | head -20; exit 1; }
+	@echo "gen/ is up to date"
+
+buf-lint: setup
+	buf lint
+
+## Wire/JSON compatibility against the previous commit (skipped on the first commit).
+buf-breaking: setup
+	@if git rev-parse -q --verify HEAD~1 >/dev/null 2>&1 && git ls-tree -d HEAD~1 proto >/dev/null 2>&1 \
+	    && [ -n "$$(git ls-tree HEAD~1 proto)" ]; then \
+	  buf breaking --against '.git#ref=HEAD~1' && echo "buf breaking: no breaking change against HEAD~1"; \
+	else echo "buf breaking: no previous commit with proto/ to compare against"; fi
+
+lint: setup buf-lint buf-breaking
+	$(VENV)/ruff check .
+	$(VENV)/mypy
+
+unit: setup
+	$(VENV)/pytest -q tests/unit
+
+integration: setup
+	$(VENV)/pytest -q tests/integration
+
+test: setup check-gen lint
+	$(VENV)/pytest -q -p no:cacheprovider tests
+
+## Same cheap RPC direct and through Envoy (JWT + rate limit), RPS and p50/p99.
+bench-edge: setup
+	$(VENV)/python -m bench.edge
+
+clean:
+	rm -rf .stamps .copilot test-artifacts

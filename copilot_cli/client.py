@@ -1,0 +1,82 @@
+"""A client of the mesh through its edge: channel, credentials and typed stubs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from copilot.v1 import generation_pb2_grpc, metering_pb2_grpc, retrieval_pb2_grpc, tenant_pb2_grpc
+from servers.common.identity import PLATFORM_TENANT
+from servers.common.settings import Settings
+from servers.edge.issuer import DevIssuer
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+class CliError(Exception):
+    """One clear line for the user; the CLI exits non-zero."""
+
+
+def edge_address() -> str:
+    return os.environ.get("COPILOT_EDGE", "localhost:8080")
+
+
+def dev_issuer(settings: Settings) -> DevIssuer:
+    keys_dir = settings.data_dir / "keys"
+    try:
+        return DevIssuer.load_or_create(keys_dir, settings.jwt_issuer, settings.jwt_audience, create=False)
+    except FileNotFoundError:
+        raise CliError(f"no dev signing key in {keys_dir}: start the mesh with `copilot up` "
+                       "(or set COPILOT_DATA_DIR), or pass --token") from None
+
+
+@dataclass
+class Client:
+    channel: grpc.aio.Channel
+    metadata: Sequence[tuple[str, str]]
+
+    @classmethod
+    def connect(cls, token: str, address: str | None = None) -> Client:
+        channel = grpc.aio.insecure_channel(address or edge_address(), options=(
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ))
+        return cls(channel=channel, metadata=(("authorization", f"Bearer {token}"),))
+
+    @property
+    def retrieval(self) -> retrieval_pb2_grpc.RetrievalServiceAsyncStub:
+        return retrieval_pb2_grpc.RetrievalServiceStub(self.channel)  # type: ignore[return-value]
+
+    @property
+    def generation(self) -> generation_pb2_grpc.GenerationServiceAsyncStub:
+        return generation_pb2_grpc.GenerationServiceStub(self.channel)  # type: ignore[return-value]
+
+    @property
+    def metering(self) -> metering_pb2_grpc.MeteringServiceAsyncStub:
+        return metering_pb2_grpc.MeteringServiceStub(self.channel)  # type: ignore[return-value]
+
+    @property
+    def tenants(self) -> tenant_pb2_grpc.TenantServiceAsyncStub:
+        return tenant_pb2_grpc.TenantServiceStub(self.channel)  # type: ignore[return-value]
+
+    async def close(self) -> None:
+        await self.channel.close(None)
+
+
+def token_for(settings: Settings, tenant: str | None, user: str, roles: Sequence[str],
+              explicit: str | None = None, ttl_s: int = 3600) -> str:
+    if explicit:
+        return explicit
+    return dev_issuer(settings).mint(tenant, user, roles, ttl_s=ttl_s)
+
+
+def operator_token(settings: Settings, explicit: str | None = None) -> str:
+    return token_for(settings, PLATFORM_TENANT, "cli-operator", ["operator"], explicit)
+
+
+def data_dir_default() -> Path:
+    return Settings.from_env().data_dir

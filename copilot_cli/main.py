@@ -1,0 +1,299 @@
+"""`copilot`: run the mesh and use it from the command line.
+
+Every command except `up` and `token` talks to the edge (COPILOT_EDGE, default
+localhost:8080) with a JWT: in development the CLI mints one with the dev key in the
+data directory; --token uses yours instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import AsyncIterator, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+from copilot.v1 import common_pb2, generation_pb2, metering_pb2, retrieval_pb2, tenant_pb2
+from copilot_cli import documents
+from copilot_cli.client import Client, CliError, edge_address, operator_token, token_for
+from servers.common.errors import from_rpc_error
+from servers.common.settings import Settings
+
+PLANS = {"free": common_pb2.PLAN_FREE, "pro": common_pb2.PLAN_PRO, "enterprise": common_pb2.PLAN_ENTERPRISE}
+
+FRIENDLY = {
+    grpc.StatusCode.UNAUTHENTICATED: "not signed in or token rejected",
+    grpc.StatusCode.PERMISSION_DENIED: "not allowed",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "rate limit or quota reached",
+    grpc.StatusCode.UNAVAILABLE: "the mesh is not reachable (is `copilot up` running?)",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "timed out",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="copilot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="start Envoy and the four services on loopback (Ctrl-C stops them)")
+    up.add_argument("--no-demo", action="store_true", help="do not create the demo tenants and corpus")
+
+    tok = sub.add_parser("token", help="print a JWT signed with the dev key")
+    tok.add_argument("--tenant", required=True)
+    tok.add_argument("--user", required=True)
+    tok.add_argument("--roles", default="member", help="comma-separated, e.g. member,admin (default: member)")
+    tok.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default: 3600)")
+
+    tenants = sub.add_parser("tenants", help="create, get and list tenants (platform operator)")
+    tsub = tenants.add_subparsers(dest="tenants_command", required=True, metavar="ACTION")
+    create = tsub.add_parser("create", help="create a tenant")
+    create.add_argument("tenant_id")
+    create.add_argument("--plan", choices=sorted(PLANS), default="free")
+    create.add_argument("--name", default="", help="display name")
+    get = tsub.add_parser("get", help="show one tenant")
+    get.add_argument("tenant_id")
+    lst = tsub.add_parser("list", help="list tenants")
+    lst.add_argument("--json", action="store_true", help="one JSON object per tenant")
+    for p in (create, get, lst):
+        p.add_argument("--token", help="use this JWT instead of minting an operator token")
+
+    ingest = sub.add_parser("ingest", help="ingest .txt/.md files, folders of them, or a BEIR corpus.jsonl")
+    ingest.add_argument("paths", nargs="+", type=Path)
+    ingest.add_argument("--batch", type=int, default=64, help="documents per batch (default: 64)")
+
+    ask = sub.add_parser("ask", help="ask a question; the answer streams, then its citations")
+    ask.add_argument("question")
+    ask.add_argument("--top-k", type=int, default=0)
+    ask.add_argument("--json", action="store_true", help="print the whole response as one JSON object")
+
+    search = sub.add_parser("search", help="search the tenant's documents")
+    search.add_argument("query")
+    search.add_argument("--top-k", type=int, default=5)
+
+    usage = sub.add_parser("usage", help="the tenant's usage this month")
+    usage.add_argument("--json", action="store_true", help="one JSON object (requests, tokens, ...)")
+
+    sub.add_parser("status", help="health of every service through the edge")
+
+    for p in (ingest, ask, search, usage):
+        p.add_argument("--tenant", required=True)
+        p.add_argument("--user", default="cli-user")
+        p.add_argument("--token", help="use this JWT instead of minting one with the dev key")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    settings = Settings.from_env()
+    try:
+        if args.command == "up":
+            from copilot_cli.up import up
+
+            return up(settings, demo_data=not args.no_demo)
+        if args.command == "token":
+            print(token_for(settings, args.tenant, args.user, _roles(args.roles), ttl_s=args.ttl))
+            return 0
+        command: Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]] = COMMANDS[args.command]
+        return asyncio.run(command(args, settings))
+    except CliError as exc:
+        print(f"copilot: {exc}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as exc:
+        code, message, _ = from_rpc_error(exc)
+        hint = FRIENDLY.get(code)
+        print(f"copilot: {code.name}: {message}" + (f" ({hint})" if hint else ""), file=sys.stderr)
+        return 1
+    except documents.DocumentError as exc:
+        print(f"copilot: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _roles(raw: str) -> list[str]:
+    roles = [r.strip() for r in raw.split(",") if r.strip()]
+    if not roles:
+        raise CliError("--roles needs at least one role")
+    return roles
+
+
+def _client(args: argparse.Namespace, settings: Settings, roles: list[str]) -> Client:
+    return Client.connect(token_for(settings, args.tenant, args.user, roles, args.token))
+
+
+async def _tenants(args: argparse.Namespace, settings: Settings) -> int:
+    client = Client.connect(operator_token(settings, args.token))
+    try:
+        if args.tenants_command == "create":
+            created = await client.tenants.CreateTenant(tenant_pb2.CreateTenantRequest(
+                tenant_id=args.tenant_id, display_name=args.name or args.tenant_id, plan=PLANS[args.plan]),
+                metadata=client.metadata, timeout=10)
+            print(f"created {created.tenant.tenant_id} on plan {args.plan}")
+        elif args.tenants_command == "get":
+            got = await client.tenants.GetTenant(tenant_pb2.GetTenantRequest(tenant_id=args.tenant_id),
+                                                 metadata=client.metadata, timeout=10)
+            print(json_format.MessageToJson(got.tenant))
+        else:
+            token = ""
+            while True:
+                page = await client.tenants.ListTenants(tenant_pb2.ListTenantsRequest(page_token=token),
+                                                        metadata=client.metadata, timeout=10)
+                for tenant in page.tenants:
+                    if args.json:
+                        print(json_format.MessageToJson(tenant, indent=None))
+                    else:
+                        plan = common_pb2.Plan.Name(tenant.plan).removeprefix("PLAN_").lower()
+                        state = tenant_pb2.TenantState.Name(tenant.state).removeprefix("TENANT_STATE_").lower()
+                        print(f"{tenant.tenant_id:32} {plan:11} {state}")
+                token = page.next_page_token
+                if not token:
+                    break
+    finally:
+        await client.close()
+    return 0
+
+
+async def ingest_paths(client: Client, paths: list[Path], batch: int, progress: bool = True) -> dict[str, int]:
+    """Streams documents in batches; returns counts by status."""
+    from tqdm import tqdm
+
+    if not 1 <= batch <= 1000:
+        raise CliError("--batch must be between 1 and 1000")
+    files = documents.expand(paths)
+    if not files:
+        raise CliError("no .txt, .md or .jsonl files found in the given paths")
+    total = documents.count(files)
+    root = paths[0] if len(paths) == 1 and paths[0].is_dir() else None
+    counts: dict[str, int] = {}
+    bar = tqdm(total=total, unit="doc", disable=not progress, file=sys.stderr, desc="ingest")
+
+    async def batches() -> AsyncIterator[retrieval_pb2.StreamIngestDocumentsRequest]:
+        chunk: list[retrieval_pb2.Document] = []
+        for doc in documents.read(files, root):
+            chunk.append(doc)
+            if len(chunk) >= batch:
+                yield retrieval_pb2.StreamIngestDocumentsRequest(documents=chunk)
+                chunk = []
+        if chunk:
+            yield retrieval_pb2.StreamIngestDocumentsRequest(documents=chunk)
+
+    try:
+        call = client.retrieval.StreamIngestDocuments(batches(), metadata=client.metadata)
+        async for ack in call:
+            for result in ack.results:
+                name = retrieval_pb2.IngestStatus.Name(result.status).removeprefix("INGEST_STATUS_").lower()
+                counts[name] = counts.get(name, 0) + 1
+            bar.update(len(ack.results))
+    finally:
+        bar.close()
+    return counts
+
+
+async def _ingest(args: argparse.Namespace, settings: Settings) -> int:
+    client = _client(args, settings, ["member", "admin"])
+    try:
+        counts = await ingest_paths(client, args.paths, args.batch)
+    finally:
+        await client.close()
+    print(", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "nothing ingested")
+    return 0
+
+
+async def _ask(args: argparse.Namespace, settings: Settings) -> int:
+    client = _client(args, settings, ["member"])
+    try:
+        request = generation_pb2.StreamAnswerRequest(question=args.question, top_k=args.top_k)
+        text: list[str] = []
+        details = None
+        async for event in client.generation.StreamAnswer(request, metadata=client.metadata, timeout=60):
+            if event.HasField("details"):
+                details = event.details
+            else:
+                text.append(event.delta)
+                if not args.json:
+                    print(event.delta, end="", flush=True)
+    finally:
+        await client.close()
+    if args.json:
+        body = {"answer": "".join(text),
+                **(json_format.MessageToDict(details) if details is not None else {})}
+        print(json.dumps(body))
+        return 0
+    print()
+    if details is not None:
+        if details.citations:
+            print("\nSources:")
+        for c in details.citations:
+            where = " › ".join(filter(None, [c.title, c.section]))
+            print(f"  [{c.index}] {where} ({c.document_id})")
+        if details.degraded:
+            print(f"\nnote: {details.degraded_reason}")
+    return 0
+
+
+async def _search(args: argparse.Namespace, settings: Settings) -> int:
+    client = _client(args, settings, ["member"])
+    try:
+        response = await client.retrieval.Search(
+            retrieval_pb2.SearchRequest(query=args.query, top_k=args.top_k), metadata=client.metadata, timeout=10)
+    finally:
+        await client.close()
+    for i, hit in enumerate(response.hits, start=1):
+        print(f"{i:2}. {hit.score:7.3f}  {hit.title} › {hit.section}  ({hit.document_id})")
+        print(f"    {' '.join(hit.text.split())[:160]}")
+    return 0
+
+
+async def _usage(args: argparse.Namespace, settings: Settings) -> int:
+    client = _client(args, settings, ["member"])
+    try:
+        usage = await client.metering.GetUsage(metering_pb2.GetUsageRequest(), metadata=client.metadata, timeout=10)
+    finally:
+        await client.close()
+    if args.json:
+        print(json.dumps({
+            "tenant": usage.tenant_id, "requests": usage.requests, "tokens": usage.total_tokens,
+            "input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens, "events": usage.events,
+            "start": usage.start_time.ToJsonString(), "end": usage.end_time.ToJsonString(),
+            "by_model": [json_format.MessageToDict(m) for m in usage.by_model],
+        }))
+    else:
+        print(f"tenant {usage.tenant_id}: {usage.requests} requests, {usage.total_tokens} tokens "
+              f"({usage.input_tokens} in, {usage.output_tokens} out) since {usage.start_time.ToJsonString()}")
+    return 0
+
+
+async def _status(args: argparse.Namespace, settings: Settings) -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    channel = grpc.aio.insecure_channel(edge_address())
+    stub = health_pb2_grpc.HealthStub(channel)
+    worst = 0
+    try:
+        for name in ("", "copilot.v1.RetrievalService", "copilot.v1.GenerationService",
+                     "copilot.v1.MeteringService", "copilot.v1.TenantService"):
+            try:
+                status = (await stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=3)).status
+                label = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+            except grpc.aio.AioRpcError as exc:
+                label = f"{exc.code().name}"
+                status = 0
+            if status != health_pb2.HealthCheckResponse.SERVING:
+                worst = 1
+            print(f"{name or 'edge':32} {label}")
+    finally:
+        await channel.close(None)
+    return worst
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]] = {
+    "tenants": _tenants, "ingest": _ingest, "ask": _ask, "search": _search, "usage": _usage, "status": _status,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

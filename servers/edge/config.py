@@ -1,0 +1,163 @@
+"""Per-tenant request limits, read from TenantService and kept in memory.
+
+The rate limit service looks limits up on every request, so the lookup is a dict read:
+the table is loaded in the background (every `tenant_cache_ttl_s`) with the edge's
+platform service account and swapped in whole; the request path never waits for it.
+Until the first load succeeds, and for tenants the table does not know, the free plan's
+limits apply; a suspended tenant gets none at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from typing import cast
+
+from copilot.v1 import tenant_pb2, tenant_pb2_grpc
+from servers.common import identity, lifecycle
+from servers.common.settings import Settings
+from servers.edge.limiter import HOUR, MINUTE, SECOND, Limits, Window
+
+log = logging.getLogger("copilot.edge.config")
+
+# The free plan's request limits (requests per second, minute, hour). Kept here rather
+# than imported from the metering server's plans: the edge must stay up, and keep
+# limiting, when metering is down or being redeployed.
+FREE_PLAN_RPS, FREE_PLAN_RPM, FREE_PLAN_RPH = 5, 100, 1000
+
+
+def limits_of(per_second: int, per_minute: int, per_hour: int) -> Limits:
+    """Windows for the given rates; a rate of 0 leaves that unit unlimited."""
+    pairs = ((SECOND, per_second), (MINUTE, per_minute), (HOUR, per_hour))
+    return tuple(Window.of(unit, limit) for unit, limit in pairs if limit > 0)
+
+
+FREE_LIMITS: Limits = limits_of(FREE_PLAN_RPS, FREE_PLAN_RPM, FREE_PLAN_RPH)
+# A suspended tenant may make no requests; the minute window makes its clients back off
+# for a while rather than retry every second.
+SUSPENDED_LIMITS: Limits = (Window.of(MINUTE, 0),)
+
+# The platform's own tenant (operators, service accounts) is not a customer on a plan;
+# it is still limited, so a leaked operator token cannot flood the mesh.
+PLATFORM_LIMITS: Limits = limits_of(500, 20_000, 1_000_000)
+
+PAGE_SIZE = 1000
+# Bounds one load (a million tenants) even if the server kept returning page tokens.
+MAX_PAGES = 1000
+CALL_TIMEOUT_S = 5.0
+# How long start-up waits for the first load before serving with the defaults.
+STARTUP_WAIT_S = 2.0
+
+TenantSource = Callable[[], Awaitable[list[tenant_pb2.Tenant]]]
+
+
+def tenant_limits(tenant: tenant_pb2.Tenant) -> Limits:
+    if tenant.state == tenant_pb2.TENANT_STATE_SUSPENDED:
+        return SUSPENDED_LIMITS
+    lim = tenant.limits
+    if not (lim.requests_per_second or lim.requests_per_minute or lim.requests_per_hour):
+        # No request limits recorded at all is a gap in the tenant record, not a licence
+        # to send without limit.
+        return FREE_LIMITS
+    return limits_of(lim.requests_per_second, lim.requests_per_minute, lim.requests_per_hour)
+
+
+async def list_all_tenants(stub: tenant_pb2_grpc.TenantServiceAsyncStub) -> list[tenant_pb2.Tenant]:
+    """Every tenant, page by page, as the edge's platform service account."""
+    tenants: list[tenant_pb2.Tenant] = []
+    token = ""
+    seen: set[str] = set()
+    with identity.acting_as(identity.service_account("edge")):
+        for _ in range(MAX_PAGES):
+            response = await stub.ListTenants(
+                tenant_pb2.ListTenantsRequest(page_size=PAGE_SIZE, page_token=token), timeout=CALL_TIMEOUT_S)
+            tenants.extend(response.tenants)
+            token = response.next_page_token
+            if not token or token in seen:
+                return tenants
+            seen.add(token)
+    log.warning("tenant listing truncated", extra={"pages": MAX_PAGES})
+    return tenants
+
+
+def _table(tenants: Iterable[tenant_pb2.Tenant]) -> dict[str, Limits]:
+    table = {identity.PLATFORM_TENANT: PLATFORM_LIMITS}
+    table.update((t.tenant_id, tenant_limits(t)) for t in tenants)
+    return table
+
+
+class TenantLimits:
+    """Limits per tenant id, refreshed in the background."""
+
+    def __init__(self, source: TenantSource, refresh_s: float, *,
+                 on_close: Callable[[], Awaitable[None]] | None = None) -> None:
+        self._source = source
+        self._refresh_s = max(0.1, refresh_s)
+        self._table: dict[str, Limits] = _table(())
+        self._count = 0
+        self._loaded = False
+        self._healthy = True
+        self._task: asyncio.Task[None] | None = None
+        self._on_close = on_close
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TenantLimits:
+        channel = lifecycle.connect(settings.address("metering"))
+        stub = cast("tenant_pb2_grpc.TenantServiceAsyncStub", tenant_pb2_grpc.TenantServiceStub(channel))
+
+        async def close() -> None:
+            await channel.close(None)
+
+        return cls(lambda: list_all_tenants(stub), settings.tenant_cache_ttl_s, on_close=close)
+
+    def get(self, tenant_id: str) -> Limits:
+        return self._table.get(tenant_id, FREE_LIMITS)
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded
+
+    def __len__(self) -> int:
+        """How many tenants the last load returned."""
+        return self._count
+
+    async def refresh(self) -> bool:
+        """Loads the table once; on failure the previous one stays in use."""
+        try:
+            tenants = await self._source()
+        except Exception as exc:  # a failed refresh must never stop the refresher
+            if self._healthy:
+                log.warning("cannot load tenant limits; keeping the previous ones",
+                            extra={"error": str(exc), "tenants": len(self._table)})
+            self._healthy = False
+            return False
+        self._table = _table(tenants)
+        self._count = len(tenants)
+        if not self._healthy or not self._loaded:
+            log.info("tenant limits loaded", extra={"tenants": len(self._table)})
+        self._loaded = self._healthy = True
+        return True
+
+    async def start(self) -> None:
+        # One attempt now so limits are right from the first request when metering is
+        # already up; the loop keeps trying when it is not (start order is not fixed).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.refresh(), STARTUP_WAIT_S)
+        self._task = asyncio.create_task(self._loop(), name="tenant-limits")
+
+    async def _loop(self) -> None:
+        while True:
+            # Until the first load succeeds, retry sooner than the refresh period.
+            await asyncio.sleep(self._refresh_s if self._loaded else min(1.0, self._refresh_s))
+            await self.refresh()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._on_close is not None:
+            await self._on_close()

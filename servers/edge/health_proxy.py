@@ -1,0 +1,148 @@
+"""grpc.health.v1 for the whole mesh, answered at the edge.
+
+Envoy routes /grpc.health.v1.Health/ here, so a client (or a load balancer in front of
+Envoy) can probe every public service through the one public port. A public service's
+name is answered by asking the service that owns it (its own Health, which reflects its
+dependencies), cached briefly so a burst of probes costs one call; a service that does
+not answer is NOT_SERVING. "" and the edge's own names are answered here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from servers.common.settings import Settings
+
+log = logging.getLogger("copilot.edge.health")
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+# grpc.health.v1 ServingStatus values.
+Status = int
+
+# Public service name -> the server (settings.address key) that hosts it.
+OWNERS: Mapping[str, str] = {
+    "copilot.v1.RetrievalService": "retrieval",
+    "copilot.v1.GenerationService": "generation",
+    "copilot.v1.MeteringService": "metering",
+    "copilot.v1.TenantService": "metering",
+}
+
+CACHE_TTL_S = 1.0
+PROBE_TIMEOUT_S = 0.5
+
+
+class HealthProxy(health_pb2_grpc.HealthServicer):
+    def __init__(self, addresses: Mapping[str, str], local_names: Iterable[str], *,
+                 cache_ttl_s: float = CACHE_TTL_S, probe_timeout_s: float = PROBE_TIMEOUT_S) -> None:
+        """`addresses`: public service name -> address of the server that owns it."""
+        self._addresses = dict(addresses)
+        self._local = frozenset(("", *local_names))
+        self._ttl = cache_ttl_s
+        self._timeout = probe_timeout_s
+        self._serving = False
+        self._stopped = asyncio.Event()
+        self._cache: dict[str, tuple[Status, float]] = {}
+        self._inflight: dict[str, asyncio.Future[Status]] = {}
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stubs: dict[str, health_pb2_grpc.HealthStub] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Settings, local_names: Iterable[str]) -> HealthProxy:
+        return cls({name: settings.address(owner) for name, owner in OWNERS.items()}, local_names)
+
+    # -- lifecycle (the health provider protocol servers/common/lifecycle.py expects)
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        health_pb2_grpc.add_HealthServicer_to_server(self, server)
+
+    async def start(self) -> None:
+        self._serving = True
+
+    async def shutdown(self) -> None:
+        # Probes see NOT_SERVING while in-flight calls drain; watchers get told and end.
+        self._serving = False
+        self._stopped.set()
+        for channel in self._channels.values():
+            await channel.close(None)
+        self._channels.clear()
+        self._stubs.clear()
+
+    # -- status
+
+    def _stub(self, address: str) -> health_pb2_grpc.HealthStub:
+        stub = self._stubs.get(address)
+        if stub is None:
+            # A plain channel: health probes carry no identity and need none.
+            channel = grpc.aio.insecure_channel(address)
+            self._channels[address] = channel
+            stub = self._stubs[address] = health_pb2_grpc.HealthStub(channel)
+        return stub
+
+    async def _probe(self, name: str) -> Status:
+        try:
+            response = await self._stub(self._addresses[name]).Check(
+                health_pb2.HealthCheckRequest(service=name), timeout=self._timeout)
+            return response.status
+        except (grpc.RpcError, OSError, TimeoutError):
+            return NOT_SERVING
+
+    async def status(self, name: str) -> Status | None:
+        """The status of `name`, or None when no service has that name."""
+        if name in self._local:
+            return SERVING if self._serving else NOT_SERVING
+        if name not in self._addresses:
+            return None
+        if not self._serving:
+            return NOT_SERVING
+        cached = self._cache.get(name)
+        now = time.monotonic()
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        pending = self._inflight.get(name)
+        if pending is None:
+            # Concurrent probes for the same name share one call to its owner, which
+            # outlives any one caller giving up on it.
+            pending = asyncio.ensure_future(self._probe_and_cache(name))
+            self._inflight[name] = pending
+            pending.add_done_callback(lambda _done: self._inflight.pop(name, None))
+        return await asyncio.shield(pending)
+
+    async def _probe_and_cache(self, name: str) -> Status:
+        result = await self._probe(name)
+        self._cache[name] = (result, time.monotonic() + self._ttl)
+        return result
+
+    # -- grpc.health.v1.Health
+
+    async def Check(self, request: health_pb2.HealthCheckRequest,
+                    context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
+        status = await self.status(request.service)
+        if status is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest,  # type: ignore[override]
+                    context: grpc.aio.ServicerContext) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        last: Status | None = None
+        while True:
+            # Read before the status, so the last status sent is the one after shutdown.
+            stopping = self._stopped.is_set()
+            status = await self.status(request.service)
+            current = SERVICE_UNKNOWN if status is None else status
+            if current != last:
+                yield health_pb2.HealthCheckResponse(status=current)
+                last = current
+            if stopping:
+                return
+            # Polled at the cache's pace: a change shows within about one TTL.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), timeout=self._ttl)

@@ -1,0 +1,130 @@
+"""Answer providers behind one interface. The embedded default is extractive: no model,
+deterministic, every sentence it outputs is quoted from a retrieved passage and cited."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from servers.generation.text import estimate_tokens, sentences, terms
+
+
+@dataclass(frozen=True)
+class Passage:
+    document_id: str
+    chunk_id: str
+    title: str
+    section: str
+    text: str
+    score: float
+    source: str
+
+
+@dataclass(frozen=True)
+class Prompt:
+    system_prompt: str
+    question: str
+    passages: Sequence[Passage]
+    max_tokens: int
+    temperature: float
+
+
+@dataclass(frozen=True)
+class Quote:
+    """What the answer used of passage `passage` (0-based in the prompt); the answer's
+    citation numbers follow the order of `Generation.quotes`."""
+
+    passage: int
+    text: str
+
+
+@dataclass
+class Generation:
+    """What a provider reports once its stream ends."""
+
+    quotes: list[Quote]
+    input_tokens: int
+    output_tokens: int
+    estimated: bool
+
+
+class Provider(Protocol):
+    name: str
+    model: str
+
+    def stream(self, prompt: Prompt, result: Generation) -> AsyncIterator[str]:
+        """Yields answer text; fills `result` as it goes (usage, what was cited)."""
+        ...
+
+
+NOT_FOUND_ANSWER = "I could not find an answer to this question in your documents."
+
+
+class ExtractiveProvider:
+    """Selects the passage sentences that best match the question and cites them."""
+
+    name = "extractive"
+
+    def __init__(self, model: str = "extractive-v1", max_sentences: int = 4) -> None:
+        self.model = model
+        self._max_sentences = max_sentences
+
+    def select(self, prompt: Prompt) -> list[Quote]:
+        query = set(terms(prompt.question))
+        if not query:
+            return []
+        candidates: list[tuple[int, int, str, list[str]]] = []
+        for p_index, passage in enumerate(prompt.passages):
+            for s_index, sentence in enumerate(sentences(passage.text)):
+                words = terms(sentence)
+                if words:
+                    candidates.append((p_index, s_index, sentence, words))
+        if not candidates:
+            return []
+        # idf over candidate sentences: rare question words decide, common ones barely count.
+        df: Counter[str] = Counter()
+        for *_, words in candidates:
+            df.update(set(words) & query)
+        n = len(candidates)
+        scored = []
+        for p_index, s_index, sentence, words in candidates:
+            matched = set(words) & query
+            if not matched:
+                continue
+            weight = sum(math.log(1 + n / df[w]) for w in matched)
+            coverage = len(matched) / len(query)
+            # Higher-ranked passages win ties; very long sentences are slightly penalised.
+            score = weight * (0.5 + coverage) / (1 + 0.1 * p_index) / (1 + len(words) / 80)
+            scored.append((score, p_index, s_index, sentence))
+        if not scored:
+            return []
+        scored.sort(key=lambda item: (-item[0], item[1], item[2]))
+        best = scored[0][0]
+        chosen = [s for s in scored[: self._max_sentences] if s[0] >= best * 0.35]
+        # Reading order: by passage rank, then position in the passage.
+        chosen.sort(key=lambda item: (item[1], item[2]))
+        return [Quote(passage=p, text=text) for _, p, _, text in chosen]
+
+    async def stream(self, prompt: Prompt, result: Generation) -> AsyncIterator[str]:
+        quotes = self.select(prompt)
+        result.quotes = []
+        result.estimated = True
+        result.input_tokens = estimate_tokens(prompt.system_prompt) + estimate_tokens(prompt.question) + sum(
+            estimate_tokens(p.text) for p in prompt.passages
+        )
+        if not quotes:
+            result.output_tokens = estimate_tokens(NOT_FOUND_ANSWER)
+            yield NOT_FOUND_ANSWER
+            return
+        # One citation per passage, numbered in order of first use, quoting what was used.
+        cited: dict[int, list[str]] = {}
+        for i, quote in enumerate(quotes):
+            cited.setdefault(quote.passage, []).append(quote.text)
+            number = list(cited).index(quote.passage) + 1
+            piece = f"{'' if i == 0 else ' '}{quote.text} [{number}]"
+            result.output_tokens += estimate_tokens(piece)
+            yield piece
+        result.quotes = [Quote(passage=p, text=" ".join(texts)) for p, texts in cited.items()]

@@ -1,0 +1,78 @@
+"""GenerationService: protobuf ↔ pipeline at the boundary."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+from google.protobuf import duration_pb2
+
+from copilot.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+from servers.common.errors import InvalidArgument
+from servers.generation.pipeline import AnswerDetails, Pipeline, Question
+
+MAX_QUESTION_CHARS = 4000
+MAX_TOP_K = 50
+MAX_FILTERS = 16
+
+
+def to_question(request: generation_pb2.AnswerRequest | generation_pb2.StreamAnswerRequest) -> Question:
+    text = request.question.strip()
+    if not text:
+        raise InvalidArgument.field("question", "must not be empty")
+    if len(text) > MAX_QUESTION_CHARS:
+        raise InvalidArgument.field("question", f"must be at most {MAX_QUESTION_CHARS} characters")
+    if not 0 <= request.top_k <= MAX_TOP_K:
+        raise InvalidArgument.field("top_k", f"must be between 1 and {MAX_TOP_K} (0 for the tenant default)")
+    if request.mode not in common_pb2.RetrievalMode.values():
+        raise InvalidArgument.field("mode", f"unknown retrieval mode {request.mode}")
+    if len(request.filters) > MAX_FILTERS:
+        raise InvalidArgument.field("filters", f"at most {MAX_FILTERS} filters")
+    if len(request.request_id) > 128:
+        raise InvalidArgument.field("request_id", "must be at most 128 characters")
+    return Question(text=text, top_k=request.top_k, mode=request.mode, filters=dict(request.filters),
+                    request_id=request.request_id)
+
+
+def to_proto(details: AnswerDetails) -> generation_pb2.AnswerDetails:
+    latency = duration_pb2.Duration()
+    latency.FromNanoseconds(int(details.latency_s * 1e9))
+    return generation_pb2.AnswerDetails(
+        citations=[
+            common_pb2.Citation(index=c.index, document_id=c.passage.document_id, chunk_id=c.passage.chunk_id,
+                                title=c.passage.title, section=c.passage.section, quote=c.quote,
+                                score=c.passage.score, source=c.passage.source)
+            for c in details.citations
+        ],
+        usage=common_pb2.TokenUsage(input_tokens=details.input_tokens, output_tokens=details.output_tokens,
+                                    total_tokens=details.input_tokens + details.output_tokens,
+                                    estimated=details.estimated),
+        latency=latency, mode_used=details.mode_used,  # type: ignore[arg-type]
+        degraded=details.degraded, degraded_reason=details.degraded_reason, provider=details.provider,
+        model=details.model, request_id=details.request_id,
+    )
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
+    def __init__(self, pipeline: Pipeline) -> None:
+        self._pipeline = pipeline
+
+    async def Answer(self, request: generation_pb2.AnswerRequest,
+                     context: grpc.aio.ServicerContext) -> generation_pb2.AnswerResponse:
+        parts: list[str] = []
+        response = generation_pb2.AnswerResponse()
+        async for event in self._pipeline.run(to_question(request)):
+            if isinstance(event, str):
+                parts.append(event)
+            else:
+                response.details.CopyFrom(to_proto(event))
+        response.answer = "".join(parts)
+        return response
+
+    async def StreamAnswer(self, request: generation_pb2.StreamAnswerRequest,
+                           context: grpc.aio.ServicerContext) -> AsyncIterator[generation_pb2.StreamAnswerResponse]:
+        async for event in self._pipeline.run(to_question(request)):
+            if isinstance(event, str):
+                yield generation_pb2.StreamAnswerResponse(delta=event)
+            else:
+                yield generation_pb2.StreamAnswerResponse(details=to_proto(event))

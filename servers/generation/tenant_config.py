@@ -1,0 +1,83 @@
+"""The caller's tenant configuration, cached per tenant and refreshed after a short TTL,
+so the answer path does not fetch it per request. Concurrent misses share one fetch."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from copilot.v1 import common_pb2, tenant_pb2, tenant_pb2_grpc
+from servers.common import identity
+from servers.common.errors import PermissionDenied
+
+
+@dataclass(frozen=True)
+class TenantConfig:
+    tenant_id: str
+    version: int
+    suspended: bool
+    provider: str
+    model: str
+    temperature: float
+    max_tokens: int
+    system_prompt: str
+    retrieval_mode: int
+    top_k: int
+
+    @classmethod
+    def from_proto(cls, tenant: tenant_pb2.Tenant) -> TenantConfig:
+        cfg = tenant.config
+        return cls(
+            tenant_id=tenant.tenant_id,
+            version=tenant.config_version,
+            suspended=tenant.state == tenant_pb2.TENANT_STATE_SUSPENDED,
+            provider=cfg.provider or "extractive",
+            model=cfg.model,
+            temperature=cfg.temperature,
+            max_tokens=cfg.max_tokens or 512,
+            system_prompt=cfg.system_prompt,
+            retrieval_mode=cfg.retrieval_mode or common_pb2.RETRIEVAL_MODE_BASIC,
+            top_k=cfg.top_k or 5,
+        )
+
+
+class TenantConfigCache:
+    def __init__(self, stub: tenant_pb2_grpc.TenantServiceAsyncStub, ttl_s: float) -> None:
+        self._stub = stub
+        self._ttl = ttl_s
+        self._entries: dict[str, tuple[float, TenantConfig]] = {}
+        self._inflight: dict[str, asyncio.Future[TenantConfig]] = {}
+        self.fetches = 0
+
+    async def get(self) -> TenantConfig:
+        """The calling tenant's config; PERMISSION_DENIED when the tenant is suspended."""
+        tenant = identity.tenant_id()
+        entry = self._entries.get(tenant)
+        if entry is not None and entry[0] > time.monotonic():
+            config = entry[1]
+        else:
+            config = await self._fetch(tenant)
+        if config.suspended:
+            raise PermissionDenied(f"tenant {tenant} is suspended", reason="TENANT_SUSPENDED")
+        return config
+
+    async def _fetch(self, tenant: str) -> TenantConfig:
+        pending = self._inflight.get(tenant)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[TenantConfig] = asyncio.get_running_loop().create_future()
+        self._inflight[tenant] = future
+        try:
+            self.fetches += 1
+            response = await self._stub.GetTenant(tenant_pb2.GetTenantRequest(), timeout=5)
+            config = TenantConfig.from_proto(response.tenant)
+            self._entries[tenant] = (time.monotonic() + self._ttl, config)
+            future.set_result(config)
+            return config
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # marks it retrieved when nobody else waits
+            raise
+        finally:
+            del self._inflight[tenant]

@@ -1,0 +1,2 @@
+"""The metering server: usage events and quotas (MeteringService) and tenant onboarding,
+plans and configuration (TenantService)."""

@@ -1,0 +1,83 @@
+"""Quota decisions from a tenant's limits and its recorded usage.
+
+Windows are calendar-aligned in UTC (the current hour, the current month), so every
+quota has a definite reset time that clients can be told. A check counts the request it
+is asked about: with a limit of N requests an hour, checks 1..N pass and N+1 is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from servers.common.errors import InvalidArgument, QuotaViolation, ResourceExhausted
+from servers.metering.plans import Limits
+from servers.metering.tenants import Tenant
+from servers.metering.usage import QuotaUsage, UsageStore, hour_window, month_window
+
+REQUESTS_PER_HOUR = "requests_per_hour"
+TOKENS_PER_MONTH = "tokens_per_month"
+
+
+@dataclass(frozen=True)
+class QuotaStatus:
+    name: str
+    limit: int
+    used: int
+    reset_time: datetime
+    # Whether this quota refuses the request being checked.
+    exceeded: bool
+
+
+@dataclass(frozen=True)
+class QuotaDecision:
+    tenant_id: str
+    allowed: bool
+    quotas: tuple[QuotaStatus, ...]
+    # When refused: until every exceeded quota has reset.
+    retry_after: timedelta | None
+
+    def refusal(self) -> ResourceExhausted | None:
+        """The RESOURCE_EXHAUSTED error (QuotaFailure + RetryInfo details) for a refused
+        decision, for a caller that turns `allowed=false` into an error; None if allowed."""
+        if self.allowed:
+            return None
+        violations = [QuotaViolation(subject=f"tenant:{self.tenant_id}",
+                                     description=f"{q.name}: {q.used} of {q.limit} used")
+                      for q in self.quotas if q.exceeded]
+        retry = self.retry_after.total_seconds() if self.retry_after else 1.0
+        return ResourceExhausted(
+            f"tenant {self.tenant_id} is over its quota ({', '.join(q.name for q in self.quotas if q.exceeded)})",
+            violations, retry_after_s=retry, metadata={"tenant_id": self.tenant_id})
+
+
+def evaluate(tenant_id: str, limits: Limits, usage: QuotaUsage, now: datetime,
+             estimated_tokens: int = 0) -> QuotaDecision:
+    if estimated_tokens < 0:
+        raise InvalidArgument.field("estimated_tokens", "must not be negative")
+    hour, month = hour_window(now), month_window(now)
+    quotas = (
+        QuotaStatus(REQUESTS_PER_HOUR, limits.requests_per_hour, usage.requests_in_hour, hour.end,
+                    exceeded=usage.requests_in_hour + 1 > limits.requests_per_hour),
+        QuotaStatus(TOKENS_PER_MONTH, limits.tokens_per_month, usage.tokens_in_month, month.end,
+                    exceeded=usage.tokens_in_month + estimated_tokens > limits.tokens_per_month),
+    )
+    exceeded = [q for q in quotas if q.exceeded]
+    retry_after = max(q.reset_time - now for q in exceeded) if exceeded else None
+    return QuotaDecision(tenant_id=tenant_id, allowed=not exceeded, quotas=quotas, retry_after=retry_after)
+
+
+class QuotaChecker:
+    """Answers CheckQuota from the usage store; reads usage fresh on every check."""
+
+    def __init__(self, usage: UsageStore, clock: Callable[[], datetime] | None = None) -> None:
+        self._usage = usage
+        self._clock = clock or (lambda: datetime.now(UTC))
+
+    async def check(self, tenant: Tenant, estimated_tokens: int = 0) -> QuotaDecision:
+        if estimated_tokens < 0:
+            raise InvalidArgument.field("estimated_tokens", "must not be negative")
+        now = self._clock()
+        usage = await self._usage.quota_usage(tenant.tenant_id, hour_window(now), month_window(now))
+        return evaluate(tenant.tenant_id, tenant.limits, usage, now, estimated_tokens)

@@ -1,0 +1,159 @@
+"""MeteringService and TenantService over grpc.aio.
+
+The caller's tenant always comes from the verified identity (`identity.current()`); a
+request names another tenant only where an operator may act for it. Domain errors raised
+here become rich gRPC statuses in the server interceptor.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import grpc
+
+from copilot.v1 import (
+    metering_pb2,
+    metering_pb2_grpc,
+    tenant_pb2,
+    tenant_pb2_grpc,
+)
+from servers.common import identity
+from servers.common.errors import InvalidArgument, PermissionDenied
+from servers.metering import convert
+from servers.metering.plans import Plan
+from servers.metering.quota import QuotaChecker
+from servers.metering.tenants import (
+    Tenant,
+    TenantStore,
+    apply_changes,
+    new_tenant,
+    validate_changes,
+    validate_tenant_id,
+)
+from servers.metering.usage import MAX_BATCH, UsageStore, Window, month_start, validate_batch
+
+log = logging.getLogger("copilot.metering")
+
+# Role of the platform's own services acting for a caller's tenant (e.g. generation
+# recording the usage of an answer); end users never hold it.
+SERVICE = "service"
+
+Clock = Callable[[], datetime]
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _target_tenant(requested: str) -> str:
+    """The tenant a request acts on: the caller's own unless it names another, which only an
+    operator may do."""
+    caller = identity.current()
+    if not requested or requested == caller.tenant_id:
+        return caller.tenant_id
+    if not caller.has_any((identity.OPERATOR,)):
+        raise PermissionDenied("only an operator may act on another tenant", reason="CROSS_TENANT")
+    return validate_tenant_id(requested)
+
+
+def _ensure_active(tenant: Tenant) -> Tenant:
+    if tenant.suspended:
+        raise PermissionDenied(f"tenant {tenant.tenant_id} is suspended", reason="TENANT_SUSPENDED",
+                               metadata={"tenant_id": tenant.tenant_id})
+    return tenant
+
+
+class MeteringServiceServicer(metering_pb2_grpc.MeteringServiceServicer):
+    def __init__(self, tenants: TenantStore, usage: UsageStore, clock: Clock = _utcnow) -> None:
+        self._tenants = tenants
+        self._usage = usage
+        self._clock = clock
+        self._quota = QuotaChecker(usage, clock)
+
+    async def RecordUsage(self, request: metering_pb2.RecordUsageRequest,
+                          context: grpc.aio.ServicerContext) -> metering_pb2.RecordUsageResponse:
+        caller = identity.require_role(SERVICE)
+        # Checked before converting, so an oversized batch costs nothing to refuse.
+        if len(request.events) > MAX_BATCH:
+            raise InvalidArgument.field(
+                "events", f"at most {MAX_BATCH} events per request, got {len(request.events)}")
+        now = self._clock()
+        events = [convert.usage_event(caller.tenant_id, i, e, now) for i, e in enumerate(request.events)]
+        validate_batch(events, now)
+        await self._tenants.get(caller.tenant_id)
+        result = await self._usage.record(events)
+        return metering_pb2.RecordUsageResponse(recorded=result.recorded, duplicates=result.duplicates)
+
+    async def GetUsage(self, request: metering_pb2.GetUsageRequest,
+                       context: grpc.aio.ServicerContext) -> metering_pb2.GetUsageResponse:
+        tenant_id = _target_tenant(request.tenant_id)
+        now = self._clock()
+        start = convert.moment(request.start_time, "start_time") if request.HasField(
+            "start_time") else month_start(now)
+        end = convert.moment(request.end_time, "end_time") if request.HasField("end_time") else now
+        if start >= end:
+            raise InvalidArgument.field("start_time", "must be before end_time")
+        # No existence check: usage rows outlive a deleted tenant and an operator may audit them.
+        totals = await self._usage.totals(tenant_id, Window(start, end))
+        return convert.usage_response(totals)
+
+    async def CheckQuota(self, request: metering_pb2.CheckQuotaRequest,
+                         context: grpc.aio.ServicerContext) -> metering_pb2.CheckQuotaResponse:
+        tenant = _ensure_active(await self._tenants.get(identity.tenant_id()))
+        decision = await self._quota.check(tenant, request.estimated_tokens)
+        if not decision.allowed:
+            # The log formatter adds the caller's tenant.
+            log.info("quota refused", extra={"quotas": [q.name for q in decision.quotas if q.exceeded]})
+        return convert.quota_response(decision)
+
+
+class TenantServiceServicer(tenant_pb2_grpc.TenantServiceServicer):
+    def __init__(self, tenants: TenantStore, clock: Clock = _utcnow) -> None:
+        self._tenants = tenants
+        self._clock = clock
+
+    async def CreateTenant(self, request: tenant_pb2.CreateTenantRequest,
+                           context: grpc.aio.ServicerContext) -> tenant_pb2.CreateTenantResponse:
+        identity.require_role(identity.OPERATOR)
+        # Onboarding without a plan starts on free; upgrading is an explicit update.
+        plan = Plan.FREE if request.plan == 0 else convert.plan(request.plan)
+        if plan is None:
+            raise InvalidArgument.field("plan", f"unknown plan {request.plan}")
+        tenant = await self._tenants.create(
+            new_tenant(request.tenant_id, request.display_name, plan, self._clock()))
+        log.info("tenant created", extra={"tenant_id": tenant.tenant_id, "plan": tenant.plan.value})
+        return tenant_pb2.CreateTenantResponse(tenant=convert.tenant_pb(tenant))
+
+    async def GetTenant(self, request: tenant_pb2.GetTenantRequest,
+                        context: grpc.aio.ServicerContext) -> tenant_pb2.GetTenantResponse:
+        tenant = await self._tenants.get(_target_tenant(request.tenant_id))
+        return tenant_pb2.GetTenantResponse(tenant=convert.tenant_pb(tenant))
+
+    async def UpdateTenant(self, request: tenant_pb2.UpdateTenantRequest,
+                           context: grpc.aio.ServicerContext) -> tenant_pb2.UpdateTenantResponse:
+        identity.require_role(identity.OPERATOR)
+        tenant_id = validate_tenant_id(request.tenant.tenant_id, "tenant.tenant_id")
+        changes = convert.update_changes(request.tenant, request.update_mask.paths)
+        validate_changes(changes)
+        now = self._clock()
+        tenant = await self._tenants.update(tenant_id, lambda current: apply_changes(current, changes, now))
+        log.info("tenant updated", extra={"tenant_id": tenant_id, "paths": sorted(changes),
+                                          "config_version": tenant.config_version})
+        return tenant_pb2.UpdateTenantResponse(tenant=convert.tenant_pb(tenant))
+
+    async def ListTenants(self, request: tenant_pb2.ListTenantsRequest,
+                          context: grpc.aio.ServicerContext) -> tenant_pb2.ListTenantsResponse:
+        identity.require_role(identity.OPERATOR)
+        page = await self._tenants.list_page(request.page_size, request.page_token)
+        return tenant_pb2.ListTenantsResponse(tenants=[convert.tenant_pb(t) for t in page.tenants],
+                                              next_page_token=page.next_page_token)
+
+    async def DeleteTenant(self, request: tenant_pb2.DeleteTenantRequest,
+                           context: grpc.aio.ServicerContext) -> tenant_pb2.DeleteTenantResponse:
+        identity.require_role(identity.OPERATOR)
+        tenant_id = validate_tenant_id(request.tenant_id)
+        await self._tenants.delete(tenant_id)
+        log.info("tenant deleted", extra={"tenant_id": tenant_id})
+        return tenant_pb2.DeleteTenantResponse()

@@ -1,0 +1,317 @@
+"""Usage events: the domain (an event, its validation, totals) and where events are kept.
+
+`UsageStore` is the storage interface; `SqliteUsageStore` is the embedded default. The
+idempotency key is (tenant_id, event_id): the same id from two tenants is two events.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from servers.common.errors import FieldViolation, InvalidArgument
+from servers.metering.sqlite import SqliteWorker, to_micros, transaction
+
+MAX_BATCH = 1000
+MAX_EVENT_ID = 128
+MAX_MODEL = 128
+MAX_ATTRIBUTES = 32
+MAX_ATTRIBUTE_KEY = 64
+MAX_ATTRIBUTE_VALUE = 1024
+# Far beyond any real event, and small enough that summing a month of them cannot
+# overflow SQLite's (or ClickHouse's) 64-bit integers.
+MAX_QUANTITY = 10**12
+EARLIEST = datetime(2020, 1, 1, tzinfo=UTC)
+MAX_FUTURE = timedelta(days=1)
+# Violations reported per rejected batch; a client sending 1,000 bad events needs the
+# first few to fix its bug, not a megabyte of status details.
+MAX_VIOLATIONS = 20
+
+
+class UsageKind(StrEnum):
+    UNSPECIFIED = "unspecified"
+    QUERY = "query"
+    INGEST = "ingest"
+    SEARCH = "search"
+
+
+@dataclass(frozen=True)
+class UsageEvent:
+    tenant_id: str
+    event_id: str
+    kind: UsageKind
+    model: str
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    occur_time: datetime
+    attributes: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+@dataclass(frozen=True)
+class RecordResult:
+    recorded: int
+    duplicates: int
+
+
+@dataclass(frozen=True)
+class ModelUsage:
+    model: str
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    events: int
+
+
+@dataclass(frozen=True)
+class UsageTotals:
+    tenant_id: str
+    start: datetime
+    end: datetime
+    by_model: tuple[ModelUsage, ...]
+
+    @property
+    def requests(self) -> int:
+        return sum(m.requests for m in self.by_model)
+
+    @property
+    def input_tokens(self) -> int:
+        return sum(m.input_tokens for m in self.by_model)
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(m.output_tokens for m in self.by_model)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    @property
+    def events(self) -> int:
+        return sum(m.events for m in self.by_model)
+
+
+@dataclass(frozen=True)
+class Window:
+    """A half-open interval [start, end)."""
+
+    start: datetime
+    end: datetime
+
+
+@dataclass(frozen=True)
+class QuotaUsage:
+    requests_in_hour: int
+    tokens_in_month: int
+
+
+def validate_batch(events: Sequence[UsageEvent], now: datetime) -> None:
+    """Raises INVALID_ARGUMENT (with every violation, up to a cap) unless the whole batch is
+    acceptable, so that a bad event rejects the batch before anything is written."""
+    if not events:
+        raise InvalidArgument.field("events", "send at least one event")
+    if len(events) > MAX_BATCH:
+        raise InvalidArgument.field("events", f"at most {MAX_BATCH} events per request, got {len(events)}")
+    violations: list[FieldViolation] = []
+    latest = now + MAX_FUTURE
+    for i, event in enumerate(events):
+        def bad(name: str, why: str, i: int = i) -> None:
+            violations.append(FieldViolation(f"events[{i}].{name}", why))
+
+        if not 1 <= len(event.event_id) <= MAX_EVENT_ID:
+            bad("event_id", f"required, 1..{MAX_EVENT_ID} characters")
+        if len(event.model) > MAX_MODEL:
+            bad("model", f"at most {MAX_MODEL} characters")
+        for name in ("requests", "input_tokens", "output_tokens"):
+            value = getattr(event, name)
+            if not 0 <= value <= MAX_QUANTITY:
+                bad(name, f"must be between 0 and {MAX_QUANTITY}")
+        if event.occur_time < EARLIEST:
+            bad("occur_time", "before 2020-01-01")
+        elif event.occur_time > latest:
+            bad("occur_time", "more than one day in the future")
+        if len(event.attributes) > MAX_ATTRIBUTES:
+            bad("attributes", f"at most {MAX_ATTRIBUTES} entries")
+        elif any(not 0 < len(k) <= MAX_ATTRIBUTE_KEY or len(v) > MAX_ATTRIBUTE_VALUE
+                 for k, v in event.attributes.items()):
+            bad("attributes", f"keys 1..{MAX_ATTRIBUTE_KEY} characters, values at most "
+                              f"{MAX_ATTRIBUTE_VALUE}")
+    if violations:
+        shown = violations[:MAX_VIOLATIONS]
+        more = len(violations) - len(shown)
+        message = "invalid usage events, none recorded: " + "; ".join(
+            f"{v.field}: {v.description}" for v in shown) + (f" (and {more} more)" if more else "")
+        raise InvalidArgument(message, shown)
+
+
+def month_start(moment: datetime) -> datetime:
+    return moment.astimezone(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+def next_month(moment: datetime) -> datetime:
+    start = month_start(moment)
+    return start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(
+        month=start.month + 1)
+
+
+def hour_window(now: datetime) -> Window:
+    start = now.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    return Window(start, start + timedelta(hours=1))
+
+
+def month_window(now: datetime) -> Window:
+    return Window(month_start(now), next_month(now))
+
+
+class UsageStore(ABC):
+    """Where usage events are kept. Implementations are safe to call concurrently."""
+
+    async def open(self) -> None:  # noqa: B027 - optional hook
+        """Acquires resources; called once before use."""
+
+    @abstractmethod
+    async def record(self, events: Sequence[UsageEvent]) -> RecordResult:
+        """Stores a validated batch atomically and returns only once it is durable.
+
+        Events whose (tenant_id, event_id) is already stored count as duplicates and
+        change nothing. If the write fails, nothing of the batch is stored and no id is
+        claimed, so a retry of the same batch records it in full.
+        """
+
+    @abstractmethod
+    async def totals(self, tenant_id: str, window: Window) -> UsageTotals:
+        """Usage of the tenant with occur_time in `window`, per model."""
+
+    @abstractmethod
+    async def quota_usage(self, tenant_id: str, hour: Window, month: Window) -> QuotaUsage:
+        """Requests in `hour` and tokens in `month` (the hour lies within the month)."""
+
+    @abstractmethod
+    async def ping(self) -> bool:
+        """Whether the store answers."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Releases resources."""
+
+
+HOUR_US = 3_600_000_000
+
+_USAGE_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS usage_events (
+        tenant_id TEXT NOT NULL,
+        event_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        model TEXT NOT NULL,
+        requests INTEGER NOT NULL,
+        input_tokens INTEGER NOT NULL,
+        output_tokens INTEGER NOT NULL,
+        occur_time_us INTEGER NOT NULL,
+        record_time_us INTEGER NOT NULL,
+        attributes TEXT NOT NULL,
+        PRIMARY KEY (tenant_id, event_id)
+    ) WITHOUT ROWID""",
+    # Covers the totals query, so it reads the index alone.
+    """CREATE INDEX IF NOT EXISTS usage_by_time ON usage_events
+        (tenant_id, occur_time_us, model, requests, input_tokens, output_tokens)""",
+    # Per-tenant hourly sums, so a quota check reads at most a month of hours instead of
+    # a month of events.
+    """CREATE TABLE IF NOT EXISTS usage_hourly (
+        tenant_id TEXT NOT NULL,
+        hour_us INTEGER NOT NULL,
+        requests INTEGER NOT NULL,
+        tokens INTEGER NOT NULL,
+        events INTEGER NOT NULL,
+        PRIMARY KEY (tenant_id, hour_us)
+    ) WITHOUT ROWID""",
+    # Kept by a trigger, inside the very transaction that inserts the event: it fires only
+    # for rows actually inserted (never for a duplicate id) and rolls back with them, so
+    # the sums cannot drift from the events.
+    """CREATE TRIGGER IF NOT EXISTS usage_hourly_rollup AFTER INSERT ON usage_events BEGIN
+        INSERT INTO usage_hourly (tenant_id, hour_us, requests, tokens, events)
+        VALUES (NEW.tenant_id, NEW.occur_time_us - NEW.occur_time_us % 3600000000, NEW.requests,
+                NEW.input_tokens + NEW.output_tokens, 1)
+        ON CONFLICT (tenant_id, hour_us) DO UPDATE SET
+            requests = requests + excluded.requests, tokens = tokens + excluded.tokens,
+            events = events + 1;
+    END""",
+    "PRAGMA user_version = 1",
+)
+
+
+class SqliteUsageStore(UsageStore):
+    """The embedded default: one SQLite database (WAL, synchronous=FULL so a committed
+    batch survives a crash or power loss) under the data directory."""
+
+    def __init__(self, path: Path) -> None:
+        self._db = SqliteWorker(path, "usage", _USAGE_SCHEMA, synchronous="FULL")
+
+    @property
+    def path(self) -> Path:
+        return self._db.path
+
+    async def open(self) -> None:
+        await self._db.start()
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def ping(self) -> bool:
+        return await self._db.ping()
+
+    async def record(self, events: Sequence[UsageEvent]) -> RecordResult:
+        recorded_at = to_micros(datetime.now(UTC))
+        rows = [(e.tenant_id, e.event_id, e.kind.value, e.model, e.requests, e.input_tokens,
+                 e.output_tokens, to_micros(e.occur_time), recorded_at,
+                 json.dumps(dict(e.attributes), sort_keys=True)) for e in events]
+
+        def insert(conn: sqlite3.Connection) -> int:
+            # rowcount sums the rows each INSERT itself added: skipped duplicates add none
+            # and, unlike total_changes, the rollup trigger's writes are not counted.
+            cursor = conn.executemany(
+                "INSERT INTO usage_events (tenant_id, event_id, kind, model, requests, input_tokens, "
+                "output_tokens, occur_time_us, record_time_us, attributes) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (tenant_id, event_id) DO NOTHING",
+                rows)
+            return cursor.rowcount
+
+        recorded = await self._db.call(lambda conn: transaction(conn, insert))
+        return RecordResult(recorded=recorded, duplicates=len(rows) - recorded)
+
+    async def totals(self, tenant_id: str, window: Window) -> UsageTotals:
+        def select(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            return conn.execute(
+                "SELECT model, SUM(requests), SUM(input_tokens), SUM(output_tokens), COUNT(*) "
+                "FROM usage_events WHERE tenant_id = ? AND occur_time_us >= ? AND occur_time_us < ? "
+                "GROUP BY model ORDER BY model",
+                (tenant_id, to_micros(window.start), to_micros(window.end))).fetchall()
+
+        rows = await self._db.call(select)
+        return UsageTotals(tenant_id=tenant_id, start=window.start, end=window.end,
+                           by_model=tuple(ModelUsage(*row) for row in rows))
+
+    async def quota_usage(self, tenant_id: str, hour: Window, month: Window) -> QuotaUsage:
+        bounds = [to_micros(t) for t in (hour.start, hour.end, month.start, month.end)]
+        if any(b % HOUR_US for b in bounds):
+            raise ValueError("quota windows must start and end on the hour")
+
+        def select(conn: sqlite3.Connection) -> tuple[int, int]:
+            row = conn.execute(
+                "SELECT COALESCE(SUM(CASE WHEN hour_us >= ? AND hour_us < ? THEN requests ELSE 0 END), 0), "
+                "       COALESCE(SUM(tokens), 0) "
+                "FROM usage_hourly WHERE tenant_id = ? AND hour_us >= ? AND hour_us < ?",
+                (bounds[0], bounds[1], tenant_id, bounds[2], bounds[3])).fetchone()
+            return int(row[0]), int(row[1])
+
+        requests, tokens = await self._db.call(select)
+        return QuotaUsage(requests_in_hour=requests, tokens_in_month=tokens)

@@ -1,0 +1,1 @@
+"""Retrieval service: tenant-isolated document ingest, chunking and search."""

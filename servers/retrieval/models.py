@@ -1,0 +1,129 @@
+"""Domain types of the retrieval service, free of protobuf and of any storage engine.
+
+The gRPC boundary (service.py) converts to and from these; stores and the engine only
+ever see them, so a new transport or backend does not touch the others.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from servers.retrieval.chunker import Chunk
+
+PLAIN_TEXT = "text/plain"
+MARKDOWN = "text/markdown"
+CONTENT_TYPES = frozenset({PLAIN_TEXT, MARKDOWN})
+
+
+class IngestStatus(enum.Enum):
+    CREATED = "created"
+    REPLACED = "replaced"
+    UNCHANGED = "unchanged"
+    EMPTY = "empty"
+
+
+class SearchMode(enum.Enum):
+    BM25 = "bm25"
+    DENSE = "dense"
+    HYBRID = "hybrid"
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentInput:
+    """A document as a caller submitted it (already validated)."""
+
+    document_id: str
+    title: str
+    text: str
+    source: str = ""
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    content_type: str = PLAIN_TEXT
+
+    def content_hash(self) -> str:
+        """Hex SHA-256 over everything that changes what gets indexed or returned.
+
+        Source and content type are included besides title, text and metadata: a new
+        source changes every hit's citation, a new content type changes the chunking.
+        """
+        canonical = json.dumps(
+            [self.title, self.text, self.source, self.content_type, sorted(self.metadata.items())],
+            ensure_ascii=False, separators=(",", ":"),
+        )
+        return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedDocument:
+    """A document ready for a store: hashed and chunked (and, later, embedded)."""
+
+    document: DocumentInput
+    content_hash: str
+    # Identifies how the chunks were produced (chunker version and limits; later the
+    # embedder): an unchanged document indexed under another signature is re-indexed.
+    index_signature: str
+    chunks: tuple[Chunk, ...]
+
+    @property
+    def document_id(self) -> str:
+        return self.document.document_id
+
+
+@dataclass(frozen=True, slots=True)
+class IndexedVersion:
+    content_hash: str
+    index_signature: str
+    chunks: int
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    document_id: str
+    status: IngestStatus
+    chunks: int
+    content_hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteResult:
+    deleted_documents: int
+    deleted_chunks: int
+    not_found: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SearchQuery:
+    text: str
+    # 0 means the engine's (later: the tenant's) default.
+    top_k: int = 0
+    # Exact match on metadata keys, plus the reserved keys `source` and `document_id`.
+    filters: Mapping[str, str] = field(default_factory=dict)
+    mode: SearchMode = SearchMode.BM25
+    alpha: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    document_id: str
+    chunk_id: str
+    title: str
+    section: str
+    text: str
+    # Higher is better; only comparable within one result list.
+    score: float
+    source: str
+    metadata: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class SearchResult:
+    hits: list[Hit]
+    # The mode that actually ran, which may differ from the one asked for.
+    mode: SearchMode
+
+
+# Filter keys that address document fields rather than metadata; metadata may not use them.
+RESERVED_FILTER_KEYS = frozenset({"source", "document_id"})

@@ -1,0 +1,255 @@
+"""gRPC boundary of the retrieval service: validation and protobuf ↔ domain conversion.
+
+The tenant always comes from the verified identity the server interceptor put in the
+call's context, never from a request field. Invalid requests fail with INVALID_ARGUMENT
+and a BadRequest detail naming every offending field (up to a limit), so a client can
+fix a whole batch in one go.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from copilot.v1 import retrieval_pb2 as pb
+from copilot.v1 import retrieval_pb2_grpc as pb_grpc
+from servers.common.errors import FieldViolation, InvalidArgument
+from servers.common.identity import ADMIN, INGEST, require_role, tenant_id
+from servers.retrieval.engine import RetrievalEngine
+from servers.retrieval.models import (
+    MARKDOWN,
+    PLAIN_TEXT,
+    RESERVED_FILTER_KEYS,
+    DocumentInput,
+    Hit,
+    IngestResult,
+    IngestStatus,
+    SearchMode,
+    SearchQuery,
+)
+
+MAX_QUERY_CHARS = 2_000
+MAX_TOP_K = 100
+MAX_DOCUMENT_ID_CHARS = 256
+MAX_DOCUMENT_BYTES = 1024 * 1024
+MAX_BATCH_DOCUMENTS = 1_000
+MAX_DELETE_IDS = 1_000
+MAX_TITLE_CHARS = 2_000
+MAX_SOURCE_CHARS = 2_000
+MAX_METADATA_ENTRIES = 64
+MAX_KEY_CHARS = 128
+MAX_VALUE_CHARS = 2_000
+MAX_FILTERS = 16
+# Enough to fix a batch in one round trip without an unbounded error payload.
+MAX_REPORTED_VIOLATIONS = 20
+
+_CONTENT_TYPES = {"": PLAIN_TEXT, "text/plain": PLAIN_TEXT, "text/markdown": MARKDOWN,
+                  "text/x-markdown": MARKDOWN}
+
+_MODES: dict[int, SearchMode] = {
+    pb.SEARCH_MODE_UNSPECIFIED: SearchMode.BM25,
+    pb.SEARCH_MODE_BM25: SearchMode.BM25,
+    pb.SEARCH_MODE_DENSE: SearchMode.DENSE,
+    pb.SEARCH_MODE_HYBRID: SearchMode.HYBRID,
+}
+_MODES_OUT: dict[SearchMode, pb.SearchMode] = {
+    SearchMode.BM25: pb.SEARCH_MODE_BM25,
+    SearchMode.DENSE: pb.SEARCH_MODE_DENSE,
+    SearchMode.HYBRID: pb.SEARCH_MODE_HYBRID,
+}
+_STATUS_OUT: dict[IngestStatus, pb.IngestStatus] = {
+    IngestStatus.CREATED: pb.INGEST_STATUS_CREATED,
+    IngestStatus.REPLACED: pb.INGEST_STATUS_REPLACED,
+    IngestStatus.UNCHANGED: pb.INGEST_STATUS_UNCHANGED,
+    IngestStatus.EMPTY: pb.INGEST_STATUS_EMPTY,
+}
+
+
+@dataclass
+class _Violations:
+    """Collects field violations; raises them together as one INVALID_ARGUMENT."""
+
+    suffix: str = ""
+    items: list[FieldViolation] = field(default_factory=list)
+    total: int = 0
+
+    def add(self, name: str, description: str) -> None:
+        self.total += 1
+        if len(self.items) < MAX_REPORTED_VIOLATIONS:
+            self.items.append(FieldViolation(name, description + self.suffix))
+
+    def raise_if_any(self) -> None:
+        if not self.items:
+            return
+        first = self.items[0]
+        message = f"{first.field}: {first.description}"
+        if self.total > 1:
+            message += f" (and {self.total - 1} more problem{'s' if self.total > 2 else ''})"
+        raise InvalidArgument(message, self.items)
+
+
+def _check_text(violations: _Violations, name: str, value: str, limit: int) -> None:
+    if len(value) > limit:
+        violations.add(name, f"must be at most {limit:,} characters, got {len(value):,}")
+
+
+def _check_document_id(violations: _Violations, name: str, value: str) -> None:
+    if not value.strip():
+        violations.add(name, "must not be empty")
+    elif len(value) > MAX_DOCUMENT_ID_CHARS:
+        violations.add(name, f"must be at most {MAX_DOCUMENT_ID_CHARS} characters, got {len(value):,}")
+    elif any(ch < " " or ch == "\x7f" for ch in value):
+        violations.add(name, "must not contain control characters")
+
+
+def documents_from_proto(documents: Sequence[pb.Document], suffix: str = "") -> list[DocumentInput]:
+    violations = _Violations(suffix)
+    if len(documents) > MAX_BATCH_DOCUMENTS:
+        violations.add("documents", f"at most {MAX_BATCH_DOCUMENTS:,} documents per batch, got {len(documents):,}"
+                       " (split the batch)")
+        violations.raise_if_any()
+    seen: dict[str, int] = {}
+    converted: list[DocumentInput] = []
+    for index, doc in enumerate(documents):
+        prefix = f"documents[{index}]"
+        _check_document_id(violations, f"{prefix}.document_id", doc.document_id)
+        if doc.document_id in seen:
+            violations.add(f"{prefix}.document_id",
+                           f"duplicates documents[{seen[doc.document_id]}].document_id {doc.document_id!r}")
+        seen.setdefault(doc.document_id, index)
+        size = len(doc.text.encode("utf-8"))
+        if size > MAX_DOCUMENT_BYTES:
+            violations.add(f"{prefix}.text", f"must be at most 1 MiB ({MAX_DOCUMENT_BYTES:,} bytes) of UTF-8,"
+                           f" got {size:,} bytes (split the document)")
+        _check_text(violations, f"{prefix}.title", doc.title, MAX_TITLE_CHARS)
+        _check_text(violations, f"{prefix}.source", doc.source, MAX_SOURCE_CHARS)
+        content_type = _CONTENT_TYPES.get(doc.content_type.split(";")[0].strip().lower())
+        if content_type is None:
+            violations.add(f"{prefix}.content_type",
+                           f"unsupported {doc.content_type!r}: use text/plain or text/markdown")
+        _check_metadata(violations, f"{prefix}.metadata", doc.metadata)
+        converted.append(DocumentInput(
+            document_id=doc.document_id, title=doc.title, text=doc.text, source=doc.source,
+            metadata=dict(doc.metadata), content_type=content_type or PLAIN_TEXT,
+        ))
+    violations.raise_if_any()
+    return converted
+
+
+def _check_metadata(violations: _Violations, name: str, metadata: Mapping[str, str]) -> None:
+    if len(metadata) > MAX_METADATA_ENTRIES:
+        violations.add(name, f"at most {MAX_METADATA_ENTRIES} entries, got {len(metadata)}")
+        return
+    for key, value in metadata.items():
+        if not key.strip():
+            violations.add(name, "keys must not be empty")
+        elif key in RESERVED_FILTER_KEYS:
+            violations.add(f"{name}[{key!r}]", f"{key!r} is reserved: set Document.{key} instead")
+        _check_text(violations, f"{name}[{key[:MAX_KEY_CHARS]!r}]", key, MAX_KEY_CHARS)
+        _check_text(violations, f"{name}[{key[:MAX_KEY_CHARS]!r}]", value, MAX_VALUE_CHARS)
+
+
+def search_query_from_proto(request: pb.SearchRequest) -> SearchQuery:
+    violations = _Violations()
+    query = request.query
+    if not query.strip():
+        violations.add("query", "must not be empty")
+    elif len(query) > MAX_QUERY_CHARS:
+        violations.add("query", f"must be at most {MAX_QUERY_CHARS:,} characters, got {len(query):,}")
+    if not 0 <= request.top_k <= MAX_TOP_K:
+        violations.add("top_k", f"must be between 1 and {MAX_TOP_K} (0 for the default), got {request.top_k}")
+    mode = _MODES.get(request.mode)
+    if mode is None:
+        violations.add("mode", f"unknown search mode {request.mode}")
+    alpha: float | None = None
+    if request.HasField("alpha"):
+        alpha = request.alpha
+        if not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
+            violations.add("alpha", f"must be between 0 and 1, got {alpha}")
+    if len(request.filters) > MAX_FILTERS:
+        violations.add("filters", f"at most {MAX_FILTERS} filters, got {len(request.filters)}")
+    else:
+        for key, value in request.filters.items():
+            if not key.strip():
+                violations.add("filters", "keys must not be empty")
+            _check_text(violations, f"filters[{key[:MAX_KEY_CHARS]!r}]", key, MAX_KEY_CHARS)
+            _check_text(violations, f"filters[{key[:MAX_KEY_CHARS]!r}]", value, MAX_VALUE_CHARS)
+    violations.raise_if_any()
+    return SearchQuery(text=query, top_k=request.top_k, filters=dict(request.filters),
+                       mode=mode or SearchMode.BM25, alpha=alpha)
+
+
+def delete_ids_from_proto(document_ids: Sequence[str]) -> list[str]:
+    violations = _Violations()
+    if not document_ids:
+        violations.add("document_ids", "must name at least one document")
+    elif len(document_ids) > MAX_DELETE_IDS:
+        violations.add("document_ids", f"at most {MAX_DELETE_IDS:,} ids per call, got {len(document_ids):,}")
+    else:
+        for index, doc_id in enumerate(document_ids):
+            _check_document_id(violations, f"document_ids[{index}]", doc_id)
+    violations.raise_if_any()
+    return list(document_ids)
+
+
+def result_to_proto(result: IngestResult) -> pb.DocumentResult:
+    return pb.DocumentResult(document_id=result.document_id, status=_STATUS_OUT[result.status],
+                             chunks=result.chunks, content_hash=result.content_hash)
+
+
+def hit_to_proto(hit: Hit) -> pb.SearchHit:
+    return pb.SearchHit(document_id=hit.document_id, chunk_id=hit.chunk_id, title=hit.title,
+                        section=hit.section, text=hit.text, score=hit.score, source=hit.source,
+                        metadata=dict(hit.metadata))
+
+
+def _results(results: Iterable[IngestResult]) -> list[pb.DocumentResult]:
+    return [result_to_proto(result) for result in results]
+
+
+class RetrievalServiceServicer(pb_grpc.RetrievalServiceServicer):
+    def __init__(self, engine: RetrievalEngine) -> None:
+        self._engine = engine
+
+    async def IngestDocuments(self, request: pb.IngestDocumentsRequest,
+                              context: grpc.aio.ServicerContext) -> pb.IngestDocumentsResponse:
+        require_role(ADMIN, INGEST)
+        documents = documents_from_proto(request.documents)
+        results = await self._engine.ingest(tenant_id(), documents)
+        return pb.IngestDocumentsResponse(results=_results(results))
+
+    async def StreamIngestDocuments(
+        self, request_iterator: AsyncIterator[pb.StreamIngestDocumentsRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.StreamIngestDocumentsResponse]:
+        # Checked before reading anything, so a caller without the role uploads nothing.
+        require_role(ADMIN, INGEST)
+        tenant = tenant_id()
+        done = 0
+        batch = 0
+        async for request in request_iterator:
+            documents = documents_from_proto(request.documents, suffix=f" (stream batch {batch})")
+            results = await self._engine.ingest(tenant, documents)
+            done += len(results)
+            batch += 1
+            yield pb.StreamIngestDocumentsResponse(results=_results(results), documents_done=done)
+
+    async def Search(self, request: pb.SearchRequest,
+                     context: grpc.aio.ServicerContext) -> pb.SearchResponse:
+        tenant = tenant_id()
+        query = search_query_from_proto(request)
+        result = await self._engine.search(tenant, query)
+        return pb.SearchResponse(hits=[hit_to_proto(hit) for hit in result.hits],
+                                 mode=_MODES_OUT[result.mode])
+
+    async def DeleteDocuments(self, request: pb.DeleteDocumentsRequest,
+                              context: grpc.aio.ServicerContext) -> pb.DeleteDocumentsResponse:
+        require_role(ADMIN, INGEST)
+        document_ids = delete_ids_from_proto(request.document_ids)
+        result = await self._engine.delete(tenant_id(), document_ids)
+        return pb.DeleteDocumentsResponse(deleted_documents=result.deleted_documents,
+                                          deleted_chunks=result.deleted_chunks,
+                                          not_found=list(result.not_found))
