@@ -12,10 +12,12 @@ import json
 import platform
 import shutil
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import grpc
+from google.protobuf import field_mask_pb2
 
 from bench.load import LoadSpec, run
 from copilot.v1 import common_pb2, tenant_pb2, tenant_pb2_grpc
@@ -38,16 +40,26 @@ def main() -> None:
               "so the ratio compares like with like")
 
     with tempfile.TemporaryDirectory(prefix="copilot-bench-") as tmp:
-        settings = replace(settings_on_free_ports(Settings.from_env(), Path(tmp)), tenant_cache_ttl_s=5.0)
+        settings = replace(settings_on_free_ports(Settings.from_env(), Path(tmp)), tenant_cache_ttl_s=2.0)
         mesh = Mesh(settings, extra_env={"COPILOT_ACCESS_LOG": "0"})
         issuer = mesh.start()
         try:
             tenant = "bench-tenant"
             operator = (("authorization", f"Bearer {issuer.mint('platform', 'bench', ['operator'])}"),)
             with grpc.insecure_channel(mesh.edge_address) as ch:
-                tenant_pb2_grpc.TenantServiceStub(ch).CreateTenant(tenant_pb2.CreateTenantRequest(
+                stub = tenant_pb2_grpc.TenantServiceStub(ch)
+                created = stub.CreateTenant(tenant_pb2.CreateTenantRequest(
                     tenant_id=tenant, display_name="bench", plan=common_pb2.PLAN_ENTERPRISE),
+                    metadata=operator, timeout=10).tenant
+                # Limits far above what this machine can send: the check runs on every call
+                # (that is its cost we measure) but never refuses.
+                created.limits.requests_per_second = 1_000_000
+                created.limits.requests_per_minute = 60_000_000
+                created.limits.requests_per_hour = 1_000_000_000
+                stub.UpdateTenant(tenant_pb2.UpdateTenantRequest(tenant=created, update_mask=field_mask_pb2.FieldMask(
+                    paths=["limits.requests_per_second", "limits.requests_per_minute", "limits.requests_per_hour"])),
                     metadata=operator, timeout=10)
+            time.sleep(settings.tenant_cache_ttl_s + 1)  # the edge picks up the new limits
             token = issuer.mint(tenant, "bench-user", ["member"], ttl_s=3600)
             request = tenant_pb2.GetTenantRequest().SerializeToString()
             # What Envoy would forward after verifying the token.
