@@ -229,7 +229,9 @@ async def _ask(args: argparse.Namespace, settings: Settings) -> int:
         if details.citations:
             print("\nSources:")
         for c in details.citations:
-            where = " › ".join(filter(None, [c.title, c.section]))
+            # Sections carry their heading path, which often starts with the title.
+            section = c.section.removeprefix(c.title).lstrip(" >")
+            where = " › ".join(filter(None, [c.title, section]))
             print(f"  [{c.index}] {where} ({c.document_id})")
         if details.degraded:
             print(f"\nnote: {details.degraded_reason}")

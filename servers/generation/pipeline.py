@@ -137,7 +137,7 @@ class Pipeline:
         )
         # Usage is written by the platform for the caller's tenant: end users hold no write role.
         writer = identity.Identity(tenant_id=caller.tenant_id, subject="service:generation",
-                                   roles=frozenset({"service"}))
+                                   roles=frozenset({identity.SERVICE}))
         with identity.acting_as(writer):
             try:
                 await self._metering.RecordUsage(metering_pb2.RecordUsageRequest(events=[event]), timeout=5)

@@ -38,7 +38,6 @@ log = logging.getLogger("copilot.metering")
 
 # Role of the platform's own services acting for a caller's tenant (e.g. generation
 # recording the usage of an answer); end users never hold it.
-SERVICE = "service"
 
 Clock = Callable[[], datetime]
 
@@ -74,7 +73,7 @@ class MeteringServiceServicer(metering_pb2_grpc.MeteringServiceServicer):
 
     async def RecordUsage(self, request: metering_pb2.RecordUsageRequest,
                           context: grpc.aio.ServicerContext) -> metering_pb2.RecordUsageResponse:
-        caller = identity.require_role(SERVICE)
+        caller = identity.require_role(identity.SERVICE)
         # Checked before converting, so an oversized batch costs nothing to refuse.
         if len(request.events) > MAX_BATCH:
             raise InvalidArgument.field(
