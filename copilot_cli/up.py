@@ -15,8 +15,6 @@ from servers.common.settings import Settings
 def up(settings: Settings, demo_data: bool = True) -> int:
     mesh = Mesh(settings)
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     print(f"starting the mesh (state in {settings.data_dir}, logs in {mesh.log_dir}) ...", flush=True)
     try:
         issuer = mesh.start()
@@ -29,6 +27,13 @@ def up(settings: Settings, demo_data: bool = True) -> int:
         print(f"copilot up: {exc}", file=sys.stderr)
         mesh.stop()
         return 1
+    except BaseException:
+        # Whatever failed after the processes started, none of them outlives this command.
+        mesh.stop()
+        raise
+    # From here Ctrl-C asks for a clean stop (during start-up it interrupts, and stops what started).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     edge = mesh.edge_address
     print(f"""
 Compliance Copilot Mesh is up: Envoy on {edge} (admin on {settings.host}:{settings.envoy_admin_port}).

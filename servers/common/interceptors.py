@@ -11,7 +11,8 @@ from __future__ import annotations
 import contextvars
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import grpc
@@ -99,6 +100,14 @@ def _enter(caller: ident.Identity | None, context: grpc.aio.ServicerContext) -> 
     return resets
 
 
+def _reset(resets: list[Callable[[], None]]) -> None:
+    for reset in reversed(resets):
+        # A stream closed from another task runs this in a different context, where the
+        # tokens do not apply; that context's values die with it anyway.
+        with suppress(ValueError):
+            reset()
+
+
 def _finish(method: str, caller: ident.Identity | None, started: float, code: grpc.StatusCode,
             enabled: bool) -> None:
     if enabled:
@@ -132,8 +141,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, caller: ident.Identity | 
             except Exception as exc:
                 await _fail(context, exc, started)
             finally:
-                for reset in reversed(resets):
-                    reset()
+                _reset(resets)
             _finish(method, caller, started, grpc.StatusCode.OK, log_it)
             return response
 
@@ -154,8 +162,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, caller: ident.Identity | 
             except Exception as exc:
                 await _fail(context, exc, started)
             finally:
-                for reset in reversed(resets):
-                    reset()
+                _reset(resets)
             _finish(method, caller, started, grpc.StatusCode.OK, log_it)
 
         kind = "unary_stream" if handler.unary_stream else "stream_stream"
@@ -164,6 +171,17 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, caller: ident.Identity | 
     behavior = unary_out if kind in ("unary_unary", "stream_unary") else stream_out
     return factory(behavior, request_deserializer=handler.request_deserializer,
                    response_serializer=handler.response_serializer)
+
+
+@contextmanager
+def detached_deadline() -> Iterator[None]:
+    """Outgoing calls in this block are not bounded by the served call's deadline (work
+    that must finish after the caller gave up, such as writing its usage)."""
+    token = _deadline.set(None)
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
 
 
 def remaining_deadline() -> float | None:

@@ -63,21 +63,18 @@ class TenantConfigCache:
         return config
 
     async def _fetch(self, tenant: str) -> TenantConfig:
-        pending = self._inflight.get(tenant)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[TenantConfig] = asyncio.get_running_loop().create_future()
-        self._inflight[tenant] = future
-        try:
-            self.fetches += 1
-            response = await self._stub.GetTenant(tenant_pb2.GetTenantRequest(), timeout=5)
-            config = TenantConfig.from_proto(response.tenant)
-            self._entries[tenant] = (time.monotonic() + self._ttl, config)
-            future.set_result(config)
-            return config
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # marks it retrieved when nobody else waits
-            raise
-        finally:
-            del self._inflight[tenant]
+        # One fetch per tenant at a time, run as its own task so a caller that is cancelled
+        # does not cancel the others waiting on it.
+        task = self._inflight.get(tenant)
+        if task is None:
+            task = asyncio.ensure_future(self._load(tenant))
+            self._inflight[tenant] = task
+            task.add_done_callback(lambda _t: self._inflight.pop(tenant, None))
+        return await asyncio.shield(task)
+
+    async def _load(self, tenant: str) -> TenantConfig:
+        self.fetches += 1
+        response = await self._stub.GetTenant(tenant_pb2.GetTenantRequest(), timeout=5)
+        config = TenantConfig.from_proto(response.tenant)
+        self._entries[tenant] = (time.monotonic() + self._ttl, config)
+        return config

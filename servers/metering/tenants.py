@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from servers.common.errors import AlreadyExists, FieldViolation, InvalidArgument, NotFound
-from servers.common.identity import TENANT_ID_RE
+from servers.common.identity import PLATFORM_TENANT, TENANT_ID_RE
 from servers.metering import plans
 from servers.metering.plans import PROVIDERS, Limits, Plan, RetrievalMode, TenantConfig
 from servers.metering.sqlite import SqliteWorker, from_micros, to_micros, transaction
@@ -75,6 +75,9 @@ def validate_tenant_id(tenant_id: str, field: str = "tenant_id") -> str:
 def new_tenant(tenant_id: str, display_name: str, plan: Plan, now: datetime) -> Tenant:
     """A tenant on `plan` with the plan's limits and config, validated."""
     validate_tenant_id(tenant_id)
+    if tenant_id == PLATFORM_TENANT:
+        # The operators' and service accounts' home: a customer there would share their limits.
+        raise InvalidArgument.field("tenant_id", f"{PLATFORM_TENANT!r} is reserved for the platform")
     name = display_name.strip() or tenant_id
     if len(name) > MAX_DISPLAY_NAME:
         raise InvalidArgument.field("display_name", f"at most {MAX_DISPLAY_NAME} characters")

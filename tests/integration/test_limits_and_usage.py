@@ -7,6 +7,7 @@ import uuid
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from copilot.v1 import (
@@ -86,26 +87,32 @@ async def test_end_users_cannot_write_usage(mesh: RunningMesh, channel: grpc.aio
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
-async def test_answer_records_usage_once(mesh: RunningMesh, channel: grpc.aio.Channel) -> None:
+async def test_every_answer_is_recorded_once(mesh: RunningMesh, channel: grpc.aio.Channel) -> None:
     tenant = await create_tenant(mesh, channel)
     answers = generation_pb2_grpc.GenerationServiceStub(channel)
     metering = metering_pb2_grpc.MeteringServiceStub(channel)
+    # The same client request id twice: two answers were given, so two are billed (the
+    # billing key is the server's, so a client cannot make answers free by reusing an id).
     request = generation_pb2.AnswerRequest(question="What is the retention period?", request_id="req-1")
     first = await answers.Answer(request, metadata=mesh.auth(tenant), timeout=10)
-    await answers.Answer(request, metadata=mesh.auth(tenant), timeout=10)  # a client retry: same request id
+    second = await answers.Answer(request, metadata=mesh.auth(tenant), timeout=10)
+    assert first.details.request_id == second.details.request_id == "req-1"
     usage = await metering.GetUsage(metering_pb2.GetUsageRequest(), metadata=mesh.auth(tenant), timeout=5)
-    assert usage.requests == 1
-    assert usage.output_tokens == first.details.usage.output_tokens
+    assert usage.requests == 2
+    assert usage.output_tokens == first.details.usage.output_tokens + second.details.usage.output_tokens
+    assert usage.input_tokens == first.details.usage.input_tokens + second.details.usage.input_tokens
 
 
-async def test_quota_refusal_carries_details(mesh: RunningMesh, channel: grpc.aio.Channel) -> None:
+async def test_token_quota_refusal_comes_from_metering_with_details(mesh: RunningMesh,
+                                                                   channel: grpc.aio.Channel) -> None:
     tenant = await create_tenant(mesh, channel, plan=common_pb2.PLAN_FREE)
     tenants = tenant_pb2_grpc.TenantServiceStub(channel)
     current = (await tenants.GetTenant(tenant_pb2.GetTenantRequest(tenant_id=tenant),
                                        metadata=mesh.operator(), timeout=5)).tenant
-    current.limits.requests_per_hour = 1
+    # Room for exactly one answer's estimate; the edge does not count tokens, only metering does.
+    current.limits.tokens_per_month = current.config.max_tokens + 1
     await tenants.UpdateTenant(tenant_pb2.UpdateTenantRequest(
-        tenant=current, update_mask={"paths": ["limits.requests_per_hour"]}), metadata=mesh.operator(), timeout=5)
+        tenant=current, update_mask={"paths": ["limits.tokens_per_month"]}), metadata=mesh.operator(), timeout=5)
     await asyncio.sleep(mesh.settings.tenant_cache_ttl_s + 0.2)
     answers = generation_pb2_grpc.GenerationServiceStub(channel)
     await answers.Answer(generation_pb2.AnswerRequest(question="first"), metadata=mesh.auth(tenant), timeout=10)
@@ -114,5 +121,11 @@ async def test_quota_refusal_carries_details(mesh: RunningMesh, channel: grpc.ai
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     status = rpc_status.from_call(info.value)  # type: ignore[arg-type]
     assert status is not None
-    kinds = {d.type_url.rsplit("/", 1)[-1] for d in status.details}
-    assert {"google.rpc.QuotaFailure", "google.rpc.RetryInfo"} <= kinds
+    details = {d.type_url.rsplit("/", 1)[-1]: d for d in status.details}
+    assert {"google.rpc.ErrorInfo", "google.rpc.QuotaFailure", "google.rpc.RetryInfo"} <= set(details)
+    info_msg = error_details_pb2.ErrorInfo()
+    details["google.rpc.ErrorInfo"].Unpack(info_msg)
+    assert info_msg.reason == "QUOTA_EXCEEDED"
+    quota = error_details_pb2.QuotaFailure()
+    details["google.rpc.QuotaFailure"].Unpack(quota)
+    assert [v.subject for v in quota.violations] == [f"tenant:{tenant}:tokens_per_month"]
