@@ -25,7 +25,7 @@ from servers.common.errors import AlreadyExists, FieldViolation, InvalidArgument
 from servers.common.identity import PLATFORM_TENANT, TENANT_ID_RE
 from servers.metering import plans
 from servers.metering.plans import PROVIDERS, Limits, Plan, RetrievalMode, TenantConfig
-from servers.metering.sqlite import SqliteWorker, from_micros, to_micros, transaction
+from servers.metering.sqlite import SqliteStore, SqliteWorker, from_micros, to_micros, transaction
 
 log = logging.getLogger("copilot.metering.tenants")
 
@@ -310,24 +310,11 @@ def _not_found(tenant_id: str) -> NotFound:
                     metadata={"tenant_id": tenant_id})
 
 
-class SqliteTenantStore(TenantStore):
+class SqliteTenantStore(SqliteStore, TenantStore):
     """The embedded default: one SQLite database (WAL) under the data directory."""
 
     def __init__(self, path: Path) -> None:
         self._db = SqliteWorker(path, "tenants", _TENANT_SCHEMA)
-
-    @property
-    def path(self) -> Path:
-        return self._db.path
-
-    async def open(self) -> None:
-        await self._db.start()
-
-    async def close(self) -> None:
-        await self._db.close()
-
-    async def ping(self) -> bool:
-        return await self._db.ping()
 
     async def create(self, tenant: Tenant) -> Tenant:
         def insert(conn: sqlite3.Connection) -> None:

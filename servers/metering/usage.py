@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from servers.common.errors import FieldViolation, InvalidArgument
-from servers.metering.sqlite import SqliteWorker, to_micros, transaction
+from servers.metering.sqlite import SqliteStore, SqliteWorker, to_micros, transaction
 
 MAX_BATCH = 1000
 MAX_EVENT_ID = 128
@@ -249,25 +249,12 @@ _USAGE_SCHEMA = (
 )
 
 
-class SqliteUsageStore(UsageStore):
+class SqliteUsageStore(SqliteStore, UsageStore):
     """The embedded default: one SQLite database (WAL, synchronous=FULL so a committed
     batch survives a crash or power loss) under the data directory."""
 
     def __init__(self, path: Path) -> None:
         self._db = SqliteWorker(path, "usage", _USAGE_SCHEMA, synchronous="FULL")
-
-    @property
-    def path(self) -> Path:
-        return self._db.path
-
-    async def open(self) -> None:
-        await self._db.start()
-
-    async def close(self) -> None:
-        await self._db.close()
-
-    async def ping(self) -> bool:
-        return await self._db.ping()
 
     async def record(self, events: Sequence[UsageEvent]) -> RecordResult:
         recorded_at = to_micros(datetime.now(UTC))
