@@ -17,7 +17,7 @@ import grpc
 from copilot.v1 import retrieval_pb2 as pb
 from copilot.v1 import retrieval_pb2_grpc as pb_grpc
 from servers.common.errors import FieldViolation, InvalidArgument
-from servers.common.identity import ADMIN, INGEST, require_role, tenant_id
+from servers.common.identity import ADMIN, INGEST, SERVICE, require_role, tenant_id
 from servers.retrieval.engine import RetrievalEngine
 from servers.retrieval.models import (
     MARKDOWN,
@@ -253,3 +253,15 @@ class RetrievalServiceServicer(pb_grpc.RetrievalServiceServicer):
         return pb.DeleteDocumentsResponse(deleted_documents=result.deleted_documents,
                                           deleted_chunks=result.deleted_chunks,
                                           not_found=list(result.not_found))
+
+    async def ProvisionTenant(self, request: pb.ProvisionTenantRequest,
+                              context: grpc.aio.ServicerContext) -> pb.ProvisionTenantResponse:
+        require_role(SERVICE)
+        await self._engine.provision(tenant_id())
+        return pb.ProvisionTenantResponse()
+
+    async def EraseTenant(self, request: pb.EraseTenantRequest,
+                          context: grpc.aio.ServicerContext) -> pb.EraseTenantResponse:
+        require_role(SERVICE)
+        await self._engine.erase(tenant_id())
+        return pb.EraseTenantResponse()

@@ -15,7 +15,7 @@ from google.rpc import error_details_pb2
 
 from copilot.v1 import retrieval_pb2 as pb
 from copilot.v1 import retrieval_pb2_grpc as pb_grpc
-from servers.common.errors import from_rpc_error
+from servers.common.errors import PermissionDenied, from_rpc_error
 from servers.common.interceptors import IdentityServerInterceptor
 from servers.common.lifecycle import CHANNEL_OPTIONS
 from servers.common.settings import Settings
@@ -295,3 +295,22 @@ def test_config_from_env() -> None:
         RetrievalConfig.from_env({"COPILOT_RETRIEVAL_DEFAULT_TOP_K": "500"})
     with pytest.raises(ValueError, match="integer"):
         RetrievalConfig.from_env({"COPILOT_RETRIEVAL_WORKERS": "many"})
+
+
+async def test_provision_and_erase_need_the_service_role(tmp_path: Path) -> None:
+    from servers.common import identity
+
+    store = SqliteFtsStore(tmp_path)
+    servicer = RetrievalServiceServicer(RetrievalEngine(store))
+    admin = identity.Identity("erase-me", "alice", frozenset({"admin"}))
+    service = identity.Identity("erase-me", "service:metering", frozenset({identity.SERVICE}))
+    try:
+        with identity.acting_as(admin), pytest.raises(PermissionDenied):
+            await servicer.EraseTenant(pb.EraseTenantRequest(), None)  # type: ignore[arg-type]
+        with identity.acting_as(service):
+            await servicer.ProvisionTenant(pb.ProvisionTenantRequest(), None)  # type: ignore[arg-type]
+            assert store.path("erase-me").exists()
+            await servicer.EraseTenant(pb.EraseTenantRequest(), None)  # type: ignore[arg-type]
+        assert not any(f.exists() for f in store.files("erase-me"))
+    finally:
+        await store.close()

@@ -163,3 +163,19 @@ class DeleteDocumentsResponse(_message.Message):
     deleted_chunks: int
     not_found: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, deleted_documents: _Optional[int] = ..., deleted_chunks: _Optional[int] = ..., not_found: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ProvisionTenantRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ProvisionTenantResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class EraseTenantRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class EraseTenantResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

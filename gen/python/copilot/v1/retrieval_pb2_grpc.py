@@ -56,6 +56,16 @@ class RetrievalServiceStub(object):
                 request_serializer=copilot_dot_v1_dot_retrieval__pb2.DeleteDocumentsRequest.SerializeToString,
                 response_deserializer=copilot_dot_v1_dot_retrieval__pb2.DeleteDocumentsResponse.FromString,
                 _registered_method=True)
+        self.ProvisionTenant = channel.unary_unary(
+                '/copilot.v1.RetrievalService/ProvisionTenant',
+                request_serializer=copilot_dot_v1_dot_retrieval__pb2.ProvisionTenantRequest.SerializeToString,
+                response_deserializer=copilot_dot_v1_dot_retrieval__pb2.ProvisionTenantResponse.FromString,
+                _registered_method=True)
+        self.EraseTenant = channel.unary_unary(
+                '/copilot.v1.RetrievalService/EraseTenant',
+                request_serializer=copilot_dot_v1_dot_retrieval__pb2.EraseTenantRequest.SerializeToString,
+                response_deserializer=copilot_dot_v1_dot_retrieval__pb2.EraseTenantResponse.FromString,
+                _registered_method=True)
 
 
 class RetrievalServiceServicer(object):
@@ -93,6 +103,22 @@ class RetrievalServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ProvisionTenant(self, request, context):
+        """Creates the caller's tenant index (idempotent). Called by tenant onboarding with the
+        platform `service` role, acting for the new tenant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EraseTenant(self, request, context):
+        """Erases every document, chunk, vector and cache entry of the caller's tenant
+        (idempotent). Called by tenant deletion with the platform `service` role.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RetrievalServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -115,6 +141,16 @@ def add_RetrievalServiceServicer_to_server(servicer, server):
                     servicer.DeleteDocuments,
                     request_deserializer=copilot_dot_v1_dot_retrieval__pb2.DeleteDocumentsRequest.FromString,
                     response_serializer=copilot_dot_v1_dot_retrieval__pb2.DeleteDocumentsResponse.SerializeToString,
+            ),
+            'ProvisionTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.ProvisionTenant,
+                    request_deserializer=copilot_dot_v1_dot_retrieval__pb2.ProvisionTenantRequest.FromString,
+                    response_serializer=copilot_dot_v1_dot_retrieval__pb2.ProvisionTenantResponse.SerializeToString,
+            ),
+            'EraseTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.EraseTenant,
+                    request_deserializer=copilot_dot_v1_dot_retrieval__pb2.EraseTenantRequest.FromString,
+                    response_serializer=copilot_dot_v1_dot_retrieval__pb2.EraseTenantResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -227,6 +263,60 @@ class RetrievalService(object):
             '/copilot.v1.RetrievalService/DeleteDocuments',
             copilot_dot_v1_dot_retrieval__pb2.DeleteDocumentsRequest.SerializeToString,
             copilot_dot_v1_dot_retrieval__pb2.DeleteDocumentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProvisionTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/copilot.v1.RetrievalService/ProvisionTenant',
+            copilot_dot_v1_dot_retrieval__pb2.ProvisionTenantRequest.SerializeToString,
+            copilot_dot_v1_dot_retrieval__pb2.ProvisionTenantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EraseTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/copilot.v1.RetrievalService/EraseTenant',
+            copilot_dot_v1_dot_retrieval__pb2.EraseTenantRequest.SerializeToString,
+            copilot_dot_v1_dot_retrieval__pb2.EraseTenantResponse.FromString,
             options,
             channel_credentials,
             insecure,

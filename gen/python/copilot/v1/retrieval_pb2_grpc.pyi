@@ -47,6 +47,14 @@ class RetrievalServiceStub:
     """Searches the caller's tenant."""
     DeleteDocuments: _grpc.UnaryUnaryMultiCallable[_retrieval_pb2.DeleteDocumentsRequest, _retrieval_pb2.DeleteDocumentsResponse]
     """Deletes documents (and all their chunks) by id. Requires the `admin` or `ingest` role."""
+    ProvisionTenant: _grpc.UnaryUnaryMultiCallable[_retrieval_pb2.ProvisionTenantRequest, _retrieval_pb2.ProvisionTenantResponse]
+    """Creates the caller's tenant index (idempotent). Called by tenant onboarding with the
+    platform `service` role, acting for the new tenant.
+    """
+    EraseTenant: _grpc.UnaryUnaryMultiCallable[_retrieval_pb2.EraseTenantRequest, _retrieval_pb2.EraseTenantResponse]
+    """Erases every document, chunk, vector and cache entry of the caller's tenant
+    (idempotent). Called by tenant deletion with the platform `service` role.
+    """
 
 @_typing.type_check_only
 class RetrievalServiceAsyncStub(RetrievalServiceStub):
@@ -67,6 +75,14 @@ class RetrievalServiceAsyncStub(RetrievalServiceStub):
     """Searches the caller's tenant."""
     DeleteDocuments: _aio.UnaryUnaryMultiCallable[_retrieval_pb2.DeleteDocumentsRequest, _retrieval_pb2.DeleteDocumentsResponse]  # type: ignore[assignment]
     """Deletes documents (and all their chunks) by id. Requires the `admin` or `ingest` role."""
+    ProvisionTenant: _aio.UnaryUnaryMultiCallable[_retrieval_pb2.ProvisionTenantRequest, _retrieval_pb2.ProvisionTenantResponse]  # type: ignore[assignment]
+    """Creates the caller's tenant index (idempotent). Called by tenant onboarding with the
+    platform `service` role, acting for the new tenant.
+    """
+    EraseTenant: _aio.UnaryUnaryMultiCallable[_retrieval_pb2.EraseTenantRequest, _retrieval_pb2.EraseTenantResponse]  # type: ignore[assignment]
+    """Erases every document, chunk, vector and cache entry of the caller's tenant
+    (idempotent). Called by tenant deletion with the platform `service` role.
+    """
 
 class RetrievalServiceServicer(metaclass=_abc_1.ABCMeta):
     """Tenant-isolated document store and search. The tenant is always the caller's
@@ -108,5 +124,25 @@ class RetrievalServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_retrieval_pb2.DeleteDocumentsResponse, _abc.Awaitable[_retrieval_pb2.DeleteDocumentsResponse]]:
         """Deletes documents (and all their chunks) by id. Requires the `admin` or `ingest` role."""
+
+    @_abc_1.abstractmethod
+    def ProvisionTenant(
+        self,
+        request: _retrieval_pb2.ProvisionTenantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_retrieval_pb2.ProvisionTenantResponse, _abc.Awaitable[_retrieval_pb2.ProvisionTenantResponse]]:
+        """Creates the caller's tenant index (idempotent). Called by tenant onboarding with the
+        platform `service` role, acting for the new tenant.
+        """
+
+    @_abc_1.abstractmethod
+    def EraseTenant(
+        self,
+        request: _retrieval_pb2.EraseTenantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_retrieval_pb2.EraseTenantResponse, _abc.Awaitable[_retrieval_pb2.EraseTenantResponse]]:
+        """Erases every document, chunk, vector and cache entry of the caller's tenant
+        (idempotent). Called by tenant deletion with the platform `service` role.
+        """
 
 def add_RetrievalServiceServicer_to_server(servicer: RetrievalServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
