@@ -6,7 +6,22 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from servers.retrieval.engine import DEFAULT_TOP_K
+from servers.retrieval.embedders import EMBEDDERS
+from servers.retrieval.engine import DEFAULT_ALPHA, DEFAULT_CANDIDATES, DEFAULT_FUSION, DEFAULT_TOP_K
+from servers.retrieval.fusion import Fusion
+
+
+def _float(environ: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from exc
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be between {low} and {high}, got {value}")
+    return value
 
 
 def _int(environ: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
@@ -30,6 +45,17 @@ class RetrievalConfig:
     # across tenants (one tenant's calls always share one thread).
     workers: int = 2
     default_top_k: int = DEFAULT_TOP_K
+    # minilm | openai | hash | none; empty: minilm when installed, else none.
+    embedder: str = ""
+    embed_batch_size: int = 32
+    openai_embedding_model: str = "text-embedding-3-small"
+    openai_embedding_dimension: int = 1536
+    openai_base_url: str | None = None
+    default_alpha: float = DEFAULT_ALPHA
+    default_fusion: Fusion = DEFAULT_FUSION
+    candidates: int = DEFAULT_CANDIDATES
+    result_cache_entries: int = 4096
+    embedding_cache_entries: int = 4096
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> RetrievalConfig:
@@ -38,4 +64,22 @@ class RetrievalConfig:
             max_open_tenants=_int(env, "COPILOT_RETRIEVAL_MAX_OPEN_TENANTS", 256, 1, 100_000),
             workers=_int(env, "COPILOT_RETRIEVAL_WORKERS", min(4, os.cpu_count() or 2), 1, 64),
             default_top_k=_int(env, "COPILOT_RETRIEVAL_DEFAULT_TOP_K", DEFAULT_TOP_K, 1, 100),
+            embedder=_choice(env, "COPILOT_EMBEDDER", EMBEDDERS),
+            embed_batch_size=_int(env, "COPILOT_EMBED_BATCH_SIZE", 32, 1, 1024),
+            openai_embedding_model=env.get("COPILOT_OPENAI_EMBEDDING_MODEL", "").strip() or "text-embedding-3-small",
+            openai_embedding_dimension=_int(env, "COPILOT_OPENAI_EMBEDDING_DIMENSION", 1536, 1, 8192),
+            openai_base_url=env.get("OPENAI_BASE_URL", "").strip() or None,
+            default_alpha=_float(env, "COPILOT_RETRIEVAL_ALPHA", DEFAULT_ALPHA, 0.0, 1.0),
+            default_fusion=Fusion(_choice(env, "COPILOT_RETRIEVAL_FUSION", tuple(f.value for f in Fusion))
+                                  or DEFAULT_FUSION.value),
+            candidates=_int(env, "COPILOT_RETRIEVAL_CANDIDATES", DEFAULT_CANDIDATES, 10, 1000),
+            result_cache_entries=_int(env, "COPILOT_RETRIEVAL_RESULT_CACHE", 4096, 0, 1_000_000),
+            embedding_cache_entries=_int(env, "COPILOT_RETRIEVAL_EMBEDDING_CACHE", 4096, 0, 1_000_000),
         )
+
+
+def _choice(environ: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    raw = environ.get(name, "").strip().lower()
+    if raw and raw not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+    return raw

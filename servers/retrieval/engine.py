@@ -1,19 +1,30 @@
 """The retrieval pipeline between the gRPC boundary and a store.
 
-Ingest: hash → skip what is already indexed → chunk (→ embed, later) → store. Search:
-pick the mode that can actually run, ask the store, report the mode used. Hybrid fusion,
-embedders, rerankers and per-tenant caches plug in here without touching the service or
-the stores' interface for lexical search.
+Ingest: hash → skip what is already indexed → chunk → embed → store. Search: pick the
+mode that can actually run (and say which ran), BM25 and/or dense candidates from the
+store, fuse, rerank, cut to top_k.
+
+Caches (query results and query embeddings) are per process, bounded (LRU), and keyed
+with the tenant first: an entry can only ever answer the tenant that made it. Results are
+also keyed with the tenant's index generation, bumped by every change to its documents or
+settings, so a cached answer is never stale; erasing a tenant drops all its entries.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, replace
+from typing import Generic, TypeVar
 
+from servers.common.errors import FieldViolation, InvalidArgument
 from servers.retrieval.chunker import DEFAULT_CONFIG, ChunkingConfig, chunk_document
+from servers.retrieval.embedders import Embedder, Vectors
+from servers.retrieval.fusion import Fusion, NoopReranker, Reranker, fuse
 from servers.retrieval.models import (
     MARKDOWN,
+    RESERVED_FILTER_KEYS,
     DeleteResult,
     DocumentInput,
     IngestResult,
@@ -26,24 +37,139 @@ from servers.retrieval.models import (
 from servers.retrieval.store import DocumentStore
 
 DEFAULT_TOP_K = 8
+# Candidates each list contributes to fusion (and the dense list's size in DENSE mode
+# before the cut): enough for Recall@100 and for fusion to find what one list ranks low.
+DEFAULT_CANDIDATES = 100
+# Measured on ObliQA dev (README): relative-score fusion with this dense weight.
+DEFAULT_ALPHA = 0.4
+DEFAULT_FUSION = Fusion.RELATIVE_SCORE
+
+# Per-tenant settings keys (stored in the tenant's own index).
+SETTING_MODE = "default_mode"
+SETTING_ALPHA = "default_alpha"
+SETTING_FUSION = "default_fusion"
+SETTING_TOP_K = "default_top_k"
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class LruCache(Generic[K, V]):
+    """A bounded mapping; reads refresh an entry, inserts evict the least recent."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[K, V] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: K) -> V | None:
+        value = self._items.get(key)
+        if value is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._items.move_to_end(key)
+        return value
+
+    def put(self, key: K, value: V) -> None:
+        if self.capacity <= 0:
+            return
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def drop(self, predicate: object) -> int:
+        doomed = [key for key in self._items if predicate(key)]  # type: ignore[operator]
+        for key in doomed:
+            del self._items[key]
+        return len(doomed)
+
+    def snapshot(self) -> list[K]:
+        return list(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@dataclass(frozen=True, slots=True)
+class TenantDefaults:
+    mode: SearchMode | None = None
+    alpha: float | None = None
+    fusion: Fusion | None = None
+    top_k: int | None = None
+
+    @classmethod
+    def from_settings(cls, values: dict[str, str]) -> TenantDefaults:
+        def parse(key: str, convert: type) -> object:
+            raw = values.get(key)
+            try:
+                return None if raw is None else convert(raw)
+            except ValueError:
+                return None
+
+        return cls(mode=parse(SETTING_MODE, SearchMode), alpha=parse(SETTING_ALPHA, float),  # type: ignore[arg-type]
+                   fusion=parse(SETTING_FUSION, Fusion), top_k=parse(SETTING_TOP_K, int))  # type: ignore[arg-type]
+
+
+def embedding_text(title: str, section: str, text: str) -> str:
+    """What a chunk's vector encodes: its document title and heading path give a passage
+    the context its own words lack ("(2) ... must ..." under "Customer Due Diligence")."""
+    return "\n".join(part for part in (title.strip(), section.strip(), text.strip()) if part)
 
 
 class RetrievalEngine:
-    def __init__(self, store: DocumentStore, *, chunking: ChunkingConfig = DEFAULT_CONFIG,
-                 default_top_k: int = DEFAULT_TOP_K) -> None:
+    def __init__(self, store: DocumentStore, *, embedder: Embedder | None = None,
+                 reranker: Reranker | None = None, chunking: ChunkingConfig = DEFAULT_CONFIG,
+                 default_top_k: int = DEFAULT_TOP_K, candidates: int = DEFAULT_CANDIDATES,
+                 default_alpha: float = DEFAULT_ALPHA, default_fusion: Fusion = DEFAULT_FUSION,
+                 result_cache_entries: int = 4096, embedding_cache_entries: int = 4096) -> None:
         self.store = store
+        self.embedder = embedder
+        self.reranker: Reranker = reranker or NoopReranker()
         self.chunking = chunking
         self.default_top_k = default_top_k
+        self.candidates = candidates
+        self.default_alpha = default_alpha
+        self.default_fusion = default_fusion
+        self.results: LruCache[tuple[object, ...], SearchResult] = LruCache(result_cache_entries)
+        self.embeddings: LruCache[tuple[str, str, str], Vectors] = LruCache(embedding_cache_entries)
+        self._generations: dict[str, int] = {}
+        self._defaults: dict[str, TenantDefaults] = {}
 
     @property
     def index_signature(self) -> str:
-        return self.chunking.signature
+        embedder = self.embedder.signature if self.embedder is not None else "none"
+        return f"{self.chunking.signature}|{embedder}"
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Begins loading the embedding model in the background."""
+        if self.embedder is not None:
+            self.embedder.start()
+
+    def embedder_ready(self) -> bool:
+        return self.embedder is None or self.embedder.ready()
 
     async def provision(self, tenant: str) -> None:
         await self.store.provision(tenant)
 
     async def erase(self, tenant: str) -> None:
         await self.store.erase(tenant)
+        self._forget(tenant)
+
+    def _forget(self, tenant: str) -> None:
+        self._changed(tenant)
+        self.results.drop(lambda key: key[0] == tenant)
+        self.embeddings.drop(lambda key: key[0] == tenant)
+        self._defaults.pop(tenant, None)
+
+    def _changed(self, tenant: str) -> None:
+        self._generations[tenant] = self._generations.get(tenant, 0) + 1
+
+    # -- documents --------------------------------------------------------------------------
 
     async def ingest(self, tenant: str, documents: Sequence[DocumentInput]) -> list[IngestResult]:
         """One result per document, in order. Document ids must be distinct within a call."""
@@ -64,7 +190,12 @@ class RetrievalEngine:
                 pending.append((index, doc, content_hash))
         if pending:
             prepared = await asyncio.to_thread(self._prepare, [(doc, h) for _, doc, h in pending])
-            written = await self.store.upsert(tenant, prepared)
+            if self.embedder is not None:
+                prepared = await self._embed_documents(prepared)
+            try:
+                written = await self.store.upsert(tenant, prepared)
+            finally:
+                self._changed(tenant)
             for (index, _, _), result in zip(pending, written, strict=True):
                 results[index] = result
         return [result for result in results if result is not None]
@@ -79,18 +210,130 @@ class RetrievalEngine:
             for doc, content_hash in documents
         ]
 
+    async def _embed_documents(self, prepared: list[PreparedDocument]) -> list[PreparedDocument]:
+        assert self.embedder is not None
+        texts = [embedding_text(p.document.title, chunk.section, chunk.text) for p in prepared for chunk in p.chunks]
+        vectors = await self.embedder.embed(texts)
+        out: list[PreparedDocument] = []
+        start = 0
+        for p in prepared:
+            end = start + len(p.chunks)
+            out.append(replace(p, vectors=vectors[start:end]))
+            start = end
+        return out
+
     async def delete(self, tenant: str, document_ids: Sequence[str]) -> DeleteResult:
-        return await self.store.delete(tenant, document_ids)
+        try:
+            return await self.store.delete(tenant, document_ids)
+        finally:
+            self._changed(tenant)
+
+    # -- settings ---------------------------------------------------------------------------
+
+    async def defaults(self, tenant: str) -> TenantDefaults:
+        cached = self._defaults.get(tenant)
+        if cached is None:
+            cached = TenantDefaults.from_settings(await self.store.get_settings(tenant))
+            self._defaults[tenant] = cached
+        return cached
+
+    async def configure(self, tenant: str, values: dict[str, str | None]) -> TenantDefaults:
+        try:
+            stored = await self.store.put_settings(tenant, values) if values else await self.store.get_settings(tenant)
+        finally:
+            self._changed(tenant)
+            self._defaults.pop(tenant, None)
+        defaults = TenantDefaults.from_settings(stored)
+        self._defaults[tenant] = defaults
+        return defaults
+
+    def effective(self, defaults: TenantDefaults) -> tuple[SearchMode, float, Fusion, int]:
+        mode = defaults.mode or (SearchMode.HYBRID if self.embedder is not None else SearchMode.BM25)
+        alpha = defaults.alpha if defaults.alpha is not None else self.default_alpha
+        return mode, alpha, defaults.fusion or self.default_fusion, defaults.top_k or self.default_top_k
+
+    # -- search -----------------------------------------------------------------------------
 
     async def search(self, tenant: str, query: SearchQuery) -> SearchResult:
-        top_k = query.top_k or self.default_top_k
-        # Dense and hybrid need an embedder, which does not exist yet: BM25 runs for every
-        # mode and the result says so rather than pretending.
-        hits = await self.store.search_lexical(tenant, query.text, top_k, query.filters)
-        return SearchResult(hits=hits, mode=SearchMode.BM25)
+        defaults = await self.defaults(tenant)
+        default_mode, default_alpha, default_fusion, default_top_k = self.effective(defaults)
+        top_k = query.top_k or default_top_k
+        mode = query.mode or default_mode
+        alpha = query.alpha if query.alpha is not None else default_alpha
+        fusion = Fusion(query.fusion) if query.fusion else default_fusion
+        if mode is not SearchMode.BM25 and (self.embedder is None or not self.embedder.ready()):
+            # No vectors can be made (none configured, or the model is still loading):
+            # lexical search runs and the response says so.
+            mode = SearchMode.BM25
+        filters = dict(query.filters)
+        key = (tenant, self._generations.get(tenant, 0), query.text, top_k, tuple(sorted(filters.items())),
+               mode, alpha if mode is SearchMode.HYBRID else None, fusion if mode is SearchMode.HYBRID else None)
+        cached = self.results.get(key)
+        if cached is not None:
+            return replace(cached, cached=True)
+        if filters:
+            await self._check_filter_keys(tenant, filters)
+        result = await self._search(tenant, query.text, top_k, filters, mode, alpha, fusion)
+        self.results.put(key, result)
+        return result
+
+    async def _check_filter_keys(self, tenant: str, filters: dict[str, str]) -> None:
+        keys = [key for key in filters if key not in RESERVED_FILTER_KEYS]
+        if not keys:
+            return
+        unknown = await self.store.unknown_metadata_keys(tenant, keys)
+        if unknown:
+            raise InvalidArgument(
+                f"filters: unknown metadata key {sorted(unknown)[0]!r} (no document of this tenant has it;"
+                " filter on `source`, `document_id` or a metadata key your documents carry)",
+                [FieldViolation(f"filters[{key!r}]", "no document of this tenant has this metadata key")
+                 for key in sorted(unknown)])
+
+    async def _query_vector(self, tenant: str, text: str) -> Vectors:
+        assert self.embedder is not None
+        key = (tenant, self.embedder.signature, text)
+        vector = self.embeddings.get(key)
+        if vector is None:
+            vector = (await self.embedder.embed([text]))[0]
+            self.embeddings.put(key, vector)
+        return vector
+
+    async def _search(self, tenant: str, text: str, top_k: int, filters: dict[str, str], mode: SearchMode,
+                      alpha: float, fusion: Fusion) -> SearchResult:
+        if mode is SearchMode.BM25:
+            hits = await self.store.search_lexical(tenant, text, top_k, filters)
+            return SearchResult(hits=await self.reranker.rerank(text, hits, top_k), mode=mode)
+        if mode is SearchMode.DENSE:
+            vector = await self._query_vector(tenant, text)
+            hits = await self.store.search_dense(tenant, vector, top_k, filters)
+            return SearchResult(hits=await self.reranker.rerank(text, hits, top_k), mode=mode)
+        depth = max(top_k, self.candidates)
+        # BM25 runs on the tenant's store thread while the model embeds the query on its own.
+        lexical_task = asyncio.ensure_future(self.store.search_lexical(tenant, text, depth, filters))
+        try:
+            vector = await self._query_vector(tenant, text)
+            dense = await self.store.search_dense(tenant, vector, depth, filters)
+        except BaseException:
+            lexical_task.cancel()
+            raise
+        lexical = await lexical_task
+        fused = fuse(lexical, dense, alpha=alpha, method=fusion, top_k=depth)
+        hits = await self.reranker.rerank(text, fused, top_k)
+        return SearchResult(hits=hits, mode=mode, alpha=alpha, fusion=fusion.value)
+
+    # -- health -----------------------------------------------------------------------------
 
     async def healthy(self) -> bool:
         return await self.store.healthy()
 
+    async def embedder_healthy(self) -> bool:
+        """SERVING needs the model loaded: until then dense and hybrid cannot run."""
+        return self.embedder is None or (self.embedder.ready() and self.embedder.failed() is None)
+
     async def close(self) -> None:
-        await self.store.close()
+        try:
+            await self.store.close()
+        finally:
+            if self.embedder is not None:
+                await self.embedder.close()
+

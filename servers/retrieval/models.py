@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from servers.retrieval.chunker import Chunk
+from servers.retrieval.embedders import Vectors
 
 PLAIN_TEXT = "text/plain"
 MARKDOWN = "text/markdown"
@@ -58,7 +59,7 @@ class DocumentInput:
 
 @dataclass(frozen=True, slots=True)
 class PreparedDocument:
-    """A document ready for a store: hashed and chunked (and, later, embedded)."""
+    """A document ready for a store: hashed, chunked and (with an embedder) embedded."""
 
     document: DocumentInput
     content_hash: str
@@ -66,6 +67,8 @@ class PreparedDocument:
     # embedder): an unchanged document indexed under another signature is re-indexed.
     index_signature: str
     chunks: tuple[Chunk, ...]
+    # One L2-normalised row per chunk, or None when no embedder is configured.
+    vectors: Vectors | None = None
 
     @property
     def document_id(self) -> str:
@@ -101,8 +104,12 @@ class SearchQuery:
     top_k: int = 0
     # Exact match on metadata keys, plus the reserved keys `source` and `document_id`.
     filters: Mapping[str, str] = field(default_factory=dict)
-    mode: SearchMode = SearchMode.BM25
+    # None: the tenant's default (hybrid when an embedder is configured).
+    mode: SearchMode | None = None
+    # None: the tenant's default.
     alpha: float | None = None
+    # None: the tenant's default ("rrf" or "relative_score").
+    fusion: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +130,10 @@ class SearchResult:
     hits: list[Hit]
     # The mode that actually ran, which may differ from the one asked for.
     mode: SearchMode
+    # For hybrid: the weight of dense scores and the fusion method that ran.
+    alpha: float | None = None
+    fusion: str | None = None
+    cached: bool = False
 
 
 # Filter keys that address document fields rather than metadata; metadata may not use them.

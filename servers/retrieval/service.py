@@ -18,7 +18,15 @@ from copilot.v1 import retrieval_pb2 as pb
 from copilot.v1 import retrieval_pb2_grpc as pb_grpc
 from servers.common.errors import FieldViolation, InvalidArgument
 from servers.common.identity import ADMIN, INGEST, SERVICE, require_role, tenant_id
-from servers.retrieval.engine import RetrievalEngine
+from servers.retrieval.engine import (
+    SETTING_ALPHA,
+    SETTING_FUSION,
+    SETTING_MODE,
+    SETTING_TOP_K,
+    RetrievalEngine,
+    TenantDefaults,
+)
+from servers.retrieval.fusion import Fusion
 from servers.retrieval.models import (
     MARKDOWN,
     PLAIN_TEXT,
@@ -29,6 +37,7 @@ from servers.retrieval.models import (
     IngestStatus,
     SearchMode,
     SearchQuery,
+    SearchResult,
 )
 
 MAX_QUERY_CHARS = 2_000
@@ -49,8 +58,8 @@ MAX_REPORTED_VIOLATIONS = 20
 _CONTENT_TYPES = {"": PLAIN_TEXT, "text/plain": PLAIN_TEXT, "text/markdown": MARKDOWN,
                   "text/x-markdown": MARKDOWN}
 
-_MODES: dict[int, SearchMode] = {
-    pb.SEARCH_MODE_UNSPECIFIED: SearchMode.BM25,
+_MODES: dict[int, SearchMode | None] = {
+    pb.SEARCH_MODE_UNSPECIFIED: None,
     pb.SEARCH_MODE_BM25: SearchMode.BM25,
     pb.SEARCH_MODE_DENSE: SearchMode.DENSE,
     pb.SEARCH_MODE_HYBRID: SearchMode.HYBRID,
@@ -59,6 +68,15 @@ _MODES_OUT: dict[SearchMode, pb.SearchMode] = {
     SearchMode.BM25: pb.SEARCH_MODE_BM25,
     SearchMode.DENSE: pb.SEARCH_MODE_DENSE,
     SearchMode.HYBRID: pb.SEARCH_MODE_HYBRID,
+}
+_FUSIONS: dict[int, Fusion | None] = {
+    pb.FUSION_METHOD_UNSPECIFIED: None,
+    pb.FUSION_METHOD_RECIPROCAL_RANK: Fusion.RRF,
+    pb.FUSION_METHOD_RELATIVE_SCORE: Fusion.RELATIVE_SCORE,
+}
+_FUSIONS_OUT: dict[Fusion, pb.FusionMethod] = {
+    Fusion.RRF: pb.FUSION_METHOD_RECIPROCAL_RANK,
+    Fusion.RELATIVE_SCORE: pb.FUSION_METHOD_RELATIVE_SCORE,
 }
 _STATUS_OUT: dict[IngestStatus, pb.IngestStatus] = {
     IngestStatus.CREATED: pb.INGEST_STATUS_CREATED,
@@ -161,9 +179,12 @@ def search_query_from_proto(request: pb.SearchRequest) -> SearchQuery:
         violations.add("query", f"must be at most {MAX_QUERY_CHARS:,} characters, got {len(query):,}")
     if not 0 <= request.top_k <= MAX_TOP_K:
         violations.add("top_k", f"must be between 1 and {MAX_TOP_K} (0 for the default), got {request.top_k}")
-    mode = _MODES.get(request.mode)
-    if mode is None:
+    if request.mode not in _MODES:
         violations.add("mode", f"unknown search mode {request.mode}")
+    mode = _MODES.get(request.mode)
+    if request.fusion not in _FUSIONS:
+        violations.add("fusion", f"unknown fusion method {request.fusion}")
+    fusion = _FUSIONS.get(request.fusion)
     alpha: float | None = None
     if request.HasField("alpha"):
         alpha = request.alpha
@@ -179,7 +200,57 @@ def search_query_from_proto(request: pb.SearchRequest) -> SearchQuery:
             _check_text(violations, f"filters[{key[:MAX_KEY_CHARS]!r}]", value, MAX_VALUE_CHARS)
     violations.raise_if_any()
     return SearchQuery(text=query, top_k=request.top_k, filters=dict(request.filters),
-                       mode=mode or SearchMode.BM25, alpha=alpha)
+                       mode=mode, alpha=alpha, fusion=fusion.value if fusion else None)
+
+
+def search_response(result: SearchResult) -> pb.SearchResponse:
+    response = pb.SearchResponse(hits=[hit_to_proto(hit) for hit in result.hits], mode=_MODES_OUT[result.mode],
+                                 cached=result.cached)
+    if result.alpha is not None:
+        response.alpha = result.alpha
+    if result.fusion is not None:
+        response.fusion = _FUSIONS_OUT[Fusion(result.fusion)]
+    return response
+
+
+def settings_from_proto(request: pb.ConfigureSearchRequest) -> dict[str, str | None]:
+    """The settings to store (None: remove), validated."""
+    violations = _Violations()
+    values: dict[str, str | None] = {}
+    if request.reset:
+        values.update(dict.fromkeys((SETTING_MODE, SETTING_ALPHA, SETTING_FUSION, SETTING_TOP_K)))
+    if request.HasField("default_mode"):
+        if request.default_mode not in _MODES:
+            violations.add("default_mode", f"unknown search mode {request.default_mode}")
+        mode = _MODES.get(request.default_mode)
+        values[SETTING_MODE] = mode.value if mode else None
+    if request.HasField("default_alpha"):
+        alpha = request.default_alpha
+        if not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
+            violations.add("default_alpha", f"must be between 0 and 1, got {alpha}")
+        values[SETTING_ALPHA] = repr(alpha)
+    if request.HasField("default_fusion"):
+        if request.default_fusion not in _FUSIONS:
+            violations.add("default_fusion", f"unknown fusion method {request.default_fusion}")
+        fusion = _FUSIONS.get(request.default_fusion)
+        values[SETTING_FUSION] = fusion.value if fusion else None
+    if request.HasField("default_top_k"):
+        if not 0 <= request.default_top_k <= MAX_TOP_K:
+            violations.add("default_top_k", f"must be between 1 and {MAX_TOP_K} (0 for the server's default),"
+                           f" got {request.default_top_k}")
+        values[SETTING_TOP_K] = str(request.default_top_k) if request.default_top_k else None
+    violations.raise_if_any()
+    return values
+
+
+def _settings_to_proto(defaults: TenantDefaults) -> pb.SearchSettings:
+    settings = pb.SearchSettings(
+        default_mode=_MODES_OUT[defaults.mode] if defaults.mode else pb.SEARCH_MODE_UNSPECIFIED,
+        default_fusion=_FUSIONS_OUT[defaults.fusion] if defaults.fusion else pb.FUSION_METHOD_UNSPECIFIED,
+        default_top_k=defaults.top_k or 0)
+    if defaults.alpha is not None:
+        settings.default_alpha = defaults.alpha
+    return settings
 
 
 def delete_ids_from_proto(document_ids: Sequence[str]) -> list[str]:
@@ -242,8 +313,7 @@ class RetrievalServiceServicer(pb_grpc.RetrievalServiceServicer):
         tenant = tenant_id()
         query = search_query_from_proto(request)
         result = await self._engine.search(tenant, query)
-        return pb.SearchResponse(hits=[hit_to_proto(hit) for hit in result.hits],
-                                 mode=_MODES_OUT[result.mode])
+        return search_response(result)
 
     async def DeleteDocuments(self, request: pb.DeleteDocumentsRequest,
                               context: grpc.aio.ServicerContext) -> pb.DeleteDocumentsResponse:
@@ -265,3 +335,19 @@ class RetrievalServiceServicer(pb_grpc.RetrievalServiceServicer):
         require_role(SERVICE)
         await self._engine.erase(tenant_id())
         return pb.EraseTenantResponse()
+
+    async def ConfigureSearch(self, request: pb.ConfigureSearchRequest,
+                              context: grpc.aio.ServicerContext) -> pb.ConfigureSearchResponse:
+        tenant = tenant_id()
+        values = settings_from_proto(request)
+        if values:
+            require_role(ADMIN)
+            defaults = await self._engine.configure(tenant, values)
+        else:
+            defaults = await self._engine.defaults(tenant)
+        mode, alpha, fusion, top_k = self._engine.effective(defaults)
+        effective = TenantDefaults(mode=mode, alpha=alpha, fusion=fusion, top_k=top_k)
+        return pb.ConfigureSearchResponse(settings=_settings_to_proto(defaults),
+                                          effective=_settings_to_proto(effective),
+                                          dense_available=self._engine.embedder is not None
+                                          and self._engine.embedder.ready())

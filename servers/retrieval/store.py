@@ -31,7 +31,11 @@ from functools import partial
 from pathlib import Path
 from typing import Protocol, TypeVar
 
+import numpy as np
+import numpy.typing as npt
+
 from servers.common.identity import TENANT_ID_RE
+from servers.retrieval.embedders import Vectors
 from servers.retrieval.models import (
     DeleteResult,
     Hit,
@@ -74,6 +78,19 @@ class DocumentStore(Protocol):
                              filters: Mapping[str, str]) -> list[Hit]:
         """Keyword (BM25) search; any user text is safe. Best hit first, score higher = better."""
 
+    async def search_dense(self, tenant: str, vector: Vectors, top_k: int,
+                           filters: Mapping[str, str]) -> list[Hit]:
+        """Nearest chunks by cosine to a normalised query vector; score higher = better."""
+
+    async def unknown_metadata_keys(self, tenant: str, keys: Sequence[str]) -> set[str]:
+        """Those of `keys` that no document of the tenant has as a metadata key."""
+
+    async def get_settings(self, tenant: str) -> dict[str, str]:
+        """The tenant's stored search settings (empty when none or no index)."""
+
+    async def put_settings(self, tenant: str, values: Mapping[str, str | None]) -> dict[str, str]:
+        """Sets (None: removes) search settings of the tenant; returns them all."""
+
     async def healthy(self) -> bool:
         """Whether the store can currently serve reads and writes."""
 
@@ -91,7 +108,7 @@ class Bm25Weights:
     text: float = 1.0
 
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS documents (
@@ -138,6 +155,23 @@ CREATE TRIGGER IF NOT EXISTS chunks_after_delete AFTER DELETE ON chunks BEGIN
     INSERT INTO chunks_fts (chunks_fts, rowid, title, section, text)
     VALUES ('delete', old.id, old.title, old.section, old.text);
 END;
+"""
+
+# v2: dense vectors (one float32 blob per chunk, keyed by the chunk's rowid) and per-tenant
+# search settings. Vectors live in the tenant's own file, so they share its isolation,
+# its transactions (a document's chunks and vectors change together) and its erasure.
+_SCHEMA_V2 = """
+CREATE TABLE IF NOT EXISTS chunk_vectors (
+    id     INTEGER PRIMARY KEY,             -- chunks.id
+    vector BLOB NOT NULL                    -- float32, L2-normalised
+);
+CREATE TRIGGER IF NOT EXISTS chunks_vector_after_delete AFTER DELETE ON chunks BEGIN
+    DELETE FROM chunk_vectors WHERE id = old.id;
+END;
+CREATE TABLE IF NOT EXISTS tenant_settings (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
 
 _SIDE_FILES = ("-wal", "-shm", "-journal")
@@ -194,7 +228,8 @@ def _open(path: Path) -> sqlite3.Connection:
         if version > SCHEMA_VERSION:
             raise RuntimeError(f"{path.name} has schema v{version}, newer than this server (v{SCHEMA_VERSION})")
         if version < SCHEMA_VERSION:
-            conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA_V1}PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
+            conn.executescript(
+                f"BEGIN IMMEDIATE;{_SCHEMA_V1}{_SCHEMA_V2}PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
     except BaseException:
         conn.close()
         raise
@@ -211,6 +246,9 @@ class _Worker:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"retrieval-sqlite-{index}")
         self.capacity = capacity
         self._connections: OrderedDict[str, sqlite3.Connection] = OrderedDict()
+        # The tenants' vectors as one matrix each, built on the first dense search after a
+        # change and dropped with the connection: memory follows the active tenants.
+        self._dense: dict[str, DenseIndex] = {}
         self._thread: int | None = None
 
     def connection(self, tenant: str, path: Path, create: bool) -> sqlite3.Connection | None:
@@ -225,21 +263,39 @@ class _Worker:
         conn = _open(path)
         self._connections[tenant] = conn
         while len(self._connections) > self.capacity:
-            _, oldest = self._connections.popitem(last=False)
+            evicted, oldest = self._connections.popitem(last=False)
+            self._dense.pop(evicted, None)
             _close(oldest)
         return conn
 
+    def dense_index(self, tenant: str, conn: sqlite3.Connection) -> DenseIndex:
+        self._check_thread()
+        index = self._dense.get(tenant)
+        if index is None:
+            index = self._dense[tenant] = DenseIndex.load(conn)
+        return index
+
+    def invalidate(self, tenant: str) -> None:
+        self._check_thread()
+        self._dense.pop(tenant, None)
+
     def discard(self, tenant: str) -> None:
         self._check_thread()
+        self._dense.pop(tenant, None)
         conn = self._connections.pop(tenant, None)
         if conn is not None:
             _close(conn)
 
     def close_all(self) -> None:
         self._check_thread()
+        self._dense.clear()
         while self._connections:
             _, conn = self._connections.popitem()
             _close(conn)
+
+    def dense_tenants(self) -> list[str]:
+        self._check_thread()
+        return list(self._dense)
 
     def open_tenants(self) -> list[str]:
         self._check_thread()
@@ -297,10 +353,16 @@ class SqliteFtsStore:
         return await asyncio.get_running_loop().run_in_executor(worker.executor, job, worker, path)
 
     async def _with_connection(self, tenant: str, create: bool,
-                               job: Callable[[sqlite3.Connection], T], default: T) -> T:
+                               job: Callable[[sqlite3.Connection], T], default: T, *, writes: bool = False) -> T:
         def run(worker: _Worker, path: Path) -> T:
             conn = worker.connection(tenant, path, create)
-            return default if conn is None else job(conn)
+            if conn is None:
+                return default
+            try:
+                return job(conn)
+            finally:
+                if writes:
+                    worker.invalidate(tenant)
 
         return await self._run(tenant, run)
 
@@ -352,13 +414,14 @@ class SqliteFtsStore:
     async def upsert(self, tenant: str, documents: Sequence[PreparedDocument]) -> list[IngestResult]:
         results: list[IngestResult] = []
         for batch in _write_batches(documents):
-            results.extend(await self._with_connection(tenant, True, partial(_upsert_batch, documents=batch), []))
+            results.extend(await self._with_connection(tenant, True, partial(_upsert_batch, documents=batch), [],
+                                                       writes=True))
         return results
 
     async def delete(self, tenant: str, document_ids: Sequence[str]) -> DeleteResult:
         ids = list(dict.fromkeys(document_ids))
         return await self._with_connection(tenant, False, lambda conn: _delete(conn, ids),
-                                           DeleteResult(0, 0, tuple(ids)))
+                                           DeleteResult(0, 0, tuple(ids)), writes=True)
 
     async def search_lexical(self, tenant: str, text: str, top_k: int,
                              filters: Mapping[str, str]) -> list[Hit]:
@@ -369,6 +432,61 @@ class SqliteFtsStore:
         weights = self.weights
         return await self._with_connection(
             tenant, False, lambda conn: _search(conn, expression, top_k, filters, weights), [])
+
+    async def search_dense(self, tenant: str, vector: Vectors, top_k: int,
+                           filters: Mapping[str, str]) -> list[Hit]:
+        """Exact cosine search over the tenant's chunk vectors (brute force in numpy:
+        a 14k-chunk tenant costs about a millisecond, with no index to build or tune)."""
+        if top_k <= 0:
+            return []
+        filters = dict(filters)
+        query = np.ascontiguousarray(vector, dtype=np.float32).reshape(-1)
+
+        def run(worker: _Worker, path: Path) -> list[Hit]:
+            conn = worker.connection(tenant, path, False)
+            if conn is None:
+                return []
+            index = worker.dense_index(tenant, conn)
+            return _search_dense(conn, index, query, top_k, filters)
+
+        return await self._run(tenant, run)
+
+    async def dense_tenants(self) -> list[str]:
+        """Tenants whose vectors are currently held in memory (for tests and metrics)."""
+        loop = asyncio.get_running_loop()
+        lists = await asyncio.gather(*(loop.run_in_executor(w.executor, w.dense_tenants) for w in self._workers))
+        return [tenant for names in lists for tenant in names]
+
+    async def unknown_metadata_keys(self, tenant: str, keys: Sequence[str]) -> set[str]:
+        wanted = list(dict.fromkeys(keys))
+
+        def read(conn: sqlite3.Connection) -> set[str]:
+            return {key for key in wanted
+                    if conn.execute("SELECT 1 FROM document_metadata WHERE key = ? LIMIT 1", (key,)).fetchone() is None}
+
+        return await self._with_connection(tenant, False, read, set(wanted))
+
+    async def get_settings(self, tenant: str) -> dict[str, str]:
+        def read(conn: sqlite3.Connection) -> dict[str, str]:
+            return dict(conn.execute("SELECT key, value FROM tenant_settings").fetchall())
+
+        return await self._with_connection(tenant, False, read, {})
+
+    async def put_settings(self, tenant: str, values: Mapping[str, str | None]) -> dict[str, str]:
+        """Sets (or, for None, removes) per-tenant settings; returns them all."""
+        items = dict(values)
+
+        def write(conn: sqlite3.Connection) -> dict[str, str]:
+            with _transaction(conn):
+                for key, value in items.items():
+                    if value is None:
+                        conn.execute("DELETE FROM tenant_settings WHERE key = ?", (key,))
+                    else:
+                        conn.execute("INSERT INTO tenant_settings (key, value) VALUES (?, ?)"
+                                     " ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
+            return dict(conn.execute("SELECT key, value FROM tenant_settings").fetchall())
+
+        return await self._with_connection(tenant, True, write, {})
 
     # -- health and shutdown ----------------------------------------------------------------
 
@@ -455,6 +573,13 @@ def _upsert_one(conn: sqlite3.Connection, prepared: PreparedDocument, now: str) 
     conn.executemany(
         "INSERT INTO document_metadata (document_id, key, value) VALUES (?, ?, ?)",
         [(doc_id, key, value) for key, value in doc.metadata.items()])
+    if prepared.vectors is not None:
+        if len(prepared.vectors) != len(prepared.chunks):
+            raise ValueError(f"{doc_id}: {len(prepared.vectors)} vectors for {len(prepared.chunks)} chunks")
+        conn.executemany(
+            "INSERT INTO chunk_vectors (id, vector) SELECT id, ? FROM chunks WHERE chunk_id = ?",
+            [(np.ascontiguousarray(row, dtype=np.float32).tobytes(), c.chunk_id)
+             for c, row in zip(prepared.chunks, prepared.vectors, strict=True)])
     status = IngestStatus.REPLACED if row is not None else IngestStatus.CREATED
     return IngestResult(doc_id, status, len(prepared.chunks), prepared.content_hash)
 
@@ -474,10 +599,10 @@ def _delete(conn: sqlite3.Connection, ids: Sequence[str]) -> DeleteResult:
     return DeleteResult(deleted_documents, deleted_chunks, tuple(not_found))
 
 
-def _search(conn: sqlite3.Connection, expression: str, top_k: int, filters: Mapping[str, str],
-            weights: Bm25Weights) -> list[Hit]:
+def _filter_clauses(filters: Mapping[str, str]) -> tuple[list[str], list[object]]:
+    """SQL conditions on `c` (chunks) and `d` (documents) for exact-match filters."""
     clauses: list[str] = []
-    params: list[object] = [weights.title, weights.section, weights.text, expression]
+    params: list[object] = []
     for key, value in sorted(filters.items()):
         if key == "document_id":
             clauses.append("c.document_id = ?")
@@ -488,6 +613,16 @@ def _search(conn: sqlite3.Connection, expression: str, top_k: int, filters: Mapp
                            " WHERE m.document_id = c.document_id AND m.key = ? AND m.value = ?)")
             params.append(key)
         params.append(value)
+    return clauses, params
+
+
+_HIT_COLUMNS = "c.document_id, c.chunk_id, c.title, c.section, c.text, d.source, d.metadata"
+
+
+def _search(conn: sqlite3.Connection, expression: str, top_k: int, filters: Mapping[str, str],
+            weights: Bm25Weights) -> list[Hit]:
+    clauses, filter_params = _filter_clauses(filters)
+    params: list[object] = [weights.title, weights.section, weights.text, expression, *filter_params]
     params.append(top_k)
     columns = "c.document_id, c.chunk_id, c.title, c.section, c.text, d.source, d.metadata"
     if clauses:
@@ -508,3 +643,60 @@ def _search(conn: sqlite3.Connection, expression: str, top_k: int, filters: Mapp
     # bm25() is lower-is-better; the contract's score is higher-is-better.
     return [Hit(document_id=r[0], chunk_id=r[1], title=r[2], section=r[3], text=r[4], score=-r[7],
                 source=r[5], metadata=json.loads(r[6])) for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class DenseIndex:
+    """A tenant's chunk vectors in memory: rowids and one row-aligned matrix."""
+
+    ids: npt.NDArray[np.int64]
+    matrix: Vectors
+
+    @classmethod
+    def load(cls, conn: sqlite3.Connection) -> DenseIndex:
+        rows = conn.execute("SELECT id, vector FROM chunk_vectors ORDER BY id").fetchall()
+        if not rows:
+            return cls(np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32))
+        # Vectors of one embedder only: the most common width wins (rows of an embedder
+        # configured before are re-made when their documents are re-ingested).
+        widths: dict[int, int] = {}
+        for _, blob in rows:
+            widths[len(blob)] = widths.get(len(blob), 0) + 1
+        width = max(widths, key=lambda w: widths[w])
+        kept = [(rowid, blob) for rowid, blob in rows if len(blob) == width]
+        ids = np.fromiter((rowid for rowid, _ in kept), dtype=np.int64, count=len(kept))
+        matrix = np.frombuffer(b"".join(blob for _, blob in kept), dtype=np.float32).reshape(len(kept), -1)
+        return cls(ids, matrix)
+
+    @property
+    def dimension(self) -> int:
+        return int(self.matrix.shape[1]) if self.matrix.size else 0
+
+
+def _search_dense(conn: sqlite3.Connection, index: DenseIndex, query: Vectors, top_k: int,
+                  filters: Mapping[str, str]) -> list[Hit]:
+    if not len(index.ids) or index.dimension != query.shape[0]:
+        return []
+    scores = index.matrix @ query
+    if filters:
+        clauses, params = _filter_clauses(filters)
+        allowed = np.fromiter(
+            (row[0] for row in conn.execute(
+                "SELECT c.id FROM chunks c CROSS JOIN documents d ON d.document_id = c.document_id"
+                f" WHERE {' AND '.join(clauses)}", params)), dtype=np.int64)
+        scores = np.where(np.isin(index.ids, allowed), scores, -np.inf)
+    count = min(top_k, len(scores))
+    top = np.argpartition(-scores, count - 1)[:count]
+    top = top[np.argsort(-scores[top], kind="stable")]
+    top = top[np.isfinite(scores[top])]
+    if not len(top):
+        return []
+    chosen = [int(rowid) for rowid in index.ids[top]]
+    score_of = {rowid: float(scores[i]) for rowid, i in zip(chosen, top, strict=True)}
+    rows = conn.execute(
+        f"SELECT c.id, {_HIT_COLUMNS} FROM chunks c CROSS JOIN documents d ON d.document_id = c.document_id"
+        f" WHERE c.id IN ({','.join('?' * len(chosen))})", chosen).fetchall()
+    by_id = {row[0]: row for row in rows}
+    return [Hit(document_id=r[1], chunk_id=r[2], title=r[3], section=r[4], text=r[5], score=score_of[rowid],
+                source=r[6], metadata=json.loads(r[7]))
+            for rowid in chosen if (r := by_id.get(rowid)) is not None]

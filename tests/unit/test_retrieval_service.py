@@ -262,11 +262,14 @@ async def test_bad_deletes_are_invalid_argument(rig: Rig, ids: list[str], field:
 
 async def test_build_wires_the_service(tmp_path: Path) -> None:
     settings = dataclasses.replace(Settings.from_env(), data_dir=tmp_path, retrieval_port=0)
-    service = build(settings, RetrievalConfig(max_open_tenants=4, workers=1))
+    service = build(settings, RetrievalConfig(max_open_tenants=4, workers=1, embedder="hash"))
     assert service.name == "retrieval"
     assert service.service_names == [SERVICE_NAME] == ["copilot.v1.RetrievalService"]
     assert service.identity_required
-    (check,) = service.dependencies.values()
+    check = service.dependencies["data_dir_writable"]
+    for start in service.on_start:
+        await start()
+    assert await service.dependencies["embedder_ready"]()
     assert await check()
     assert tenants_dir(settings).is_dir()
     server = grpc.aio.server()
@@ -280,8 +283,8 @@ async def test_health_fails_when_data_dir_is_not_writable(tmp_path: Path) -> Non
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("x")
     settings = dataclasses.replace(Settings.from_env(), data_dir=blocker)
-    service = build(settings, RetrievalConfig(workers=1))
-    (check,) = service.dependencies.values()
+    service = build(settings, RetrievalConfig(workers=1, embedder="none"))
+    check = service.dependencies["data_dir_writable"]
     assert not await check()
     for stop in service.on_stop:
         await stop()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from servers.common.errors import InvalidArgument
 from servers.retrieval import engine as engine_module
 from servers.retrieval.chunker import ChunkingConfig
 from servers.retrieval.engine import RetrievalEngine
@@ -133,7 +134,10 @@ async def test_filters(engine: RetrievalEngine) -> None:
     assert await ids(engine, A, "privacy", filters={"team": "legal", "year": "2024"}) == ["p1"]
     assert sorted(await ids(engine, A, "privacy", filters={"source": "wiki"})) == ["p2", "p3"]
     assert await ids(engine, A, "privacy", filters={"document_id": "p2"}) == ["p2"]
-    assert await ids(engine, A, "privacy", filters={"unknown": "x"}) == []
+    # A key no document of the tenant carries is a mistake (a typo), not an empty result.
+    with pytest.raises(InvalidArgument, match="unknown metadata key 'unknown'"):
+        await ids(engine, A, "privacy", filters={"unknown": "x"})
+    assert await ids(engine, A, "privacy", filters={"team": "nobody"}) == []
     assert await ids(engine, A, "privacy", filters={"team": "LEGAL"}) == []  # exact match
 
 
