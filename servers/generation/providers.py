@@ -30,6 +30,8 @@ class Prompt:
     passages: Sequence[Passage]
     max_tokens: int
     temperature: float
+    # The tenant's model; empty for the provider's default.
+    model: str = ""
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,8 @@ class Quote:
 
     passage: int
     text: str
+    # The number the answer text uses for it; None: numbered in order of `Generation.quotes`.
+    number: int | None = None
 
 
 @dataclass

@@ -2,34 +2,55 @@
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 
 from copilot.v1 import generation_pb2_grpc, metering_pb2_grpc, retrieval_pb2_grpc, tenant_pb2_grpc
 from servers.common.lifecycle import Service, connect
 from servers.common.settings import Settings
+from servers.generation.llm import AnthropicProvider, LLMSettings, OpenAIProvider
+from servers.generation.outbox import UsageOutbox
 from servers.generation.pipeline import Pipeline
 from servers.generation.providers import ExtractiveProvider, Provider
+from servers.generation.resilience import Breakers
 from servers.generation.service import GenerationServicer
 from servers.generation.tenant_config import TenantConfigCache
 
 
 def build(settings: Settings) -> Service:
+    # The SDKs' HTTP client logs every request at INFO: one line per provider call is noise.
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
     retrieval_channel = connect(settings.address("retrieval"))
     metering_channel = connect(settings.address("metering"))
     extractive = ExtractiveProvider()
     providers: dict[str, Provider] = {extractive.name: extractive}
+    llms: list[OpenAIProvider | AnthropicProvider] = []
+    openai_settings, anthropic_settings = LLMSettings.openai_from_env(), LLMSettings.anthropic_from_env()
+    if openai_settings.configured:
+        llms.append(OpenAIProvider(openai_settings))
+    if anthropic_settings.configured:
+        llms.append(AnthropicProvider(anthropic_settings))
+    for llm in llms:
+        providers[llm.name] = llm
     pipeline = Pipeline(
         retrieval=retrieval_pb2_grpc.RetrievalServiceStub(retrieval_channel),
         metering=metering_pb2_grpc.MeteringServiceStub(metering_channel),
         configs=TenantConfigCache(tenant_pb2_grpc.TenantServiceStub(metering_channel),
                                   ttl_s=settings.tenant_cache_ttl_s),
         providers=providers,
+        breakers=Breakers(),
     )
+    outbox = UsageOutbox(settings.service_dir("generation") / "usage-outbox", pipeline.deliver)
+    pipeline.attach_outbox(outbox)
 
     def register(server: grpc.aio.Server) -> None:
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(pipeline), server)
 
     async def close() -> None:
+        await outbox.stop()
+        for llm in llms:
+            await llm.close()
         await retrieval_channel.close(None)
         await metering_channel.close(None)
 
@@ -42,6 +63,7 @@ def build(settings: Settings) -> Service:
             "retrieval": _channel_ready(retrieval_channel),
             "metering": _channel_ready(metering_channel),
         },
+        on_start=[outbox.start],
         on_stop=[close],
     )
 

@@ -34,9 +34,14 @@ def to_question(request: generation_pb2.AnswerRequest | generation_pb2.StreamAns
                     request_id=request.request_id)
 
 
+def _duration(seconds: float) -> duration_pb2.Duration:
+    value = duration_pb2.Duration()
+    value.FromNanoseconds(int(seconds * 1e9))
+    return value
+
+
 def to_proto(details: AnswerDetails) -> generation_pb2.AnswerDetails:
-    latency = duration_pb2.Duration()
-    latency.FromNanoseconds(int(details.latency_s * 1e9))
+    latency = _duration(details.latency_s)
     return generation_pb2.AnswerDetails(
         citations=[
             common_pb2.Citation(index=c.index, document_id=c.passage.document_id, chunk_id=c.passage.chunk_id,
@@ -50,6 +55,9 @@ def to_proto(details: AnswerDetails) -> generation_pb2.AnswerDetails:
         latency=latency, mode_used=details.mode_used,  # type: ignore[arg-type]
         degraded=details.degraded, degraded_reason=details.degraded_reason, provider=details.provider,
         model=details.model, request_id=details.request_id,
+        pii_masks=[generation_pb2.PiiMask(kind=m.kind, placeholder=m.placeholder) for m in details.pii_masks],
+        sub_questions=details.sub_questions, usage_pending=details.usage_pending,
+        retrieval_latency=_duration(details.retrieval_s), provider_latency=_duration(details.provider_s),
     )
 
 

@@ -1,5 +1,9 @@
 """The caller's tenant configuration, cached per tenant and refreshed after a short TTL,
-so the answer path does not fetch it per request. Concurrent misses share one fetch."""
+so the answer path does not fetch it per request. Concurrent misses share one fetch.
+
+The cascade: system defaults (`TenantConfig.from_proto` fills what a tenant left unset) →
+the tenant's config (this cache) → per-request overrides its plan allows
+(`allowed_modes`, applied by the pipeline)."""
 
 from __future__ import annotations
 
@@ -24,6 +28,9 @@ class TenantConfig:
     system_prompt: str
     retrieval_mode: int
     top_k: int
+    pii_masking: bool = True
+    agentic_tools: bool = False
+    plan: int = common_pb2.PLAN_FREE
 
     @classmethod
     def from_proto(cls, tenant: tenant_pb2.Tenant) -> TenantConfig:
@@ -39,6 +46,9 @@ class TenantConfig:
             system_prompt=cfg.system_prompt,
             retrieval_mode=cfg.retrieval_mode or common_pb2.RETRIEVAL_MODE_BASIC,
             top_k=cfg.top_k or 5,
+            pii_masking=cfg.pii_masking,
+            agentic_tools=cfg.agentic_tools,
+            plan=tenant.plan or common_pb2.PLAN_FREE,
         )
 
 
@@ -78,3 +88,19 @@ class TenantConfigCache:
         config = TenantConfig.from_proto(response.tenant)
         self._entries[tenant] = (time.monotonic() + self._ttl, config)
         return config
+
+
+# Retrieval modes each plan may ask for per request (and run at all).
+PLAN_MODES: dict[int, frozenset[int]] = {
+    common_pb2.PLAN_FREE: frozenset({common_pb2.RETRIEVAL_MODE_BASIC, common_pb2.RETRIEVAL_MODE_HYBRID}),
+    common_pb2.PLAN_PRO: frozenset({common_pb2.RETRIEVAL_MODE_BASIC, common_pb2.RETRIEVAL_MODE_HYBRID,
+                                    common_pb2.RETRIEVAL_MODE_DECOMPOSED}),
+    common_pb2.PLAN_ENTERPRISE: frozenset({common_pb2.RETRIEVAL_MODE_BASIC, common_pb2.RETRIEVAL_MODE_HYBRID,
+                                           common_pb2.RETRIEVAL_MODE_DECOMPOSED,
+                                           common_pb2.RETRIEVAL_MODE_AGENTIC}),
+}
+
+
+def allowed_modes(config: TenantConfig) -> frozenset[int]:
+    """The plan's modes, plus whatever mode the tenant itself was configured with."""
+    return PLAN_MODES.get(config.plan, PLAN_MODES[common_pb2.PLAN_FREE]) | {config.retrieval_mode}

@@ -1,0 +1,334 @@
+"""LLM providers: OpenAI (chat completions, any OpenAI-compatible base_url) and Anthropic
+(messages API), both streaming, both through their official SDKs.
+
+Retries: the SDKs retry 408/409/429/5xx and connection errors with exponential backoff
+and jitter, honouring `retry-after` — before any text exists, which is the only time a
+retry is safe. Once text has been streamed to the caller a failure is not retried: the
+pipeline ends the answer there (or degrades to the extractive answerer when nothing was
+produced yet). Token counts are the provider's own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anthropic
+import openai
+
+from servers.common.interceptors import remaining_deadline
+from servers.generation.providers import Generation, Passage, Prompt, Quote
+from servers.generation.text import estimate_tokens, sentences, terms
+
+CITATION_RULES = (
+    "The passages below are numbered. Answer only from them and cite every claim with the "
+    "passage number in square brackets, like [1] or [2]. If the passages do not answer the "
+    "question, say so."
+)
+DECOMPOSE_INSTRUCTIONS = (
+    "Split the user's question into the self-contained sub-questions needed to answer it, at most "
+    "four, one per line, without numbering. If it is a single question, return it unchanged."
+)
+SEARCH_TOOL_NAME = "search_documents"
+SEARCH_TOOL_DESCRIPTION = "Search the company's compliance documents; returns numbered passages."
+SEARCH_TOOL_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"query": {"type": "string", "description": "what to search for"}},
+    "required": ["query"],
+}
+_CITE = re.compile(r"\[(\d{1,3})\]")
+
+
+class ProviderFailure(Exception):
+    """A provider call failed after the SDK's own retries; `reason` is safe to report."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class LLMSettings:
+    api_key: str | None
+    base_url: str | None
+    default_model: str
+    timeout_s: float
+    max_retries: int
+
+    @classmethod
+    def openai_from_env(cls) -> LLMSettings:
+        return cls(api_key=os.environ.get("OPENAI_API_KEY") or None,
+                   base_url=os.environ.get("OPENAI_BASE_URL") or None,
+                   default_model=os.environ.get("OPENAI_MODEL", "gpt-4o-mini"),
+                   timeout_s=float(os.environ.get("COPILOT_LLM_TIMEOUT_S", "30")),
+                   max_retries=int(os.environ.get("COPILOT_LLM_MAX_RETRIES", "2")))
+
+    @classmethod
+    def anthropic_from_env(cls) -> LLMSettings:
+        return cls(api_key=os.environ.get("ANTHROPIC_API_KEY") or None,
+                   base_url=os.environ.get("ANTHROPIC_BASE_URL") or None,
+                   default_model=os.environ.get("ANTHROPIC_MODEL", "claude-sonnet-4-5"),
+                   timeout_s=float(os.environ.get("COPILOT_LLM_TIMEOUT_S", "30")),
+                   max_retries=int(os.environ.get("COPILOT_LLM_MAX_RETRIES", "2")))
+
+    @property
+    def configured(self) -> bool:
+        # A local OpenAI-compatible server (vLLM, Ollama, llama.cpp) needs no key.
+        return bool(self.api_key or self.base_url)
+
+
+def render_passages(passages: Sequence[Passage]) -> str:
+    blocks = []
+    for i, p in enumerate(passages, start=1):
+        heading = " — ".join(x for x in (p.title, p.section) if x)
+        blocks.append(f"[{i}] {heading}\n{p.text.strip()}")
+    return "\n\n".join(blocks)
+
+
+def user_message(prompt: Prompt) -> str:
+    return f"Passages:\n\n{render_passages(prompt.passages)}\n\nQuestion: {prompt.question}"
+
+
+def system_message(prompt: Prompt) -> str:
+    return f"{prompt.system_prompt.strip()}\n\n{CITATION_RULES}".strip()
+
+
+def citations_from_text(answer: str, passages: Sequence[Passage]) -> list[Quote]:
+    """The passages the answer cites by number (only numbers that were in the prompt, so no
+    citation can point outside the retrieved, tenant-scoped passages), each with the passage
+    sentence that best matches what the answer said next to it."""
+    claims: dict[int, list[str]] = {}
+    for sentence in sentences(answer) or [answer]:
+        for match in _CITE.finditer(sentence):
+            number = int(match.group(1))
+            if 1 <= number <= len(passages):
+                claims.setdefault(number, []).append(sentence)
+    quotes = []
+    for number, said in claims.items():
+        passage = passages[number - 1]
+        wanted = set(terms(" ".join(said)))
+        candidates = sentences(passage.text) or [passage.text]
+        best = max(candidates, key=lambda s: len(wanted & set(terms(s))))
+        quotes.append(Quote(passage=number - 1, text=best, number=number))
+    return quotes
+
+
+def parse_sub_questions(text: str, limit: int = 4) -> list[str]:
+    lines = [re.sub(r"^\s*(?:[-*•]|\d+[.)])\s*", "", line).strip() for line in text.splitlines()]
+    return [line for line in lines if len(line.split()) >= 2][:limit]
+
+
+def _timeout(settings: LLMSettings) -> float:
+    remaining = remaining_deadline()
+    return settings.timeout_s if remaining is None else max(0.1, min(settings.timeout_s, remaining))
+
+
+SearchFn = Callable[[str], Awaitable[list[Passage]]]
+
+
+class OpenAIProvider:
+    name = "openai"
+
+    def __init__(self, settings: LLMSettings) -> None:
+        self.settings = settings
+        self.model = settings.default_model
+        self._client = openai.AsyncOpenAI(api_key=settings.api_key or "unused", base_url=settings.base_url,
+                                          max_retries=settings.max_retries, timeout=settings.timeout_s)
+
+    async def stream(self, prompt: Prompt, result: Generation) -> AsyncIterator[str]:
+        model = prompt.model or self.model
+        text: list[str] = []
+        try:
+            stream = await self._client.chat.completions.create(
+                model=model, stream=True, stream_options={"include_usage": True},
+                messages=[{"role": "system", "content": system_message(prompt)},
+                          {"role": "user", "content": user_message(prompt)}],
+                max_tokens=prompt.max_tokens, temperature=prompt.temperature, timeout=_timeout(self.settings))
+            try:
+                async for chunk in stream:
+                    if chunk.usage is not None:
+                        result.input_tokens = chunk.usage.prompt_tokens
+                        result.output_tokens = chunk.usage.completion_tokens
+                        result.estimated = False
+                    for choice in chunk.choices:
+                        delta = choice.delta.content if choice.delta else None
+                        if delta:
+                            text.append(delta)
+                            if result.estimated:
+                                result.output_tokens = estimate_tokens("".join(text))
+                            yield delta
+            finally:
+                await stream.close()  # on cancellation too: the provider stops generating
+        except openai.APIError as exc:
+            raise ProviderFailure(_describe(self.name, exc)) from exc
+        except (ValueError, KeyError) as exc:  # malformed stream data
+            raise ProviderFailure(f"{self.name}: malformed stream ({type(exc).__name__})") from exc
+        finally:
+            if result.estimated:
+                result.input_tokens = estimate_tokens(system_message(prompt) + user_message(prompt))
+            result.quotes = citations_from_text("".join(text), prompt.passages)
+
+    async def decompose(self, prompt: Prompt, result: Generation) -> list[str]:
+        """The model's sub-questions for `prompt.question` (decomposed retrieval)."""
+        try:
+            response = await self._client.chat.completions.create(
+                model=prompt.model or self.model, max_tokens=200, temperature=0, timeout=_timeout(self.settings),
+                messages=[{"role": "system", "content": DECOMPOSE_INSTRUCTIONS},
+                          {"role": "user", "content": prompt.question}])
+        except openai.APIError as exc:
+            raise ProviderFailure(_describe(self.name, exc)) from exc
+        try:
+            if response.usage is not None:
+                result.input_tokens += response.usage.prompt_tokens
+                result.output_tokens += response.usage.completion_tokens
+            return parse_sub_questions(response.choices[0].message.content or "")
+        except (AttributeError, TypeError, IndexError) as exc:
+            raise ProviderFailure(f"{self.name}: malformed response ({type(exc).__name__})") from exc
+
+    async def gather(self, prompt: Prompt, search: SearchFn, max_steps: int, result: Generation) -> list[str]:
+        """Agentic retrieval: lets the model call `search_documents` up to `max_steps` times;
+        returns the queries it made (`search` collects the passages)."""
+        messages: list[Any] = [
+            {"role": "system", "content": f"{prompt.system_prompt}\nUse the {SEARCH_TOOL_NAME} tool to find "
+                                          "the passages needed to answer; stop searching when you have them."},
+            {"role": "user", "content": prompt.question},
+        ]
+        tools: list[Any] = [{"type": "function", "function": {
+            "name": SEARCH_TOOL_NAME, "description": SEARCH_TOOL_DESCRIPTION, "parameters": SEARCH_TOOL_SCHEMA}}]
+        queries: list[str] = []
+        try:
+            for _ in range(max_steps):
+                response = await self._client.chat.completions.create(
+                    model=prompt.model or self.model, messages=messages, tools=tools, max_tokens=256,
+                    temperature=0, timeout=_timeout(self.settings))
+                if response.usage is not None:
+                    result.input_tokens += response.usage.prompt_tokens
+                    result.output_tokens += response.usage.completion_tokens
+                message = response.choices[0].message
+                calls = [c for c in (message.tool_calls or []) if getattr(c, "function", None) is not None]
+                if not calls:
+                    break
+                messages.append(message.model_dump(exclude_none=True))
+                for call in calls:
+                    query = str(json.loads(call.function.arguments or "{}").get("query", "")).strip()  # type: ignore[union-attr]
+                    found = await search(query) if query else []
+                    if query:
+                        queries.append(query)
+                    messages.append({"role": "tool", "tool_call_id": call.id,
+                                     "content": render_passages(found) or "no passages found"})
+        except openai.APIError as exc:
+            raise ProviderFailure(_describe(self.name, exc)) from exc
+        except (AttributeError, TypeError, ValueError, KeyError, IndexError) as exc:
+            raise ProviderFailure(f"{self.name}: malformed response ({type(exc).__name__})") from exc
+        return queries
+
+    async def close(self) -> None:
+        await self._client.close()
+
+
+class AnthropicProvider:
+    name = "anthropic"
+
+    def __init__(self, settings: LLMSettings) -> None:
+        self.settings = settings
+        self.model = settings.default_model
+        self._client = anthropic.AsyncAnthropic(api_key=settings.api_key or "unused", base_url=settings.base_url,
+                                                max_retries=settings.max_retries, timeout=settings.timeout_s)
+
+    async def stream(self, prompt: Prompt, result: Generation) -> AsyncIterator[str]:
+        text: list[str] = []
+        try:
+            stream = await self._client.messages.create(
+                model=prompt.model or self.model, stream=True, system=system_message(prompt),
+                messages=[{"role": "user", "content": user_message(prompt)}],
+                # This SDK's messages API takes no temperature (current models fix it).
+                max_tokens=prompt.max_tokens, timeout=_timeout(self.settings))
+            try:
+                async for event in stream:
+                    if event.type == "message_start":
+                        result.input_tokens = event.message.usage.input_tokens
+                        result.output_tokens = event.message.usage.output_tokens
+                        result.estimated = False
+                    elif event.type == "content_block_delta" and event.delta.type == "text_delta":
+                        text.append(event.delta.text)
+                        # Until message_delta gives the final count, at least what was streamed.
+                        result.output_tokens = max(result.output_tokens, estimate_tokens("".join(text)))
+                        yield event.delta.text
+                    elif event.type == "message_delta" and event.usage is not None:
+                        result.output_tokens = event.usage.output_tokens
+            finally:
+                await stream.close()
+        except anthropic.APIError as exc:
+            raise ProviderFailure(_describe(self.name, exc)) from exc
+        except (ValueError, KeyError) as exc:
+            raise ProviderFailure(f"{self.name}: malformed stream ({type(exc).__name__})") from exc
+        finally:
+            if result.estimated:
+                result.input_tokens = estimate_tokens(system_message(prompt) + user_message(prompt))
+            result.quotes = citations_from_text("".join(text), prompt.passages)
+
+    async def decompose(self, prompt: Prompt, result: Generation) -> list[str]:
+        try:
+            response = await self._client.messages.create(
+                model=prompt.model or self.model, max_tokens=200, system=DECOMPOSE_INSTRUCTIONS,
+                messages=[{"role": "user", "content": prompt.question}], timeout=_timeout(self.settings))
+        except anthropic.APIError as exc:
+            raise ProviderFailure(_describe(self.name, exc)) from exc
+        try:
+            result.input_tokens += response.usage.input_tokens
+            result.output_tokens += response.usage.output_tokens
+            return parse_sub_questions("".join(b.text for b in response.content if b.type == "text"))
+        except (AttributeError, TypeError) as exc:
+            raise ProviderFailure(f"{self.name}: malformed response ({type(exc).__name__})") from exc
+
+    async def gather(self, prompt: Prompt, search: SearchFn, max_steps: int, result: Generation) -> list[str]:
+        messages: list[Any] = [{"role": "user", "content": prompt.question}]
+        tools: list[Any] = [{"name": SEARCH_TOOL_NAME, "description": SEARCH_TOOL_DESCRIPTION,
+                             "input_schema": SEARCH_TOOL_SCHEMA}]
+        queries: list[str] = []
+        try:
+            for _ in range(max_steps):
+                response = await self._client.messages.create(
+                    model=prompt.model or self.model, max_tokens=256, messages=messages, tools=tools,
+                    system=f"{prompt.system_prompt}\nUse the {SEARCH_TOOL_NAME} tool to find the passages "
+                           "needed to answer; stop searching when you have them.",
+                    timeout=_timeout(self.settings))
+                result.input_tokens += response.usage.input_tokens
+                result.output_tokens += response.usage.output_tokens
+                calls = [b for b in response.content if b.type == "tool_use"]
+                if not calls:
+                    break
+                messages.append({"role": "assistant", "content": [b.model_dump(exclude_none=True)
+                                                                  for b in response.content]})
+                results: list[Any] = []
+                for call in calls:
+                    query = str(dict(call.input).get("query", "")).strip()  # type: ignore[union-attr]
+                    found = await search(query) if query else []
+                    if query:
+                        queries.append(query)
+                    results.append({"type": "tool_result", "tool_use_id": call.id,  # type: ignore[union-attr]
+                                    "content": render_passages(found) or "no passages found"})
+                messages.append({"role": "user", "content": results})
+        except anthropic.APIError as exc:
+            raise ProviderFailure(_describe(self.name, exc)) from exc
+        except (AttributeError, TypeError, ValueError, KeyError, IndexError) as exc:
+            raise ProviderFailure(f"{self.name}: malformed response ({type(exc).__name__})") from exc
+        return queries
+
+    async def close(self) -> None:
+        await self._client.close()
+
+
+def _describe(name: str, exc: Exception) -> str:
+    status = getattr(exc, "status_code", None)
+    if status is not None:
+        return f"{name}: HTTP {status} after retries"
+    if isinstance(exc, openai.APITimeoutError | anthropic.APITimeoutError):
+        return f"{name}: timed out"
+    if isinstance(exc, openai.APIConnectionError | anthropic.APIConnectionError):
+        return f"{name}: connection failed"
+    return f"{name}: {type(exc).__name__}"
