@@ -15,6 +15,7 @@ from google.protobuf import timestamp_pb2
 from copilot.v1 import common_pb2, metering_pb2, tenant_pb2
 from servers.common.errors import InvalidArgument
 from servers.metering.plans import Plan, RetrievalMode
+from servers.metering.pricing import PriceTable
 from servers.metering.quota import QuotaDecision
 from servers.metering.tenants import CONFIG_FIELDS, LIMIT_FIELDS, UPDATABLE_PATHS, Tenant, TenantState
 from servers.metering.usage import UsageEvent, UsageKind, UsageTotals
@@ -150,7 +151,8 @@ def usage_event(tenant_id: str, index: int, message: metering_pb2.UsageEvent, no
     )
 
 
-def usage_response(totals: UsageTotals) -> metering_pb2.GetUsageResponse:
+def usage_response(totals: UsageTotals, prices: PriceTable | None = None) -> metering_pb2.GetUsageResponse:
+    costs = [prices.cost_micros(m) if prices else 0 for m in totals.by_model]
     return metering_pb2.GetUsageResponse(
         tenant_id=totals.tenant_id,
         start_time=timestamp(totals.start),
@@ -161,7 +163,10 @@ def usage_response(totals: UsageTotals) -> metering_pb2.GetUsageResponse:
         total_tokens=totals.total_tokens,
         events=totals.events,
         by_model=[metering_pb2.ModelUsage(model=m.model, requests=m.requests, input_tokens=m.input_tokens,
-                                          output_tokens=m.output_tokens) for m in totals.by_model],
+                                          output_tokens=m.output_tokens, cost_micros=cost)
+                  for m, cost in zip(totals.by_model, costs, strict=True)],
+        cost_micros=sum(costs),
+        currency=prices.currency if prices else "",
     )
 
 

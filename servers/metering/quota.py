@@ -7,9 +7,12 @@ is asked about: with a limit of N requests an hour, checks 1..N pass and N+1 is 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+
+from prometheus_client import Counter
 
 from servers.common.errors import InvalidArgument, QuotaViolation, ResourceExhausted
 from servers.metering.plans import Limits
@@ -18,6 +21,14 @@ from servers.metering.usage import QuotaUsage, UsageStore, hour_window, month_wi
 
 REQUESTS_PER_HOUR = "requests_per_hour"
 TOKENS_PER_MONTH = "tokens_per_month"
+# Percent of a quota at which operators are told (once per tenant, quota and window).
+THRESHOLDS = (80, 100)
+
+log = logging.getLogger("copilot.metering.quota")
+
+THRESHOLD_EVENTS = Counter(
+    "copilot_quota_threshold_events_total",
+    "Tenants reaching a share of a quota (once per tenant, quota and window).", ["quota", "threshold"])
 
 
 @dataclass(frozen=True)
@@ -74,6 +85,8 @@ class QuotaChecker:
     def __init__(self, usage: UsageStore, clock: Callable[[], datetime] | None = None) -> None:
         self._usage = usage
         self._clock = clock or (lambda: datetime.now(UTC))
+        # (tenant, quota, threshold) → start of the window it was last reported for.
+        self._emitted: dict[tuple[str, str, int], datetime] = {}
 
     async def check(self, tenant: Tenant, estimated_tokens: int = 0) -> QuotaDecision:
         if estimated_tokens < 0:
@@ -81,3 +94,29 @@ class QuotaChecker:
         now = self._clock()
         usage = await self._usage.quota_usage(tenant.tenant_id, hour_window(now), month_window(now))
         return evaluate(tenant.tenant_id, tenant.limits, usage, now, estimated_tokens)
+
+    async def observe(self, tenant: Tenant) -> list[tuple[str, int]]:
+        """After usage was recorded: emits a threshold event (log line + metric) for every
+        threshold of a quota that the tenant has newly reached in the current window."""
+        now = self._clock()
+        hour, month = hour_window(now), month_window(now)
+        usage = await self._usage.quota_usage(tenant.tenant_id, hour, month)
+        emitted: list[tuple[str, int]] = []
+        for name, used, limit, window in (
+                (REQUESTS_PER_HOUR, usage.requests_in_hour, tenant.limits.requests_per_hour, hour),
+                (TOKENS_PER_MONTH, usage.tokens_in_month, tenant.limits.tokens_per_month, month)):
+            for threshold in THRESHOLDS:
+                if limit <= 0 or used * 100 < limit * threshold:
+                    continue
+                key = (tenant.tenant_id, name, threshold)
+                if self._emitted.get(key) == window.start:
+                    continue
+                self._emitted[key] = window.start
+                THRESHOLD_EVENTS.labels(name, str(threshold)).inc()
+                log.warning("quota threshold reached", extra={
+                    "tenant_id": tenant.tenant_id, "quota": name, "threshold_percent": threshold,
+                    "used": used, "limit": limit, "window_start": window.start.isoformat()})
+                emitted.append((name, threshold))
+        if len(self._emitted) > 100_000:
+            self._emitted.clear()
+        return emitted

@@ -8,8 +8,9 @@ here become rich gRPC statuses in the server interceptor.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -20,12 +21,15 @@ from copilot.v1 import (
     tenant_pb2_grpc,
 )
 from servers.common import identity
-from servers.common.errors import InvalidArgument, PermissionDenied
+from servers.common.errors import FieldViolation, InvalidArgument, NotFound, PermissionDenied, Unavailable
 from servers.metering import convert
+from servers.metering.onboarding import Onboarding, TenantChange, TenantWatchers
 from servers.metering.plans import Plan
+from servers.metering.pricing import PriceTable
 from servers.metering.quota import QuotaChecker
 from servers.metering.tenants import (
     Tenant,
+    TenantState,
     TenantStore,
     apply_changes,
     new_tenant,
@@ -33,6 +37,9 @@ from servers.metering.tenants import (
     validate_tenant_id,
 )
 from servers.metering.usage import MAX_BATCH, UsageStore, Window, month_start, validate_batch
+
+if TYPE_CHECKING:
+    from servers.metering.billing import Billing
 
 log = logging.getLogger("copilot.metering")
 
@@ -65,11 +72,14 @@ def _ensure_active(tenant: Tenant) -> Tenant:
 
 
 class MeteringServiceServicer(metering_pb2_grpc.MeteringServiceServicer):
-    def __init__(self, tenants: TenantStore, usage: UsageStore, clock: Clock = _utcnow) -> None:
+    def __init__(self, tenants: TenantStore, usage: UsageStore, clock: Clock = _utcnow,
+                 prices: PriceTable | None = None, billing: Billing | None = None) -> None:
         self._tenants = tenants
         self._usage = usage
         self._clock = clock
         self._quota = QuotaChecker(usage, clock)
+        self._prices = prices
+        self._billing = billing
 
     async def RecordUsage(self, request: metering_pb2.RecordUsageRequest,
                           context: grpc.aio.ServicerContext) -> metering_pb2.RecordUsageResponse:
@@ -81,8 +91,15 @@ class MeteringServiceServicer(metering_pb2_grpc.MeteringServiceServicer):
         now = self._clock()
         events = [convert.usage_event(caller.tenant_id, i, e, now) for i, e in enumerate(request.events)]
         validate_batch(events, now)
-        await self._tenants.get(caller.tenant_id)
+        try:
+            tenant = await self._tenants.get(caller.tenant_id)
+        except NotFound:
+            raise InvalidArgument(f"unknown tenant {caller.tenant_id}: no usage recorded",
+                                  [FieldViolation("tenant", "the caller's tenant does not exist")],
+                                  reason="UNKNOWN_TENANT", metadata={"tenant_id": caller.tenant_id}) from None
         result = await self._usage.record(events)
+        if result.recorded:
+            await self._quota.observe(tenant)
         return metering_pb2.RecordUsageResponse(recorded=result.recorded, duplicates=result.duplicates)
 
     async def GetUsage(self, request: metering_pb2.GetUsageRequest,
@@ -96,7 +113,38 @@ class MeteringServiceServicer(metering_pb2_grpc.MeteringServiceServicer):
             raise InvalidArgument.field("start_time", "must be before end_time")
         # No existence check: usage rows outlive a deleted tenant and an operator may audit them.
         totals = await self._usage.totals(tenant_id, Window(start, end))
-        return convert.usage_response(totals)
+        return convert.usage_response(totals, self._prices)
+
+    def _period(self, start_ts: object, end_ts: object, request: object) -> Window:
+        now = self._clock()
+        has = request.HasField  # type: ignore[attr-defined]
+        end = convert.moment(end_ts, "end_time") if has("end_time") else now.replace(  # type: ignore[arg-type]
+            minute=0, second=0, microsecond=0)
+        start = convert.moment(start_ts, "start_time") if has("start_time") else end - timedelta(  # type: ignore[arg-type]
+            hours=1)
+        if start >= end:
+            raise InvalidArgument.field("start_time", "must be before end_time")
+        if end - start > timedelta(days=35):
+            raise InvalidArgument.field("start_time", "a billing period is at most 35 days")
+        return Window(start, end)
+
+    async def ReportBilling(self, request: metering_pb2.ReportBillingRequest,
+                            context: grpc.aio.ServicerContext) -> metering_pb2.ReportBillingResponse:
+        identity.require_role(identity.OPERATOR)
+        if self._billing is None:
+            raise Unavailable("billing is not configured (STRIPE_API_KEY)", reason="BILLING_DISABLED")
+        report = await self._billing.report(self._period(request.start_time, request.end_time, request))
+        return metering_pb2.ReportBillingResponse(meter_events=report.meter_events, tenants=report.tenants)
+
+    async def ReconcileBilling(self, request: metering_pb2.ReconcileBillingRequest,
+                               context: grpc.aio.ServicerContext) -> metering_pb2.ReconcileBillingResponse:
+        identity.require_role(identity.OPERATOR)
+        if self._billing is None:
+            raise Unavailable("billing is not configured (STRIPE_API_KEY)", reason="BILLING_DISABLED")
+        result = await self._billing.reconcile(self._period(request.start_time, request.end_time, request))
+        return metering_pb2.ReconcileBillingResponse(tenants=result.tenants, differences=[
+            metering_pb2.BillingDifference(tenant_id=d.tenant_id, meter=d.meter, clickhouse=d.clickhouse,
+                                           stripe=d.stripe) for d in result.differences])
 
     async def CheckQuota(self, request: metering_pb2.CheckQuotaRequest,
                          context: grpc.aio.ServicerContext) -> metering_pb2.CheckQuotaResponse:
@@ -109,9 +157,15 @@ class MeteringServiceServicer(metering_pb2_grpc.MeteringServiceServicer):
 
 
 class TenantServiceServicer(tenant_pb2_grpc.TenantServiceServicer):
-    def __init__(self, tenants: TenantStore, clock: Clock = _utcnow) -> None:
+    def __init__(self, tenants: TenantStore, clock: Clock = _utcnow, onboarding: Onboarding | None = None,
+                 watchers: TenantWatchers | None = None, usage: UsageStore | None = None,
+                 usage_on_delete: str = "anonymise") -> None:
         self._tenants = tenants
         self._clock = clock
+        self._onboarding = onboarding or Onboarding()
+        self.watchers = watchers or TenantWatchers()
+        self._usage = usage
+        self._usage_on_delete = usage_on_delete
 
     async def CreateTenant(self, request: tenant_pb2.CreateTenantRequest,
                            context: grpc.aio.ServicerContext) -> tenant_pb2.CreateTenantResponse:
@@ -122,6 +176,13 @@ class TenantServiceServicer(tenant_pb2_grpc.TenantServiceServicer):
             raise InvalidArgument.field("plan", f"unknown plan {request.plan}")
         tenant = await self._tenants.create(
             new_tenant(request.tenant_id, request.display_name, plan, self._clock()))
+        try:
+            await self._onboarding.provision(tenant)
+        except BaseException:
+            # Not provisioned everywhere: the tenant does not exist, and a retry starts over.
+            await self._tenants.delete(tenant.tenant_id)
+            raise
+        self.watchers.publish(TenantChange(tenants=(tenant,)))
         log.info("tenant created", extra={"tenant_id": tenant.tenant_id, "plan": tenant.plan.value})
         return tenant_pb2.CreateTenantResponse(tenant=convert.tenant_pb(tenant))
 
@@ -138,6 +199,7 @@ class TenantServiceServicer(tenant_pb2_grpc.TenantServiceServicer):
         validate_changes(changes)
         now = self._clock()
         tenant = await self._tenants.update(tenant_id, lambda current: apply_changes(current, changes, now))
+        self.watchers.publish(TenantChange(tenants=(tenant,)))
         log.info("tenant updated", extra={"tenant_id": tenant_id, "paths": sorted(changes),
                                           "config_version": tenant.config_version})
         return tenant_pb2.UpdateTenantResponse(tenant=convert.tenant_pb(tenant))
@@ -153,6 +215,50 @@ class TenantServiceServicer(tenant_pb2_grpc.TenantServiceServicer):
                            context: grpc.aio.ServicerContext) -> tenant_pb2.DeleteTenantResponse:
         identity.require_role(identity.OPERATOR)
         tenant_id = validate_tenant_id(request.tenant_id)
+        await self._tenants.get(tenant_id)  # NOT_FOUND before erasing anything
+        # Erased everywhere first: a failure leaves the tenant in place, and the deletion
+        # can be retried (every erasure is idempotent).
+        await self._onboarding.erase(tenant_id)
+        if self._usage is not None and self._usage_on_delete != "keep":
+            await self._usage.forget_tenant(tenant_id, anonymise=self._usage_on_delete == "anonymise")
         await self._tenants.delete(tenant_id)
-        log.info("tenant deleted", extra={"tenant_id": tenant_id})
+        self.watchers.publish(TenantChange(deleted=(tenant_id,)))
+        log.info("tenant deleted", extra={"tenant_id": tenant_id, "usage": self._usage_on_delete})
         return tenant_pb2.DeleteTenantResponse()
+
+    async def SuspendTenant(self, request: tenant_pb2.SuspendTenantRequest,
+                            context: grpc.aio.ServicerContext) -> tenant_pb2.SuspendTenantResponse:
+        identity.require_role(identity.OPERATOR)
+        tenant_id = validate_tenant_id(request.tenant_id)
+        state = TenantState.SUSPENDED if request.suspended else TenantState.ACTIVE
+        now = self._clock()
+        tenant = await self._tenants.update(tenant_id, lambda current: apply_changes(current, {"state": state}, now))
+        self.watchers.publish(TenantChange(tenants=(tenant,)))
+        log.info("tenant suspended" if request.suspended else "tenant resumed",
+                 extra={"tenant_id": tenant_id, "config_version": tenant.config_version})
+        return tenant_pb2.SuspendTenantResponse(tenant=convert.tenant_pb(tenant))
+
+    async def WatchTenants(self, request: tenant_pb2.WatchTenantsRequest,
+                           context: grpc.aio.ServicerContext) -> AsyncIterator[tenant_pb2.WatchTenantsResponse]:
+        identity.require_role(identity.SERVICE, identity.OPERATOR)
+        # Subscribed before the snapshot is read, so no change falls between the two (a
+        # change may arrive twice; its config_version tells which is newer).
+        queue = self.watchers.subscribe()
+        try:
+            token = ""
+            while True:
+                page = await self._tenants.list_page(1000, token)
+                yield tenant_pb2.WatchTenantsResponse(tenants=[convert.tenant_pb(t) for t in page.tenants])
+                token = page.next_page_token
+                if not token:
+                    break
+            yield tenant_pb2.WatchTenantsResponse(snapshot_done=True)
+            while True:
+                change = await queue.get()
+                if change is None:
+                    raise Unavailable("this watch fell behind or the server is stopping; watch again",
+                                      reason="WATCH_RESET")
+                yield tenant_pb2.WatchTenantsResponse(tenants=[convert.tenant_pb(t) for t in change.tenants],
+                                                      deleted_tenant_ids=list(change.deleted))
+        finally:
+            self.watchers.unsubscribe(queue)

@@ -204,6 +204,10 @@ class UsageStore(ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Releases resources."""
 
+    async def forget_tenant(self, tenant_id: str, anonymise: bool) -> None:  # noqa: B027 - optional
+        """After a tenant's deletion: its usage rows are anonymised (moved to an anonymous
+        id, attributes dropped) or erased. Stores that cannot do either keep them."""
+
 
 HOUR_US = 3_600_000_000
 

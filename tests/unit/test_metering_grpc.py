@@ -15,17 +15,26 @@ from google.protobuf import field_mask_pb2, timestamp_pb2
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from copilot.v1 import common_pb2, metering_pb2, metering_pb2_grpc, tenant_pb2, tenant_pb2_grpc
+from copilot.v1 import (
+    common_pb2,
+    metering_pb2,
+    metering_pb2_grpc,
+    retrieval_pb2_grpc,
+    tenant_pb2,
+    tenant_pb2_grpc,
+)
 from servers.common import identity
 from servers.common.errors import from_rpc_error
 from servers.common.health import Health
 from servers.common.interceptors import IdentityServerInterceptor
 from servers.common.settings import Settings
+from servers.metering.chstore import ClickHouseUsageStore
+from servers.metering.clickhouse import ChdbBackend
 from servers.metering.quota import QuotaChecker
 from servers.metering.server import build
 from servers.metering.service import MeteringServiceServicer, TenantServiceServicer
 from servers.metering.tenants import CachedTenantStore, SqliteTenantStore
-from servers.metering.usage import SqliteUsageStore
+from servers.metering.usagelog import LocalLog
 
 Metadata = tuple[tuple[str, str], ...]
 
@@ -98,7 +107,8 @@ async def code_of(awaitable: Any) -> grpc.StatusCode:
 @pytest.fixture
 async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
     tenant_store = CachedTenantStore(SqliteTenantStore(tmp_path / "tenants.sqlite"), ttl_s=5.0)
-    usage_store = SqliteUsageStore(tmp_path / "usage.sqlite")
+    # The default usage store: chDB behind the durable local log.
+    usage_store = ClickHouseUsageStore(ChdbBackend(tmp_path / "chdb"), LocalLog(tmp_path / "usage-log"))
     await tenant_store.open()
     await usage_store.open()
     checker = QuotaChecker(usage_store, clock=lambda: NOW)
@@ -256,7 +266,7 @@ async def test_record_usage_rules(mesh: Mesh) -> None:
         assert await code_of(mesh.metering.RecordUsage(metering_pb2.RecordUsageRequest(events=[ok]),
                                                        metadata=who("acme", *roles))) == \
             grpc.StatusCode.PERMISSION_DENIED
-    assert await code_of(mesh.record("nobody", ok)) == grpc.StatusCode.NOT_FOUND
+    assert await code_of(mesh.record("nobody", ok)) == grpc.StatusCode.INVALID_ARGUMENT
 
     bad_batches = [
         [ok, event("")],
@@ -381,7 +391,20 @@ async def _stop(server: grpc.aio.Server, built: Any, health: Health) -> None:
 
 
 async def test_built_server_is_healthy_and_usage_survives_a_restart(tmp_path: Path) -> None:
-    settings = _settings(tmp_path)
+    from tests.unit.test_tenants_lifecycle import RetrievalStub
+
+    # Onboarding provisions the tenant in retrieval: a stand-in answers for it.
+    retrieval = grpc.aio.server(interceptors=[IdentityServerInterceptor(access_log=False)])
+    retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server(RetrievalStub(), retrieval)
+    retrieval_port = retrieval.add_insecure_port("127.0.0.1:0")
+    await retrieval.start()
+    try:
+        await _built_server_round_trip(replace(_settings(tmp_path), retrieval_port=retrieval_port), tmp_path)
+    finally:
+        await retrieval.stop(None)
+
+
+async def _built_server_round_trip(settings: Settings, tmp_path: Path) -> None:
     # This server runs on the real clock.
     e1 = event("e1", occur_time=ts(datetime.now(UTC) - timedelta(seconds=1)))
     server, built, health, port = await _serve(settings)
@@ -397,7 +420,8 @@ async def test_built_server_is_healthy_and_usage_survives_a_restart(tmp_path: Pa
             await stub.RecordUsage(metering_pb2.RecordUsageRequest(events=[e1]), metadata=service("acme"))
     finally:
         await _stop(server, built, health)
-    assert (tmp_path / "metering" / "usage.sqlite").exists()
+    assert (tmp_path / "metering" / "chdb").is_dir()
+    assert (tmp_path / "metering" / "usage-log").is_dir()
     assert (tmp_path / "metering" / "tenants.sqlite").exists()
 
     server, built, health, port = await _serve(settings)

@@ -1,0 +1,417 @@
+"""Usage kept in ClickHouse, fed through a durable log, with real-time quota counters.
+
+    RecordUsage ─► writer (group commit) ─► UsageLog (fsync) ─► ack
+                                               │
+                                   flusher ────┴─► ClickHouse (batched inserts) ─► log commit
+
+* Idempotency: an id is claimed only by a successful append. The writer handles all the
+  batches waiting at once (one append, one fsync for all of them) and, for each event,
+  looks for its (tenant, id) among the events in the log not yet flushed (in memory) and
+  then in ClickHouse (a primary-key lookup). Checking memory first is what makes this
+  race-free with the flusher, which inserts into ClickHouse before it forgets an id.
+* Reads (`totals`) are ClickHouse (FINAL) plus the unflushed events, taken under the lock
+  the flusher holds while it moves a batch, so no event is seen in both or in neither.
+* Quotas: per tenant and month, hourly (requests, tokens) counters loaded once from the
+  same two sources and then moved by every acknowledged event, so `CheckQuota` reads
+  memory and sees every acknowledged event at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from servers.common.errors import Unavailable
+from servers.metering import clickhouse
+from servers.metering.clickhouse import ClickHouseBackend
+from servers.metering.usage import (
+    ModelUsage,
+    QuotaUsage,
+    RecordResult,
+    UsageEvent,
+    UsageStore,
+    UsageTotals,
+    Window,
+    month_start,
+    next_month,
+)
+from servers.metering.usagelog import LogEntry, UsageLog
+
+log = logging.getLogger("copilot.metering.usage")
+
+# Loaded (tenant, month) counters kept in memory; the least recently used go first.
+MAX_COUNTERS = 10_000
+# How many ids go into one ClickHouse lookup.
+LOOKUP_CHUNK = 2_000
+
+
+@dataclass
+class _Request:
+    events: Sequence[UsageEvent]
+    future: asyncio.Future[RecordResult]
+    # Per event: the counters it was provisionally added to on arrival (None: not loaded then).
+    counted: list[_MonthCounters | None] = field(default_factory=list)
+
+
+@dataclass
+class _MonthCounters:
+    # Hour start (Unix seconds) → [requests, tokens].
+    hours: dict[int, list[int]] = field(default_factory=dict)
+    tokens: int = 0
+
+    def add(self, hour: int, requests: int, tokens: int) -> None:
+        bucket = self.hours.setdefault(hour, [0, 0])
+        bucket[0] += requests
+        bucket[1] += tokens
+        self.tokens += tokens
+
+
+def _hour_of(moment: datetime) -> int:
+    return int(moment.timestamp()) // 3600 * 3600
+
+
+def _month_key(tenant_id: str, moment: datetime) -> tuple[str, int]:
+    return tenant_id, int(month_start(moment).timestamp())
+
+
+class ClickHouseUsageStore(UsageStore):
+    def __init__(self, db: ClickHouseBackend, usage_log: UsageLog, *, flush_interval_s: float = 0.2,
+                 flush_max_events: int = 50_000, max_group_events: int = 20_000) -> None:
+        self.db = db
+        self.log = usage_log
+        self._flush_interval = flush_interval_s
+        self._flush_max = flush_max_events
+        self._max_group = max_group_events
+        self._queue: deque[_Request] = deque()
+        self._wake_writer = asyncio.Event()
+        self._wake_flusher = asyncio.Event()
+        # Appended, not yet in ClickHouse: entries in log order and their keys.
+        self._pending: deque[LogEntry] = deque()
+        self._pending_keys: set[tuple[str, str]] = set()
+        self._pending_events = 0
+        # Held while a batch moves from pending to ClickHouse, and by readers that combine both.
+        self._move_lock = asyncio.Lock()
+        self._counters: OrderedDict[tuple[str, int], _MonthCounters] = OrderedDict()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._to_commit: list[LogEntry] = []
+        self._closing = False
+        self.flushed_events = 0
+        self.last_flush_error: str | None = None
+
+    # --- Lifecycle -----------------------------------------------------------------------
+
+    async def open(self) -> None:
+        await self.db.open()
+        entries = await self.log.open()
+        for entry in entries:
+            self._add_pending(entry)
+        if entries:
+            log.info("replaying unflushed usage", extra={"entries": len(entries), "events": self._pending_events})
+            # Before serving: some of it may already be in ClickHouse (a crash between an
+            # insert and the log's commit), and reads add the log to ClickHouse.
+            await self.flush()
+        self._closing = False
+        self._tasks = [asyncio.create_task(self._writer(), name="usage-writer"),
+                       asyncio.create_task(self._flusher(), name="usage-flusher")]
+
+    async def close(self) -> None:
+        self._closing = True
+        self._wake_writer.set()
+        self._wake_flusher.set()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        while self._queue:
+            request = self._queue.popleft()
+            self._settle_counts(request, [False] * len(request.events))
+            if not request.future.done():
+                request.future.set_exception(Unavailable("the usage store is closing", reason="STORE_CLOSED"))
+        await self.log.close()
+        await self.db.close()
+
+    async def ping(self) -> bool:
+        # ClickHouse only: with the log (e.g. Redis) down, RecordUsage answers UNAVAILABLE
+        # by itself, while quotas, usage queries and tenants keep serving.
+        return await self.db.ping()
+
+    @property
+    def pending_events(self) -> int:
+        return self._pending_events
+
+    # --- Recording -----------------------------------------------------------------------
+
+    async def record(self, events: Sequence[UsageEvent]) -> RecordResult:
+        if self._closing or not self._tasks:
+            raise Unavailable("the usage store is not open", reason="STORE_CLOSED")
+        future: asyncio.Future[RecordResult] = asyncio.get_running_loop().create_future()
+        request = _Request(events, future)
+        # Counted at once, before the write: a quota check that arrives while this batch is
+        # being made durable already sees it. Duplicates are taken back once known, and
+        # everything if the write fails.
+        request.counted = [self._provisional(e, +1) for e in events]
+        self._queue.append(request)
+        self._wake_writer.set()
+        # The write goes on if the caller goes away; only its answer is dropped.
+        return await asyncio.shield(future)
+
+    async def _writer(self) -> None:
+        while True:
+            await self._wake_writer.wait()
+            self._wake_writer.clear()
+            while self._queue:
+                group: list[_Request] = []
+                size = 0
+                while self._queue and (not group or size + len(self._queue[0].events) <= self._max_group):
+                    request = self._queue.popleft()
+                    group.append(request)
+                    size += len(request.events)
+                await self._write_group(group)
+            if self._closing:
+                return
+
+    async def _write_group(self, group: list[_Request]) -> None:
+        try:
+            # In memory first (see the module docstring), then ClickHouse.
+            # Only this task adds to the pending keys; the flusher may remove some while
+            # ClickHouse is asked below, so the answer from memory is taken now.
+            seen: set[tuple[str, str]] = set()
+            in_log: set[tuple[str, str]] = set()
+            candidates: dict[str, set[str]] = {}
+            for request in group:
+                for e in request.events:
+                    key = (e.tenant_id, e.event_id)
+                    if key in self._pending_keys:
+                        in_log.add(key)
+                    else:
+                        candidates.setdefault(e.tenant_id, set()).add(e.event_id)
+            stored = await self._stored_keys(candidates)
+            results: list[RecordResult] = []
+            new: list[UsageEvent] = []
+            fresh: list[list[bool]] = []
+            for request in group:
+                recorded = 0
+                flags = []
+                for e in request.events:
+                    key = (e.tenant_id, e.event_id)
+                    is_new = not (key in in_log or key in stored or key in seen)
+                    flags.append(is_new)
+                    if not is_new:
+                        continue
+                    seen.add(key)
+                    new.append(e)
+                    recorded += 1
+                fresh.append(flags)
+                results.append(RecordResult(recorded=recorded, duplicates=len(request.events) - recorded))
+            if new:
+                entry = await self.log.append(new, datetime.now(UTC))
+                # From here to the end: no await, so readers never see half of it.
+                self._add_pending(entry)
+            for request, flags in zip(group, fresh, strict=True):
+                self._settle_counts(request, flags)
+            if new and self._pending_events >= self._flush_max:
+                self._wake_flusher.set()
+        except Exception as exc:
+            error = exc if isinstance(exc, Unavailable) else Unavailable(
+                "usage could not be recorded; retry", reason="STORE_FAILED")
+            if not isinstance(exc, Unavailable):
+                log.exception("usage write failed")
+            for request in group:
+                self._settle_counts(request, [False] * len(request.events))
+                if not request.future.done():
+                    request.future.set_exception(error)
+            return
+        for request, result in zip(group, results, strict=True):
+            if not request.future.done():
+                request.future.set_result(result)
+
+    async def _stored_keys(self, candidates: dict[str, set[str]]) -> set[tuple[str, str]]:
+        found: set[tuple[str, str]] = set()
+        for tenant_id, ids in candidates.items():
+            ordered = sorted(ids)
+            for i in range(0, len(ordered), LOOKUP_CHUNK):
+                rows = await self.db.query(clickhouse.EXISTING_SQL,
+                                           {"tenant": tenant_id, "ids": ordered[i:i + LOOKUP_CHUNK]})
+                found.update((tenant_id, row[0]) for row in rows)
+        return found
+
+    def _add_pending(self, entry: LogEntry) -> None:
+        self._pending.append(entry)
+        self._pending_keys.update((e.tenant_id, e.event_id) for e in entry.events)
+        self._pending_events += len(entry.events)
+
+    def _provisional(self, e: UsageEvent, sign: int) -> _MonthCounters | None:
+        if (e.tenant_id, e.event_id) in self._pending_keys:
+            return None  # a known duplicate: never counted
+        counters = self._counters.get(_month_key(e.tenant_id, e.occur_time))
+        if counters is not None:
+            counters.add(_hour_of(e.occur_time), sign * e.requests, sign * e.tokens)
+        return counters
+
+    def _settle_counts(self, request: _Request, fresh: list[bool]) -> None:
+        """After the write: takes back the provisional count of what was not recorded, and
+        counts what was recorded but could not be counted on arrival (its counters were not
+        loaded then, or were reloaded since, without it)."""
+        if not request.counted:
+            return
+        for e, counted, is_new in zip(request.events, request.counted, fresh, strict=True):
+            current = self._counters.get(_month_key(e.tenant_id, e.occur_time))
+            if current is None:
+                continue
+            if is_new and counted is not current:
+                current.add(_hour_of(e.occur_time), e.requests, e.tokens)
+            elif not is_new and counted is current:
+                current.add(_hour_of(e.occur_time), -e.requests, -e.tokens)
+        request.counted = []
+
+    # --- Flushing ------------------------------------------------------------------------
+
+    async def _flusher(self) -> None:
+        backoff = 0.1
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake_flusher.wait(), self._flush_interval)
+            self._wake_flusher.clear()
+            try:
+                while self._pending:
+                    await self.flush_once()
+                backoff = 0.1
+                self.last_flush_error = None
+            except Exception as exc:
+                self.last_flush_error = repr(exc)
+                log.warning("usage flush failed; will retry", extra={"error": repr(exc)[:300],
+                                                                     "pending": self._pending_events})
+                if self._closing:
+                    return
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            if self._closing:
+                return
+
+    async def flush_once(self) -> int:
+        """Moves the oldest pending entries (up to the batch size) into ClickHouse."""
+        async with self._move_lock:
+            batch: list[LogEntry] = []
+            size = 0
+            for entry in self._pending:
+                if batch and size + len(entry.events) > self._flush_max:
+                    break
+                batch.append(entry)
+                size += len(entry.events)
+            if not batch:
+                return 0
+            rows = [(e.tenant_id, e.event_id, e.kind.value, e.model, e.requests, e.input_tokens,
+                     e.output_tokens, e.occur_time, entry.record_time, dict(e.attributes))
+                    for entry in batch for e in entry.events]
+            started = time.monotonic()
+            await self.db.insert(rows)
+            for entry in batch:
+                self._pending.popleft()
+                self._pending_events -= len(entry.events)
+                self._pending_keys.difference_update((e.tenant_id, e.event_id) for e in entry.events)
+        # Committed after the insert: a crash in between replays the batch, which ClickHouse
+        # collapses (same key) and FINAL never double counts. A failed commit is retried
+        # with the next one; the events are stored either way.
+        self._to_commit.extend(batch)
+        try:
+            await self.log.commit(self._to_commit)
+            self._to_commit.clear()
+        except Exception as exc:
+            log.warning("usage log commit failed; retried with the next one", extra={"error": repr(exc)[:300]})
+        self.flushed_events += size
+        log.debug("usage flushed", extra={"events": size, "ms": round((time.monotonic() - started) * 1000, 1)})
+        return size
+
+    async def flush(self) -> None:
+        """Flushes everything acknowledged so far (tests, shutdown, reconciliation)."""
+        while self._pending:
+            await self.flush_once()
+
+    # --- Reading -------------------------------------------------------------------------
+
+    def _pending_for(self, tenant_id: str, window: Window) -> list[UsageEvent]:
+        return [e for entry in self._pending for e in entry.events
+                if e.tenant_id == tenant_id and window.start <= e.occur_time < window.end]
+
+    async def totals(self, tenant_id: str, window: Window) -> UsageTotals:
+        async with self._move_lock:
+            rows = await self.db.query(clickhouse.TOTALS_SQL,
+                                       {"tenant": tenant_id, "start": window.start, "end": window.end})
+            pending = self._pending_for(tenant_id, window)
+        models: dict[str, list[int]] = {row[0]: [int(v) for v in row[1:]] for row in rows}
+        for e in pending:
+            m = models.setdefault(e.model, [0, 0, 0, 0])
+            m[0] += e.requests
+            m[1] += e.input_tokens
+            m[2] += e.output_tokens
+            m[3] += 1
+        return UsageTotals(tenant_id=tenant_id, start=window.start, end=window.end,
+                           by_model=tuple(ModelUsage(name, *models[name]) for name in sorted(models)))
+
+    async def _month_counters(self, tenant_id: str, moment: datetime) -> _MonthCounters:
+        key = _month_key(tenant_id, moment)
+        counters = self._counters.get(key)
+        if counters is not None:
+            self._counters.move_to_end(key)
+            return counters
+        start = month_start(moment)
+        window = Window(start, next_month(start))
+        async with self._move_lock:
+            rows = await self.db.query(clickhouse.HOURLY_SQL,
+                                       {"tenant": tenant_id, "start": window.start, "end": window.end})
+            # Another check may have loaded it meanwhile; events since are counted there.
+            counters = self._counters.get(key)
+            if counters is None:
+                counters = _MonthCounters()
+                for hour, requests, tokens in rows:
+                    counters.add(int(hour), int(requests), int(tokens))
+                for e in self._pending_for(tenant_id, window):
+                    counters.add(_hour_of(e.occur_time), e.requests, e.tokens)
+                self._counters[key] = counters
+                while len(self._counters) > MAX_COUNTERS:
+                    self._counters.popitem(last=False)
+        return counters
+
+    async def quota_usage(self, tenant_id: str, hour: Window, month: Window) -> QuotaUsage:
+        if hour.start.minute or hour.start.second or hour.start.microsecond or \
+                month.start != month_start(month.start):
+            raise ValueError("quota windows must start on the hour and the month")
+        counters = await self._month_counters(tenant_id, month.start)
+        hour_start = _hour_of(hour.start)
+        requests = sum(v[0] for h, v in counters.hours.items() if hour_start <= h < _hour_of(hour.end))
+        return QuotaUsage(requests_in_hour=requests, tokens_in_month=counters.tokens)
+
+    async def forget_tenant(self, tenant_id: str, anonymise: bool) -> None:
+        await self.flush()
+        async with self._move_lock:
+            if anonymise:
+                anonymous = f"deleted-{uuid.uuid4().hex[:16]}"
+                await self.db.command(clickhouse.ANONYMISE_SQL, {"tenant": tenant_id, "anonymous": anonymous})
+            await self.db.command(clickhouse.DELETE_TENANT_SQL, {"tenant": tenant_id})
+            self.forget(tenant_id)
+        log.info("usage of a deleted tenant " + ("anonymised" if anonymise else "erased"),
+                 extra={"tenant_id": tenant_id})
+
+    def forget(self, tenant_id: str) -> None:
+        """Drops a tenant's counters (after its usage was erased)."""
+        for key in [k for k in self._counters if k[0] == tenant_id]:
+            del self._counters[key]
+
+    async def interval_totals(self, window: Window) -> dict[str, tuple[int, int]]:
+        """tenant → (requests, tokens) with occur_time in `window`, after a flush."""
+        await self.flush()
+        rows = await self.db.query(clickhouse.INTERVAL_SQL, {"start": window.start, "end": window.end})
+        return {row[0]: (int(row[1]), int(row[2])) for row in rows}
+
+    async def stored_count(self, tenant_id: str) -> int:
+        rows: list[list[Any]] = await self.db.query(clickhouse.COUNT_SQL, {"tenant": tenant_id})
+        return int(rows[0][0])
