@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import cast
 
 from copilot.v1 import tenant_pb2, tenant_pb2_grpc
@@ -51,6 +51,14 @@ CALL_TIMEOUT_S = 5.0
 STARTUP_WAIT_S = 2.0
 
 TenantSource = Callable[[], Awaitable[list[tenant_pb2.Tenant]]]
+# Changes pushed by the tenant service as they happen (WatchTenants).
+TenantWatch = Callable[[], AsyncIterator[tenant_pb2.WatchTenantsResponse]]
+
+
+async def watch_tenants(stub: tenant_pb2_grpc.TenantServiceAsyncStub) -> AsyncIterator[tenant_pb2.WatchTenantsResponse]:
+    with identity.acting_as(identity.service_account("edge")):
+        async for message in stub.WatchTenants(tenant_pb2.WatchTenantsRequest()):
+            yield message
 
 
 def tenant_limits(tenant: tenant_pb2.Tenant) -> Limits:
@@ -88,15 +96,26 @@ def _table(tenants: Iterable[tenant_pb2.Tenant]) -> dict[str, Limits]:
     return table
 
 
+# Why a tenant is refused outright (PERMISSION_DENIED at the edge, not a rate limit).
+SUSPENDED = "suspended"
+DELETED = "deleted"
+
+
 class TenantLimits:
     """Limits per tenant id, refreshed in the background."""
 
     def __init__(self, source: TenantSource, refresh_s: float, *,
-                 on_close: Callable[[], Awaitable[None]] | None = None) -> None:
+                 on_close: Callable[[], Awaitable[None]] | None = None, watch: TenantWatch | None = None) -> None:
         self._source = source
+        self._watch = watch
+        self._watch_task: asyncio.Task[None] | None = None
         self._refresh_s = max(0.1, refresh_s)
         self._table: dict[str, Limits] = _table(())
         self._count = 0
+        # Tenant id -> SUSPENDED or DELETED: refused before any limit is counted.
+        self.refused: dict[str, str] = {}
+        self._known: set[str] = set()
+        self._active: list[tuple[str, str]] = []
         self._loaded = False
         self._healthy = True
         self._task: asyncio.Task[None] | None = None
@@ -110,10 +129,15 @@ class TenantLimits:
         async def close() -> None:
             await channel.close(None)
 
-        return cls(lambda: list_all_tenants(stub), settings.tenant_cache_ttl_s, on_close=close)
+        return cls(lambda: list_all_tenants(stub), settings.tenant_cache_ttl_s, on_close=close,
+                   watch=lambda: watch_tenants(stub))
 
     def get(self, tenant_id: str) -> Limits:
         return self._table.get(tenant_id, FREE_LIMITS)
+
+    def active_tenants(self) -> list[tuple[str, str]]:
+        """(tenant id, display name) of the active tenants, as last loaded."""
+        return list(self._active)
 
     @property
     def loaded(self) -> bool:
@@ -135,6 +159,16 @@ class TenantLimits:
             return False
         self._table = _table(tenants)
         self._count = len(tenants)
+        ids = {t.tenant_id for t in tenants}
+        refused = {t.tenant_id: SUSPENDED for t in tenants if t.state == tenant_pb2.TENANT_STATE_SUSPENDED}
+        # A tenant an earlier load listed and this one does not was deleted (one created since
+        # the last load is unknown, not deleted: it gets the free plan's limits until listed).
+        refused.update((gone, DELETED) for gone in (self._known - ids) | {
+            t for t, why in self.refused.items() if why == DELETED and t not in ids})
+        self.refused = refused
+        self._known = ids
+        self._active = sorted((t.tenant_id, t.display_name or t.tenant_id) for t in tenants
+                              if t.state != tenant_pb2.TENANT_STATE_SUSPENDED)
         if not self._healthy or not self._loaded:
             log.info("tenant limits loaded", extra={"tenants": len(self._table)})
         self._loaded = self._healthy = True
@@ -146,6 +180,8 @@ class TenantLimits:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.refresh(), STARTUP_WAIT_S)
         self._task = asyncio.create_task(self._loop(), name="tenant-limits")
+        if self._watch is not None:
+            self._watch_task = asyncio.create_task(self._follow(self._watch), name="tenant-watch")
 
     async def _loop(self) -> None:
         while True:
@@ -153,7 +189,46 @@ class TenantLimits:
             await asyncio.sleep(self._refresh_s if self._loaded else min(1.0, self._refresh_s))
             await self.refresh()
 
+    def apply(self, change: tenant_pb2.WatchTenantsResponse) -> None:
+        """Applies pushed changes at once: a tenant created, changed, suspended or deleted is
+        limited (or refused) by its own record within moments, not after the next refresh."""
+        table = dict(self._table)
+        refused = dict(self.refused)
+        active = dict(self._active)
+        for tenant in change.tenants:
+            table[tenant.tenant_id] = tenant_limits(tenant)
+            self._known.add(tenant.tenant_id)
+            if tenant.state == tenant_pb2.TENANT_STATE_SUSPENDED:
+                refused[tenant.tenant_id] = SUSPENDED
+                active.pop(tenant.tenant_id, None)
+            else:
+                refused.pop(tenant.tenant_id, None)
+                active[tenant.tenant_id] = tenant.display_name or tenant.tenant_id
+        for gone in change.deleted_tenant_ids:
+            table.pop(gone, None)
+            active.pop(gone, None)
+            self._known.discard(gone)
+            refused[gone] = DELETED
+        self._table, self.refused, self._active = table, refused, sorted(active.items())
+
+    async def _follow(self, watch: TenantWatch) -> None:
+        # The periodic refresh stays as the safety net; the watch only makes changes quick.
+        while True:
+            try:
+                async for change in watch():
+                    self.apply(change)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # metering restarting: reconnect, the refresh covers the gap
+                log.debug("tenant watch interrupted", extra={"error": str(exc)})
+            await asyncio.sleep(min(1.0, self._refresh_s))
+
     async def stop(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch_task
+            self._watch_task = None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -12,9 +12,12 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 from string import Template
+from typing import Any
+from urllib.parse import urlsplit
 
 from servers.common.lifecycle import MAX_MESSAGE_BYTES
 from servers.common.settings import Settings
+from servers.edge import roles
 
 TEMPLATE_PATH = Path(__file__).resolve().parents[2] / "envoy" / "envoy.yaml.tmpl"
 
@@ -27,6 +30,12 @@ MAX_REQUEST_BYTES = MAX_MESSAGE_BYTES + 5
 RATELIMIT_TIMEOUT_S = 0.2
 
 HEALTH_INTERVAL_S = 2
+
+# How often Envoy refetches the JWKS: the dev one is local and cheap, so a rotated dev key
+# is live within seconds; an identity provider's is refetched less often.
+DEV_JWKS_CACHE_S = 5
+REMOTE_JWKS_CACHE_S = 300
+DEV_JWKS_PATH = "/.well-known/jwks.json"
 
 
 def _yaml_str(value: str) -> str:
@@ -42,12 +51,49 @@ def _origins(allowed_origins: Sequence[str] | None) -> str:
     return json.dumps([{"exact": origin} for origin in allowed_origins])
 
 
-def render(settings: Settings, jwks_path: Path, *, allowed_origins: Sequence[str] | None = None,
+def jwks_uri(settings: Settings) -> str:
+    """Where Envoy fetches the JWKS: the identity provider's, else the edge companion's dev one."""
+    return settings.jwks_url or f"http://{settings.address('edge_http')}{DEV_JWKS_PATH}"
+
+
+def _jwks_cluster(uri: str) -> dict[str, Any]:
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"COPILOT_JWKS_URL must be an http(s) URL, got {uri!r}")
+    tls = parts.scheme == "https"
+    port = parts.port or (443 if tls else 80)
+    host = parts.hostname
+    is_ip = host.replace(".", "").isdigit() or ":" in host
+    cluster: dict[str, Any] = {
+        "name": "jwks",
+        "type": "STATIC" if is_ip else "LOGICAL_DNS",
+        "dns_lookup_family": "V4_PREFERRED",
+        "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": "jwks", "endpoints": [{"lb_endpoints": [{"endpoint": {
+            "address": {"socket_address": {"address": host, "port_value": port}}}}]}]},
+    }
+    if tls:
+        cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": host,
+                "common_tls_context": {"validation_context": {
+                    "trusted_ca": {"filename": "/etc/ssl/certs/ca-certificates.crt"},
+                    "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": host}}]}},
+            },
+        }
+    return cluster
+
+
+def render(settings: Settings, *, allowed_origins: Sequence[str] | None = None,
            template_path: Path = TEMPLATE_PATH) -> str:
-    """Envoy's YAML config for `settings`, verifying tokens against the JWKS file at `jwks_path`."""
+    """Envoy's YAML config for `settings`."""
+    uri = jwks_uri(settings)
     values = {
         "HOST": _yaml_str(settings.host),
         "EDGE_PORT": settings.edge_port,
+        "EDGE_BIND": _yaml_str(settings.edge_bind or settings.host),
         "ADMIN_PORT": settings.envoy_admin_port,
         "RETRIEVAL_PORT": settings.retrieval_port,
         "GENERATION_PORT": settings.generation_port,
@@ -55,7 +101,12 @@ def render(settings: Settings, jwks_path: Path, *, allowed_origins: Sequence[str
         "EDGE_SERVICES_PORT": settings.edge_services_port,
         "JWT_ISSUER": _yaml_str(settings.jwt_issuer),
         "JWT_AUDIENCE": _yaml_str(settings.jwt_audience),
-        "JWKS_PATH": _yaml_str(str(jwks_path.resolve())),
+        "JWKS_URI": _yaml_str(uri),
+        "JWKS_CACHE": f"{REMOTE_JWKS_CACHE_S if settings.jwks_url else DEV_JWKS_CACHE_S}s",
+        "JWKS_CLUSTER": json.dumps(_jwks_cluster(uri)),
+        "EDGE_HTTP_PORT": settings.edge_http_port,
+        "PUBLIC_PATHS": json.dumps(roles.public_path_rules()),
+        "ROLE_POLICIES": json.dumps(roles.rbac_policies()),
         "FAILURE_MODE_DENY": "false" if settings.ratelimit_fail_open else "true",
         "RATELIMIT_TIMEOUT": f"{RATELIMIT_TIMEOUT_S}s",
         "HEALTH_INTERVAL": f"{HEALTH_INTERVAL_S}s",
@@ -65,12 +116,37 @@ def render(settings: Settings, jwks_path: Path, *, allowed_origins: Sequence[str
     return Template(template_path.read_text()).substitute(values)
 
 
-def write(settings: Settings, jwks_path: Path, out_path: Path, *,
-          allowed_origins: Sequence[str] | None = None) -> Path:
+def write(settings: Settings, out_path: Path, *, allowed_origins: Sequence[str] | None = None) -> Path:
     """Renders the config to `out_path` (atomically, so Envoy never reads half a file)."""
-    text = render(settings, jwks_path, allowed_origins=allowed_origins)
+    text = render(settings, allowed_origins=allowed_origins)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     tmp.replace(out_path)
     return out_path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m servers.edge.envoy_config OUT`: renders the config from the environment
+    (compose renders it this way into a volume the Envoy container reads)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m servers.edge.envoy_config", description=main.__doc__)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--allowed-origin", action="append", default=None,
+                        help="CORS origin allowed to call the edge (repeatable; default: any)")
+    parser.add_argument("--dev-keys", action="store_true",
+                        help="without COPILOT_JWKS_URL, make the dev key pair the edge serves the JWKS of")
+    args = parser.parse_args(argv)
+    settings = Settings.from_env()
+    if args.dev_keys and not settings.jwks_url:
+        from servers.edge.issuer import DevIssuer
+
+        DevIssuer.load_or_create(settings.data_dir / "keys", settings.jwt_issuer, settings.jwt_audience)
+    write(settings, args.out, allowed_origins=args.allowed_origin)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -23,6 +23,7 @@ from servers.common.lifecycle import Service
 from servers.common.settings import Settings
 from servers.edge.config import TenantLimits
 from servers.edge.health_proxy import OWNERS, HealthProxy
+from servers.edge.http import EdgeHttp
 from servers.edge.limiter import InProcessLimiter, Limiter
 from servers.edge.redis import RedisLimiter
 from servers.edge.service import SERVICE_NAME, RateLimitServicer
@@ -44,6 +45,9 @@ def build(settings: Settings) -> Service:
     limiter = make_limiter(settings)
     ratelimit = RateLimitServicer(limits, limiter, fail_open=settings.ratelimit_fail_open)
     health = HealthProxy.from_settings(settings, local_names=(SERVICE_NAME,))
+    http = EdgeHttp(keys_dir=settings.data_dir / "keys", jwt_issuer=settings.jwt_issuer,
+                    jwt_audience=settings.jwt_audience, dev_tokens=settings.dev_tokens,
+                    tenants=limits.active_tenants)
     tasks: list[asyncio.Task[None]] = []
 
     def register(server: grpc.aio.Server) -> None:
@@ -51,6 +55,7 @@ def build(settings: Settings) -> Service:
 
     async def start() -> None:
         await limits.start()
+        await http.start(settings.host, settings.edge_http_port)
         tasks.append(asyncio.create_task(_prune(limiter), name="ratelimit-prune"))
         log.info("rate limiting", extra={
             "limiter": type(limiter).__name__, "fail_open": settings.ratelimit_fail_open,
@@ -61,6 +66,7 @@ def build(settings: Settings) -> Service:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await http.stop()
         await limits.stop()
         await limiter.close()
 

@@ -100,6 +100,32 @@ def over_limit_response(tenant_id: str, decision: Decision, n_descriptors: int,
     )
 
 
+# Envoy's local reply mapper turns a refusal carrying this header into PERMISSION_DENIED
+# (see envoy/envoy.yaml.tmpl); the header itself is removed before it reaches the client.
+DENIED_HEADER = "x-copilot-denied"
+
+
+def denied_response(tenant_id: str, why: str, n_descriptors: int, index: int) -> rls_pb2.RateLimitResponse:
+    """The answer for a suspended or deleted tenant: refused outright, not rate limited."""
+    message = f"tenant {tenant_id} is {why}"
+    reason = f"TENANT_{why.upper()}"
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata={"tenant_id": tenant_id}))
+    status = status_pb2.Status(code=code_pb2.PERMISSION_DENIED, message=message, details=[info])
+    statuses = [Response.DescriptorStatus(code=OK) for _ in range(n_descriptors)]
+    statuses[index].code = OVER_LIMIT
+    return Response(
+        overall_code=OVER_LIMIT,
+        statuses=statuses,
+        response_headers_to_add=[
+            base_pb2.HeaderValue(key=DENIED_HEADER, value=why),
+            base_pb2.HeaderValue(key="grpc-message", value=_grpc_message(message)),
+            base_pb2.HeaderValue(key="grpc-status-details-bin",
+                                 value=base64.b64encode(status.SerializeToString()).decode("ascii")),
+        ],
+    )
+
+
 class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
     def __init__(self, limits: TenantLimits, limiter: Limiter, *, fail_open: bool,
                  domain: str = DOMAIN) -> None:
@@ -127,6 +153,9 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
                 # No verified tenant (e.g. a token without the claim): nothing to count
                 # against; the services refuse such calls themselves.
                 continue
+            refused = self._limits.refused.get(tenant_id)
+            if refused is not None:
+                return denied_response(tenant_id, refused, len(descriptors), index)
             limits = self._limits.get(tenant_id)
             try:
                 if self._hit_now is not None:

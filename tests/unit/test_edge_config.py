@@ -144,3 +144,22 @@ async def test_start_does_not_wait_long_for_a_hanging_tenant_service(monkeypatch
         assert limits.get("acme") == FREE_LIMITS and not limits.loaded
     finally:
         await limits.stop()
+
+
+def test_pushed_changes_apply_at_once() -> None:
+    from servers.edge.config import DELETED, SUSPENDED
+
+    async def nothing() -> list[tenant_pb2.Tenant]:
+        return []
+
+    table = TenantLimits(nothing, 60.0)
+    created = tenant_pb2.Tenant(tenant_id="fresh-co", display_name="Fresh",
+                                limits=tenant_pb2.TenantLimits(requests_per_second=77))
+    table.apply(tenant_pb2.WatchTenantsResponse(tenants=[created]))
+    assert table.get("fresh-co") != table.get("never-heard-of")
+    assert ("fresh-co", "Fresh") in table.active_tenants()
+    created.state = tenant_pb2.TENANT_STATE_SUSPENDED
+    table.apply(tenant_pb2.WatchTenantsResponse(tenants=[created]))
+    assert table.refused["fresh-co"] == SUSPENDED
+    table.apply(tenant_pb2.WatchTenantsResponse(deleted_tenant_ids=["fresh-co"]))
+    assert table.refused["fresh-co"] == DELETED and ("fresh-co", "Fresh") not in table.active_tenants()

@@ -10,11 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import rsa
-from jwt.algorithms import RSAAlgorithm
 
 from servers.common.settings import Settings
-from servers.edge import envoy_config
+from servers.edge import envoy_config, roles
 
 
 def envoy_binary() -> str | None:
@@ -28,37 +26,27 @@ def settings(**overrides: object) -> Settings:
     return dataclasses.replace(Settings.from_env(), host="127.0.0.1", **{**ports, **overrides})  # type: ignore[arg-type]
 
 
-def jwks(tmp_path: Path) -> Path:
-    path = tmp_path / "keys" / "jwks.json"
-    if not path.exists():
-        # Envoy parses the JWKS at start-up (and in validate mode), so it must be a real one.
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        jwk = json.loads(RSAAlgorithm.to_jwk(key.public_key()))
-        jwk.update({"kid": "test", "alg": "RS256", "use": "sig"})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"keys": [jwk]}))
-    return path
-
-
 def test_render_fills_every_placeholder(tmp_path: Path) -> None:
     s = settings(edge_port=28080, envoy_admin_port=29901, retrieval_port=25051, generation_port=25052,
                  metering_port=25053, edge_services_port=25054)
-    text = envoy_config.render(s, jwks(tmp_path))
+    text = envoy_config.render(s)
     assert "${" not in text
     for port in (28080, 29901, 25051, 25052, 25053, 25054):
         assert f"port_value: {port}" in text
     assert json.dumps(s.jwt_issuer) in text and json.dumps(s.jwt_audience) in text
-    assert json.dumps(str((tmp_path / "keys" / "jwks.json").resolve())) in text
+    # Dev: the edge companion serves the JWKS over HTTP, refetched every few seconds.
+    assert f'"http://127.0.0.1:{s.edge_http_port}/.well-known/jwks.json"' in text
     assert "rate_limited_as_resource_exhausted: true" in text
 
 
 def test_filter_order_strips_identity_headers_before_anything_reads_them(tmp_path: Path) -> None:
-    text = envoy_config.render(settings(), jwks(tmp_path))
+    text = envoy_config.render(settings())
     filters = [line.split("name:")[1].strip() for line in text.splitlines()
                if line.strip().startswith("- name: envoy.filters.http.")]
     assert filters == [
         "envoy.filters.http.header_mutation", "envoy.filters.http.cors", "envoy.filters.http.grpc_web",
-        "envoy.filters.http.jwt_authn", "envoy.filters.http.ratelimit", "envoy.filters.http.buffer",
+        "envoy.filters.http.jwt_authn", "envoy.filters.http.rbac", "envoy.filters.http.rbac",
+        "envoy.filters.http.ratelimit", "envoy.filters.http.buffer",
         "envoy.filters.http.router",
     ]
     for header in ("x-tenant-id", "x-user-id", "x-roles"):
@@ -66,26 +54,50 @@ def test_filter_order_strips_identity_headers_before_anything_reads_them(tmp_pat
 
 
 def test_failure_mode_follows_the_setting(tmp_path: Path) -> None:
-    assert "failure_mode_deny: false" in envoy_config.render(settings(ratelimit_fail_open=True), jwks(tmp_path))
-    assert "failure_mode_deny: true" in envoy_config.render(settings(ratelimit_fail_open=False), jwks(tmp_path))
+    assert "failure_mode_deny: false" in envoy_config.render(settings(ratelimit_fail_open=True))
+    assert "failure_mode_deny: true" in envoy_config.render(settings(ratelimit_fail_open=False))
 
 
 def test_cors_origins_any_in_dev_or_a_given_list(tmp_path: Path) -> None:
-    assert '[{"safe_regex": {"regex": ".*"}}]' in envoy_config.render(settings(), jwks(tmp_path))
-    text = envoy_config.render(settings(), jwks(tmp_path), allowed_origins=["https://console.example"])
+    assert '[{"safe_regex": {"regex": ".*"}}]' in envoy_config.render(settings())
+    text = envoy_config.render(settings(), allowed_origins=["https://console.example"])
     assert '[{"exact": "https://console.example"}]' in text
 
 
 def test_write_is_atomic_and_returns_the_path(tmp_path: Path) -> None:
-    out = envoy_config.write(settings(), jwks(tmp_path), tmp_path / "run" / "envoy.yaml")
-    assert out.read_text() == envoy_config.render(settings(), jwks(tmp_path))
+    out = envoy_config.write(settings(), tmp_path / "run" / "envoy.yaml")
+    assert out.read_text() == envoy_config.render(settings())
     assert [p.name for p in out.parent.iterdir()] == ["envoy.yaml"]
 
 
+def test_production_jwks_url_gets_its_own_tls_cluster() -> None:
+    text = envoy_config.render(settings(jwks_url="https://idp.example.com/tenant/.well-known/jwks.json"))
+    assert '"https://idp.example.com/tenant/.well-known/jwks.json"' in text
+    assert '"sni": "idp.example.com"' in text and '"port_value": 443' in text
+    assert "cache_duration: 300s" in text
+    with pytest.raises(ValueError):
+        envoy_config.render(settings(jwks_url="file:///etc/jwks.json"))
+
+
+def test_role_matrix() -> None:
+    assert roles.allowed_roles("/copilot.v1.GenerationService/StreamAnswer") == {"member", "admin", "operator"}
+    assert roles.allowed_roles("/copilot.v1.RetrievalService/IngestDocuments") == {"admin", "ingest", "operator"}
+    assert roles.allowed_roles("/copilot.v1.TenantService/CreateTenant") == {"operator"}
+    assert roles.allowed_roles("/copilot.v1.TenantService/UpdateTenant") == {"admin", "operator"}
+    # Service-to-service RPCs: platform service accounts only, no end-user role.
+    for rpc in ("/copilot.v1.MeteringService/RecordUsage", "/copilot.v1.RetrievalService/EraseTenant",
+                "/copilot.v1.RetrievalService/ProvisionTenant"):
+        assert roles.allowed_roles(rpc) == {"service"}
+    assert roles.allowed_roles("/copilot.v1.NoSuchService/Do") == frozenset()
+    assert roles.allowed_roles("/") is None and roles.allowed_roles("/grpc.health.v1.Health/Check") is None
+
+
 @pytest.mark.skipif(envoy_binary() is None, reason="envoy is not installed")
-@pytest.mark.parametrize("fail_open", [True, False])
-async def test_envoy_validates_the_rendered_config(tmp_path: Path, fail_open: bool) -> None:
-    out = envoy_config.write(settings(ratelimit_fail_open=fail_open), jwks(tmp_path), tmp_path / "envoy.yaml")
+@pytest.mark.parametrize("variant", ["fail_open", "fail_closed", "production"])
+async def test_envoy_validates_the_rendered_config(tmp_path: Path, variant: str) -> None:
+    s = settings(ratelimit_fail_open=variant == "fail_open",
+                 jwks_url="https://idp.example.com/jwks.json" if variant == "production" else None)
+    out = envoy_config.write(s, tmp_path / "envoy.yaml")
     binary = envoy_binary()
     assert binary is not None
     proc = await asyncio.create_subprocess_exec(

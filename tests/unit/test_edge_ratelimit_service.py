@@ -15,7 +15,7 @@ from grpc_status import rpc_status
 
 from copilot.v1 import tenant_pb2
 from servers.edge.config import TenantLimits
-from servers.edge.limiter import HOUR, MINUTE, SECOND, Decision, InProcessLimiter, Limiter, LimiterError, Limits
+from servers.edge.limiter import HOUR, SECOND, Decision, InProcessLimiter, Limiter, LimiterError, Limits
 from servers.edge.service import RateLimitServicer
 
 Response = rls_pb2.RateLimitResponse
@@ -125,14 +125,16 @@ async def test_hour_limits_and_hits_addend(start_rls: Start) -> None:
     assert over.statuses[0].duration_until_reset.seconds > 60
 
 
-async def test_unknown_tenants_get_the_free_plan_and_suspended_ones_nothing(start_rls: Start) -> None:
+async def test_unknown_tenants_get_the_free_plan_and_suspended_ones_are_refused(start_rls: Start) -> None:
     rls = await start_rls()
     codes = [(await rls.ShouldRateLimit(request("newco"))).overall_code for _ in range(6)]
     assert codes == [Response.OK] * 5 + [Response.OVER_LIMIT]  # free: 5 per second
     suspended = await rls.ShouldRateLimit(request("umbrella"))
     assert suspended.overall_code == Response.OVER_LIMIT
-    assert suspended.statuses[0].current_limit.unit == MINUTE
-    assert suspended.statuses[0].current_limit.requests_per_unit == 0
+    # Marked for Envoy's local-reply mapper: PERMISSION_DENIED, not a rate limit.
+    headers = {h.key: h.value for h in suspended.response_headers_to_add}
+    assert headers["x-copilot-denied"] == "suspended"
+    assert "retry-after" not in headers
 
 
 async def test_requests_without_a_tenant_or_for_another_domain_pass(start_rls: Start) -> None:

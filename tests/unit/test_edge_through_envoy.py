@@ -85,6 +85,7 @@ class Edge:
     address: str
     key: rsa.RSAPrivateKey
     channel: grpc.aio.Channel
+    jwks_path: Path
 
     def token(self, tenant_id: str | None = "acme", roles: object = ("member",), **claims: object) -> str:
         now = int(time.time())
@@ -128,14 +129,18 @@ async def edge(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Edge]:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     jwk = json.loads(RSAAlgorithm.to_jwk(key.public_key()))
     jwk.update({"kid": "test", "alg": "RS256", "use": "sig"})
-    (tmp / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
+    # Served by the edge companion's HTTP side, which Envoy's jwt_authn fetches it from.
+    (tmp / "keys").mkdir()
+    (tmp / "keys" / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
 
     settings = Settings.from_env()
-    ports = {name: unused_port() for name in ("edge", "admin", "retrieval", "generation", "metering", "edge_services")}
+    ports = {name: unused_port() for name in ("edge", "admin", "retrieval", "generation", "metering", "edge_services",
+                                              "edge_http")}
     settings = dataclasses.replace(
         settings, host="127.0.0.1", data_dir=tmp, edge_port=ports["edge"], envoy_admin_port=ports["admin"],
         retrieval_port=ports["retrieval"], generation_port=ports["generation"], metering_port=ports["metering"],
-        edge_services_port=ports["edge_services"], jwt_issuer=ISSUER, jwt_audience=AUDIENCE,
+        edge_services_port=ports["edge_services"], edge_http_port=ports["edge_http"], jwt_issuer=ISSUER,
+        jwt_audience=AUDIENCE,
         ratelimit_fail_open=True, tenant_cache_ttl_s=1.0, redis_url=None)
 
     backend = grpc.aio.server()
@@ -150,13 +155,15 @@ async def edge(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Edge]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "gen" / "python")]),
            "COPILOT_HOST": "127.0.0.1", "COPILOT_DATA_DIR": str(tmp),
            "COPILOT_METERING_PORT": str(ports["metering"]), "COPILOT_EDGE_SERVICES_PORT": str(ports["edge_services"]),
+           "COPILOT_EDGE_HTTP_PORT": str(ports["edge_http"]), "COPILOT_JWT_ISSUER": ISSUER,
+           "COPILOT_JWT_AUDIENCE": AUDIENCE,
            "COPILOT_RETRIEVAL_PORT": str(ports["retrieval"]), "COPILOT_GENERATION_PORT": str(ports["generation"]),
            "COPILOT_TENANT_CACHE_TTL_S": "1", "COPILOT_RATELIMIT_FAIL_OPEN": "1", "COPILOT_LOG_LEVEL": "WARNING"}
     env.pop("REDIS_URL", None)
     companion_log = (tmp / "edge.log").open("wb")
     companion = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "servers.edge", cwd=str(ROOT), env=env, stdout=companion_log, stderr=companion_log)
-    config = envoy_config.write(settings, tmp / "jwks.json", tmp / "envoy.yaml")
+    config = envoy_config.write(settings, tmp / "envoy.yaml")
     envoy_log = (tmp / "envoy.log").open("wb")
     binary = envoy_binary()
     assert binary is not None
@@ -168,7 +175,7 @@ async def edge(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Edge]:
     try:
         await _wait_serving(settings.address("edge_services"), "")
         await _wait_serving(address, "copilot.v1.TenantService")
-        yield Edge(address=address, key=key, channel=channel)
+        yield Edge(address=address, key=key, channel=channel, jwks_path=tmp / "keys" / "jwks.json")
     finally:
         await channel.close()
         for proc in (envoy, companion):
@@ -192,10 +199,10 @@ async def test_a_valid_token_sets_the_identity_the_backend_sees(edge: Edge) -> N
 
 async def test_spoofed_identity_headers_never_reach_the_backend(edge: Edge) -> None:
     spoof = (("x-tenant-id", "globex"), ("x-user-id", "mallory"), ("x-roles", "operator"))
-    # A token without a tenant claim cannot smuggle one in.
-    seen = await edge.seen_by_backend(edge.token(None, roles=None), spoof)
-    assert "x-tenant-id" not in seen and "x-roles" not in seen
-    assert seen["x-user-id"] == "alice"
+    # A token without a tenant claim cannot smuggle one in: it is refused at the edge.
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await edge.seen_by_backend(edge.token(None, roles=("member",)), spoof)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     # A token with one: the token wins.
     seen = await edge.seen_by_backend(edge.token("acme"), spoof)
     assert seen["x-tenant-id"] == "acme"
@@ -265,7 +272,7 @@ async def test_grpc_web_over_http1_gets_the_token_identity_not_the_spoofed_one(e
     message = tenant_pb2.GetTenantRequest().SerializeToString()
     status, headers, body = await _http1(edge, "POST", "/copilot.v1.TenantService/GetTenant", {
         "content-type": "application/grpc-web+proto", "x-grpc-web": "1", "origin": "http://console.test",
-        "authorization": f"Bearer {edge.token(None, roles=None)}", "x-tenant-id": "globex", "x-roles": "operator",
+        "authorization": f"Bearer {edge.token('acme')}", "x-tenant-id": "globex", "x-roles": "operator",
     }, b"\x00" + struct.pack(">I", len(message)) + message)
     assert status == 200
     assert headers["access-control-allow-origin"] == "http://console.test"
@@ -279,7 +286,7 @@ async def test_grpc_web_over_http1_gets_the_token_identity_not_the_spoofed_one(e
     trailers = b"".join(payload for flag, payload in frames if flag & 0x80).decode()
     assert "grpc-status:0" in trailers.replace(" ", "")
     seen = json.loads(tenant_pb2.GetTenantResponse.FromString(data[0]).tenant.display_name)
-    assert "x-tenant-id" not in seen and "x-roles" not in seen
+    assert seen["x-tenant-id"] == "acme" and json.loads(base64.b64decode(seen["x-roles"])) == ["member"]
 
 
 async def test_cors_preflight_is_answered_without_a_token(edge: Edge) -> None:
@@ -317,10 +324,16 @@ async def test_over_the_limit_is_resource_exhausted_with_retry_info_and_others_u
         assert (await edge.seen_by_backend(edge.token("globex")))["x-tenant-id"] == "globex"
 
 
-async def test_a_suspended_tenant_is_limited_to_nothing(edge: Edge) -> None:
+async def test_a_suspended_tenant_is_refused_as_permission_denied(edge: Edge) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await edge.seen_by_backend(edge.token("frozen"))
-    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "suspended" in (err.value.details() or "")
+    status = rpc_status.from_call(err.value)  # type: ignore[arg-type]
+    assert status is not None
+    info = error_details_pb2.ErrorInfo()
+    assert any(d.Unpack(info) for d in status.details if d.Is(info.DESCRIPTOR))
+    assert info.reason == "TENANT_SUSPENDED"
 
 
 # -- routing, health, reflection, limits on size
@@ -335,12 +348,13 @@ async def test_unknown_services_are_unimplemented(edge: Edge) -> None:
 
 
 async def test_oversized_requests_are_resource_exhausted(edge: Edge) -> None:
+    operator = edge.token(roles=("operator",))
     big = tenant_pb2.CreateTenantRequest(tenant_id="big", display_name="x" * (envoy_config.MAX_REQUEST_BYTES + 1))
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await edge.tenants.CreateTenant(big, metadata=[("authorization", f"Bearer {edge.token()}")], timeout=10)
+        await edge.tenants.CreateTenant(big, metadata=[("authorization", f"Bearer {operator}")], timeout=10)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     ok = await edge.tenants.CreateTenant(tenant_pb2.CreateTenantRequest(tenant_id="small"),
-                                         metadata=[("authorization", f"Bearer {edge.token()}")], timeout=5)
+                                         metadata=[("authorization", f"Bearer {operator}")], timeout=5)
     assert ok.tenant.tenant_id == "small"
 
 
@@ -401,3 +415,49 @@ async def test_client_sent_envoy_control_headers_are_not_trusted(edge: Edge) -> 
     assert seen["x-tenant-id"] == "globex"
     for header in ("x-envoy-upstream-rq-timeout-ms", "x-envoy-max-retries", "x-envoy-retry-grpc-on"):
         assert header not in seen
+
+
+# -- key rotation (last: it changes the JWKS the other tests verify against)
+
+
+async def test_a_rotated_jwks_is_picked_up_without_a_restart(edge: Edge) -> None:
+    new_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwks_path = edge.jwks_path
+    old_jwks = json.loads(jwks_path.read_text())
+    new_jwk = json.loads(RSAAlgorithm.to_jwk(new_key.public_key()))
+    new_jwk.update({"kid": "rotated", "alg": "RS256", "use": "sig"})
+    now = int(time.time())
+    claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": "alice", "tenant_id": "acme", "roles": ["member"],
+              "iat": now, "nbf": now, "exp": now + 600}
+    new_token = jwt.encode(claims, new_key, algorithm="RS256", headers={"kid": "rotated"})
+    old_token = edge.token("acme")
+    with pytest.raises(grpc.aio.AioRpcError):
+        await edge.seen_by_backend(new_token)
+    # Rotation: the new key is added, the old one kept until its tokens expire.
+    tmp = jwks_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"keys": [new_jwk, *old_jwks["keys"]]}))
+    tmp.replace(jwks_path)
+    deadline = time.monotonic() + 3 * envoy_config.DEV_JWKS_CACHE_S
+    while True:
+        try:
+            assert (await edge.seen_by_backend(new_token))["x-tenant-id"] == "acme"
+            break
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert time.monotonic() < deadline, "the new key was not picked up"
+            await asyncio.sleep(0.25)
+    assert (await edge.seen_by_backend(old_token))["x-tenant-id"] == "acme"
+    # Retiring the old key: its tokens stop working, again without a restart.
+    tmp.write_text(json.dumps({"keys": [new_jwk]}))
+    tmp.replace(jwks_path)
+    deadline = time.monotonic() + 3 * envoy_config.DEV_JWKS_CACHE_S
+    while True:
+        try:
+            await edge.seen_by_backend(edge.token("acme"))
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAUTHENTICATED
+            break
+        assert time.monotonic() < deadline, "the retired key still verifies"
+        await asyncio.sleep(0.25)
+    tmp.write_text(json.dumps(old_jwks))
+    tmp.replace(jwks_path)
