@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV := .venv/bin
 export PATH := $(CURDIR)/.venv/bin:$(CURDIR)/node_modules/.bin:$(PATH)
 
-.PHONY: setup run test unit integration lint gen check-gen buf-lint buf-breaking bench-edge clean
+.PHONY: setup run test unit integration lint gen check-gen buf-lint buf-breaking bench-edge bench-fairness bench-retrieval bench-answer clean
 
 setup:
 	@scripts/setup.sh
@@ -35,6 +35,7 @@ buf-breaking: setup
 lint: setup buf-lint buf-breaking
 	$(VENV)/ruff check .
 	$(VENV)/mypy
+	tsc -p web
 
 unit: setup
 	$(VENV)/pytest -q tests/unit
@@ -48,6 +49,18 @@ test: setup check-gen lint
 ## Same cheap RPC direct and through Envoy (JWT + rate limit), RPS and p50/p99.
 bench-edge: setup
 	$(VENV)/python -m bench.edge
+
+## One tenant at 20x its limit, nine at half theirs: per-tenant RPS, errors, p99; edge added latency.
+bench-fairness: setup
+	$(VENV)/python -m bench.fairness
+
+## BM25 / dense / hybrid quality, ingestion vs model throughput, search latency via Envoy.
+bench-retrieval: setup
+	$(VENV)/python -m bench.retrieval
+
+## Answer through the edge (extractive, 1,000 passages) at concurrency 1/8/32: RPS, p50/p99, overhead.
+bench-answer: setup
+	$(VENV)/python -m bench.answer
 
 clean:
 	rm -rf .stamps .copilot test-artifacts

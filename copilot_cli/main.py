@@ -18,9 +18,12 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
-from copilot.v1 import common_pb2, generation_pb2, metering_pb2, retrieval_pb2, tenant_pb2
+from copilot.v1 import common_pb2, generation_pb2, retrieval_pb2
+from copilot_cli import billing as billing_cli
 from copilot_cli import documents
-from copilot_cli.client import Client, CliError, edge_address, operator_token, token_for
+from copilot_cli import eval as eval_command
+from copilot_cli import tenants as tenants_cli
+from copilot_cli.client import Client, CliError, edge_address, token_for
 from servers.common.errors import from_rpc_error
 from servers.common.settings import Settings
 
@@ -49,18 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     tok.add_argument("--roles", default="member", help="comma-separated, e.g. member,admin (default: member)")
     tok.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default: 3600)")
 
-    tenants = sub.add_parser("tenants", help="create, get and list tenants (platform operator)")
-    tsub = tenants.add_subparsers(dest="tenants_command", required=True, metavar="ACTION")
-    create = tsub.add_parser("create", help="create a tenant")
-    create.add_argument("tenant_id")
-    create.add_argument("--plan", choices=sorted(PLANS), default="free")
-    create.add_argument("--name", default="", help="display name")
-    get = tsub.add_parser("get", help="show one tenant")
-    get.add_argument("tenant_id")
-    lst = tsub.add_parser("list", help="list tenants")
-    lst.add_argument("--json", action="store_true", help="one JSON object per tenant")
-    for p in (create, get, lst):
-        p.add_argument("--token", help="use this JWT instead of minting an operator token")
+    tenants_cli.add_parser(sub)
 
     ingest = sub.add_parser("ingest", help="ingest .txt/.md files, folders of them, or a BEIR corpus.jsonl")
     ingest.add_argument("paths", nargs="+", type=Path)
@@ -75,12 +67,12 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("query")
     search.add_argument("--top-k", type=int, default=5)
 
-    usage = sub.add_parser("usage", help="the tenant's usage this month")
-    usage.add_argument("--json", action="store_true", help="one JSON object (requests, tokens, ...)")
+    billing_cli.add_parsers(sub)
 
     sub.add_parser("status", help="health of every service through the edge")
+    eval_command.add_parser(sub)
 
-    for p in (ingest, ask, search, usage):
+    for p in (ingest, ask, search):
         p.add_argument("--tenant", required=True)
         p.add_argument("--user", default="cli-user")
         p.add_argument("--token", help="use this JWT instead of minting one with the dev key")
@@ -124,38 +116,6 @@ def _roles(raw: str) -> list[str]:
 
 def _client(args: argparse.Namespace, settings: Settings, roles: list[str]) -> Client:
     return Client.connect(token_for(settings, args.tenant, args.user, roles, args.token))
-
-
-async def _tenants(args: argparse.Namespace, settings: Settings) -> int:
-    client = Client.connect(operator_token(settings, args.token))
-    try:
-        if args.tenants_command == "create":
-            created = await client.tenants.CreateTenant(tenant_pb2.CreateTenantRequest(
-                tenant_id=args.tenant_id, display_name=args.name or args.tenant_id, plan=PLANS[args.plan]),
-                metadata=client.metadata, timeout=10)
-            print(f"created {created.tenant.tenant_id} on plan {args.plan}")
-        elif args.tenants_command == "get":
-            got = await client.tenants.GetTenant(tenant_pb2.GetTenantRequest(tenant_id=args.tenant_id),
-                                                 metadata=client.metadata, timeout=10)
-            print(json_format.MessageToJson(got.tenant))
-        else:
-            token = ""
-            while True:
-                page = await client.tenants.ListTenants(tenant_pb2.ListTenantsRequest(page_token=token),
-                                                        metadata=client.metadata, timeout=10)
-                for tenant in page.tenants:
-                    if args.json:
-                        print(json_format.MessageToJson(tenant, indent=None))
-                    else:
-                        plan = common_pb2.Plan.Name(tenant.plan).removeprefix("PLAN_").lower()
-                        state = tenant_pb2.TenantState.Name(tenant.state).removeprefix("TENANT_STATE_").lower()
-                        print(f"{tenant.tenant_id:32} {plan:11} {state}")
-                token = page.next_page_token
-                if not token:
-                    break
-    finally:
-        await client.close()
-    return 0
 
 
 async def ingest_paths(client: Client, paths: list[Path], batch: int, progress: bool = True) -> dict[str, int]:
@@ -251,25 +211,6 @@ async def _search(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-async def _usage(args: argparse.Namespace, settings: Settings) -> int:
-    client = _client(args, settings, ["member"])
-    try:
-        usage = await client.metering.GetUsage(metering_pb2.GetUsageRequest(), metadata=client.metadata, timeout=10)
-    finally:
-        await client.close()
-    if args.json:
-        print(json.dumps({
-            "tenant": usage.tenant_id, "requests": usage.requests, "tokens": usage.total_tokens,
-            "input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens, "events": usage.events,
-            "start": usage.start_time.ToJsonString(), "end": usage.end_time.ToJsonString(),
-            "by_model": [json_format.MessageToDict(m) for m in usage.by_model],
-        }))
-    else:
-        print(f"tenant {usage.tenant_id}: {usage.requests} requests, {usage.total_tokens} tokens "
-              f"({usage.input_tokens} in, {usage.output_tokens} out) since {usage.start_time.ToJsonString()}")
-    return 0
-
-
 async def _status(args: argparse.Namespace, settings: Settings) -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -294,7 +235,9 @@ async def _status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]] = {
-    "tenants": _tenants, "ingest": _ingest, "ask": _ask, "search": _search, "usage": _usage, "status": _status,
+    "tenants": tenants_cli.run, "ingest": _ingest, "ask": _ask, "search": _search, "usage": billing_cli.usage,
+    "billing": billing_cli.run, "status": _status,
+    "eval": eval_command.run,
 }
 
 if __name__ == "__main__":

@@ -17,9 +17,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from servers.common.settings import Settings
+from servers.common.settings import METRICS_OFFSETS, Settings
 from servers.edge import envoy_config
-from servers.edge.issuer import JWKS_FILE, DevIssuer
+from servers.edge.issuer import DevIssuer
 
 # Start order: what others depend on first. Envoy goes last, once its upstreams serve.
 SERVERS = ("metering", "retrieval", "generation", "edge")
@@ -41,11 +41,33 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def free_port_block(size: int, host: str = "127.0.0.1") -> int:
+    """A port P such that P..P+size-1 were all free a moment ago."""
+    for _ in range(200):
+        base = free_port(host)
+        if base + size >= 65535:
+            continue
+        socks: list[socket.socket] = []
+        try:
+            for port in range(base, base + size):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind((host, port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise MeshError(f"no block of {size} free ports on {host}")
+
+
 def settings_on_free_ports(base: Settings, data_dir: Path) -> Settings:
     return replace(
         base, data_dir=data_dir, edge_port=free_port(), envoy_admin_port=free_port(),
         retrieval_port=free_port(), generation_port=free_port(), metering_port=free_port(),
-        edge_services_port=free_port(),
+        edge_services_port=free_port(), edge_http_port=free_port(),
+        metrics_port_base=free_port_block(len(METRICS_OFFSETS) + 1),
     )
 
 
@@ -60,6 +82,10 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "COPILOT_GENERATION_PORT": str(settings.generation_port),
         "COPILOT_METERING_PORT": str(settings.metering_port),
         "COPILOT_EDGE_SERVICES_PORT": str(settings.edge_services_port),
+        "COPILOT_EDGE_HTTP_PORT": str(settings.edge_http_port),
+        # No identity provider configured: the dev issuer signs, and the console's dev sign-in is on.
+        **({"COPILOT_JWKS_URL": settings.jwks_url} if settings.jwks_url else {"COPILOT_DEV_TOKENS": "1"}),
+        "COPILOT_METRICS_PORT_BASE": str(settings.metrics_port_base),
         "COPILOT_JWT_ISSUER": settings.jwt_issuer,
         "COPILOT_JWT_AUDIENCE": settings.jwt_audience,
         "COPILOT_RATELIMIT_FAIL_OPEN": "1" if settings.ratelimit_fail_open else "0",
@@ -96,7 +122,7 @@ class Mesh:
         self.log_dir.mkdir(exist_ok=True)
         keys_dir = self.settings.data_dir / "keys"
         issuer = DevIssuer.load_or_create(keys_dir, self.settings.jwt_issuer, self.settings.jwt_audience)
-        envoy_config.write(self.settings, keys_dir / JWKS_FILE, self.settings.data_dir / "envoy.yaml")
+        envoy_config.write(self.settings, self.settings.data_dir / "envoy.yaml")
         return issuer
 
     def check_ports(self) -> None:
@@ -104,7 +130,8 @@ class Mesh:
         for env, port in (("COPILOT_EDGE_PORT", s.edge_port), ("COPILOT_ENVOY_ADMIN_PORT", s.envoy_admin_port),
                           ("COPILOT_RETRIEVAL_PORT", s.retrieval_port), ("COPILOT_GENERATION_PORT", s.generation_port),
                           ("COPILOT_METERING_PORT", s.metering_port),
-                          ("COPILOT_EDGE_SERVICES_PORT", s.edge_services_port)):
+                          ("COPILOT_EDGE_SERVICES_PORT", s.edge_services_port),
+                          ("COPILOT_EDGE_HTTP_PORT", s.edge_http_port)):
             with socket.socket() as sock:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
@@ -185,6 +212,18 @@ class Mesh:
                     proc.wait()
             codes[name] = proc.returncode
         return codes
+
+    def kill(self, name: str) -> None:
+        """Kills one server outright (SIGKILL, no graceful shutdown): tests of crash recovery."""
+        proc = self.processes.pop(name)
+        proc.kill()
+        proc.wait(timeout=15)
+
+    def respawn(self, name: str, timeout_s: float = 30.0) -> None:
+        """Starts a server that `kill` stopped and waits until it serves."""
+        env = {**os.environ, **settings_env(self.settings), **self.extra_env}
+        self._spawn(name, [sys.executable, "-m", f"servers.{name}"], env)
+        self._wait_serving(name, self._address(name), HEALTH_NAMES[name], timeout_s)
 
     def restart(self, name: str, timeout_s: float = 30.0) -> None:
         """Stops one server and starts it again (tests: durability across restarts)."""

@@ -37,6 +37,7 @@ def up(settings: Settings, demo_data: bool = True) -> int:
     edge = mesh.edge_address
     print(f"""
 Compliance Copilot Mesh is up: Envoy on {edge} (admin on {settings.host}:{settings.envoy_admin_port}).
+Browser console: http://{edge}/ (dev sign-in: pick a demo tenant)
 Try:
   copilot ask --tenant globex-bank "Who must approve a high-risk customer?"
   copilot usage --tenant globex-bank --json

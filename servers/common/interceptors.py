@@ -20,6 +20,7 @@ from opentelemetry import baggage, trace
 from opentelemetry import context as otel_context
 
 from servers.common import identity as ident
+from servers.common import metrics
 from servers.common.errors import PASS_THROUGH, CopilotError, Unauthenticated
 
 log = logging.getLogger("copilot.access")
@@ -110,10 +111,12 @@ def _reset(resets: list[Callable[[], None]]) -> None:
 
 def _finish(method: str, caller: ident.Identity | None, started: float, code: grpc.StatusCode,
             enabled: bool) -> None:
+    elapsed = time.perf_counter() - started
+    metrics.observe_rpc(method, code, elapsed)
     if enabled:
         log.info("rpc", extra={
             "rpc": method, "status": code.name, "tenant": caller.tenant_id if caller else None,
-            "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+            "latency_ms": round(elapsed * 1000, 3),
         })
 
 
@@ -205,21 +208,33 @@ def _outgoing(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails
         timeout = max(0.001, min(timeout, remaining) if timeout is not None else remaining)
     return grpc.aio.ClientCallDetails(method=details.method, timeout=timeout, metadata=metadata,
                                       credentials=details.credentials,
-                                      wait_for_ready=details.wait_for_ready)
+                                      # A peer that just restarted is waited for (within the
+                                      # deadline) instead of failing the call while reconnecting.
+                                      wait_for_ready=True if details.wait_for_ready is None else details.wait_for_ready)
 
 
-class IdentityClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor,
-                                grpc.aio.StreamUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor):
-    """Forwards the current identity and the remaining deadline on every outgoing call."""
-
+# grpc.aio files each interceptor under the first call type it implements, so one object
+# implementing all four would only ever see unary-unary calls: one class per call type.
+class _ForwardUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
         return await continuation(_outgoing(client_call_details), request)
 
+
+class _ForwardUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
         return await continuation(_outgoing(client_call_details), request)
 
+
+class _ForwardStreamUnary(grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):  # type: ignore[no-untyped-def]
         return await continuation(_outgoing(client_call_details), request_iterator)
 
+
+class _ForwardStreamStream(grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):  # type: ignore[no-untyped-def]
         return await continuation(_outgoing(client_call_details), request_iterator)
+
+
+def identity_client_interceptors() -> list[Any]:
+    """Forward the current identity and the remaining deadline on every outgoing call."""
+    return [_ForwardUnaryUnary(), _ForwardUnaryStream(), _ForwardStreamUnary(), _ForwardStreamStream()]

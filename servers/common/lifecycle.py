@@ -13,9 +13,9 @@ from typing import Protocol
 
 import grpc
 
-from servers.common import logs, telemetry
+from servers.common import logs, metrics, telemetry
 from servers.common.health import DependencyCheck, Health
-from servers.common.interceptors import IdentityClientInterceptor, IdentityServerInterceptor
+from servers.common.interceptors import IdentityServerInterceptor, identity_client_interceptors
 from servers.common.reflection import add_reflection
 from servers.common.settings import Settings
 
@@ -29,6 +29,8 @@ CHANNEL_OPTIONS: Sequence[tuple[str, int | str]] = (
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.enable_retries", 1),
+    # A restarted peer is found again within seconds (the default backoff grows to 120 s).
+    ("grpc.max_reconnect_backoff_ms", 5_000),
 )
 
 
@@ -67,7 +69,7 @@ class Service:
 
 def connect(address: str) -> grpc.aio.Channel:
     """A channel to another service that forwards identity, deadline and trace context."""
-    interceptors = [*telemetry.client_interceptors(), IdentityClientInterceptor()]
+    interceptors = [*telemetry.client_interceptors(), *identity_client_interceptors()]
     return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors)  # type: ignore[arg-type]
 
 
@@ -95,6 +97,7 @@ async def serve(service: Service, settings: Settings) -> None:
         await hook()
     await server.start()
     await health.start()
+    metrics.serve(settings.host, settings.metrics_port(service.name))
     log.info("serving", extra={"address": address, "services": service.service_names})
 
     stop = asyncio.Event()

@@ -19,6 +19,8 @@ DEFAULT_PORTS = {
     "edge_services": 50054,  # rate limit service, aggregated health and reflection
 }
 
+METRICS_OFFSETS = {"retrieval": 1, "generation": 2, "metering": 3, "edge": 4}
+
 
 def _int(name: str, default: int) -> int:
     raw = os.environ.get(name)
@@ -47,6 +49,8 @@ class Settings:
     generation_port: int
     metering_port: int
     edge_services_port: int
+    # /metrics of service N is on metrics_port_base + N (see METRICS_OFFSETS); 0 disables.
+    metrics_port_base: int
     jwt_issuer: str
     jwt_audience: str
     redis_url: str | None
@@ -56,6 +60,27 @@ class Settings:
     shutdown_grace_s: float
     tenant_cache_ttl_s: float
     access_log: bool
+    # Metering: usage in ClickHouse (CLICKHOUSE_URL) or in-process chDB (unset); "sqlite"
+    # keeps the walking skeleton's store.
+    clickhouse_url: str | None = None
+    usage_backend: str = "clickhouse"
+    usage_flush_interval_s: float = 0.2
+    # JSON price table for usage cost (default: servers/metering/prices.json).
+    price_table: str | None = None
+    # Deleting a tenant keeps its usage rows ("keep") or rewrites them to an anonymous id.
+    usage_on_delete: str = "anonymise"
+    # Stripe metered billing (Billing Meter Events); unset: billing is off. The API base is
+    # for a local fake in tests.
+    stripe_api_key: str | None = None
+    stripe_api_base: str | None = None
+    # Edge companion's HTTP side: the browser console's files, the dev JWKS and (dev only) tokens.
+    edge_http_port: int = 50055
+    # A production identity provider's JWKS; unset: the edge companion serves the dev issuer's.
+    jwks_url: str | None = None
+    # The dev-only token endpoint (POST /dev/token); never set in production.
+    dev_tokens: bool = False
+    # Envoy's public listener address; unset: `host`. A container sets 0.0.0.0.
+    edge_bind: str | None = None
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -68,6 +93,7 @@ class Settings:
             generation_port=_int("COPILOT_GENERATION_PORT", DEFAULT_PORTS["generation"]),
             metering_port=_int("COPILOT_METERING_PORT", DEFAULT_PORTS["metering"]),
             edge_services_port=_int("COPILOT_EDGE_SERVICES_PORT", DEFAULT_PORTS["edge_services"]),
+            metrics_port_base=_int("COPILOT_METRICS_PORT_BASE", 9100),
             jwt_issuer=os.environ.get("COPILOT_JWT_ISSUER", "https://copilot.dev.local"),
             jwt_audience=os.environ.get("COPILOT_JWT_AUDIENCE", "compliance-copilot"),
             redis_url=os.environ.get("REDIS_URL") or None,
@@ -78,6 +104,17 @@ class Settings:
             tenant_cache_ttl_s=float(os.environ.get("COPILOT_TENANT_CACHE_TTL_S", "5")),
             # One JSON line per call (trace id, tenant, RPC, status, latency).
             access_log=_bool("COPILOT_ACCESS_LOG", True),
+            clickhouse_url=os.environ.get("CLICKHOUSE_URL") or None,
+            usage_backend=os.environ.get("COPILOT_USAGE_BACKEND", "clickhouse").lower(),
+            usage_flush_interval_s=float(os.environ.get("COPILOT_USAGE_FLUSH_INTERVAL_S", "0.2")),
+            price_table=os.environ.get("COPILOT_PRICE_TABLE") or None,
+            usage_on_delete=os.environ.get("COPILOT_USAGE_ON_DELETE", "anonymise").lower(),
+            stripe_api_key=os.environ.get("STRIPE_API_KEY") or None,
+            stripe_api_base=os.environ.get("STRIPE_API_BASE") or None,
+            edge_http_port=_int("COPILOT_EDGE_HTTP_PORT", 50055),
+            jwks_url=os.environ.get("COPILOT_JWKS_URL") or None,
+            dev_tokens=_bool("COPILOT_DEV_TOKENS", False),
+            edge_bind=os.environ.get("COPILOT_EDGE_BIND") or None,
         )
 
     def address(self, service: str) -> str:
@@ -86,8 +123,12 @@ class Settings:
             "generation": self.generation_port,
             "metering": self.metering_port,
             "edge_services": self.edge_services_port,
+            "edge_http": self.edge_http_port,
         }[service]
         return f"{self.host}:{port}"
+
+    def metrics_port(self, service: str) -> int:
+        return self.metrics_port_base + METRICS_OFFSETS[service] if self.metrics_port_base else 0
 
     def service_dir(self, service: str) -> Path:
         path = self.data_dir / service

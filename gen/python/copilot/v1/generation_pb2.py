@@ -26,7 +26,7 @@ from copilot.v1 import common_pb2 as copilot_dot_v1_dot_common__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63opilot/v1/generation.proto\x12\ncopilot.v1\x1a\x17\x63opilot/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\"\xd6\x01\n\rAnswerRequest\x12\x10\n\x08question\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\'\n\x04mode\x18\x03 \x01(\x0e\x32\x19.copilot.v1.RetrievalMode\x12\x37\n\x07\x66ilters\x18\x04 \x03(\x0b\x32&.copilot.v1.AnswerRequest.FiltersEntry\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x1a.\n\x0c\x46iltersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe2\x01\n\x13StreamAnswerRequest\x12\x10\n\x08question\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\'\n\x04mode\x18\x03 \x01(\x0e\x32\x19.copilot.v1.RetrievalMode\x12=\n\x07\x66ilters\x18\x04 \x03(\x0b\x32,.copilot.v1.StreamAnswerRequest.FiltersEntry\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x1a.\n\x0c\x46iltersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x99\x02\n\rAnswerDetails\x12\'\n\tcitations\x18\x01 \x03(\x0b\x32\x14.copilot.v1.Citation\x12%\n\x05usage\x18\x02 \x01(\x0b\x32\x16.copilot.v1.TokenUsage\x12*\n\x07latency\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\tmode_used\x18\x04 \x01(\x0e\x32\x19.copilot.v1.RetrievalMode\x12\x10\n\x08\x64\x65graded\x18\x05 \x01(\x08\x12\x17\n\x0f\x64\x65graded_reason\x18\x06 \x01(\t\x12\x10\n\x08provider\x18\x07 \x01(\t\x12\r\n\x05model\x18\x08 \x01(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\"L\n\x0e\x41nswerResponse\x12\x0e\n\x06\x61nswer\x18\x01 \x01(\t\x12*\n\x07\x64\x65tails\x18\x02 \x01(\x0b\x32\x19.copilot.v1.AnswerDetails\"^\n\x14StreamAnswerResponse\x12\x0f\n\x05\x64\x65lta\x18\x01 \x01(\tH\x00\x12,\n\x07\x64\x65tails\x18\x02 \x01(\x0b\x32\x19.copilot.v1.AnswerDetailsH\x00\x42\x07\n\x05\x65vent2\xa9\x01\n\x11GenerationService\x12?\n\x06\x41nswer\x12\x19.copilot.v1.AnswerRequest\x1a\x1a.copilot.v1.AnswerResponse\x12S\n\x0cStreamAnswer\x12\x1f.copilot.v1.StreamAnswerRequest\x1a .copilot.v1.StreamAnswerResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63opilot/v1/generation.proto\x12\ncopilot.v1\x1a\x17\x63opilot/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\"\xd6\x01\n\rAnswerRequest\x12\x10\n\x08question\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\'\n\x04mode\x18\x03 \x01(\x0e\x32\x19.copilot.v1.RetrievalMode\x12\x37\n\x07\x66ilters\x18\x04 \x03(\x0b\x32&.copilot.v1.AnswerRequest.FiltersEntry\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x1a.\n\x0c\x46iltersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe2\x01\n\x13StreamAnswerRequest\x12\x10\n\x08question\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\'\n\x04mode\x18\x03 \x01(\x0e\x32\x19.copilot.v1.RetrievalMode\x12=\n\x07\x66ilters\x18\x04 \x03(\x0b\x32,.copilot.v1.StreamAnswerRequest.FiltersEntry\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x1a.\n\x0c\x46iltersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xda\x03\n\rAnswerDetails\x12\'\n\tcitations\x18\x01 \x03(\x0b\x32\x14.copilot.v1.Citation\x12%\n\x05usage\x18\x02 \x01(\x0b\x32\x16.copilot.v1.TokenUsage\x12*\n\x07latency\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\tmode_used\x18\x04 \x01(\x0e\x32\x19.copilot.v1.RetrievalMode\x12\x10\n\x08\x64\x65graded\x18\x05 \x01(\x08\x12\x17\n\x0f\x64\x65graded_reason\x18\x06 \x01(\t\x12\x10\n\x08provider\x18\x07 \x01(\t\x12\r\n\x05model\x18\x08 \x01(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\x12&\n\tpii_masks\x18\n \x03(\x0b\x32\x13.copilot.v1.PiiMask\x12\x15\n\rsub_questions\x18\x0b \x03(\t\x12\x15\n\rusage_pending\x18\x0c \x01(\x08\x12\x34\n\x11retrieval_latency\x18\r \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x33\n\x10provider_latency\x18\x0e \x01(\x0b\x32\x19.google.protobuf.Duration\",\n\x07PiiMask\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x13\n\x0bplaceholder\x18\x02 \x01(\t\"L\n\x0e\x41nswerResponse\x12\x0e\n\x06\x61nswer\x18\x01 \x01(\t\x12*\n\x07\x64\x65tails\x18\x02 \x01(\x0b\x32\x19.copilot.v1.AnswerDetails\"^\n\x14StreamAnswerResponse\x12\x0f\n\x05\x64\x65lta\x18\x01 \x01(\tH\x00\x12,\n\x07\x64\x65tails\x18\x02 \x01(\x0b\x32\x19.copilot.v1.AnswerDetailsH\x00\x42\x07\n\x05\x65vent2\xa9\x01\n\x11GenerationService\x12?\n\x06\x41nswer\x12\x19.copilot.v1.AnswerRequest\x1a\x1a.copilot.v1.AnswerResponse\x12S\n\x0cStreamAnswer\x12\x1f.copilot.v1.StreamAnswerRequest\x1a .copilot.v1.StreamAnswerResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,11 +46,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STREAMANSWERREQUEST_FILTERSENTRY']._serialized_start=269
   _globals['_STREAMANSWERREQUEST_FILTERSENTRY']._serialized_end=315
   _globals['_ANSWERDETAILS']._serialized_start=547
-  _globals['_ANSWERDETAILS']._serialized_end=828
-  _globals['_ANSWERRESPONSE']._serialized_start=830
-  _globals['_ANSWERRESPONSE']._serialized_end=906
-  _globals['_STREAMANSWERRESPONSE']._serialized_start=908
-  _globals['_STREAMANSWERRESPONSE']._serialized_end=1002
-  _globals['_GENERATIONSERVICE']._serialized_start=1005
-  _globals['_GENERATIONSERVICE']._serialized_end=1174
+  _globals['_ANSWERDETAILS']._serialized_end=1021
+  _globals['_PIIMASK']._serialized_start=1023
+  _globals['_PIIMASK']._serialized_end=1067
+  _globals['_ANSWERRESPONSE']._serialized_start=1069
+  _globals['_ANSWERRESPONSE']._serialized_end=1145
+  _globals['_STREAMANSWERRESPONSE']._serialized_start=1147
+  _globals['_STREAMANSWERRESPONSE']._serialized_end=1241
+  _globals['_GENERATIONSERVICE']._serialized_start=1244
+  _globals['_GENERATIONSERVICE']._serialized_end=1413
 # @@protoc_insertion_point(module_scope)

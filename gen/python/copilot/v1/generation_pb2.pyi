@@ -53,7 +53,7 @@ class StreamAnswerRequest(_message.Message):
     def __init__(self, question: _Optional[str] = ..., top_k: _Optional[int] = ..., mode: _Optional[_Union[_common_pb2.RetrievalMode, str]] = ..., filters: _Optional[_Mapping[str, str]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class AnswerDetails(_message.Message):
-    __slots__ = ("citations", "usage", "latency", "mode_used", "degraded", "degraded_reason", "provider", "model", "request_id")
+    __slots__ = ("citations", "usage", "latency", "mode_used", "degraded", "degraded_reason", "provider", "model", "request_id", "pii_masks", "sub_questions", "usage_pending", "retrieval_latency", "provider_latency")
     CITATIONS_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     LATENCY_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,11 @@ class AnswerDetails(_message.Message):
     PROVIDER_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PII_MASKS_FIELD_NUMBER: _ClassVar[int]
+    SUB_QUESTIONS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_PENDING_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_LATENCY_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_LATENCY_FIELD_NUMBER: _ClassVar[int]
     citations: _containers.RepeatedCompositeFieldContainer[_common_pb2.Citation]
     usage: _common_pb2.TokenUsage
     latency: _duration_pb2.Duration
@@ -72,7 +77,20 @@ class AnswerDetails(_message.Message):
     provider: str
     model: str
     request_id: str
-    def __init__(self, citations: _Optional[_Iterable[_Union[_common_pb2.Citation, _Mapping]]] = ..., usage: _Optional[_Union[_common_pb2.TokenUsage, _Mapping]] = ..., latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., mode_used: _Optional[_Union[_common_pb2.RetrievalMode, str]] = ..., degraded: bool = ..., degraded_reason: _Optional[str] = ..., provider: _Optional[str] = ..., model: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    pii_masks: _containers.RepeatedCompositeFieldContainer[PiiMask]
+    sub_questions: _containers.RepeatedScalarFieldContainer[str]
+    usage_pending: bool
+    retrieval_latency: _duration_pb2.Duration
+    provider_latency: _duration_pb2.Duration
+    def __init__(self, citations: _Optional[_Iterable[_Union[_common_pb2.Citation, _Mapping]]] = ..., usage: _Optional[_Union[_common_pb2.TokenUsage, _Mapping]] = ..., latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., mode_used: _Optional[_Union[_common_pb2.RetrievalMode, str]] = ..., degraded: bool = ..., degraded_reason: _Optional[str] = ..., provider: _Optional[str] = ..., model: _Optional[str] = ..., request_id: _Optional[str] = ..., pii_masks: _Optional[_Iterable[_Union[PiiMask, _Mapping]]] = ..., sub_questions: _Optional[_Iterable[str]] = ..., usage_pending: bool = ..., retrieval_latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., provider_latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class PiiMask(_message.Message):
+    __slots__ = ("kind", "placeholder")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PLACEHOLDER_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    placeholder: str
+    def __init__(self, kind: _Optional[str] = ..., placeholder: _Optional[str] = ...) -> None: ...
 
 class AnswerResponse(_message.Message):
     __slots__ = ("answer", "details")

@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63opilot/v1/metering.proto\x12\ncopilot.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb0\x02\n\nUsageEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.copilot.v1.UsageKind\x12\r\n\x05model\x18\x03 \x01(\t\x12\x10\n\x08requests\x18\x04 \x01(\x03\x12\x14\n\x0cinput_tokens\x18\x05 \x01(\x03\x12\x15\n\routput_tokens\x18\x06 \x01(\x03\x12.\n\noccur_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12:\n\nattributes\x18\x08 \x03(\x0b\x32&.copilot.v1.UsageEvent.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"<\n\x12RecordUsageRequest\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.copilot.v1.UsageEvent\";\n\x13RecordUsageResponse\x12\x10\n\x08recorded\x18\x01 \x01(\x05\x12\x12\n\nduplicates\x18\x02 \x01(\x05\"\x82\x01\n\x0fGetUsageRequest\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttenant_id\x18\x03 \x01(\t\"Z\n\nModelUsage\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08requests\x18\x02 \x01(\x03\x12\x14\n\x0cinput_tokens\x18\x03 \x01(\x03\x12\x15\n\routput_tokens\x18\x04 \x01(\x03\"\x92\x02\n\x10GetUsageResponse\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08requests\x18\x04 \x01(\x03\x12\x14\n\x0cinput_tokens\x18\x05 \x01(\x03\x12\x15\n\routput_tokens\x18\x06 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x07 \x01(\x03\x12\x0e\n\x06\x65vents\x18\x08 \x01(\x03\x12(\n\x08\x62y_model\x18\t \x03(\x0b\x32\x16.copilot.v1.ModelUsage\"-\n\x11\x43heckQuotaRequest\x12\x18\n\x10\x65stimated_tokens\x18\x01 \x01(\x03\"h\n\x0bQuotaStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x03\x12\x0c\n\x04used\x18\x03 \x01(\x03\x12.\n\nreset_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"~\n\x12\x43heckQuotaResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\'\n\x06quotas\x18\x02 \x03(\x0b\x32\x17.copilot.v1.QuotaStatus\x12.\n\x0bretry_after\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration*k\n\tUsageKind\x12\x1a\n\x16USAGE_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10USAGE_KIND_QUERY\x10\x01\x12\x15\n\x11USAGE_KIND_INGEST\x10\x02\x12\x15\n\x11USAGE_KIND_SEARCH\x10\x03\x32\xf5\x01\n\x0fMeteringService\x12N\n\x0bRecordUsage\x12\x1e.copilot.v1.RecordUsageRequest\x1a\x1f.copilot.v1.RecordUsageResponse\x12\x45\n\x08GetUsage\x12\x1b.copilot.v1.GetUsageRequest\x1a\x1c.copilot.v1.GetUsageResponse\x12K\n\nCheckQuota\x12\x1d.copilot.v1.CheckQuotaRequest\x1a\x1e.copilot.v1.CheckQuotaResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63opilot/v1/metering.proto\x12\ncopilot.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb0\x02\n\nUsageEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.copilot.v1.UsageKind\x12\r\n\x05model\x18\x03 \x01(\t\x12\x10\n\x08requests\x18\x04 \x01(\x03\x12\x14\n\x0cinput_tokens\x18\x05 \x01(\x03\x12\x15\n\routput_tokens\x18\x06 \x01(\x03\x12.\n\noccur_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12:\n\nattributes\x18\x08 \x03(\x0b\x32&.copilot.v1.UsageEvent.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"<\n\x12RecordUsageRequest\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.copilot.v1.UsageEvent\";\n\x13RecordUsageResponse\x12\x10\n\x08recorded\x18\x01 \x01(\x05\x12\x12\n\nduplicates\x18\x02 \x01(\x05\"\x82\x01\n\x0fGetUsageRequest\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttenant_id\x18\x03 \x01(\t\"o\n\nModelUsage\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08requests\x18\x02 \x01(\x03\x12\x14\n\x0cinput_tokens\x18\x03 \x01(\x03\x12\x15\n\routput_tokens\x18\x04 \x01(\x03\x12\x13\n\x0b\x63ost_micros\x18\x05 \x01(\x03\"\xb9\x02\n\x10GetUsageResponse\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08requests\x18\x04 \x01(\x03\x12\x14\n\x0cinput_tokens\x18\x05 \x01(\x03\x12\x15\n\routput_tokens\x18\x06 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x07 \x01(\x03\x12\x0e\n\x06\x65vents\x18\x08 \x01(\x03\x12(\n\x08\x62y_model\x18\t \x03(\x0b\x32\x16.copilot.v1.ModelUsage\x12\x13\n\x0b\x63ost_micros\x18\n \x01(\x03\x12\x10\n\x08\x63urrency\x18\x0b \x01(\t\"-\n\x11\x43heckQuotaRequest\x12\x18\n\x10\x65stimated_tokens\x18\x01 \x01(\x03\"h\n\x0bQuotaStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x03\x12\x0c\n\x04used\x18\x03 \x01(\x03\x12.\n\nreset_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"~\n\x12\x43heckQuotaResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\'\n\x06quotas\x18\x02 \x03(\x0b\x32\x17.copilot.v1.QuotaStatus\x12.\n\x0bretry_after\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"t\n\x14ReportBillingRequest\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\">\n\x15ReportBillingResponse\x12\x14\n\x0cmeter_events\x18\x01 \x01(\x05\x12\x0f\n\x07tenants\x18\x02 \x01(\x05\"w\n\x17ReconcileBillingRequest\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"Y\n\x11\x42illingDifference\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\r\n\x05meter\x18\x02 \x01(\t\x12\x12\n\nclickhouse\x18\x03 \x01(\x03\x12\x0e\n\x06stripe\x18\x04 \x01(\x03\"_\n\x18ReconcileBillingResponse\x12\x0f\n\x07tenants\x18\x01 \x01(\x05\x12\x32\n\x0b\x64ifferences\x18\x02 \x03(\x0b\x32\x1d.copilot.v1.BillingDifference*k\n\tUsageKind\x12\x1a\n\x16USAGE_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10USAGE_KIND_QUERY\x10\x01\x12\x15\n\x11USAGE_KIND_INGEST\x10\x02\x12\x15\n\x11USAGE_KIND_SEARCH\x10\x03\x32\xaa\x03\n\x0fMeteringService\x12N\n\x0bRecordUsage\x12\x1e.copilot.v1.RecordUsageRequest\x1a\x1f.copilot.v1.RecordUsageResponse\x12\x45\n\x08GetUsage\x12\x1b.copilot.v1.GetUsageRequest\x1a\x1c.copilot.v1.GetUsageResponse\x12K\n\nCheckQuota\x12\x1d.copilot.v1.CheckQuotaRequest\x1a\x1e.copilot.v1.CheckQuotaResponse\x12T\n\rReportBilling\x12 .copilot.v1.ReportBillingRequest\x1a!.copilot.v1.ReportBillingResponse\x12]\n\x10ReconcileBilling\x12#.copilot.v1.ReconcileBillingRequest\x1a$.copilot.v1.ReconcileBillingResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_USAGEEVENT_ATTRIBUTESENTRY']._loaded_options = None
   _globals['_USAGEEVENT_ATTRIBUTESENTRY']._serialized_options = b'8\001'
-  _globals['_USAGEKIND']._serialized_start=1319
-  _globals['_USAGEKIND']._serialized_end=1426
+  _globals['_USAGEKIND']._serialized_start=1870
+  _globals['_USAGEKIND']._serialized_end=1977
   _globals['_USAGEEVENT']._serialized_start=107
   _globals['_USAGEEVENT']._serialized_end=411
   _globals['_USAGEEVENT_ATTRIBUTESENTRY']._serialized_start=362
@@ -48,15 +48,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETUSAGEREQUEST']._serialized_start=537
   _globals['_GETUSAGEREQUEST']._serialized_end=667
   _globals['_MODELUSAGE']._serialized_start=669
-  _globals['_MODELUSAGE']._serialized_end=759
-  _globals['_GETUSAGERESPONSE']._serialized_start=762
-  _globals['_GETUSAGERESPONSE']._serialized_end=1036
-  _globals['_CHECKQUOTAREQUEST']._serialized_start=1038
-  _globals['_CHECKQUOTAREQUEST']._serialized_end=1083
-  _globals['_QUOTASTATUS']._serialized_start=1085
-  _globals['_QUOTASTATUS']._serialized_end=1189
-  _globals['_CHECKQUOTARESPONSE']._serialized_start=1191
-  _globals['_CHECKQUOTARESPONSE']._serialized_end=1317
-  _globals['_METERINGSERVICE']._serialized_start=1429
-  _globals['_METERINGSERVICE']._serialized_end=1674
+  _globals['_MODELUSAGE']._serialized_end=780
+  _globals['_GETUSAGERESPONSE']._serialized_start=783
+  _globals['_GETUSAGERESPONSE']._serialized_end=1096
+  _globals['_CHECKQUOTAREQUEST']._serialized_start=1098
+  _globals['_CHECKQUOTAREQUEST']._serialized_end=1143
+  _globals['_QUOTASTATUS']._serialized_start=1145
+  _globals['_QUOTASTATUS']._serialized_end=1249
+  _globals['_CHECKQUOTARESPONSE']._serialized_start=1251
+  _globals['_CHECKQUOTARESPONSE']._serialized_end=1377
+  _globals['_REPORTBILLINGREQUEST']._serialized_start=1379
+  _globals['_REPORTBILLINGREQUEST']._serialized_end=1495
+  _globals['_REPORTBILLINGRESPONSE']._serialized_start=1497
+  _globals['_REPORTBILLINGRESPONSE']._serialized_end=1559
+  _globals['_RECONCILEBILLINGREQUEST']._serialized_start=1561
+  _globals['_RECONCILEBILLINGREQUEST']._serialized_end=1680
+  _globals['_BILLINGDIFFERENCE']._serialized_start=1682
+  _globals['_BILLINGDIFFERENCE']._serialized_end=1771
+  _globals['_RECONCILEBILLINGRESPONSE']._serialized_start=1773
+  _globals['_RECONCILEBILLINGRESPONSE']._serialized_end=1868
+  _globals['_METERINGSERVICE']._serialized_start=1980
+  _globals['_METERINGSERVICE']._serialized_end=2406
 # @@protoc_insertion_point(module_scope)

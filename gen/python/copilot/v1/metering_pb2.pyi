@@ -74,19 +74,21 @@ class GetUsageRequest(_message.Message):
     def __init__(self, start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., tenant_id: _Optional[str] = ...) -> None: ...
 
 class ModelUsage(_message.Message):
-    __slots__ = ("model", "requests", "input_tokens", "output_tokens")
+    __slots__ = ("model", "requests", "input_tokens", "output_tokens", "cost_micros")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COST_MICROS_FIELD_NUMBER: _ClassVar[int]
     model: str
     requests: int
     input_tokens: int
     output_tokens: int
-    def __init__(self, model: _Optional[str] = ..., requests: _Optional[int] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ...) -> None: ...
+    cost_micros: int
+    def __init__(self, model: _Optional[str] = ..., requests: _Optional[int] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., cost_micros: _Optional[int] = ...) -> None: ...
 
 class GetUsageResponse(_message.Message):
-    __slots__ = ("tenant_id", "start_time", "end_time", "requests", "input_tokens", "output_tokens", "total_tokens", "events", "by_model")
+    __slots__ = ("tenant_id", "start_time", "end_time", "requests", "input_tokens", "output_tokens", "total_tokens", "events", "by_model", "cost_micros", "currency")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     START_TIME_FIELD_NUMBER: _ClassVar[int]
     END_TIME_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +98,8 @@ class GetUsageResponse(_message.Message):
     TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     BY_MODEL_FIELD_NUMBER: _ClassVar[int]
+    COST_MICROS_FIELD_NUMBER: _ClassVar[int]
+    CURRENCY_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     start_time: _timestamp_pb2.Timestamp
     end_time: _timestamp_pb2.Timestamp
@@ -105,7 +109,9 @@ class GetUsageResponse(_message.Message):
     total_tokens: int
     events: int
     by_model: _containers.RepeatedCompositeFieldContainer[ModelUsage]
-    def __init__(self, tenant_id: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., requests: _Optional[int] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., events: _Optional[int] = ..., by_model: _Optional[_Iterable[_Union[ModelUsage, _Mapping]]] = ...) -> None: ...
+    cost_micros: int
+    currency: str
+    def __init__(self, tenant_id: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., requests: _Optional[int] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., events: _Optional[int] = ..., by_model: _Optional[_Iterable[_Union[ModelUsage, _Mapping]]] = ..., cost_micros: _Optional[int] = ..., currency: _Optional[str] = ...) -> None: ...
 
 class CheckQuotaRequest(_message.Message):
     __slots__ = ("estimated_tokens",)
@@ -134,3 +140,47 @@ class CheckQuotaResponse(_message.Message):
     quotas: _containers.RepeatedCompositeFieldContainer[QuotaStatus]
     retry_after: _duration_pb2.Duration
     def __init__(self, allowed: bool = ..., quotas: _Optional[_Iterable[_Union[QuotaStatus, _Mapping]]] = ..., retry_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class ReportBillingRequest(_message.Message):
+    __slots__ = ("start_time", "end_time")
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    start_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    def __init__(self, start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ReportBillingResponse(_message.Message):
+    __slots__ = ("meter_events", "tenants")
+    METER_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
+    meter_events: int
+    tenants: int
+    def __init__(self, meter_events: _Optional[int] = ..., tenants: _Optional[int] = ...) -> None: ...
+
+class ReconcileBillingRequest(_message.Message):
+    __slots__ = ("start_time", "end_time")
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    start_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    def __init__(self, start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class BillingDifference(_message.Message):
+    __slots__ = ("tenant_id", "meter", "clickhouse", "stripe")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    METER_FIELD_NUMBER: _ClassVar[int]
+    CLICKHOUSE_FIELD_NUMBER: _ClassVar[int]
+    STRIPE_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    meter: str
+    clickhouse: int
+    stripe: int
+    def __init__(self, tenant_id: _Optional[str] = ..., meter: _Optional[str] = ..., clickhouse: _Optional[int] = ..., stripe: _Optional[int] = ...) -> None: ...
+
+class ReconcileBillingResponse(_message.Message):
+    __slots__ = ("tenants", "differences")
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
+    DIFFERENCES_FIELD_NUMBER: _ClassVar[int]
+    tenants: int
+    differences: _containers.RepeatedCompositeFieldContainer[BillingDifference]
+    def __init__(self, tenants: _Optional[int] = ..., differences: _Optional[_Iterable[_Union[BillingDifference, _Mapping]]] = ...) -> None: ...

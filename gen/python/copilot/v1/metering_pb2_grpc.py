@@ -50,6 +50,16 @@ class MeteringServiceStub(object):
                 request_serializer=copilot_dot_v1_dot_metering__pb2.CheckQuotaRequest.SerializeToString,
                 response_deserializer=copilot_dot_v1_dot_metering__pb2.CheckQuotaResponse.FromString,
                 _registered_method=True)
+        self.ReportBilling = channel.unary_unary(
+                '/copilot.v1.MeteringService/ReportBilling',
+                request_serializer=copilot_dot_v1_dot_metering__pb2.ReportBillingRequest.SerializeToString,
+                response_deserializer=copilot_dot_v1_dot_metering__pb2.ReportBillingResponse.FromString,
+                _registered_method=True)
+        self.ReconcileBilling = channel.unary_unary(
+                '/copilot.v1.MeteringService/ReconcileBilling',
+                request_serializer=copilot_dot_v1_dot_metering__pb2.ReconcileBillingRequest.SerializeToString,
+                response_deserializer=copilot_dot_v1_dot_metering__pb2.ReconcileBillingResponse.FromString,
+                _registered_method=True)
 
 
 class MeteringServiceServicer(object):
@@ -78,6 +88,21 @@ class MeteringServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportBilling(self, request, context):
+        """Sends the usage of a period to Stripe as Billing Meter Events, aggregated per tenant
+        and interval, each with an idempotent identifier (operator only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReconcileBilling(self, request, context):
+        """Compares the usage in ClickHouse with what Stripe holds for a period (operator only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MeteringServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +120,16 @@ def add_MeteringServiceServicer_to_server(servicer, server):
                     servicer.CheckQuota,
                     request_deserializer=copilot_dot_v1_dot_metering__pb2.CheckQuotaRequest.FromString,
                     response_serializer=copilot_dot_v1_dot_metering__pb2.CheckQuotaResponse.SerializeToString,
+            ),
+            'ReportBilling': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportBilling,
+                    request_deserializer=copilot_dot_v1_dot_metering__pb2.ReportBillingRequest.FromString,
+                    response_serializer=copilot_dot_v1_dot_metering__pb2.ReportBillingResponse.SerializeToString,
+            ),
+            'ReconcileBilling': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReconcileBilling,
+                    request_deserializer=copilot_dot_v1_dot_metering__pb2.ReconcileBillingRequest.FromString,
+                    response_serializer=copilot_dot_v1_dot_metering__pb2.ReconcileBillingResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -179,6 +214,60 @@ class MeteringService(object):
             '/copilot.v1.MeteringService/CheckQuota',
             copilot_dot_v1_dot_metering__pb2.CheckQuotaRequest.SerializeToString,
             copilot_dot_v1_dot_metering__pb2.CheckQuotaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportBilling(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/copilot.v1.MeteringService/ReportBilling',
+            copilot_dot_v1_dot_metering__pb2.ReportBillingRequest.SerializeToString,
+            copilot_dot_v1_dot_metering__pb2.ReportBillingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReconcileBilling(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/copilot.v1.MeteringService/ReconcileBilling',
+            copilot_dot_v1_dot_metering__pb2.ReconcileBillingRequest.SerializeToString,
+            copilot_dot_v1_dot_metering__pb2.ReconcileBillingResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,6 +41,12 @@ class MeteringServiceStub:
     """Usage totals of the caller's tenant (or, for an operator, any tenant) over a period."""
     CheckQuota: _grpc.UnaryUnaryMultiCallable[_metering_pb2.CheckQuotaRequest, _metering_pb2.CheckQuotaResponse]
     """Whether the caller's tenant may make another request now."""
+    ReportBilling: _grpc.UnaryUnaryMultiCallable[_metering_pb2.ReportBillingRequest, _metering_pb2.ReportBillingResponse]
+    """Sends the usage of a period to Stripe as Billing Meter Events, aggregated per tenant
+    and interval, each with an idempotent identifier (operator only).
+    """
+    ReconcileBilling: _grpc.UnaryUnaryMultiCallable[_metering_pb2.ReconcileBillingRequest, _metering_pb2.ReconcileBillingResponse]
+    """Compares the usage in ClickHouse with what Stripe holds for a period (operator only)."""
 
 @_typing.type_check_only
 class MeteringServiceAsyncStub(MeteringServiceStub):
@@ -55,6 +61,12 @@ class MeteringServiceAsyncStub(MeteringServiceStub):
     """Usage totals of the caller's tenant (or, for an operator, any tenant) over a period."""
     CheckQuota: _aio.UnaryUnaryMultiCallable[_metering_pb2.CheckQuotaRequest, _metering_pb2.CheckQuotaResponse]  # type: ignore[assignment]
     """Whether the caller's tenant may make another request now."""
+    ReportBilling: _aio.UnaryUnaryMultiCallable[_metering_pb2.ReportBillingRequest, _metering_pb2.ReportBillingResponse]  # type: ignore[assignment]
+    """Sends the usage of a period to Stripe as Billing Meter Events, aggregated per tenant
+    and interval, each with an idempotent identifier (operator only).
+    """
+    ReconcileBilling: _aio.UnaryUnaryMultiCallable[_metering_pb2.ReconcileBillingRequest, _metering_pb2.ReconcileBillingResponse]  # type: ignore[assignment]
+    """Compares the usage in ClickHouse with what Stripe holds for a period (operator only)."""
 
 class MeteringServiceServicer(metaclass=_abc_1.ABCMeta):
     """Usage events and quotas of the caller's tenant."""
@@ -84,5 +96,23 @@ class MeteringServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_metering_pb2.CheckQuotaResponse, _abc.Awaitable[_metering_pb2.CheckQuotaResponse]]:
         """Whether the caller's tenant may make another request now."""
+
+    @_abc_1.abstractmethod
+    def ReportBilling(
+        self,
+        request: _metering_pb2.ReportBillingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_metering_pb2.ReportBillingResponse, _abc.Awaitable[_metering_pb2.ReportBillingResponse]]:
+        """Sends the usage of a period to Stripe as Billing Meter Events, aggregated per tenant
+        and interval, each with an idempotent identifier (operator only).
+        """
+
+    @_abc_1.abstractmethod
+    def ReconcileBilling(
+        self,
+        request: _metering_pb2.ReconcileBillingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_metering_pb2.ReconcileBillingResponse, _abc.Awaitable[_metering_pb2.ReconcileBillingResponse]]:
+        """Compares the usage in ClickHouse with what Stripe holds for a period (operator only)."""
 
 def add_MeteringServiceServicer_to_server(servicer: MeteringServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63opilot/v1/retrieval.proto\x12\ncopilot.v1\"\xc9\x01\n\x08\x44ocument\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x34\n\x08metadata\x18\x05 \x03(\x0b\x32\".copilot.v1.Document.MetadataEntry\x12\x14\n\x0c\x63ontent_type\x18\x06 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"u\n\x0e\x44ocumentResult\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\x12(\n\x06status\x18\x02 \x01(\x0e\x32\x18.copilot.v1.IngestStatus\x12\x0e\n\x06\x63hunks\x18\x03 \x01(\x05\x12\x14\n\x0c\x63ontent_hash\x18\x04 \x01(\t\"A\n\x16IngestDocumentsRequest\x12\'\n\tdocuments\x18\x01 \x03(\x0b\x32\x14.copilot.v1.Document\"F\n\x17IngestDocumentsResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.copilot.v1.DocumentResult\"G\n\x1cStreamIngestDocumentsRequest\x12\'\n\tdocuments\x18\x01 \x03(\x0b\x32\x14.copilot.v1.Document\"d\n\x1dStreamIngestDocumentsResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.copilot.v1.DocumentResult\x12\x16\n\x0e\x64ocuments_done\x18\x02 \x01(\x03\"\xda\x01\n\rSearchRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x37\n\x07\x66ilters\x18\x03 \x03(\x0b\x32&.copilot.v1.SearchRequest.FiltersEntry\x12$\n\x04mode\x18\x04 \x01(\x0e\x32\x16.copilot.v1.SearchMode\x12\x12\n\x05\x61lpha\x18\x05 \x01(\x02H\x00\x88\x01\x01\x1a.\n\x0c\x46iltersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06_alpha\"\xe7\x01\n\tSearchHit\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\x12\x10\n\x08\x63hunk_id\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x0f\n\x07section\x18\x04 \x01(\t\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\r\n\x05score\x18\x06 \x01(\x01\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\x35\n\x08metadata\x18\x08 \x03(\x0b\x32#.copilot.v1.SearchHit.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"[\n\x0eSearchResponse\x12#\n\x04hits\x18\x01 \x03(\x0b\x32\x15.copilot.v1.SearchHit\x12$\n\x04mode\x18\x02 \x01(\x0e\x32\x16.copilot.v1.SearchMode\".\n\x16\x44\x65leteDocumentsRequest\x12\x14\n\x0c\x64ocument_ids\x18\x01 \x03(\t\"_\n\x17\x44\x65leteDocumentsResponse\x12\x19\n\x11\x64\x65leted_documents\x18\x01 \x01(\x05\x12\x16\n\x0e\x64\x65leted_chunks\x18\x02 \x01(\x05\x12\x11\n\tnot_found\x18\x03 \x03(\t\"\x18\n\x16ProvisionTenantRequest\"\x19\n\x17ProvisionTenantResponse\"\x14\n\x12\x45raseTenantRequest\"\x15\n\x13\x45raseTenantResponse*\x9a\x01\n\x0cIngestStatus\x12\x1d\n\x19INGEST_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15INGEST_STATUS_CREATED\x10\x01\x12\x1a\n\x16INGEST_STATUS_REPLACED\x10\x02\x12\x1b\n\x17INGEST_STATUS_UNCHANGED\x10\x03\x12\x17\n\x13INGEST_STATUS_EMPTY\x10\x04*n\n\nSearchMode\x12\x1b\n\x17SEARCH_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10SEARCH_MODE_BM25\x10\x01\x12\x15\n\x11SEARCH_MODE_DENSE\x10\x02\x12\x16\n\x12SEARCH_MODE_HYBRID\x10\x03\x32\xa9\x04\n\x10RetrievalService\x12Z\n\x0fIngestDocuments\x12\".copilot.v1.IngestDocumentsRequest\x1a#.copilot.v1.IngestDocumentsResponse\x12p\n\x15StreamIngestDocuments\x12(.copilot.v1.StreamIngestDocumentsRequest\x1a).copilot.v1.StreamIngestDocumentsResponse(\x01\x30\x01\x12?\n\x06Search\x12\x19.copilot.v1.SearchRequest\x1a\x1a.copilot.v1.SearchResponse\x12Z\n\x0f\x44\x65leteDocuments\x12\".copilot.v1.DeleteDocumentsRequest\x1a#.copilot.v1.DeleteDocumentsResponse\x12Z\n\x0fProvisionTenant\x12\".copilot.v1.ProvisionTenantRequest\x1a#.copilot.v1.ProvisionTenantResponse\x12N\n\x0b\x45raseTenant\x12\x1e.copilot.v1.EraseTenantRequest\x1a\x1f.copilot.v1.EraseTenantResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63opilot/v1/retrieval.proto\x12\ncopilot.v1\"\xc9\x01\n\x08\x44ocument\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x34\n\x08metadata\x18\x05 \x03(\x0b\x32\".copilot.v1.Document.MetadataEntry\x12\x14\n\x0c\x63ontent_type\x18\x06 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"u\n\x0e\x44ocumentResult\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\x12(\n\x06status\x18\x02 \x01(\x0e\x32\x18.copilot.v1.IngestStatus\x12\x0e\n\x06\x63hunks\x18\x03 \x01(\x05\x12\x14\n\x0c\x63ontent_hash\x18\x04 \x01(\t\"A\n\x16IngestDocumentsRequest\x12\'\n\tdocuments\x18\x01 \x03(\x0b\x32\x14.copilot.v1.Document\"F\n\x17IngestDocumentsResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.copilot.v1.DocumentResult\"G\n\x1cStreamIngestDocumentsRequest\x12\'\n\tdocuments\x18\x01 \x03(\x0b\x32\x14.copilot.v1.Document\"d\n\x1dStreamIngestDocumentsResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.copilot.v1.DocumentResult\x12\x16\n\x0e\x64ocuments_done\x18\x02 \x01(\x03\"\x84\x02\n\rSearchRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x37\n\x07\x66ilters\x18\x03 \x03(\x0b\x32&.copilot.v1.SearchRequest.FiltersEntry\x12$\n\x04mode\x18\x04 \x01(\x0e\x32\x16.copilot.v1.SearchMode\x12\x12\n\x05\x61lpha\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12(\n\x06\x66usion\x18\x06 \x01(\x0e\x32\x18.copilot.v1.FusionMethod\x1a.\n\x0c\x46iltersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06_alpha\"\xe7\x01\n\tSearchHit\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\x12\x10\n\x08\x63hunk_id\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x0f\n\x07section\x18\x04 \x01(\t\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\r\n\x05score\x18\x06 \x01(\x01\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\x35\n\x08metadata\x18\x08 \x03(\x0b\x32#.copilot.v1.SearchHit.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb3\x01\n\x0eSearchResponse\x12#\n\x04hits\x18\x01 \x03(\x0b\x32\x15.copilot.v1.SearchHit\x12$\n\x04mode\x18\x02 \x01(\x0e\x32\x16.copilot.v1.SearchMode\x12\x12\n\x05\x61lpha\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12(\n\x06\x66usion\x18\x04 \x01(\x0e\x32\x18.copilot.v1.FusionMethod\x12\x0e\n\x06\x63\x61\x63hed\x18\x05 \x01(\x08\x42\x08\n\x06_alpha\".\n\x16\x44\x65leteDocumentsRequest\x12\x14\n\x0c\x64ocument_ids\x18\x01 \x03(\t\"_\n\x17\x44\x65leteDocumentsResponse\x12\x19\n\x11\x64\x65leted_documents\x18\x01 \x01(\x05\x12\x16\n\x0e\x64\x65leted_chunks\x18\x02 \x01(\x05\x12\x11\n\tnot_found\x18\x03 \x03(\t\"\x18\n\x16ProvisionTenantRequest\"\x19\n\x17ProvisionTenantResponse\"\x14\n\x12\x45raseTenantRequest\"\x15\n\x13\x45raseTenantResponse\"\xb5\x01\n\x0eSearchSettings\x12,\n\x0c\x64\x65\x66\x61ult_mode\x18\x01 \x01(\x0e\x32\x16.copilot.v1.SearchMode\x12\x1a\n\rdefault_alpha\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x30\n\x0e\x64\x65\x66\x61ult_fusion\x18\x03 \x01(\x0e\x32\x18.copilot.v1.FusionMethod\x12\x15\n\rdefault_top_k\x18\x04 \x01(\x05\x42\x10\n\x0e_default_alpha\"\x91\x02\n\x16\x43onfigureSearchRequest\x12\x31\n\x0c\x64\x65\x66\x61ult_mode\x18\x01 \x01(\x0e\x32\x16.copilot.v1.SearchModeH\x00\x88\x01\x01\x12\x1a\n\rdefault_alpha\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x35\n\x0e\x64\x65\x66\x61ult_fusion\x18\x03 \x01(\x0e\x32\x18.copilot.v1.FusionMethodH\x02\x88\x01\x01\x12\x1a\n\rdefault_top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\r\n\x05reset\x18\x05 \x01(\x08\x42\x0f\n\r_default_modeB\x10\n\x0e_default_alphaB\x11\n\x0f_default_fusionB\x10\n\x0e_default_top_k\"\x8f\x01\n\x17\x43onfigureSearchResponse\x12,\n\x08settings\x18\x01 \x01(\x0b\x32\x1a.copilot.v1.SearchSettings\x12-\n\teffective\x18\x02 \x01(\x0b\x32\x1a.copilot.v1.SearchSettings\x12\x17\n\x0f\x64\x65nse_available\x18\x03 \x01(\x08*\x9a\x01\n\x0cIngestStatus\x12\x1d\n\x19INGEST_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15INGEST_STATUS_CREATED\x10\x01\x12\x1a\n\x16INGEST_STATUS_REPLACED\x10\x02\x12\x1b\n\x17INGEST_STATUS_UNCHANGED\x10\x03\x12\x17\n\x13INGEST_STATUS_EMPTY\x10\x04*n\n\nSearchMode\x12\x1b\n\x17SEARCH_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10SEARCH_MODE_BM25\x10\x01\x12\x15\n\x11SEARCH_MODE_DENSE\x10\x02\x12\x16\n\x12SEARCH_MODE_HYBRID\x10\x03*r\n\x0c\x46usionMethod\x12\x1d\n\x19\x46USION_METHOD_UNSPECIFIED\x10\x00\x12!\n\x1d\x46USION_METHOD_RECIPROCAL_RANK\x10\x01\x12 \n\x1c\x46USION_METHOD_RELATIVE_SCORE\x10\x02\x32\x85\x05\n\x10RetrievalService\x12Z\n\x0fIngestDocuments\x12\".copilot.v1.IngestDocumentsRequest\x1a#.copilot.v1.IngestDocumentsResponse\x12p\n\x15StreamIngestDocuments\x12(.copilot.v1.StreamIngestDocumentsRequest\x1a).copilot.v1.StreamIngestDocumentsResponse(\x01\x30\x01\x12?\n\x06Search\x12\x19.copilot.v1.SearchRequest\x1a\x1a.copilot.v1.SearchResponse\x12Z\n\x0f\x44\x65leteDocuments\x12\".copilot.v1.DeleteDocumentsRequest\x1a#.copilot.v1.DeleteDocumentsResponse\x12Z\n\x0fProvisionTenant\x12\".copilot.v1.ProvisionTenantRequest\x1a#.copilot.v1.ProvisionTenantResponse\x12N\n\x0b\x45raseTenant\x12\x1e.copilot.v1.EraseTenantRequest\x1a\x1f.copilot.v1.EraseTenantResponse\x12Z\n\x0f\x43onfigureSearch\x12\".copilot.v1.ConfigureSearchRequest\x1a#.copilot.v1.ConfigureSearchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,10 +37,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SEARCHREQUEST_FILTERSENTRY']._serialized_options = b'8\001'
   _globals['_SEARCHHIT_METADATAENTRY']._loaded_options = None
   _globals['_SEARCHHIT_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_INGESTSTATUS']._serialized_start=1471
-  _globals['_INGESTSTATUS']._serialized_end=1625
-  _globals['_SEARCHMODE']._serialized_start=1627
-  _globals['_SEARCHMODE']._serialized_end=1737
+  _globals['_INGESTSTATUS']._serialized_start=2208
+  _globals['_INGESTSTATUS']._serialized_end=2362
+  _globals['_SEARCHMODE']._serialized_start=2364
+  _globals['_SEARCHMODE']._serialized_end=2474
+  _globals['_FUSIONMETHOD']._serialized_start=2476
+  _globals['_FUSIONMETHOD']._serialized_end=2590
   _globals['_DOCUMENT']._serialized_start=43
   _globals['_DOCUMENT']._serialized_end=244
   _globals['_DOCUMENT_METADATAENTRY']._serialized_start=197
@@ -56,27 +58,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STREAMINGESTDOCUMENTSRESPONSE']._serialized_start=577
   _globals['_STREAMINGESTDOCUMENTSRESPONSE']._serialized_end=677
   _globals['_SEARCHREQUEST']._serialized_start=680
-  _globals['_SEARCHREQUEST']._serialized_end=898
-  _globals['_SEARCHREQUEST_FILTERSENTRY']._serialized_start=842
-  _globals['_SEARCHREQUEST_FILTERSENTRY']._serialized_end=888
-  _globals['_SEARCHHIT']._serialized_start=901
-  _globals['_SEARCHHIT']._serialized_end=1132
+  _globals['_SEARCHREQUEST']._serialized_end=940
+  _globals['_SEARCHREQUEST_FILTERSENTRY']._serialized_start=884
+  _globals['_SEARCHREQUEST_FILTERSENTRY']._serialized_end=930
+  _globals['_SEARCHHIT']._serialized_start=943
+  _globals['_SEARCHHIT']._serialized_end=1174
   _globals['_SEARCHHIT_METADATAENTRY']._serialized_start=197
   _globals['_SEARCHHIT_METADATAENTRY']._serialized_end=244
-  _globals['_SEARCHRESPONSE']._serialized_start=1134
-  _globals['_SEARCHRESPONSE']._serialized_end=1225
-  _globals['_DELETEDOCUMENTSREQUEST']._serialized_start=1227
-  _globals['_DELETEDOCUMENTSREQUEST']._serialized_end=1273
-  _globals['_DELETEDOCUMENTSRESPONSE']._serialized_start=1275
-  _globals['_DELETEDOCUMENTSRESPONSE']._serialized_end=1370
-  _globals['_PROVISIONTENANTREQUEST']._serialized_start=1372
-  _globals['_PROVISIONTENANTREQUEST']._serialized_end=1396
-  _globals['_PROVISIONTENANTRESPONSE']._serialized_start=1398
-  _globals['_PROVISIONTENANTRESPONSE']._serialized_end=1423
-  _globals['_ERASETENANTREQUEST']._serialized_start=1425
-  _globals['_ERASETENANTREQUEST']._serialized_end=1445
-  _globals['_ERASETENANTRESPONSE']._serialized_start=1447
-  _globals['_ERASETENANTRESPONSE']._serialized_end=1468
-  _globals['_RETRIEVALSERVICE']._serialized_start=1740
-  _globals['_RETRIEVALSERVICE']._serialized_end=2293
+  _globals['_SEARCHRESPONSE']._serialized_start=1177
+  _globals['_SEARCHRESPONSE']._serialized_end=1356
+  _globals['_DELETEDOCUMENTSREQUEST']._serialized_start=1358
+  _globals['_DELETEDOCUMENTSREQUEST']._serialized_end=1404
+  _globals['_DELETEDOCUMENTSRESPONSE']._serialized_start=1406
+  _globals['_DELETEDOCUMENTSRESPONSE']._serialized_end=1501
+  _globals['_PROVISIONTENANTREQUEST']._serialized_start=1503
+  _globals['_PROVISIONTENANTREQUEST']._serialized_end=1527
+  _globals['_PROVISIONTENANTRESPONSE']._serialized_start=1529
+  _globals['_PROVISIONTENANTRESPONSE']._serialized_end=1554
+  _globals['_ERASETENANTREQUEST']._serialized_start=1556
+  _globals['_ERASETENANTREQUEST']._serialized_end=1576
+  _globals['_ERASETENANTRESPONSE']._serialized_start=1578
+  _globals['_ERASETENANTRESPONSE']._serialized_end=1599
+  _globals['_SEARCHSETTINGS']._serialized_start=1602
+  _globals['_SEARCHSETTINGS']._serialized_end=1783
+  _globals['_CONFIGURESEARCHREQUEST']._serialized_start=1786
+  _globals['_CONFIGURESEARCHREQUEST']._serialized_end=2059
+  _globals['_CONFIGURESEARCHRESPONSE']._serialized_start=2062
+  _globals['_CONFIGURESEARCHRESPONSE']._serialized_end=2205
+  _globals['_RETRIEVALSERVICE']._serialized_start=2593
+  _globals['_RETRIEVALSERVICE']._serialized_end=3238
 # @@protoc_insertion_point(module_scope)

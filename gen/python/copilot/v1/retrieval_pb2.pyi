@@ -21,6 +21,12 @@ class SearchMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SEARCH_MODE_BM25: _ClassVar[SearchMode]
     SEARCH_MODE_DENSE: _ClassVar[SearchMode]
     SEARCH_MODE_HYBRID: _ClassVar[SearchMode]
+
+class FusionMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FUSION_METHOD_UNSPECIFIED: _ClassVar[FusionMethod]
+    FUSION_METHOD_RECIPROCAL_RANK: _ClassVar[FusionMethod]
+    FUSION_METHOD_RELATIVE_SCORE: _ClassVar[FusionMethod]
 INGEST_STATUS_UNSPECIFIED: IngestStatus
 INGEST_STATUS_CREATED: IngestStatus
 INGEST_STATUS_REPLACED: IngestStatus
@@ -30,6 +36,9 @@ SEARCH_MODE_UNSPECIFIED: SearchMode
 SEARCH_MODE_BM25: SearchMode
 SEARCH_MODE_DENSE: SearchMode
 SEARCH_MODE_HYBRID: SearchMode
+FUSION_METHOD_UNSPECIFIED: FusionMethod
+FUSION_METHOD_RECIPROCAL_RANK: FusionMethod
+FUSION_METHOD_RELATIVE_SCORE: FusionMethod
 
 class Document(_message.Message):
     __slots__ = ("document_id", "title", "text", "source", "metadata", "content_type")
@@ -93,7 +102,7 @@ class StreamIngestDocumentsResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[DocumentResult, _Mapping]]] = ..., documents_done: _Optional[int] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("query", "top_k", "filters", "mode", "alpha")
+    __slots__ = ("query", "top_k", "filters", "mode", "alpha", "fusion")
     class FiltersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -106,12 +115,14 @@ class SearchRequest(_message.Message):
     FILTERS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     ALPHA_FIELD_NUMBER: _ClassVar[int]
+    FUSION_FIELD_NUMBER: _ClassVar[int]
     query: str
     top_k: int
     filters: _containers.ScalarMap[str, str]
     mode: SearchMode
     alpha: float
-    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., filters: _Optional[_Mapping[str, str]] = ..., mode: _Optional[_Union[SearchMode, str]] = ..., alpha: _Optional[float] = ...) -> None: ...
+    fusion: FusionMethod
+    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., filters: _Optional[_Mapping[str, str]] = ..., mode: _Optional[_Union[SearchMode, str]] = ..., alpha: _Optional[float] = ..., fusion: _Optional[_Union[FusionMethod, str]] = ...) -> None: ...
 
 class SearchHit(_message.Message):
     __slots__ = ("document_id", "chunk_id", "title", "section", "text", "score", "source", "metadata")
@@ -141,12 +152,18 @@ class SearchHit(_message.Message):
     def __init__(self, document_id: _Optional[str] = ..., chunk_id: _Optional[str] = ..., title: _Optional[str] = ..., section: _Optional[str] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., source: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("hits", "mode")
+    __slots__ = ("hits", "mode", "alpha", "fusion", "cached")
     HITS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    FUSION_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
     hits: _containers.RepeatedCompositeFieldContainer[SearchHit]
     mode: SearchMode
-    def __init__(self, hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ..., mode: _Optional[_Union[SearchMode, str]] = ...) -> None: ...
+    alpha: float
+    fusion: FusionMethod
+    cached: bool
+    def __init__(self, hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ..., mode: _Optional[_Union[SearchMode, str]] = ..., alpha: _Optional[float] = ..., fusion: _Optional[_Union[FusionMethod, str]] = ..., cached: bool = ...) -> None: ...
 
 class DeleteDocumentsRequest(_message.Message):
     __slots__ = ("document_ids",)
@@ -179,3 +196,39 @@ class EraseTenantRequest(_message.Message):
 class EraseTenantResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class SearchSettings(_message.Message):
+    __slots__ = ("default_mode", "default_alpha", "default_fusion", "default_top_k")
+    DEFAULT_MODE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_FUSION_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_TOP_K_FIELD_NUMBER: _ClassVar[int]
+    default_mode: SearchMode
+    default_alpha: float
+    default_fusion: FusionMethod
+    default_top_k: int
+    def __init__(self, default_mode: _Optional[_Union[SearchMode, str]] = ..., default_alpha: _Optional[float] = ..., default_fusion: _Optional[_Union[FusionMethod, str]] = ..., default_top_k: _Optional[int] = ...) -> None: ...
+
+class ConfigureSearchRequest(_message.Message):
+    __slots__ = ("default_mode", "default_alpha", "default_fusion", "default_top_k", "reset")
+    DEFAULT_MODE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_FUSION_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_TOP_K_FIELD_NUMBER: _ClassVar[int]
+    RESET_FIELD_NUMBER: _ClassVar[int]
+    default_mode: SearchMode
+    default_alpha: float
+    default_fusion: FusionMethod
+    default_top_k: int
+    reset: bool
+    def __init__(self, default_mode: _Optional[_Union[SearchMode, str]] = ..., default_alpha: _Optional[float] = ..., default_fusion: _Optional[_Union[FusionMethod, str]] = ..., default_top_k: _Optional[int] = ..., reset: bool = ...) -> None: ...
+
+class ConfigureSearchResponse(_message.Message):
+    __slots__ = ("settings", "effective", "dense_available")
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    EFFECTIVE_FIELD_NUMBER: _ClassVar[int]
+    DENSE_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    settings: SearchSettings
+    effective: SearchSettings
+    dense_available: bool
+    def __init__(self, settings: _Optional[_Union[SearchSettings, _Mapping]] = ..., effective: _Optional[_Union[SearchSettings, _Mapping]] = ..., dense_available: bool = ...) -> None: ...

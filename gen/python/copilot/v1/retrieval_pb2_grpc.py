@@ -66,6 +66,11 @@ class RetrievalServiceStub(object):
                 request_serializer=copilot_dot_v1_dot_retrieval__pb2.EraseTenantRequest.SerializeToString,
                 response_deserializer=copilot_dot_v1_dot_retrieval__pb2.EraseTenantResponse.FromString,
                 _registered_method=True)
+        self.ConfigureSearch = channel.unary_unary(
+                '/copilot.v1.RetrievalService/ConfigureSearch',
+                request_serializer=copilot_dot_v1_dot_retrieval__pb2.ConfigureSearchRequest.SerializeToString,
+                response_deserializer=copilot_dot_v1_dot_retrieval__pb2.ConfigureSearchResponse.FromString,
+                _registered_method=True)
 
 
 class RetrievalServiceServicer(object):
@@ -119,6 +124,15 @@ class RetrievalServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ConfigureSearch(self, request, context):
+        """Reads, and with any field set changes, the caller's tenant search defaults (used
+        when a SearchRequest leaves mode, alpha, fusion or top_k unset). Reading needs any
+        role; changing needs `admin`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RetrievalServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -151,6 +165,11 @@ def add_RetrievalServiceServicer_to_server(servicer, server):
                     servicer.EraseTenant,
                     request_deserializer=copilot_dot_v1_dot_retrieval__pb2.EraseTenantRequest.FromString,
                     response_serializer=copilot_dot_v1_dot_retrieval__pb2.EraseTenantResponse.SerializeToString,
+            ),
+            'ConfigureSearch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfigureSearch,
+                    request_deserializer=copilot_dot_v1_dot_retrieval__pb2.ConfigureSearchRequest.FromString,
+                    response_serializer=copilot_dot_v1_dot_retrieval__pb2.ConfigureSearchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -317,6 +336,33 @@ class RetrievalService(object):
             '/copilot.v1.RetrievalService/EraseTenant',
             copilot_dot_v1_dot_retrieval__pb2.EraseTenantRequest.SerializeToString,
             copilot_dot_v1_dot_retrieval__pb2.EraseTenantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfigureSearch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/copilot.v1.RetrievalService/ConfigureSearch',
+            copilot_dot_v1_dot_retrieval__pb2.ConfigureSearchRequest.SerializeToString,
+            copilot_dot_v1_dot_retrieval__pb2.ConfigureSearchResponse.FromString,
             options,
             channel_credentials,
             insecure,

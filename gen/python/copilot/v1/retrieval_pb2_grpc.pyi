@@ -55,6 +55,11 @@ class RetrievalServiceStub:
     """Erases every document, chunk, vector and cache entry of the caller's tenant
     (idempotent). Called by tenant deletion with the platform `service` role.
     """
+    ConfigureSearch: _grpc.UnaryUnaryMultiCallable[_retrieval_pb2.ConfigureSearchRequest, _retrieval_pb2.ConfigureSearchResponse]
+    """Reads, and with any field set changes, the caller's tenant search defaults (used
+    when a SearchRequest leaves mode, alpha, fusion or top_k unset). Reading needs any
+    role; changing needs `admin`.
+    """
 
 @_typing.type_check_only
 class RetrievalServiceAsyncStub(RetrievalServiceStub):
@@ -82,6 +87,11 @@ class RetrievalServiceAsyncStub(RetrievalServiceStub):
     EraseTenant: _aio.UnaryUnaryMultiCallable[_retrieval_pb2.EraseTenantRequest, _retrieval_pb2.EraseTenantResponse]  # type: ignore[assignment]
     """Erases every document, chunk, vector and cache entry of the caller's tenant
     (idempotent). Called by tenant deletion with the platform `service` role.
+    """
+    ConfigureSearch: _aio.UnaryUnaryMultiCallable[_retrieval_pb2.ConfigureSearchRequest, _retrieval_pb2.ConfigureSearchResponse]  # type: ignore[assignment]
+    """Reads, and with any field set changes, the caller's tenant search defaults (used
+    when a SearchRequest leaves mode, alpha, fusion or top_k unset). Reading needs any
+    role; changing needs `admin`.
     """
 
 class RetrievalServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -143,6 +153,17 @@ class RetrievalServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_retrieval_pb2.EraseTenantResponse, _abc.Awaitable[_retrieval_pb2.EraseTenantResponse]]:
         """Erases every document, chunk, vector and cache entry of the caller's tenant
         (idempotent). Called by tenant deletion with the platform `service` role.
+        """
+
+    @_abc_1.abstractmethod
+    def ConfigureSearch(
+        self,
+        request: _retrieval_pb2.ConfigureSearchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_retrieval_pb2.ConfigureSearchResponse, _abc.Awaitable[_retrieval_pb2.ConfigureSearchResponse]]:
+        """Reads, and with any field set changes, the caller's tenant search defaults (used
+        when a SearchRequest leaves mode, alpha, fusion or top_k unset). Reading needs any
+        role; changing needs `admin`.
         """
 
 def add_RetrievalServiceServicer_to_server(servicer: RetrievalServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -146,3 +146,31 @@ class DeleteTenantRequest(_message.Message):
 class DeleteTenantResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class SuspendTenantRequest(_message.Message):
+    __slots__ = ("tenant_id", "suspended")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    SUSPENDED_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    suspended: bool
+    def __init__(self, tenant_id: _Optional[str] = ..., suspended: bool = ...) -> None: ...
+
+class SuspendTenantResponse(_message.Message):
+    __slots__ = ("tenant",)
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    tenant: Tenant
+    def __init__(self, tenant: _Optional[_Union[Tenant, _Mapping]] = ...) -> None: ...
+
+class WatchTenantsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WatchTenantsResponse(_message.Message):
+    __slots__ = ("tenants", "deleted_tenant_ids", "snapshot_done")
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
+    DELETED_TENANT_IDS_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_DONE_FIELD_NUMBER: _ClassVar[int]
+    tenants: _containers.RepeatedCompositeFieldContainer[Tenant]
+    deleted_tenant_ids: _containers.RepeatedScalarFieldContainer[str]
+    snapshot_done: bool
+    def __init__(self, tenants: _Optional[_Iterable[_Union[Tenant, _Mapping]]] = ..., deleted_tenant_ids: _Optional[_Iterable[str]] = ..., snapshot_done: bool = ...) -> None: ...

@@ -61,6 +61,16 @@ class TenantServiceStub(object):
                 request_serializer=copilot_dot_v1_dot_tenant__pb2.DeleteTenantRequest.SerializeToString,
                 response_deserializer=copilot_dot_v1_dot_tenant__pb2.DeleteTenantResponse.FromString,
                 _registered_method=True)
+        self.SuspendTenant = channel.unary_unary(
+                '/copilot.v1.TenantService/SuspendTenant',
+                request_serializer=copilot_dot_v1_dot_tenant__pb2.SuspendTenantRequest.SerializeToString,
+                response_deserializer=copilot_dot_v1_dot_tenant__pb2.SuspendTenantResponse.FromString,
+                _registered_method=True)
+        self.WatchTenants = channel.unary_stream(
+                '/copilot.v1.TenantService/WatchTenants',
+                request_serializer=copilot_dot_v1_dot_tenant__pb2.WatchTenantsRequest.SerializeToString,
+                response_deserializer=copilot_dot_v1_dot_tenant__pb2.WatchTenantsResponse.FromString,
+                _registered_method=True)
 
 
 class TenantServiceServicer(object):
@@ -98,6 +108,22 @@ class TenantServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SuspendTenant(self, request, context):
+        """Suspends a tenant (its requests are refused) or resumes it; the same as updating
+        `state`, as one call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchTenants(self, request, context):
+        """Every tenant now, then every change as it happens (platform operators and
+        services), so services keep config in memory instead of loading it per request.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TenantServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -125,6 +151,16 @@ def add_TenantServiceServicer_to_server(servicer, server):
                     servicer.DeleteTenant,
                     request_deserializer=copilot_dot_v1_dot_tenant__pb2.DeleteTenantRequest.FromString,
                     response_serializer=copilot_dot_v1_dot_tenant__pb2.DeleteTenantResponse.SerializeToString,
+            ),
+            'SuspendTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.SuspendTenant,
+                    request_deserializer=copilot_dot_v1_dot_tenant__pb2.SuspendTenantRequest.FromString,
+                    response_serializer=copilot_dot_v1_dot_tenant__pb2.SuspendTenantResponse.SerializeToString,
+            ),
+            'WatchTenants': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchTenants,
+                    request_deserializer=copilot_dot_v1_dot_tenant__pb2.WatchTenantsRequest.FromString,
+                    response_serializer=copilot_dot_v1_dot_tenant__pb2.WatchTenantsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +300,60 @@ class TenantService(object):
             '/copilot.v1.TenantService/DeleteTenant',
             copilot_dot_v1_dot_tenant__pb2.DeleteTenantRequest.SerializeToString,
             copilot_dot_v1_dot_tenant__pb2.DeleteTenantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SuspendTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/copilot.v1.TenantService/SuspendTenant',
+            copilot_dot_v1_dot_tenant__pb2.SuspendTenantRequest.SerializeToString,
+            copilot_dot_v1_dot_tenant__pb2.SuspendTenantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchTenants(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/copilot.v1.TenantService/WatchTenants',
+            copilot_dot_v1_dot_tenant__pb2.WatchTenantsRequest.SerializeToString,
+            copilot_dot_v1_dot_tenant__pb2.WatchTenantsResponse.FromString,
             options,
             channel_credentials,
             insecure,

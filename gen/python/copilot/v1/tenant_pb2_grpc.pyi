@@ -40,6 +40,14 @@ class TenantServiceStub:
     UpdateTenant: _grpc.UnaryUnaryMultiCallable[_tenant_pb2.UpdateTenantRequest, _tenant_pb2.UpdateTenantResponse]
     ListTenants: _grpc.UnaryUnaryMultiCallable[_tenant_pb2.ListTenantsRequest, _tenant_pb2.ListTenantsResponse]
     DeleteTenant: _grpc.UnaryUnaryMultiCallable[_tenant_pb2.DeleteTenantRequest, _tenant_pb2.DeleteTenantResponse]
+    SuspendTenant: _grpc.UnaryUnaryMultiCallable[_tenant_pb2.SuspendTenantRequest, _tenant_pb2.SuspendTenantResponse]
+    """Suspends a tenant (its requests are refused) or resumes it; the same as updating
+    `state`, as one call.
+    """
+    WatchTenants: _grpc.UnaryStreamMultiCallable[_tenant_pb2.WatchTenantsRequest, _tenant_pb2.WatchTenantsResponse]
+    """Every tenant now, then every change as it happens (platform operators and
+    services), so services keep config in memory instead of loading it per request.
+    """
 
 @_typing.type_check_only
 class TenantServiceAsyncStub(TenantServiceStub):
@@ -53,6 +61,14 @@ class TenantServiceAsyncStub(TenantServiceStub):
     UpdateTenant: _aio.UnaryUnaryMultiCallable[_tenant_pb2.UpdateTenantRequest, _tenant_pb2.UpdateTenantResponse]  # type: ignore[assignment]
     ListTenants: _aio.UnaryUnaryMultiCallable[_tenant_pb2.ListTenantsRequest, _tenant_pb2.ListTenantsResponse]  # type: ignore[assignment]
     DeleteTenant: _aio.UnaryUnaryMultiCallable[_tenant_pb2.DeleteTenantRequest, _tenant_pb2.DeleteTenantResponse]  # type: ignore[assignment]
+    SuspendTenant: _aio.UnaryUnaryMultiCallable[_tenant_pb2.SuspendTenantRequest, _tenant_pb2.SuspendTenantResponse]  # type: ignore[assignment]
+    """Suspends a tenant (its requests are refused) or resumes it; the same as updating
+    `state`, as one call.
+    """
+    WatchTenants: _aio.UnaryStreamMultiCallable[_tenant_pb2.WatchTenantsRequest, _tenant_pb2.WatchTenantsResponse]  # type: ignore[assignment]
+    """Every tenant now, then every change as it happens (platform operators and
+    services), so services keep config in memory instead of loading it per request.
+    """
 
 class TenantServiceServicer(metaclass=_abc_1.ABCMeta):
     """Tenant onboarding, plans and configuration. Managing tenants requires the
@@ -93,5 +109,25 @@ class TenantServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _tenant_pb2.DeleteTenantRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_tenant_pb2.DeleteTenantResponse, _abc.Awaitable[_tenant_pb2.DeleteTenantResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SuspendTenant(
+        self,
+        request: _tenant_pb2.SuspendTenantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenant_pb2.SuspendTenantResponse, _abc.Awaitable[_tenant_pb2.SuspendTenantResponse]]:
+        """Suspends a tenant (its requests are refused) or resumes it; the same as updating
+        `state`, as one call.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchTenants(
+        self,
+        request: _tenant_pb2.WatchTenantsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_tenant_pb2.WatchTenantsResponse], _abc.AsyncIterator[_tenant_pb2.WatchTenantsResponse]]:
+        """Every tenant now, then every change as it happens (platform operators and
+        services), so services keep config in memory instead of loading it per request.
+        """
 
 def add_TenantServiceServicer_to_server(servicer: TenantServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

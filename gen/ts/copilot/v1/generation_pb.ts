@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file copilot/v1/generation.proto.
  */
 export const file_copilot_v1_generation: GenFile = /*@__PURE__*/
-  fileDesc("Chtjb3BpbG90L3YxL2dlbmVyYXRpb24ucHJvdG8SCmNvcGlsb3QudjEi1gEKDUFuc3dlclJlcXVlc3QSEAoIcXVlc3Rpb24YASABKAkSDQoFdG9wX2sYAiABKAUSJwoEbW9kZRgDIAEoDjIZLmNvcGlsb3QudjEuUmV0cmlldmFsTW9kZRI3CgdmaWx0ZXJzGAQgAygLMiYuY29waWxvdC52MS5BbnN3ZXJSZXF1ZXN0LkZpbHRlcnNFbnRyeRISCgpyZXF1ZXN0X2lkGAUgASgJGi4KDEZpbHRlcnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIuIBChNTdHJlYW1BbnN3ZXJSZXF1ZXN0EhAKCHF1ZXN0aW9uGAEgASgJEg0KBXRvcF9rGAIgASgFEicKBG1vZGUYAyABKA4yGS5jb3BpbG90LnYxLlJldHJpZXZhbE1vZGUSPQoHZmlsdGVycxgEIAMoCzIsLmNvcGlsb3QudjEuU3RyZWFtQW5zd2VyUmVxdWVzdC5GaWx0ZXJzRW50cnkSEgoKcmVxdWVzdF9pZBgFIAEoCRouCgxGaWx0ZXJzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASKZAgoNQW5zd2VyRGV0YWlscxInCgljaXRhdGlvbnMYASADKAsyFC5jb3BpbG90LnYxLkNpdGF0aW9uEiUKBXVzYWdlGAIgASgLMhYuY29waWxvdC52MS5Ub2tlblVzYWdlEioKB2xhdGVuY3kYAyABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SLAoJbW9kZV91c2VkGAQgASgOMhkuY29waWxvdC52MS5SZXRyaWV2YWxNb2RlEhAKCGRlZ3JhZGVkGAUgASgIEhcKD2RlZ3JhZGVkX3JlYXNvbhgGIAEoCRIQCghwcm92aWRlchgHIAEoCRINCgVtb2RlbBgIIAEoCRISCgpyZXF1ZXN0X2lkGAkgASgJIkwKDkFuc3dlclJlc3BvbnNlEg4KBmFuc3dlchgBIAEoCRIqCgdkZXRhaWxzGAIgASgLMhkuY29waWxvdC52MS5BbnN3ZXJEZXRhaWxzIl4KFFN0cmVhbUFuc3dlclJlc3BvbnNlEg8KBWRlbHRhGAEgASgJSAASLAoHZGV0YWlscxgCIAEoCzIZLmNvcGlsb3QudjEuQW5zd2VyRGV0YWlsc0gAQgcKBWV2ZW50MqkBChFHZW5lcmF0aW9uU2VydmljZRI/CgZBbnN3ZXISGS5jb3BpbG90LnYxLkFuc3dlclJlcXVlc3QaGi5jb3BpbG90LnYxLkFuc3dlclJlc3BvbnNlElMKDFN0cmVhbUFuc3dlchIfLmNvcGlsb3QudjEuU3RyZWFtQW5zd2VyUmVxdWVzdBogLmNvcGlsb3QudjEuU3RyZWFtQW5zd2VyUmVzcG9uc2UwAWIGcHJvdG8z", [file_copilot_v1_common, file_google_protobuf_duration]);
+  fileDesc("Chtjb3BpbG90L3YxL2dlbmVyYXRpb24ucHJvdG8SCmNvcGlsb3QudjEi1gEKDUFuc3dlclJlcXVlc3QSEAoIcXVlc3Rpb24YASABKAkSDQoFdG9wX2sYAiABKAUSJwoEbW9kZRgDIAEoDjIZLmNvcGlsb3QudjEuUmV0cmlldmFsTW9kZRI3CgdmaWx0ZXJzGAQgAygLMiYuY29waWxvdC52MS5BbnN3ZXJSZXF1ZXN0LkZpbHRlcnNFbnRyeRISCgpyZXF1ZXN0X2lkGAUgASgJGi4KDEZpbHRlcnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIuIBChNTdHJlYW1BbnN3ZXJSZXF1ZXN0EhAKCHF1ZXN0aW9uGAEgASgJEg0KBXRvcF9rGAIgASgFEicKBG1vZGUYAyABKA4yGS5jb3BpbG90LnYxLlJldHJpZXZhbE1vZGUSPQoHZmlsdGVycxgEIAMoCzIsLmNvcGlsb3QudjEuU3RyZWFtQW5zd2VyUmVxdWVzdC5GaWx0ZXJzRW50cnkSEgoKcmVxdWVzdF9pZBgFIAEoCRouCgxGaWx0ZXJzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASLaAwoNQW5zd2VyRGV0YWlscxInCgljaXRhdGlvbnMYASADKAsyFC5jb3BpbG90LnYxLkNpdGF0aW9uEiUKBXVzYWdlGAIgASgLMhYuY29waWxvdC52MS5Ub2tlblVzYWdlEioKB2xhdGVuY3kYAyABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SLAoJbW9kZV91c2VkGAQgASgOMhkuY29waWxvdC52MS5SZXRyaWV2YWxNb2RlEhAKCGRlZ3JhZGVkGAUgASgIEhcKD2RlZ3JhZGVkX3JlYXNvbhgGIAEoCRIQCghwcm92aWRlchgHIAEoCRINCgVtb2RlbBgIIAEoCRISCgpyZXF1ZXN0X2lkGAkgASgJEiYKCXBpaV9tYXNrcxgKIAMoCzITLmNvcGlsb3QudjEuUGlpTWFzaxIVCg1zdWJfcXVlc3Rpb25zGAsgAygJEhUKDXVzYWdlX3BlbmRpbmcYDCABKAgSNAoRcmV0cmlldmFsX2xhdGVuY3kYDSABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SMwoQcHJvdmlkZXJfbGF0ZW5jeRgOIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiIsCgdQaWlNYXNrEgwKBGtpbmQYASABKAkSEwoLcGxhY2Vob2xkZXIYAiABKAkiTAoOQW5zd2VyUmVzcG9uc2USDgoGYW5zd2VyGAEgASgJEioKB2RldGFpbHMYAiABKAsyGS5jb3BpbG90LnYxLkFuc3dlckRldGFpbHMiXgoUU3RyZWFtQW5zd2VyUmVzcG9uc2USDwoFZGVsdGEYASABKAlIABIsCgdkZXRhaWxzGAIgASgLMhkuY29waWxvdC52MS5BbnN3ZXJEZXRhaWxzSABCBwoFZXZlbnQyqQEKEUdlbmVyYXRpb25TZXJ2aWNlEj8KBkFuc3dlchIZLmNvcGlsb3QudjEuQW5zd2VyUmVxdWVzdBoaLmNvcGlsb3QudjEuQW5zd2VyUmVzcG9uc2USUwoMU3RyZWFtQW5zd2VyEh8uY29waWxvdC52MS5TdHJlYW1BbnN3ZXJSZXF1ZXN0GiAuY29waWxvdC52MS5TdHJlYW1BbnN3ZXJSZXNwb25zZTABYgZwcm90bzM", [file_copilot_v1_common, file_google_protobuf_duration]);
 
 /**
  * @generated from message copilot.v1.AnswerRequest
@@ -150,6 +150,43 @@ export type AnswerDetails = Message<"copilot.v1.AnswerDetails"> & {
    * @generated from field: string request_id = 9;
    */
   requestId: string;
+
+  /**
+   * PII found in the question and masked before it left the service (to retrieval, a
+   * provider, logs or traces). The masked values themselves are never returned.
+   *
+   * @generated from field: repeated copilot.v1.PiiMask pii_masks = 10;
+   */
+  piiMasks: PiiMask[];
+
+  /**
+   * The sub-questions retrieved for (decomposed mode) or the searches the model made
+   * (agentic mode).
+   *
+   * @generated from field: repeated string sub_questions = 11;
+   */
+  subQuestions: string[];
+
+  /**
+   * True when Metering could not be reached: the usage is kept in the service's durable
+   * outbox and delivered later with the same event id.
+   *
+   * @generated from field: bool usage_pending = 12;
+   */
+  usagePending: boolean;
+
+  /**
+   * Time spent in retrieval (all searches) and in the provider (incl. agentic tool rounds'
+   * model calls); `latency` minus these is the pipeline's own overhead.
+   *
+   * @generated from field: google.protobuf.Duration retrieval_latency = 13;
+   */
+  retrievalLatency?: Duration | undefined;
+
+  /**
+   * @generated from field: google.protobuf.Duration provider_latency = 14;
+   */
+  providerLatency?: Duration | undefined;
 };
 
 /**
@@ -158,6 +195,31 @@ export type AnswerDetails = Message<"copilot.v1.AnswerDetails"> & {
  */
 export const AnswerDetailsSchema: GenMessage<AnswerDetails> = /*@__PURE__*/
   messageDesc(file_copilot_v1_generation, 2);
+
+/**
+ * One masked PII value: its kind (EMAIL, PHONE, CARD, IBAN, SSN) and the placeholder
+ * that replaced it in the question, e.g. "[EMAIL_1]".
+ *
+ * @generated from message copilot.v1.PiiMask
+ */
+export type PiiMask = Message<"copilot.v1.PiiMask"> & {
+  /**
+   * @generated from field: string kind = 1;
+   */
+  kind: string;
+
+  /**
+   * @generated from field: string placeholder = 2;
+   */
+  placeholder: string;
+};
+
+/**
+ * Describes the message copilot.v1.PiiMask.
+ * Use `create(PiiMaskSchema)` to create a new message.
+ */
+export const PiiMaskSchema: GenMessage<PiiMask> = /*@__PURE__*/
+  messageDesc(file_copilot_v1_generation, 3);
 
 /**
  * @generated from message copilot.v1.AnswerResponse
@@ -179,7 +241,7 @@ export type AnswerResponse = Message<"copilot.v1.AnswerResponse"> & {
  * Use `create(AnswerResponseSchema)` to create a new message.
  */
 export const AnswerResponseSchema: GenMessage<AnswerResponse> = /*@__PURE__*/
-  messageDesc(file_copilot_v1_generation, 3);
+  messageDesc(file_copilot_v1_generation, 4);
 
 /**
  * @generated from message copilot.v1.StreamAnswerResponse
@@ -212,7 +274,7 @@ export type StreamAnswerResponse = Message<"copilot.v1.StreamAnswerResponse"> & 
  * Use `create(StreamAnswerResponseSchema)` to create a new message.
  */
 export const StreamAnswerResponseSchema: GenMessage<StreamAnswerResponse> = /*@__PURE__*/
-  messageDesc(file_copilot_v1_generation, 4);
+  messageDesc(file_copilot_v1_generation, 5);
 
 /**
  * The retrieval-augmented answer pipeline: quota check, tenant config, retrieval,

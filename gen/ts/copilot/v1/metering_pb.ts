@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file copilot/v1/metering.proto.
  */
 export const file_copilot_v1_metering: GenFile = /*@__PURE__*/
-  fileDesc("Chljb3BpbG90L3YxL21ldGVyaW5nLnByb3RvEgpjb3BpbG90LnYxIrACCgpVc2FnZUV2ZW50EhAKCGV2ZW50X2lkGAEgASgJEiMKBGtpbmQYAiABKA4yFS5jb3BpbG90LnYxLlVzYWdlS2luZBINCgVtb2RlbBgDIAEoCRIQCghyZXF1ZXN0cxgEIAEoAxIUCgxpbnB1dF90b2tlbnMYBSABKAMSFQoNb3V0cHV0X3Rva2VucxgGIAEoAxIuCgpvY2N1cl90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI6CgphdHRyaWJ1dGVzGAggAygLMiYuY29waWxvdC52MS5Vc2FnZUV2ZW50LkF0dHJpYnV0ZXNFbnRyeRoxCg9BdHRyaWJ1dGVzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASI8ChJSZWNvcmRVc2FnZVJlcXVlc3QSJgoGZXZlbnRzGAEgAygLMhYuY29waWxvdC52MS5Vc2FnZUV2ZW50IjsKE1JlY29yZFVzYWdlUmVzcG9uc2USEAoIcmVjb3JkZWQYASABKAUSEgoKZHVwbGljYXRlcxgCIAEoBSKCAQoPR2V0VXNhZ2VSZXF1ZXN0Ei4KCnN0YXJ0X3RpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIRCgl0ZW5hbnRfaWQYAyABKAkiWgoKTW9kZWxVc2FnZRINCgVtb2RlbBgBIAEoCRIQCghyZXF1ZXN0cxgCIAEoAxIUCgxpbnB1dF90b2tlbnMYAyABKAMSFQoNb3V0cHV0X3Rva2VucxgEIAEoAyKSAgoQR2V0VXNhZ2VSZXNwb25zZRIRCgl0ZW5hbnRfaWQYASABKAkSLgoKc3RhcnRfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCHJlcXVlc3RzGAQgASgDEhQKDGlucHV0X3Rva2VucxgFIAEoAxIVCg1vdXRwdXRfdG9rZW5zGAYgASgDEhQKDHRvdGFsX3Rva2VucxgHIAEoAxIOCgZldmVudHMYCCABKAMSKAoIYnlfbW9kZWwYCSADKAsyFi5jb3BpbG90LnYxLk1vZGVsVXNhZ2UiLQoRQ2hlY2tRdW90YVJlcXVlc3QSGAoQZXN0aW1hdGVkX3Rva2VucxgBIAEoAyJoCgtRdW90YVN0YXR1cxIMCgRuYW1lGAEgASgJEg0KBWxpbWl0GAIgASgDEgwKBHVzZWQYAyABKAMSLgoKcmVzZXRfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAifgoSQ2hlY2tRdW90YVJlc3BvbnNlEg8KB2FsbG93ZWQYASABKAgSJwoGcXVvdGFzGAIgAygLMhcuY29waWxvdC52MS5RdW90YVN0YXR1cxIuCgtyZXRyeV9hZnRlchgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiprCglVc2FnZUtpbmQSGgoWVVNBR0VfS0lORF9VTlNQRUNJRklFRBAAEhQKEFVTQUdFX0tJTkRfUVVFUlkQARIVChFVU0FHRV9LSU5EX0lOR0VTVBACEhUKEVVTQUdFX0tJTkRfU0VBUkNIEAMy9QEKD01ldGVyaW5nU2VydmljZRJOCgtSZWNvcmRVc2FnZRIeLmNvcGlsb3QudjEuUmVjb3JkVXNhZ2VSZXF1ZXN0Gh8uY29waWxvdC52MS5SZWNvcmRVc2FnZVJlc3BvbnNlEkUKCEdldFVzYWdlEhsuY29waWxvdC52MS5HZXRVc2FnZVJlcXVlc3QaHC5jb3BpbG90LnYxLkdldFVzYWdlUmVzcG9uc2USSwoKQ2hlY2tRdW90YRIdLmNvcGlsb3QudjEuQ2hlY2tRdW90YVJlcXVlc3QaHi5jb3BpbG90LnYxLkNoZWNrUXVvdGFSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("Chljb3BpbG90L3YxL21ldGVyaW5nLnByb3RvEgpjb3BpbG90LnYxIrACCgpVc2FnZUV2ZW50EhAKCGV2ZW50X2lkGAEgASgJEiMKBGtpbmQYAiABKA4yFS5jb3BpbG90LnYxLlVzYWdlS2luZBINCgVtb2RlbBgDIAEoCRIQCghyZXF1ZXN0cxgEIAEoAxIUCgxpbnB1dF90b2tlbnMYBSABKAMSFQoNb3V0cHV0X3Rva2VucxgGIAEoAxIuCgpvY2N1cl90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI6CgphdHRyaWJ1dGVzGAggAygLMiYuY29waWxvdC52MS5Vc2FnZUV2ZW50LkF0dHJpYnV0ZXNFbnRyeRoxCg9BdHRyaWJ1dGVzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASI8ChJSZWNvcmRVc2FnZVJlcXVlc3QSJgoGZXZlbnRzGAEgAygLMhYuY29waWxvdC52MS5Vc2FnZUV2ZW50IjsKE1JlY29yZFVzYWdlUmVzcG9uc2USEAoIcmVjb3JkZWQYASABKAUSEgoKZHVwbGljYXRlcxgCIAEoBSKCAQoPR2V0VXNhZ2VSZXF1ZXN0Ei4KCnN0YXJ0X3RpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIRCgl0ZW5hbnRfaWQYAyABKAkibwoKTW9kZWxVc2FnZRINCgVtb2RlbBgBIAEoCRIQCghyZXF1ZXN0cxgCIAEoAxIUCgxpbnB1dF90b2tlbnMYAyABKAMSFQoNb3V0cHV0X3Rva2VucxgEIAEoAxITCgtjb3N0X21pY3JvcxgFIAEoAyK5AgoQR2V0VXNhZ2VSZXNwb25zZRIRCgl0ZW5hbnRfaWQYASABKAkSLgoKc3RhcnRfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCHJlcXVlc3RzGAQgASgDEhQKDGlucHV0X3Rva2VucxgFIAEoAxIVCg1vdXRwdXRfdG9rZW5zGAYgASgDEhQKDHRvdGFsX3Rva2VucxgHIAEoAxIOCgZldmVudHMYCCABKAMSKAoIYnlfbW9kZWwYCSADKAsyFi5jb3BpbG90LnYxLk1vZGVsVXNhZ2USEwoLY29zdF9taWNyb3MYCiABKAMSEAoIY3VycmVuY3kYCyABKAkiLQoRQ2hlY2tRdW90YVJlcXVlc3QSGAoQZXN0aW1hdGVkX3Rva2VucxgBIAEoAyJoCgtRdW90YVN0YXR1cxIMCgRuYW1lGAEgASgJEg0KBWxpbWl0GAIgASgDEgwKBHVzZWQYAyABKAMSLgoKcmVzZXRfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAifgoSQ2hlY2tRdW90YVJlc3BvbnNlEg8KB2FsbG93ZWQYASABKAgSJwoGcXVvdGFzGAIgAygLMhcuY29waWxvdC52MS5RdW90YVN0YXR1cxIuCgtyZXRyeV9hZnRlchgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiJ0ChRSZXBvcnRCaWxsaW5nUmVxdWVzdBIuCgpzdGFydF90aW1lGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiPgoVUmVwb3J0QmlsbGluZ1Jlc3BvbnNlEhQKDG1ldGVyX2V2ZW50cxgBIAEoBRIPCgd0ZW5hbnRzGAIgASgFIncKF1JlY29uY2lsZUJpbGxpbmdSZXF1ZXN0Ei4KCnN0YXJ0X3RpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJZChFCaWxsaW5nRGlmZmVyZW5jZRIRCgl0ZW5hbnRfaWQYASABKAkSDQoFbWV0ZXIYAiABKAkSEgoKY2xpY2tob3VzZRgDIAEoAxIOCgZzdHJpcGUYBCABKAMiXwoYUmVjb25jaWxlQmlsbGluZ1Jlc3BvbnNlEg8KB3RlbmFudHMYASABKAUSMgoLZGlmZmVyZW5jZXMYAiADKAsyHS5jb3BpbG90LnYxLkJpbGxpbmdEaWZmZXJlbmNlKmsKCVVzYWdlS2luZBIaChZVU0FHRV9LSU5EX1VOU1BFQ0lGSUVEEAASFAoQVVNBR0VfS0lORF9RVUVSWRABEhUKEVVTQUdFX0tJTkRfSU5HRVNUEAISFQoRVVNBR0VfS0lORF9TRUFSQ0gQAzKqAwoPTWV0ZXJpbmdTZXJ2aWNlEk4KC1JlY29yZFVzYWdlEh4uY29waWxvdC52MS5SZWNvcmRVc2FnZVJlcXVlc3QaHy5jb3BpbG90LnYxLlJlY29yZFVzYWdlUmVzcG9uc2USRQoIR2V0VXNhZ2USGy5jb3BpbG90LnYxLkdldFVzYWdlUmVxdWVzdBocLmNvcGlsb3QudjEuR2V0VXNhZ2VSZXNwb25zZRJLCgpDaGVja1F1b3RhEh0uY29waWxvdC52MS5DaGVja1F1b3RhUmVxdWVzdBoeLmNvcGlsb3QudjEuQ2hlY2tRdW90YVJlc3BvbnNlElQKDVJlcG9ydEJpbGxpbmcSIC5jb3BpbG90LnYxLlJlcG9ydEJpbGxpbmdSZXF1ZXN0GiEuY29waWxvdC52MS5SZXBvcnRCaWxsaW5nUmVzcG9uc2USXQoQUmVjb25jaWxlQmlsbGluZxIjLmNvcGlsb3QudjEuUmVjb25jaWxlQmlsbGluZ1JlcXVlc3QaJC5jb3BpbG90LnYxLlJlY29uY2lsZUJpbGxpbmdSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * @generated from message copilot.v1.UsageEvent
@@ -169,6 +169,13 @@ export type ModelUsage = Message<"copilot.v1.ModelUsage"> & {
    * @generated from field: int64 output_tokens = 4;
    */
   outputTokens: bigint;
+
+  /**
+   * Cost by the price table, in millionths of `GetUsageResponse.currency`.
+   *
+   * @generated from field: int64 cost_micros = 5;
+   */
+  costMicros: bigint;
 };
 
 /**
@@ -226,6 +233,20 @@ export type GetUsageResponse = Message<"copilot.v1.GetUsageResponse"> & {
    * @generated from field: repeated copilot.v1.ModelUsage by_model = 9;
    */
   byModel: ModelUsage[];
+
+  /**
+   * Cost of the period by the price table, in millionths of `currency`.
+   *
+   * @generated from field: int64 cost_micros = 10;
+   */
+  costMicros: bigint;
+
+  /**
+   * ISO 4217, lowercase (e.g. "usd").
+   *
+   * @generated from field: string currency = 11;
+   */
+  currency: string;
 };
 
 /**
@@ -318,6 +339,133 @@ export const CheckQuotaResponseSchema: GenMessage<CheckQuotaResponse> = /*@__PUR
   messageDesc(file_copilot_v1_metering, 8);
 
 /**
+ * @generated from message copilot.v1.ReportBillingRequest
+ */
+export type ReportBillingRequest = Message<"copilot.v1.ReportBillingRequest"> & {
+  /**
+   * The period to report; intervals are whole hours inside it. Defaults: the previous
+   * full hour.
+   *
+   * @generated from field: google.protobuf.Timestamp start_time = 1;
+   */
+  startTime?: Timestamp | undefined;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp end_time = 2;
+   */
+  endTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message copilot.v1.ReportBillingRequest.
+ * Use `create(ReportBillingRequestSchema)` to create a new message.
+ */
+export const ReportBillingRequestSchema: GenMessage<ReportBillingRequest> = /*@__PURE__*/
+  messageDesc(file_copilot_v1_metering, 9);
+
+/**
+ * @generated from message copilot.v1.ReportBillingResponse
+ */
+export type ReportBillingResponse = Message<"copilot.v1.ReportBillingResponse"> & {
+  /**
+   * Meter events accepted by Stripe (a retry of an identifier Stripe has counts too).
+   *
+   * @generated from field: int32 meter_events = 1;
+   */
+  meterEvents: number;
+
+  /**
+   * @generated from field: int32 tenants = 2;
+   */
+  tenants: number;
+};
+
+/**
+ * Describes the message copilot.v1.ReportBillingResponse.
+ * Use `create(ReportBillingResponseSchema)` to create a new message.
+ */
+export const ReportBillingResponseSchema: GenMessage<ReportBillingResponse> = /*@__PURE__*/
+  messageDesc(file_copilot_v1_metering, 10);
+
+/**
+ * @generated from message copilot.v1.ReconcileBillingRequest
+ */
+export type ReconcileBillingRequest = Message<"copilot.v1.ReconcileBillingRequest"> & {
+  /**
+   * @generated from field: google.protobuf.Timestamp start_time = 1;
+   */
+  startTime?: Timestamp | undefined;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp end_time = 2;
+   */
+  endTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message copilot.v1.ReconcileBillingRequest.
+ * Use `create(ReconcileBillingRequestSchema)` to create a new message.
+ */
+export const ReconcileBillingRequestSchema: GenMessage<ReconcileBillingRequest> = /*@__PURE__*/
+  messageDesc(file_copilot_v1_metering, 11);
+
+/**
+ * @generated from message copilot.v1.BillingDifference
+ */
+export type BillingDifference = Message<"copilot.v1.BillingDifference"> & {
+  /**
+   * @generated from field: string tenant_id = 1;
+   */
+  tenantId: string;
+
+  /**
+   * The meter's event name, e.g. "copilot_requests" or "copilot_tokens".
+   *
+   * @generated from field: string meter = 2;
+   */
+  meter: string;
+
+  /**
+   * @generated from field: int64 clickhouse = 3;
+   */
+  clickhouse: bigint;
+
+  /**
+   * @generated from field: int64 stripe = 4;
+   */
+  stripe: bigint;
+};
+
+/**
+ * Describes the message copilot.v1.BillingDifference.
+ * Use `create(BillingDifferenceSchema)` to create a new message.
+ */
+export const BillingDifferenceSchema: GenMessage<BillingDifference> = /*@__PURE__*/
+  messageDesc(file_copilot_v1_metering, 12);
+
+/**
+ * @generated from message copilot.v1.ReconcileBillingResponse
+ */
+export type ReconcileBillingResponse = Message<"copilot.v1.ReconcileBillingResponse"> & {
+  /**
+   * @generated from field: int32 tenants = 1;
+   */
+  tenants: number;
+
+  /**
+   * @generated from field: repeated copilot.v1.BillingDifference differences = 2;
+   */
+  differences: BillingDifference[];
+};
+
+/**
+ * Describes the message copilot.v1.ReconcileBillingResponse.
+ * Use `create(ReconcileBillingResponseSchema)` to create a new message.
+ */
+export const ReconcileBillingResponseSchema: GenMessage<ReconcileBillingResponse> = /*@__PURE__*/
+  messageDesc(file_copilot_v1_metering, 13);
+
+/**
  * @generated from enum copilot.v1.UsageKind
  */
 export enum UsageKind {
@@ -384,6 +532,27 @@ export const MeteringService: GenService<{
     methodKind: "unary";
     input: typeof CheckQuotaRequestSchema;
     output: typeof CheckQuotaResponseSchema;
+  },
+  /**
+   * Sends the usage of a period to Stripe as Billing Meter Events, aggregated per tenant
+   * and interval, each with an idempotent identifier (operator only).
+   *
+   * @generated from rpc copilot.v1.MeteringService.ReportBilling
+   */
+  reportBilling: {
+    methodKind: "unary";
+    input: typeof ReportBillingRequestSchema;
+    output: typeof ReportBillingResponseSchema;
+  },
+  /**
+   * Compares the usage in ClickHouse with what Stripe holds for a period (operator only).
+   *
+   * @generated from rpc copilot.v1.MeteringService.ReconcileBilling
+   */
+  reconcileBilling: {
+    methodKind: "unary";
+    input: typeof ReconcileBillingRequestSchema;
+    output: typeof ReconcileBillingResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_copilot_v1_metering, 0);

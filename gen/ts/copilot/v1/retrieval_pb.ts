@@ -10,7 +10,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file copilot/v1/retrieval.proto.
  */
 export const file_copilot_v1_retrieval: GenFile = /*@__PURE__*/
-  fileDesc("Chpjb3BpbG90L3YxL3JldHJpZXZhbC5wcm90bxIKY29waWxvdC52MSLJAQoIRG9jdW1lbnQSEwoLZG9jdW1lbnRfaWQYASABKAkSDQoFdGl0bGUYAiABKAkSDAoEdGV4dBgDIAEoCRIOCgZzb3VyY2UYBCABKAkSNAoIbWV0YWRhdGEYBSADKAsyIi5jb3BpbG90LnYxLkRvY3VtZW50Lk1ldGFkYXRhRW50cnkSFAoMY29udGVudF90eXBlGAYgASgJGi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJ1Cg5Eb2N1bWVudFJlc3VsdBITCgtkb2N1bWVudF9pZBgBIAEoCRIoCgZzdGF0dXMYAiABKA4yGC5jb3BpbG90LnYxLkluZ2VzdFN0YXR1cxIOCgZjaHVua3MYAyABKAUSFAoMY29udGVudF9oYXNoGAQgASgJIkEKFkluZ2VzdERvY3VtZW50c1JlcXVlc3QSJwoJZG9jdW1lbnRzGAEgAygLMhQuY29waWxvdC52MS5Eb2N1bWVudCJGChdJbmdlc3REb2N1bWVudHNSZXNwb25zZRIrCgdyZXN1bHRzGAEgAygLMhouY29waWxvdC52MS5Eb2N1bWVudFJlc3VsdCJHChxTdHJlYW1Jbmdlc3REb2N1bWVudHNSZXF1ZXN0EicKCWRvY3VtZW50cxgBIAMoCzIULmNvcGlsb3QudjEuRG9jdW1lbnQiZAodU3RyZWFtSW5nZXN0RG9jdW1lbnRzUmVzcG9uc2USKwoHcmVzdWx0cxgBIAMoCzIaLmNvcGlsb3QudjEuRG9jdW1lbnRSZXN1bHQSFgoOZG9jdW1lbnRzX2RvbmUYAiABKAMi2gEKDVNlYXJjaFJlcXVlc3QSDQoFcXVlcnkYASABKAkSDQoFdG9wX2sYAiABKAUSNwoHZmlsdGVycxgDIAMoCzImLmNvcGlsb3QudjEuU2VhcmNoUmVxdWVzdC5GaWx0ZXJzRW50cnkSJAoEbW9kZRgEIAEoDjIWLmNvcGlsb3QudjEuU2VhcmNoTW9kZRISCgVhbHBoYRgFIAEoAkgAiAEBGi4KDEZpbHRlcnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQggKBl9hbHBoYSLnAQoJU2VhcmNoSGl0EhMKC2RvY3VtZW50X2lkGAEgASgJEhAKCGNodW5rX2lkGAIgASgJEg0KBXRpdGxlGAMgASgJEg8KB3NlY3Rpb24YBCABKAkSDAoEdGV4dBgFIAEoCRINCgVzY29yZRgGIAEoARIOCgZzb3VyY2UYByABKAkSNQoIbWV0YWRhdGEYCCADKAsyIy5jb3BpbG90LnYxLlNlYXJjaEhpdC5NZXRhZGF0YUVudHJ5Gi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJbCg5TZWFyY2hSZXNwb25zZRIjCgRoaXRzGAEgAygLMhUuY29waWxvdC52MS5TZWFyY2hIaXQSJAoEbW9kZRgCIAEoDjIWLmNvcGlsb3QudjEuU2VhcmNoTW9kZSIuChZEZWxldGVEb2N1bWVudHNSZXF1ZXN0EhQKDGRvY3VtZW50X2lkcxgBIAMoCSJfChdEZWxldGVEb2N1bWVudHNSZXNwb25zZRIZChFkZWxldGVkX2RvY3VtZW50cxgBIAEoBRIWCg5kZWxldGVkX2NodW5rcxgCIAEoBRIRCglub3RfZm91bmQYAyADKAkiGAoWUHJvdmlzaW9uVGVuYW50UmVxdWVzdCIZChdQcm92aXNpb25UZW5hbnRSZXNwb25zZSIUChJFcmFzZVRlbmFudFJlcXVlc3QiFQoTRXJhc2VUZW5hbnRSZXNwb25zZSqaAQoMSW5nZXN0U3RhdHVzEh0KGUlOR0VTVF9TVEFUVVNfVU5TUEVDSUZJRUQQABIZChVJTkdFU1RfU1RBVFVTX0NSRUFURUQQARIaChZJTkdFU1RfU1RBVFVTX1JFUExBQ0VEEAISGwoXSU5HRVNUX1NUQVRVU19VTkNIQU5HRUQQAxIXChNJTkdFU1RfU1RBVFVTX0VNUFRZEAQqbgoKU2VhcmNoTW9kZRIbChdTRUFSQ0hfTU9ERV9VTlNQRUNJRklFRBAAEhQKEFNFQVJDSF9NT0RFX0JNMjUQARIVChFTRUFSQ0hfTU9ERV9ERU5TRRACEhYKElNFQVJDSF9NT0RFX0hZQlJJRBADMqkEChBSZXRyaWV2YWxTZXJ2aWNlEloKD0luZ2VzdERvY3VtZW50cxIiLmNvcGlsb3QudjEuSW5nZXN0RG9jdW1lbnRzUmVxdWVzdBojLmNvcGlsb3QudjEuSW5nZXN0RG9jdW1lbnRzUmVzcG9uc2UScAoVU3RyZWFtSW5nZXN0RG9jdW1lbnRzEiguY29waWxvdC52MS5TdHJlYW1Jbmdlc3REb2N1bWVudHNSZXF1ZXN0GikuY29waWxvdC52MS5TdHJlYW1Jbmdlc3REb2N1bWVudHNSZXNwb25zZSgBMAESPwoGU2VhcmNoEhkuY29waWxvdC52MS5TZWFyY2hSZXF1ZXN0GhouY29waWxvdC52MS5TZWFyY2hSZXNwb25zZRJaCg9EZWxldGVEb2N1bWVudHMSIi5jb3BpbG90LnYxLkRlbGV0ZURvY3VtZW50c1JlcXVlc3QaIy5jb3BpbG90LnYxLkRlbGV0ZURvY3VtZW50c1Jlc3BvbnNlEloKD1Byb3Zpc2lvblRlbmFudBIiLmNvcGlsb3QudjEuUHJvdmlzaW9uVGVuYW50UmVxdWVzdBojLmNvcGlsb3QudjEuUHJvdmlzaW9uVGVuYW50UmVzcG9uc2USTgoLRXJhc2VUZW5hbnQSHi5jb3BpbG90LnYxLkVyYXNlVGVuYW50UmVxdWVzdBofLmNvcGlsb3QudjEuRXJhc2VUZW5hbnRSZXNwb25zZWIGcHJvdG8z");
+  fileDesc("Chpjb3BpbG90L3YxL3JldHJpZXZhbC5wcm90bxIKY29waWxvdC52MSLJAQoIRG9jdW1lbnQSEwoLZG9jdW1lbnRfaWQYASABKAkSDQoFdGl0bGUYAiABKAkSDAoEdGV4dBgDIAEoCRIOCgZzb3VyY2UYBCABKAkSNAoIbWV0YWRhdGEYBSADKAsyIi5jb3BpbG90LnYxLkRvY3VtZW50Lk1ldGFkYXRhRW50cnkSFAoMY29udGVudF90eXBlGAYgASgJGi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJ1Cg5Eb2N1bWVudFJlc3VsdBITCgtkb2N1bWVudF9pZBgBIAEoCRIoCgZzdGF0dXMYAiABKA4yGC5jb3BpbG90LnYxLkluZ2VzdFN0YXR1cxIOCgZjaHVua3MYAyABKAUSFAoMY29udGVudF9oYXNoGAQgASgJIkEKFkluZ2VzdERvY3VtZW50c1JlcXVlc3QSJwoJZG9jdW1lbnRzGAEgAygLMhQuY29waWxvdC52MS5Eb2N1bWVudCJGChdJbmdlc3REb2N1bWVudHNSZXNwb25zZRIrCgdyZXN1bHRzGAEgAygLMhouY29waWxvdC52MS5Eb2N1bWVudFJlc3VsdCJHChxTdHJlYW1Jbmdlc3REb2N1bWVudHNSZXF1ZXN0EicKCWRvY3VtZW50cxgBIAMoCzIULmNvcGlsb3QudjEuRG9jdW1lbnQiZAodU3RyZWFtSW5nZXN0RG9jdW1lbnRzUmVzcG9uc2USKwoHcmVzdWx0cxgBIAMoCzIaLmNvcGlsb3QudjEuRG9jdW1lbnRSZXN1bHQSFgoOZG9jdW1lbnRzX2RvbmUYAiABKAMihAIKDVNlYXJjaFJlcXVlc3QSDQoFcXVlcnkYASABKAkSDQoFdG9wX2sYAiABKAUSNwoHZmlsdGVycxgDIAMoCzImLmNvcGlsb3QudjEuU2VhcmNoUmVxdWVzdC5GaWx0ZXJzRW50cnkSJAoEbW9kZRgEIAEoDjIWLmNvcGlsb3QudjEuU2VhcmNoTW9kZRISCgVhbHBoYRgFIAEoAkgAiAEBEigKBmZ1c2lvbhgGIAEoDjIYLmNvcGlsb3QudjEuRnVzaW9uTWV0aG9kGi4KDEZpbHRlcnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQggKBl9hbHBoYSLnAQoJU2VhcmNoSGl0EhMKC2RvY3VtZW50X2lkGAEgASgJEhAKCGNodW5rX2lkGAIgASgJEg0KBXRpdGxlGAMgASgJEg8KB3NlY3Rpb24YBCABKAkSDAoEdGV4dBgFIAEoCRINCgVzY29yZRgGIAEoARIOCgZzb3VyY2UYByABKAkSNQoIbWV0YWRhdGEYCCADKAsyIy5jb3BpbG90LnYxLlNlYXJjaEhpdC5NZXRhZGF0YUVudHJ5Gi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASKzAQoOU2VhcmNoUmVzcG9uc2USIwoEaGl0cxgBIAMoCzIVLmNvcGlsb3QudjEuU2VhcmNoSGl0EiQKBG1vZGUYAiABKA4yFi5jb3BpbG90LnYxLlNlYXJjaE1vZGUSEgoFYWxwaGEYAyABKAJIAIgBARIoCgZmdXNpb24YBCABKA4yGC5jb3BpbG90LnYxLkZ1c2lvbk1ldGhvZBIOCgZjYWNoZWQYBSABKAhCCAoGX2FscGhhIi4KFkRlbGV0ZURvY3VtZW50c1JlcXVlc3QSFAoMZG9jdW1lbnRfaWRzGAEgAygJIl8KF0RlbGV0ZURvY3VtZW50c1Jlc3BvbnNlEhkKEWRlbGV0ZWRfZG9jdW1lbnRzGAEgASgFEhYKDmRlbGV0ZWRfY2h1bmtzGAIgASgFEhEKCW5vdF9mb3VuZBgDIAMoCSIYChZQcm92aXNpb25UZW5hbnRSZXF1ZXN0IhkKF1Byb3Zpc2lvblRlbmFudFJlc3BvbnNlIhQKEkVyYXNlVGVuYW50UmVxdWVzdCIVChNFcmFzZVRlbmFudFJlc3BvbnNlIrUBCg5TZWFyY2hTZXR0aW5ncxIsCgxkZWZhdWx0X21vZGUYASABKA4yFi5jb3BpbG90LnYxLlNlYXJjaE1vZGUSGgoNZGVmYXVsdF9hbHBoYRgCIAEoAkgAiAEBEjAKDmRlZmF1bHRfZnVzaW9uGAMgASgOMhguY29waWxvdC52MS5GdXNpb25NZXRob2QSFQoNZGVmYXVsdF90b3BfaxgEIAEoBUIQCg5fZGVmYXVsdF9hbHBoYSKRAgoWQ29uZmlndXJlU2VhcmNoUmVxdWVzdBIxCgxkZWZhdWx0X21vZGUYASABKA4yFi5jb3BpbG90LnYxLlNlYXJjaE1vZGVIAIgBARIaCg1kZWZhdWx0X2FscGhhGAIgASgCSAGIAQESNQoOZGVmYXVsdF9mdXNpb24YAyABKA4yGC5jb3BpbG90LnYxLkZ1c2lvbk1ldGhvZEgCiAEBEhoKDWRlZmF1bHRfdG9wX2sYBCABKAVIA4gBARINCgVyZXNldBgFIAEoCEIPCg1fZGVmYXVsdF9tb2RlQhAKDl9kZWZhdWx0X2FscGhhQhEKD19kZWZhdWx0X2Z1c2lvbkIQCg5fZGVmYXVsdF90b3BfayKPAQoXQ29uZmlndXJlU2VhcmNoUmVzcG9uc2USLAoIc2V0dGluZ3MYASABKAsyGi5jb3BpbG90LnYxLlNlYXJjaFNldHRpbmdzEi0KCWVmZmVjdGl2ZRgCIAEoCzIaLmNvcGlsb3QudjEuU2VhcmNoU2V0dGluZ3MSFwoPZGVuc2VfYXZhaWxhYmxlGAMgASgIKpoBCgxJbmdlc3RTdGF0dXMSHQoZSU5HRVNUX1NUQVRVU19VTlNQRUNJRklFRBAAEhkKFUlOR0VTVF9TVEFUVVNfQ1JFQVRFRBABEhoKFklOR0VTVF9TVEFUVVNfUkVQTEFDRUQQAhIbChdJTkdFU1RfU1RBVFVTX1VOQ0hBTkdFRBADEhcKE0lOR0VTVF9TVEFUVVNfRU1QVFkQBCpuCgpTZWFyY2hNb2RlEhsKF1NFQVJDSF9NT0RFX1VOU1BFQ0lGSUVEEAASFAoQU0VBUkNIX01PREVfQk0yNRABEhUKEVNFQVJDSF9NT0RFX0RFTlNFEAISFgoSU0VBUkNIX01PREVfSFlCUklEEAMqcgoMRnVzaW9uTWV0aG9kEh0KGUZVU0lPTl9NRVRIT0RfVU5TUEVDSUZJRUQQABIhCh1GVVNJT05fTUVUSE9EX1JFQ0lQUk9DQUxfUkFOSxABEiAKHEZVU0lPTl9NRVRIT0RfUkVMQVRJVkVfU0NPUkUQAjKFBQoQUmV0cmlldmFsU2VydmljZRJaCg9Jbmdlc3REb2N1bWVudHMSIi5jb3BpbG90LnYxLkluZ2VzdERvY3VtZW50c1JlcXVlc3QaIy5jb3BpbG90LnYxLkluZ2VzdERvY3VtZW50c1Jlc3BvbnNlEnAKFVN0cmVhbUluZ2VzdERvY3VtZW50cxIoLmNvcGlsb3QudjEuU3RyZWFtSW5nZXN0RG9jdW1lbnRzUmVxdWVzdBopLmNvcGlsb3QudjEuU3RyZWFtSW5nZXN0RG9jdW1lbnRzUmVzcG9uc2UoATABEj8KBlNlYXJjaBIZLmNvcGlsb3QudjEuU2VhcmNoUmVxdWVzdBoaLmNvcGlsb3QudjEuU2VhcmNoUmVzcG9uc2USWgoPRGVsZXRlRG9jdW1lbnRzEiIuY29waWxvdC52MS5EZWxldGVEb2N1bWVudHNSZXF1ZXN0GiMuY29waWxvdC52MS5EZWxldGVEb2N1bWVudHNSZXNwb25zZRJaCg9Qcm92aXNpb25UZW5hbnQSIi5jb3BpbG90LnYxLlByb3Zpc2lvblRlbmFudFJlcXVlc3QaIy5jb3BpbG90LnYxLlByb3Zpc2lvblRlbmFudFJlc3BvbnNlEk4KC0VyYXNlVGVuYW50Eh4uY29waWxvdC52MS5FcmFzZVRlbmFudFJlcXVlc3QaHy5jb3BpbG90LnYxLkVyYXNlVGVuYW50UmVzcG9uc2USWgoPQ29uZmlndXJlU2VhcmNoEiIuY29waWxvdC52MS5Db25maWd1cmVTZWFyY2hSZXF1ZXN0GiMuY29waWxvdC52MS5Db25maWd1cmVTZWFyY2hSZXNwb25zZWIGcHJvdG8z");
 
 /**
  * @generated from message copilot.v1.Document
@@ -209,6 +209,13 @@ export type SearchRequest = Message<"copilot.v1.SearchRequest"> & {
    * @generated from field: optional float alpha = 5;
    */
   alpha?: number | undefined;
+
+  /**
+   * How hybrid search fuses the two lists; unspecified: the tenant's default.
+   *
+   * @generated from field: copilot.v1.FusionMethod fusion = 6;
+   */
+  fusion: FusionMethod;
 };
 
 /**
@@ -285,6 +292,25 @@ export type SearchResponse = Message<"copilot.v1.SearchResponse"> & {
    * @generated from field: copilot.v1.SearchMode mode = 2;
    */
   mode: SearchMode;
+
+  /**
+   * For hybrid search: the dense weight and the fusion method that ran.
+   *
+   * @generated from field: optional float alpha = 3;
+   */
+  alpha?: number | undefined;
+
+  /**
+   * @generated from field: copilot.v1.FusionMethod fusion = 4;
+   */
+  fusion: FusionMethod;
+
+  /**
+   * Whether the result came from the tenant's query-result cache.
+   *
+   * @generated from field: bool cached = 5;
+   */
+  cached: boolean;
 };
 
 /**
@@ -391,6 +417,116 @@ export const EraseTenantResponseSchema: GenMessage<EraseTenantResponse> = /*@__P
   messageDesc(file_copilot_v1_retrieval, 14);
 
 /**
+ * @generated from message copilot.v1.SearchSettings
+ */
+export type SearchSettings = Message<"copilot.v1.SearchSettings"> & {
+  /**
+   * Unspecified: hybrid when the server has an embedder, else BM25.
+   *
+   * @generated from field: copilot.v1.SearchMode default_mode = 1;
+   */
+  defaultMode: SearchMode;
+
+  /**
+   * @generated from field: optional float default_alpha = 2;
+   */
+  defaultAlpha?: number | undefined;
+
+  /**
+   * @generated from field: copilot.v1.FusionMethod default_fusion = 3;
+   */
+  defaultFusion: FusionMethod;
+
+  /**
+   * 0: the server's default.
+   *
+   * @generated from field: int32 default_top_k = 4;
+   */
+  defaultTopK: number;
+};
+
+/**
+ * Describes the message copilot.v1.SearchSettings.
+ * Use `create(SearchSettingsSchema)` to create a new message.
+ */
+export const SearchSettingsSchema: GenMessage<SearchSettings> = /*@__PURE__*/
+  messageDesc(file_copilot_v1_retrieval, 15);
+
+/**
+ * @generated from message copilot.v1.ConfigureSearchRequest
+ */
+export type ConfigureSearchRequest = Message<"copilot.v1.ConfigureSearchRequest"> & {
+  /**
+   * Fields to change; unset fields keep their value. All unset: read only.
+   *
+   * @generated from field: optional copilot.v1.SearchMode default_mode = 1;
+   */
+  defaultMode?: SearchMode | undefined;
+
+  /**
+   * @generated from field: optional float default_alpha = 2;
+   */
+  defaultAlpha?: number | undefined;
+
+  /**
+   * @generated from field: optional copilot.v1.FusionMethod default_fusion = 3;
+   */
+  defaultFusion?: FusionMethod | undefined;
+
+  /**
+   * @generated from field: optional int32 default_top_k = 4;
+   */
+  defaultTopK?: number | undefined;
+
+  /**
+   * Back to the server's defaults (applied before the fields above).
+   *
+   * @generated from field: bool reset = 5;
+   */
+  reset: boolean;
+};
+
+/**
+ * Describes the message copilot.v1.ConfigureSearchRequest.
+ * Use `create(ConfigureSearchRequestSchema)` to create a new message.
+ */
+export const ConfigureSearchRequestSchema: GenMessage<ConfigureSearchRequest> = /*@__PURE__*/
+  messageDesc(file_copilot_v1_retrieval, 16);
+
+/**
+ * @generated from message copilot.v1.ConfigureSearchResponse
+ */
+export type ConfigureSearchResponse = Message<"copilot.v1.ConfigureSearchResponse"> & {
+  /**
+   * The tenant's stored settings.
+   *
+   * @generated from field: copilot.v1.SearchSettings settings = 1;
+   */
+  settings?: SearchSettings | undefined;
+
+  /**
+   * What a request that sets nothing gets, stored settings and server defaults combined.
+   *
+   * @generated from field: copilot.v1.SearchSettings effective = 2;
+   */
+  effective?: SearchSettings | undefined;
+
+  /**
+   * Whether dense and hybrid search can run now (an embedder is configured and loaded).
+   *
+   * @generated from field: bool dense_available = 3;
+   */
+  denseAvailable: boolean;
+};
+
+/**
+ * Describes the message copilot.v1.ConfigureSearchResponse.
+ * Use `create(ConfigureSearchResponseSchema)` to create a new message.
+ */
+export const ConfigureSearchResponseSchema: GenMessage<ConfigureSearchResponse> = /*@__PURE__*/
+  messageDesc(file_copilot_v1_retrieval, 17);
+
+/**
  * @generated from enum copilot.v1.IngestStatus
  */
 export enum IngestStatus {
@@ -466,6 +602,36 @@ export const SearchModeSchema: GenEnum<SearchMode> = /*@__PURE__*/
   enumDesc(file_copilot_v1_retrieval, 1);
 
 /**
+ * @generated from enum copilot.v1.FusionMethod
+ */
+export enum FusionMethod {
+  /**
+   * @generated from enum value: FUSION_METHOD_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Reciprocal-rank fusion: sum of weight / (60 + rank) over the two lists.
+   *
+   * @generated from enum value: FUSION_METHOD_RECIPROCAL_RANK = 1;
+   */
+  RECIPROCAL_RANK = 1,
+
+  /**
+   * Relative-score fusion: min-max normalised scores, weighted sum.
+   *
+   * @generated from enum value: FUSION_METHOD_RELATIVE_SCORE = 2;
+   */
+  RELATIVE_SCORE = 2,
+}
+
+/**
+ * Describes the enum copilot.v1.FusionMethod.
+ */
+export const FusionMethodSchema: GenEnum<FusionMethod> = /*@__PURE__*/
+  enumDesc(file_copilot_v1_retrieval, 2);
+
+/**
  * Tenant-isolated document store and search. The tenant is always the caller's
  * verified tenant; no request field can name another.
  *
@@ -535,6 +701,18 @@ export const RetrievalService: GenService<{
     methodKind: "unary";
     input: typeof EraseTenantRequestSchema;
     output: typeof EraseTenantResponseSchema;
+  },
+  /**
+   * Reads, and with any field set changes, the caller's tenant search defaults (used
+   * when a SearchRequest leaves mode, alpha, fusion or top_k unset). Reading needs any
+   * role; changing needs `admin`.
+   *
+   * @generated from rpc copilot.v1.RetrievalService.ConfigureSearch
+   */
+  configureSearch: {
+    methodKind: "unary";
+    input: typeof ConfigureSearchRequestSchema;
+    output: typeof ConfigureSearchResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_copilot_v1_retrieval, 0);

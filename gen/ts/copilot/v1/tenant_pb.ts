@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file copilot/v1/tenant.proto.
  */
 export const file_copilot_v1_tenant: GenFile = /*@__PURE__*/
-  fileDesc("Chdjb3BpbG90L3YxL3RlbmFudC5wcm90bxIKY29waWxvdC52MSKUAQoMVGVuYW50TGltaXRzEhsKE3JlcXVlc3RzX3Blcl9zZWNvbmQYASABKAUSGwoTcmVxdWVzdHNfcGVyX21pbnV0ZRgCIAEoBRIZChFyZXF1ZXN0c19wZXJfaG91chgDIAEoBRIYChB0b2tlbnNfcGVyX21vbnRoGAQgASgDEhUKDW1heF9kb2N1bWVudHMYBSABKAUi3QEKDFRlbmFudENvbmZpZxIQCghwcm92aWRlchgBIAEoCRINCgVtb2RlbBgCIAEoCRITCgt0ZW1wZXJhdHVyZRgDIAEoAhISCgptYXhfdG9rZW5zGAQgASgFEhUKDXN5c3RlbV9wcm9tcHQYBSABKAkSMQoOcmV0cmlldmFsX21vZGUYBiABKA4yGS5jb3BpbG90LnYxLlJldHJpZXZhbE1vZGUSDQoFdG9wX2sYByABKAUSEwoLcGlpX21hc2tpbmcYCCABKAgSFQoNYWdlbnRpY190b29scxgJIAEoCCLHAgoGVGVuYW50EhEKCXRlbmFudF9pZBgBIAEoCRIUCgxkaXNwbGF5X25hbWUYAiABKAkSHgoEcGxhbhgDIAEoDjIQLmNvcGlsb3QudjEuUGxhbhImCgVzdGF0ZRgEIAEoDjIXLmNvcGlsb3QudjEuVGVuYW50U3RhdGUSKAoGbGltaXRzGAUgASgLMhguY29waWxvdC52MS5UZW5hbnRMaW1pdHMSKAoGY29uZmlnGAYgASgLMhguY29waWxvdC52MS5UZW5hbnRDb25maWcSFgoOY29uZmlnX3ZlcnNpb24YByABKAMSLwoLY3JlYXRlX3RpbWUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJeChNDcmVhdGVUZW5hbnRSZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCRIUCgxkaXNwbGF5X25hbWUYAiABKAkSHgoEcGxhbhgDIAEoDjIQLmNvcGlsb3QudjEuUGxhbiI6ChRDcmVhdGVUZW5hbnRSZXNwb25zZRIiCgZ0ZW5hbnQYASABKAsyEi5jb3BpbG90LnYxLlRlbmFudCIlChBHZXRUZW5hbnRSZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCSI3ChFHZXRUZW5hbnRSZXNwb25zZRIiCgZ0ZW5hbnQYASABKAsyEi5jb3BpbG90LnYxLlRlbmFudCJqChNVcGRhdGVUZW5hbnRSZXF1ZXN0EiIKBnRlbmFudBgBIAEoCzISLmNvcGlsb3QudjEuVGVuYW50Ei8KC3VwZGF0ZV9tYXNrGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLkZpZWxkTWFzayI6ChRVcGRhdGVUZW5hbnRSZXNwb25zZRIiCgZ0ZW5hbnQYASABKAsyEi5jb3BpbG90LnYxLlRlbmFudCI7ChJMaXN0VGVuYW50c1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgFEhIKCnBhZ2VfdG9rZW4YAiABKAkiUwoTTGlzdFRlbmFudHNSZXNwb25zZRIjCgd0ZW5hbnRzGAEgAygLMhIuY29waWxvdC52MS5UZW5hbnQSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIigKE0RlbGV0ZVRlbmFudFJlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJIhYKFERlbGV0ZVRlbmFudFJlc3BvbnNlKmAKC1RlbmFudFN0YXRlEhwKGFRFTkFOVF9TVEFURV9VTlNQRUNJRklFRBAAEhcKE1RFTkFOVF9TVEFURV9BQ1RJVkUQARIaChZURU5BTlRfU1RBVEVfU1VTUEVOREVEEAIyogMKDVRlbmFudFNlcnZpY2USUQoMQ3JlYXRlVGVuYW50Eh8uY29waWxvdC52MS5DcmVhdGVUZW5hbnRSZXF1ZXN0GiAuY29waWxvdC52MS5DcmVhdGVUZW5hbnRSZXNwb25zZRJICglHZXRUZW5hbnQSHC5jb3BpbG90LnYxLkdldFRlbmFudFJlcXVlc3QaHS5jb3BpbG90LnYxLkdldFRlbmFudFJlc3BvbnNlElEKDFVwZGF0ZVRlbmFudBIfLmNvcGlsb3QudjEuVXBkYXRlVGVuYW50UmVxdWVzdBogLmNvcGlsb3QudjEuVXBkYXRlVGVuYW50UmVzcG9uc2USTgoLTGlzdFRlbmFudHMSHi5jb3BpbG90LnYxLkxpc3RUZW5hbnRzUmVxdWVzdBofLmNvcGlsb3QudjEuTGlzdFRlbmFudHNSZXNwb25zZRJRCgxEZWxldGVUZW5hbnQSHy5jb3BpbG90LnYxLkRlbGV0ZVRlbmFudFJlcXVlc3QaIC5jb3BpbG90LnYxLkRlbGV0ZVRlbmFudFJlc3BvbnNlYgZwcm90bzM", [file_copilot_v1_common, file_google_protobuf_field_mask, file_google_protobuf_timestamp]);
+  fileDesc("Chdjb3BpbG90L3YxL3RlbmFudC5wcm90bxIKY29waWxvdC52MSKUAQoMVGVuYW50TGltaXRzEhsKE3JlcXVlc3RzX3Blcl9zZWNvbmQYASABKAUSGwoTcmVxdWVzdHNfcGVyX21pbnV0ZRgCIAEoBRIZChFyZXF1ZXN0c19wZXJfaG91chgDIAEoBRIYChB0b2tlbnNfcGVyX21vbnRoGAQgASgDEhUKDW1heF9kb2N1bWVudHMYBSABKAUi3QEKDFRlbmFudENvbmZpZxIQCghwcm92aWRlchgBIAEoCRINCgVtb2RlbBgCIAEoCRITCgt0ZW1wZXJhdHVyZRgDIAEoAhISCgptYXhfdG9rZW5zGAQgASgFEhUKDXN5c3RlbV9wcm9tcHQYBSABKAkSMQoOcmV0cmlldmFsX21vZGUYBiABKA4yGS5jb3BpbG90LnYxLlJldHJpZXZhbE1vZGUSDQoFdG9wX2sYByABKAUSEwoLcGlpX21hc2tpbmcYCCABKAgSFQoNYWdlbnRpY190b29scxgJIAEoCCLHAgoGVGVuYW50EhEKCXRlbmFudF9pZBgBIAEoCRIUCgxkaXNwbGF5X25hbWUYAiABKAkSHgoEcGxhbhgDIAEoDjIQLmNvcGlsb3QudjEuUGxhbhImCgVzdGF0ZRgEIAEoDjIXLmNvcGlsb3QudjEuVGVuYW50U3RhdGUSKAoGbGltaXRzGAUgASgLMhguY29waWxvdC52MS5UZW5hbnRMaW1pdHMSKAoGY29uZmlnGAYgASgLMhguY29waWxvdC52MS5UZW5hbnRDb25maWcSFgoOY29uZmlnX3ZlcnNpb24YByABKAMSLwoLY3JlYXRlX3RpbWUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJeChNDcmVhdGVUZW5hbnRSZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCRIUCgxkaXNwbGF5X25hbWUYAiABKAkSHgoEcGxhbhgDIAEoDjIQLmNvcGlsb3QudjEuUGxhbiI6ChRDcmVhdGVUZW5hbnRSZXNwb25zZRIiCgZ0ZW5hbnQYASABKAsyEi5jb3BpbG90LnYxLlRlbmFudCIlChBHZXRUZW5hbnRSZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCSI3ChFHZXRUZW5hbnRSZXNwb25zZRIiCgZ0ZW5hbnQYASABKAsyEi5jb3BpbG90LnYxLlRlbmFudCJqChNVcGRhdGVUZW5hbnRSZXF1ZXN0EiIKBnRlbmFudBgBIAEoCzISLmNvcGlsb3QudjEuVGVuYW50Ei8KC3VwZGF0ZV9tYXNrGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLkZpZWxkTWFzayI6ChRVcGRhdGVUZW5hbnRSZXNwb25zZRIiCgZ0ZW5hbnQYASABKAsyEi5jb3BpbG90LnYxLlRlbmFudCI7ChJMaXN0VGVuYW50c1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgFEhIKCnBhZ2VfdG9rZW4YAiABKAkiUwoTTGlzdFRlbmFudHNSZXNwb25zZRIjCgd0ZW5hbnRzGAEgAygLMhIuY29waWxvdC52MS5UZW5hbnQSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIigKE0RlbGV0ZVRlbmFudFJlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJIhYKFERlbGV0ZVRlbmFudFJlc3BvbnNlIjwKFFN1c3BlbmRUZW5hbnRSZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCRIRCglzdXNwZW5kZWQYAiABKAgiOwoVU3VzcGVuZFRlbmFudFJlc3BvbnNlEiIKBnRlbmFudBgBIAEoCzISLmNvcGlsb3QudjEuVGVuYW50IhUKE1dhdGNoVGVuYW50c1JlcXVlc3QibgoUV2F0Y2hUZW5hbnRzUmVzcG9uc2USIwoHdGVuYW50cxgBIAMoCzISLmNvcGlsb3QudjEuVGVuYW50EhoKEmRlbGV0ZWRfdGVuYW50X2lkcxgCIAMoCRIVCg1zbmFwc2hvdF9kb25lGAMgASgIKmAKC1RlbmFudFN0YXRlEhwKGFRFTkFOVF9TVEFURV9VTlNQRUNJRklFRBAAEhcKE1RFTkFOVF9TVEFURV9BQ1RJVkUQARIaChZURU5BTlRfU1RBVEVfU1VTUEVOREVEEAIyzQQKDVRlbmFudFNlcnZpY2USUQoMQ3JlYXRlVGVuYW50Eh8uY29waWxvdC52MS5DcmVhdGVUZW5hbnRSZXF1ZXN0GiAuY29waWxvdC52MS5DcmVhdGVUZW5hbnRSZXNwb25zZRJICglHZXRUZW5hbnQSHC5jb3BpbG90LnYxLkdldFRlbmFudFJlcXVlc3QaHS5jb3BpbG90LnYxLkdldFRlbmFudFJlc3BvbnNlElEKDFVwZGF0ZVRlbmFudBIfLmNvcGlsb3QudjEuVXBkYXRlVGVuYW50UmVxdWVzdBogLmNvcGlsb3QudjEuVXBkYXRlVGVuYW50UmVzcG9uc2USTgoLTGlzdFRlbmFudHMSHi5jb3BpbG90LnYxLkxpc3RUZW5hbnRzUmVxdWVzdBofLmNvcGlsb3QudjEuTGlzdFRlbmFudHNSZXNwb25zZRJRCgxEZWxldGVUZW5hbnQSHy5jb3BpbG90LnYxLkRlbGV0ZVRlbmFudFJlcXVlc3QaIC5jb3BpbG90LnYxLkRlbGV0ZVRlbmFudFJlc3BvbnNlElQKDVN1c3BlbmRUZW5hbnQSIC5jb3BpbG90LnYxLlN1c3BlbmRUZW5hbnRSZXF1ZXN0GiEuY29waWxvdC52MS5TdXNwZW5kVGVuYW50UmVzcG9uc2USUwoMV2F0Y2hUZW5hbnRzEh8uY29waWxvdC52MS5XYXRjaFRlbmFudHNSZXF1ZXN0GiAuY29waWxvdC52MS5XYXRjaFRlbmFudHNSZXNwb25zZTABYgZwcm90bzM", [file_copilot_v1_common, file_google_protobuf_field_mask, file_google_protobuf_timestamp]);
 
 /**
  * @generated from message copilot.v1.TenantLimits
@@ -371,6 +371,93 @@ export const DeleteTenantResponseSchema: GenMessage<DeleteTenantResponse> = /*@_
   messageDesc(file_copilot_v1_tenant, 12);
 
 /**
+ * @generated from message copilot.v1.SuspendTenantRequest
+ */
+export type SuspendTenantRequest = Message<"copilot.v1.SuspendTenantRequest"> & {
+  /**
+   * @generated from field: string tenant_id = 1;
+   */
+  tenantId: string;
+
+  /**
+   * False: resume the tenant.
+   *
+   * @generated from field: bool suspended = 2;
+   */
+  suspended: boolean;
+};
+
+/**
+ * Describes the message copilot.v1.SuspendTenantRequest.
+ * Use `create(SuspendTenantRequestSchema)` to create a new message.
+ */
+export const SuspendTenantRequestSchema: GenMessage<SuspendTenantRequest> = /*@__PURE__*/
+  messageDesc(file_copilot_v1_tenant, 13);
+
+/**
+ * @generated from message copilot.v1.SuspendTenantResponse
+ */
+export type SuspendTenantResponse = Message<"copilot.v1.SuspendTenantResponse"> & {
+  /**
+   * @generated from field: copilot.v1.Tenant tenant = 1;
+   */
+  tenant?: Tenant | undefined;
+};
+
+/**
+ * Describes the message copilot.v1.SuspendTenantResponse.
+ * Use `create(SuspendTenantResponseSchema)` to create a new message.
+ */
+export const SuspendTenantResponseSchema: GenMessage<SuspendTenantResponse> = /*@__PURE__*/
+  messageDesc(file_copilot_v1_tenant, 14);
+
+/**
+ * @generated from message copilot.v1.WatchTenantsRequest
+ */
+export type WatchTenantsRequest = Message<"copilot.v1.WatchTenantsRequest"> & {
+};
+
+/**
+ * Describes the message copilot.v1.WatchTenantsRequest.
+ * Use `create(WatchTenantsRequestSchema)` to create a new message.
+ */
+export const WatchTenantsRequestSchema: GenMessage<WatchTenantsRequest> = /*@__PURE__*/
+  messageDesc(file_copilot_v1_tenant, 15);
+
+/**
+ * @generated from message copilot.v1.WatchTenantsResponse
+ */
+export type WatchTenantsResponse = Message<"copilot.v1.WatchTenantsResponse"> & {
+  /**
+   * Created or changed tenants (the whole tenant, at its config_version).
+   *
+   * @generated from field: repeated copilot.v1.Tenant tenants = 1;
+   */
+  tenants: Tenant[];
+
+  /**
+   * Deleted tenants.
+   *
+   * @generated from field: repeated string deleted_tenant_ids = 2;
+   */
+  deletedTenantIds: string[];
+
+  /**
+   * True on the message that completes the initial snapshot.
+   *
+   * @generated from field: bool snapshot_done = 3;
+   */
+  snapshotDone: boolean;
+};
+
+/**
+ * Describes the message copilot.v1.WatchTenantsResponse.
+ * Use `create(WatchTenantsResponseSchema)` to create a new message.
+ */
+export const WatchTenantsResponseSchema: GenMessage<WatchTenantsResponse> = /*@__PURE__*/
+  messageDesc(file_copilot_v1_tenant, 16);
+
+/**
  * @generated from enum copilot.v1.TenantState
  */
 export enum TenantState {
@@ -442,6 +529,28 @@ export const TenantService: GenService<{
     methodKind: "unary";
     input: typeof DeleteTenantRequestSchema;
     output: typeof DeleteTenantResponseSchema;
+  },
+  /**
+   * Suspends a tenant (its requests are refused) or resumes it; the same as updating
+   * `state`, as one call.
+   *
+   * @generated from rpc copilot.v1.TenantService.SuspendTenant
+   */
+  suspendTenant: {
+    methodKind: "unary";
+    input: typeof SuspendTenantRequestSchema;
+    output: typeof SuspendTenantResponseSchema;
+  },
+  /**
+   * Every tenant now, then every change as it happens (platform operators and
+   * services), so services keep config in memory instead of loading it per request.
+   *
+   * @generated from rpc copilot.v1.TenantService.WatchTenants
+   */
+  watchTenants: {
+    methodKind: "server_streaming";
+    input: typeof WatchTenantsRequestSchema;
+    output: typeof WatchTenantsResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_copilot_v1_tenant, 0);
