@@ -193,10 +193,18 @@ class TenantServiceServicer(tenant_pb2_grpc.TenantServiceServicer):
 
     async def UpdateTenant(self, request: tenant_pb2.UpdateTenantRequest,
                            context: grpc.aio.ServicerContext) -> tenant_pb2.UpdateTenantResponse:
-        identity.require_role(identity.OPERATOR)
+        caller = identity.require_role(identity.ADMIN)
         tenant_id = validate_tenant_id(request.tenant.tenant_id, "tenant.tenant_id")
         changes = convert.update_changes(request.tenant, request.update_mask.paths)
         validate_changes(changes)
+        if identity.OPERATOR not in caller.roles:
+            # A tenant's admin manages its own settings; plan, limits and state are the platform's.
+            if tenant_id != caller.tenant_id:
+                raise PermissionDenied("an admin may only update its own tenant", reason="OTHER_TENANT")
+            reserved = sorted(p for p in changes if not (p.startswith("config.") or p == "display_name"))
+            if reserved:
+                raise PermissionDenied(f"only a platform operator may change {', '.join(reserved)}",
+                                       reason="OPERATOR_ONLY_FIELD")
         now = self._clock()
         tenant = await self._tenants.update(tenant_id, lambda current: apply_changes(current, changes, now))
         self.watchers.publish(TenantChange(tenants=(tenant,)))

@@ -87,3 +87,29 @@ async def test_token_without_tenant_claim_cannot_smuggle_one(mesh: RunningMesh, 
     victim = await create_tenant(mesh, channel, prefix="victim")
     metadata = (*mesh.auth(None), ("x-tenant-id", victim))
     await _expect(grpc.StatusCode.UNAUTHENTICATED, channel, metadata)
+
+
+async def test_admin_manages_own_settings_but_not_plan_or_others(mesh: RunningMesh,
+                                                                 channel: grpc.aio.Channel) -> None:
+    mine = await create_tenant(mesh, channel, prefix="mine")
+    other = await create_tenant(mesh, channel, prefix="other")
+    stub = tenant_pb2_grpc.TenantServiceStub(channel)
+    admin = mesh.auth(mine, ("member", "admin"))
+    tenant = (await stub.GetTenant(tenant_pb2.GetTenantRequest(), metadata=admin, timeout=5)).tenant
+    tenant.config.system_prompt = "Answer as our compliance desk."
+    updated = await stub.UpdateTenant(tenant_pb2.UpdateTenantRequest(
+        tenant=tenant, update_mask={"paths": ["config.system_prompt"]}), metadata=admin, timeout=5)
+    assert updated.tenant.config.system_prompt == "Answer as our compliance desk."
+    tenant.limits.requests_per_second = 10_000
+    for target, paths in ((mine, ["limits.requests_per_second"]), (mine, ["plan"]), (other, ["config.top_k"])):
+        tenant.tenant_id = target
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.UpdateTenant(tenant_pb2.UpdateTenantRequest(tenant=tenant, update_mask={"paths": paths}),
+                                    metadata=admin, timeout=5)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED, (target, paths)
+    # A member cannot change settings at all.
+    tenant.tenant_id = mine
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.UpdateTenant(tenant_pb2.UpdateTenantRequest(
+            tenant=tenant, update_mask={"paths": ["config.system_prompt"]}), metadata=mesh.auth(mine), timeout=5)
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
