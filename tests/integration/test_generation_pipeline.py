@@ -182,10 +182,11 @@ async def test_scripted_provider_failures(gen_mesh: RunningMesh, gchannel: grpc.
     assert "circuit breaker" in skipped.details.degraded_reason and fake_llm.state.requests == []
 
 
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
 async def test_retrieval_modes_report_what_ran(gen_mesh: RunningMesh, gchannel: grpc.aio.Channel,
-                                               fake_llm: FakeLLMServer) -> None:
+                                               fake_llm: FakeLLMServer, provider: str) -> None:
     fake_llm.reset()
-    tenant = await _tenant(gen_mesh, gchannel, provider="anthropic", agentic_tools=True)
+    tenant = await _tenant(gen_mesh, gchannel, provider=provider, agentic_tools=True)
     compound = "How long are KYC records kept and who handles potential sanctions matches?"
     decomposed = await _answer(gen_mesh, gchannel, tenant, compound, common_pb2.RETRIEVAL_MODE_DECOMPOSED)
     assert decomposed.details.mode_used == common_pb2.RETRIEVAL_MODE_DECOMPOSED
@@ -195,9 +196,10 @@ async def test_retrieval_modes_report_what_ran(gen_mesh: RunningMesh, gchannel: 
     assert agentic.details.mode_used == common_pb2.RETRIEVAL_MODE_AGENTIC, agentic.details.degraded_reason
     assert agentic.details.sub_questions and agentic.details.citations
     assert any(r["body"].get("tools") for r in fake_llm.state.requests)
-    basic = await _answer(gen_mesh, gchannel, tenant, "How often are customers rescreened?",
-                          common_pb2.RETRIEVAL_MODE_BASIC)
-    assert basic.details.mode_used == common_pb2.RETRIEVAL_MODE_BASIC
+    for mode in (common_pb2.RETRIEVAL_MODE_BASIC, common_pb2.RETRIEVAL_MODE_HYBRID):
+        ran = await _answer(gen_mesh, gchannel, tenant, "How often are customers rescreened?", mode)
+        assert ran.details.mode_used == mode, ran.details.degraded_reason
+        assert ran.details.provider == provider and ran.details.citations
     # The extractive provider has no tool calling: agentic degrades and says so.
     plain = await _tenant(gen_mesh, gchannel, agentic_tools=True)
     degraded = await _answer(gen_mesh, gchannel, plain, "How often are customers rescreened?",
