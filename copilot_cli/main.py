@@ -193,6 +193,11 @@ async def _ask(args: argparse.Namespace, settings: Settings) -> int:
             section = c.section.removeprefix(c.title).lstrip(" >")
             where = " › ".join(filter(None, [c.title, section]))
             print(f"  [{c.index}] {where} ({c.document_id})")
+        if details.pii_masks:
+            # Say what left the machine masked, so the user knows why the answer may not
+            # mention a detail they typed.
+            masked = ", ".join(m.placeholder for m in details.pii_masks)
+            print(f"\nmasked before retrieval and the model: {masked}")
         if details.degraded:
             print(f"\nnote: {details.degraded_reason}")
     return 0

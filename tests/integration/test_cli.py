@@ -54,6 +54,11 @@ async def test_cli_end_to_end(mesh: RunningMesh, tmp_path: Path) -> None:
     usage = json.loads((await asyncio.to_thread(run, "usage", "--tenant", tenant, "--json")).stdout)
     assert usage["requests"] == 1 and usage["tokens"] > 0
 
+    masked = await asyncio.to_thread(run, "ask", "--tenant", tenant,
+                                     "Write to jane.doe@example.com: how long are call recordings kept?")
+    assert "masked before retrieval and the model: [EMAIL_1]" in masked.stdout
+    assert "jane.doe@example.com" not in masked.stdout
+
     token = (await asyncio.to_thread(run, "token", "--tenant", tenant, "--user", "bob", "--roles", "member")).stdout
     assert token.count(".") == 2
 
