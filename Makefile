@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV := .venv/bin
 export PATH := $(CURDIR)/.venv/bin:$(CURDIR)/node_modules/.bin:$(PATH)
 
-.PHONY: setup run test unit integration lint gen check-gen buf-lint buf-breaking bench-edge bench-fairness bench-retrieval bench-answer clean
+.PHONY: setup run test unit integration lint gen check-gen buf-lint buf-breaking bench-edge bench-fairness bench-retrieval bench-tenants bench-answer bench-audit bench-load clean
 
 setup:
 	@scripts/setup.sh
@@ -58,9 +58,22 @@ bench-fairness: setup
 bench-retrieval: setup
 	$(VENV)/python -m bench.retrieval
 
+## 10,000 tenants on the embedded store: provisioning p50/p99, RSS vs tenant count, cold vs warm first query.
+bench-tenants: setup
+	$(VENV)/python -m bench.tenants
+
 ## Answer through the edge (extractive, 1,000 passages) at concurrency 1/8/32: RPS, p50/p99, overhead.
 bench-answer: setup
 	$(VENV)/python -m bench.answer
+
+## The answer path with and without the audit trail (on / off / on again, same run): p50/p99.
+bench-audit: setup
+	$(VENV)/python -m bench.audit
+
+## The load suite (issue 7): 100 tenants, mix closed/open loop, bare ceiling, tenant cost curve,
+## 10-minute soak; writes docs/benchmarks.md. ARGS="--quick" for a smoke run.
+bench-load: setup
+	$(VENV)/python -m bench.loadsuite $(ARGS)
 
 clean:
 	rm -rf .stamps .copilot test-artifacts

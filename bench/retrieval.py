@@ -27,6 +27,7 @@ from pathlib import Path
 
 from copilot_cli import eval as beir
 from copilot_cli.client import Client
+from copilot_cli.documents import Passage, read_corpus
 from copilot_cli.supervisor import Mesh, settings_on_free_ports
 from servers.common.settings import Settings
 from servers.retrieval.chunker import chunk_document
@@ -37,8 +38,9 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "obliqa
 MODES = ("bm25", "dense", "hybrid")
 
 
-async def model_throughput(passages: list[beir.Passage], sample: int) -> dict[str, float]:
-    texts = [embedding_text(p.title, c.section, c.text) for p in passages for c in chunk_document(p.doc_id, p.text)]
+async def model_throughput(passages: list[Passage], sample: int) -> dict[str, float]:
+    # Exactly the texts the pipeline embeds: the chunks' own text.
+    texts = [embedding_text(c.text) for p in passages for c in chunk_document(p.doc_id, p.text)]
     chosen = random.Random(7).sample(texts, min(sample, len(texts)))
     embedder = MiniLmEmbedder()
     started = time.perf_counter()
@@ -64,7 +66,7 @@ async def latency(client: Client, queries: list[str], mode: str, top_k: int) -> 
 
 async def bench(args: argparse.Namespace) -> dict[str, object]:
     folder = beir.BeirFolder.at(args.data, args.split)
-    passages = beir.read_corpus(folder.corpus)
+    passages = read_corpus(folder.corpus)
     queries = beir.read_queries(folder.queries)
     qrels = beir.read_qrels(folder.qrels)
     report: dict[str, object] = {"machine": f"{platform.machine()}, {platform.python_version()}",

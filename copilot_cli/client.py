@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 
-from copilot.v1 import generation_pb2_grpc, metering_pb2_grpc, retrieval_pb2_grpc, tenant_pb2_grpc
+from copilot.v1 import audit_pb2_grpc, generation_pb2_grpc, metering_pb2_grpc, retrieval_pb2_grpc, tenant_pb2_grpc
 from servers.common.identity import PLATFORM_TENANT
 from servers.common.settings import Settings
 from servers.edge.issuer import DevIssuer
@@ -62,6 +62,10 @@ class Client:
     @property
     def tenants(self) -> tenant_pb2_grpc.TenantServiceAsyncStub:
         return tenant_pb2_grpc.TenantServiceStub(self.channel)  # type: ignore[return-value]
+
+    @property
+    def audit(self) -> audit_pb2_grpc.AuditServiceAsyncStub:
+        return audit_pb2_grpc.AuditServiceStub(self.channel)  # type: ignore[return-value]
 
     async def close(self) -> None:
         await self.channel.close(None)

@@ -1,12 +1,24 @@
-"""Reading documents for ingestion: text/markdown files and BEIR corpus.jsonl."""
+"""Reading documents for ingestion: text/markdown files and BEIR corpus.jsonl.
+
+One BEIR reader serves `copilot ingest` and `copilot eval` / the retrieval bench, so what
+is evaluated is exactly what a user's ingest would index.
+
+BEIR corpora split rulebooks into passages and carry headings as passages of their own
+("1.2" "Application", then "1.2.1.(1)" "Subject to (2), ..."). When a corpus has no titles
+and its passage ids give a hierarchy (metadata `PassageID`, per `DocumentID`), every
+passage is titled with the path of headings above it, as a document ingested whole would
+have: that context is what many questions name.
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from copilot.v1 import retrieval_pb2
+from servers.retrieval.chunker import SECTION_SEPARATOR, is_bare_heading, normalise
 
 RESERVED_METADATA = frozenset({"source", "document_id"})
 TEXT_SUFFIXES = {".txt": "text/plain", ".md": "text/markdown", ".markdown": "text/markdown"}
@@ -73,7 +85,33 @@ def _text_file(path: Path, root: Path | None) -> retrieval_pb2.Document:
                                   content_type=TEXT_SUFFIXES.get(path.suffix.lower(), "text/plain"))
 
 
-def _beir(path: Path) -> Iterator[retrieval_pb2.Document]:
+@dataclass(frozen=True, slots=True)
+class Passage:
+    """One BEIR corpus line, as ingested."""
+
+    doc_id: str
+    title: str
+    text: str
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def to_document(self, source: str) -> retrieval_pb2.Document:
+        return retrieval_pb2.Document(document_id=self.doc_id, title=self.title, text=self.text,
+                                      source=f"{source}#{self.doc_id}", metadata=self.metadata)
+
+
+def _pid_parts(passage_id: str) -> tuple[str, ...]:
+    return tuple(part for part in passage_id.split(".") if part)
+
+
+def _is_prefix(parent: tuple[str, ...], child: tuple[str, ...]) -> bool:
+    return len(parent) < len(child) and child[:len(parent)] == parent
+
+
+def iter_corpus(path: Path, headings: bool = True) -> Iterator[Passage]:
+    """The corpus's passages in file order; with `headings`, a passage without a title of
+    its own is titled by its heading path (when passage ids give a hierarchy)."""
+    # Per source document: the open headings, as (passage id parts, heading text).
+    stacks: dict[str, list[tuple[tuple[str, ...], str]]] = {}
     with path.open(encoding="utf-8") as fh:
         for number, line in enumerate(fh, start=1):
             if not line.strip():
@@ -81,13 +119,31 @@ def _beir(path: Path) -> Iterator[retrieval_pb2.Document]:
             try:
                 row = json.loads(line)
                 doc_id = str(row["_id"])
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise DocumentError(f"{path}:{number}: not a BEIR corpus line ({exc})") from None
-            metadata = row.get("metadata") or {}
-            yield retrieval_pb2.Document(
-                document_id=doc_id, title=str(row.get("title") or ""), text=str(row.get("text") or ""),
-                source=f"{path.name}#{doc_id}",
+                raw_meta = row.get("metadata") or {}
                 # `source` and `document_id` are reserved filter names of the document itself.
-                metadata={str(k): str(v) for k, v in metadata.items()
-                          if isinstance(v, str | int | float) and k not in RESERVED_METADATA},
-            )
+                metadata = {str(k): str(v) for k, v in raw_meta.items()
+                            if isinstance(v, str | int | float) and k not in RESERVED_METADATA}
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+                raise DocumentError(f"{path}:{number}: not a BEIR corpus line ({exc})") from None
+            title = str(row.get("title") or "")
+            text = str(row.get("text") or "")
+            passage_id = metadata.get("PassageID")
+            if headings and not title and passage_id:
+                parts = _pid_parts(passage_id)
+                stack = stacks.setdefault(metadata.get("DocumentID", ""), [])
+                while stack and not _is_prefix(stack[-1][0], parts):
+                    stack.pop()
+                body = normalise(text).strip()
+                if body and is_bare_heading([body]):
+                    stack.append((parts, " ".join(body.split())))
+                title = SECTION_SEPARATOR.join(heading for _, heading in stack)
+            yield Passage(doc_id, title, text, metadata)
+
+
+def read_corpus(path: Path, headings: bool = True) -> list[Passage]:
+    return list(iter_corpus(path, headings))
+
+
+def _beir(path: Path) -> Iterator[retrieval_pb2.Document]:
+    for passage in iter_corpus(path):
+        yield passage.to_document(path.name)

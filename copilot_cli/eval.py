@@ -6,10 +6,9 @@ runs the split's queries (DIR/qrels/SPLIT.tsv) through Search one at a time, and
 nDCG@10, Recall@10, Recall@100, MRR@10 and latency p50/p99 as one JSON object on the last
 line. Relevance is judged per document: hits of several chunks of one document count once.
 
-BEIR corpora split rulebooks into passages and carry headings as passages of their own
-("1.2" "Application", then "1.2.1.(1)" "Subject to (2), ..."). The loader gives every
-passage the path of headings above it as its title (from the passage ids' hierarchy), as a
-document ingested whole would have: that context is what many questions name.
+The corpus is read by `copilot_cli.documents.read_corpus`, the reader `copilot ingest` uses
+(heading-path titles for passage corpora such as ObliQA), so the evaluated index is the one a
+user's ingest would build.
 """
 
 from __future__ import annotations
@@ -29,8 +28,8 @@ from google.protobuf import field_mask_pb2
 
 from copilot.v1 import common_pb2, retrieval_pb2, tenant_pb2
 from copilot_cli.client import Client, CliError, operator_token, token_for
+from copilot_cli.documents import Passage, read_corpus
 from servers.common.settings import Settings
-from servers.retrieval.chunker import is_bare_heading, normalise
 
 MODES = {"bm25": retrieval_pb2.SEARCH_MODE_BM25, "dense": retrieval_pb2.SEARCH_MODE_DENSE,
          "hybrid": retrieval_pb2.SEARCH_MODE_HYBRID, "default": retrieval_pb2.SEARCH_MODE_UNSPECIFIED}
@@ -38,61 +37,10 @@ FUSIONS = {"rrf": retrieval_pb2.FUSION_METHOD_RECIPROCAL_RANK,
            "relative": retrieval_pb2.FUSION_METHOD_RELATIVE_SCORE}
 DEFAULT_TENANT = "eval-beir"
 DEPTH = 100
-HEADING_SEPARATOR = " > "
 RATE_LIMIT_RETRIES = 20
 
 
 # -- data ---------------------------------------------------------------------------------------
-
-@dataclass(frozen=True, slots=True)
-class Passage:
-    doc_id: str
-    title: str
-    text: str
-    metadata: dict[str, str]
-
-
-def _pid_parts(passage_id: str) -> tuple[str, ...]:
-    return tuple(part for part in passage_id.split(".") if part)
-
-
-def _is_prefix(parent: tuple[str, ...], child: tuple[str, ...]) -> bool:
-    return len(parent) < len(child) and child[:len(parent)] == parent
-
-
-def read_corpus(path: Path, headings: bool = True) -> list[Passage]:
-    """The corpus's passages in file order; with `headings`, each titled by its heading path
-    (when the corpus has no title of its own and passage ids give a hierarchy)."""
-    passages: list[Passage] = []
-    # Per source document: the open headings, as (passage id parts, heading text).
-    stacks: dict[str, list[tuple[tuple[str, ...], str]]] = {}
-    with path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                doc_id = str(row["_id"])
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise CliError(f"{path}:{number}: not a BEIR corpus line ({exc})") from None
-            raw_meta = row.get("metadata") or {}
-            metadata = {str(k): str(v) for k, v in raw_meta.items()
-                        if isinstance(v, str | int | float) and k not in ("source", "document_id")}
-            title = str(row.get("title") or "")
-            text = str(row.get("text") or "")
-            passage_id = metadata.get("PassageID")
-            if headings and not title and passage_id:
-                parts = _pid_parts(passage_id)
-                stack = stacks.setdefault(metadata.get("DocumentID", ""), [])
-                while stack and not _is_prefix(stack[-1][0], parts):
-                    stack.pop()
-                body = normalise(text).strip()
-                if body and is_bare_heading([body]):
-                    stack.append((parts, " ".join(body.split())))
-                title = HEADING_SEPARATOR.join(heading for _, heading in stack)
-            passages.append(Passage(doc_id, title, text, metadata))
-    return passages
-
 
 def read_queries(path: Path) -> dict[str, str]:
     with path.open(encoding="utf-8") as fh:
@@ -109,11 +57,6 @@ def read_qrels(path: Path) -> dict[str, dict[str, int]]:
             if int(fields[2]) > 0:
                 qrels.setdefault(fields[0], {})[fields[1]] = int(fields[2])
     return qrels
-
-
-def to_document(passage: Passage, source: str) -> retrieval_pb2.Document:
-    return retrieval_pb2.Document(document_id=passage.doc_id, title=passage.title, text=passage.text,
-                                  source=f"{source}#{passage.doc_id}", metadata=passage.metadata)
 
 
 # -- metrics ------------------------------------------------------------------------------------
@@ -208,7 +151,7 @@ async def ingest(client: Client, passages: list[Passage], source: str, batch: in
     async def batches() -> AsyncIterator[retrieval_pb2.StreamIngestDocumentsRequest]:
         for start in range(0, len(passages), batch):
             yield retrieval_pb2.StreamIngestDocumentsRequest(
-                documents=[to_document(p, source) for p in passages[start:start + batch]])
+                documents=[p.to_document(source) for p in passages[start:start + batch]])
 
     try:
         async for ack in client.retrieval.StreamIngestDocuments(batches(), metadata=client.metadata):

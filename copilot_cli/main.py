@@ -19,6 +19,7 @@ import grpc
 from google.protobuf import json_format
 
 from copilot.v1 import common_pb2, generation_pb2, retrieval_pb2
+from copilot_cli import audit as audit_cli
 from copilot_cli import billing as billing_cli
 from copilot_cli import documents
 from copilot_cli import eval as eval_command
@@ -68,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--top-k", type=int, default=5)
 
     billing_cli.add_parsers(sub)
+    audit_cli.add_parser(sub)
 
     sub.add_parser("status", help="health of every service through the edge")
     eval_command.add_parser(sub)
@@ -224,7 +226,7 @@ async def _status(args: argparse.Namespace, settings: Settings) -> int:
     worst = 0
     try:
         for name in ("", "copilot.v1.RetrievalService", "copilot.v1.GenerationService",
-                     "copilot.v1.MeteringService", "copilot.v1.TenantService"):
+                     "copilot.v1.MeteringService", "copilot.v1.TenantService", "copilot.v1.AuditService"):
             try:
                 status = (await stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=3)).status
                 label = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
@@ -241,7 +243,7 @@ async def _status(args: argparse.Namespace, settings: Settings) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]] = {
     "tenants": tenants_cli.run, "ingest": _ingest, "ask": _ask, "search": _search, "usage": billing_cli.usage,
-    "billing": billing_cli.run, "status": _status,
+    "billing": billing_cli.run, "status": _status, "audit": audit_cli.run,
     "eval": eval_command.run,
 }
 

@@ -28,6 +28,12 @@ log = logging.getLogger("copilot.access")
 # Calls that need no identity: probes and schema discovery.
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
+# Told about each call a domain error of this service refused with one of AUDITED_REFUSALS
+# (caller, RPC, code, ErrorInfo reason, message): the audit trail's refused requests. Errors
+# passed through from a peer are not reported again: the peer that refused reported them.
+RefusalHook = Callable[[ident.Identity, str, grpc.StatusCode, str, str], None]
+AUDITED_REFUSALS = frozenset({grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED})
+
 # Absolute deadline (time.monotonic()) of the call being served, for propagation.
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("copilot_deadline", default=None)
 
@@ -60,8 +66,9 @@ def _to_abort(exc: BaseException, method: str) -> _Abort:
 class IdentityServerInterceptor(grpc.aio.ServerInterceptor):
     """Runs each handler as the caller's verified identity; refuses calls without one."""
 
-    def __init__(self, access_log: bool = True) -> None:
+    def __init__(self, access_log: bool = True, on_refusal: RefusalHook | None = None) -> None:
         self._access_log = access_log
+        self._on_refusal = on_refusal
 
     async def intercept_service(
         self,
@@ -80,7 +87,7 @@ class IdentityServerInterceptor(grpc.aio.ServerInterceptor):
         if caller is None and not public:
             err = Unauthenticated("missing verified identity: call through the edge with a valid token")
             return _wrap(handler, method, None, err, self._access_log)
-        return _wrap(handler, method, caller, None, self._access_log)
+        return _wrap(handler, method, caller, None, self._access_log, self._on_refusal)
 
 
 def _enter(caller: ident.Identity | None, context: grpc.aio.ServicerContext) -> list[Callable[[], None]]:
@@ -121,11 +128,18 @@ def _finish(method: str, caller: ident.Identity | None, started: float, code: gr
 
 
 def _wrap(handler: grpc.RpcMethodHandler, method: str, caller: ident.Identity | None,
-          refusal: CopilotError | None, access_log: bool) -> grpc.RpcMethodHandler:
+          refusal: CopilotError | None, access_log: bool,
+          on_refusal: RefusalHook | None = None) -> grpc.RpcMethodHandler:
     log_it = access_log and not method.startswith(PUBLIC_PREFIXES)
 
     async def _fail(context: grpc.aio.ServicerContext, exc: BaseException, started: float) -> None:
         abort = _to_abort(exc, method)
+        if on_refusal is not None and caller is not None and isinstance(exc, CopilotError) \
+                and abort.code in AUDITED_REFUSALS:
+            try:
+                on_refusal(caller, method, abort.code, exc.reason, exc.message)
+            except Exception:  # the refusal stands whatever its audit does
+                log.exception("refusal hook failed", extra={"rpc": method})
         _finish(method, caller, started, abort.code, log_it)
         await context.abort(abort.code, abort.message, trailing_metadata=abort.trailing)
 

@@ -15,7 +15,7 @@ import grpc
 
 from servers.common import logs, metrics, telemetry
 from servers.common.health import DependencyCheck, Health
-from servers.common.interceptors import IdentityServerInterceptor, identity_client_interceptors
+from servers.common.interceptors import IdentityServerInterceptor, RefusalHook, identity_client_interceptors
 from servers.common.reflection import add_reflection
 from servers.common.settings import Settings
 
@@ -65,6 +65,8 @@ class Service:
     # public request with no trace context from Envoy: its spans would be orphan roots
     # (one per request) and the interceptor costs that hot path about a third of its CPU.
     traced: bool = True
+    # Told about every call this server refused (PERMISSION_DENIED / RESOURCE_EXHAUSTED): the audit trail.
+    on_refusal: RefusalHook | None = None
 
 
 def connect(address: str) -> grpc.aio.Channel:
@@ -76,7 +78,8 @@ def connect(address: str) -> grpc.aio.Channel:
 async def serve(service: Service, settings: Settings) -> None:
     interceptors: list[grpc.aio.ServerInterceptor] = [*telemetry.server_interceptors()] if service.traced else []
     if service.identity_required:
-        interceptors.append(IdentityServerInterceptor(access_log=settings.access_log))
+        interceptors.append(IdentityServerInterceptor(access_log=settings.access_log,
+                                                      on_refusal=service.on_refusal))
     server = grpc.aio.server(interceptors=interceptors, options=CHANNEL_OPTIONS)
     health: HealthProvider
     if service.health is not None:

@@ -43,9 +43,20 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+# Libraries whose DEBUG output echoes request bodies: the LLM SDKs log every request's
+# options (the prompt: the question, retrieved passages) and the HTTP clients their payloads.
+# They never log below INFO, whatever COPILOT_LOG_LEVEL says, so debugging the services
+# cannot write personal data or documents to the logs.
+PAYLOAD_LOGGERS = ("openai", "anthropic", "httpx", "httpx2", "httpcore", "stripe", "weaviate", "urllib3")
+
+
 def configure(service: str, level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(service))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    for name in PAYLOAD_LOGGERS:
+        library = logging.getLogger(name)
+        if library.getEffectiveLevel() < logging.INFO:
+            library.setLevel(logging.INFO)

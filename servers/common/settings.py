@@ -81,6 +81,10 @@ class Settings:
     dev_tokens: bool = False
     # Envoy's public listener address; unset: `host`. A container sets 0.0.0.0.
     edge_bind: str | None = None
+    # Audit trail: services record questions, document changes and refusals (0: off, for the
+    # benchmark's comparison); deleting a tenant keeps its trail ("keep") or erases it ("erase").
+    audit_enabled: bool = True
+    audit_on_tenant_delete: str = "keep"
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -115,6 +119,8 @@ class Settings:
             jwks_url=os.environ.get("COPILOT_JWKS_URL") or None,
             dev_tokens=_bool("COPILOT_DEV_TOKENS", False),
             edge_bind=os.environ.get("COPILOT_EDGE_BIND") or None,
+            audit_enabled=_bool("COPILOT_AUDIT", True),
+            audit_on_tenant_delete=os.environ.get("COPILOT_AUDIT_ON_TENANT_DELETE", "keep").strip().lower(),
         )
 
     def address(self, service: str) -> str:

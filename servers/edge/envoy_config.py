@@ -61,15 +61,61 @@ def _jwks_cluster(uri: str) -> dict[str, Any]:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"COPILOT_JWKS_URL must be an http(s) URL, got {uri!r}")
     tls = parts.scheme == "https"
-    port = parts.port or (443 if tls else 80)
-    host = parts.hostname
+    return _url_cluster("jwks", parts.hostname, parts.port or (443 if tls else 80), tls)
+
+
+# Envoy's span exporter sends a batch when this many spans are waiting (or every 5 s, its
+# runtime default): small, so a trace shows up in the collector soon after the request.
+OTEL_MAX_CACHE_SPANS = 16
+OTEL_SERVICE_NAME = "copilot-envoy"
+
+
+def _otel_endpoint(endpoint: str) -> tuple[str, int, bool]:
+    """(host, port, tls) of an OTLP/gRPC endpoint as OTEL_EXPORTER_OTLP_ENDPOINT gives it:
+    `http://host:4317`, `https://host`, or a bare `host:port`."""
+    parts = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
+    if parts.scheme not in ("http", "https", "grpc") or not parts.hostname:
+        raise ValueError(f"OTEL_EXPORTER_OTLP_ENDPOINT must be an http(s) URL or host:port, got {endpoint!r}")
+    return parts.hostname, parts.port or 4317, parts.scheme == "https"
+
+
+def tracing(otel_endpoint: str | None) -> tuple[str, str]:
+    """The HTTP connection manager's `tracing` block and the collector's cluster, as template
+    lines; YAML comments when no OTLP endpoint is set (Envoy then traces nothing)."""
+    if not otel_endpoint:
+        return ("# tracing: off (OTEL_EXPORTER_OTLP_ENDPOINT is not set)",
+                "# otel_collector: none (OTEL_EXPORTER_OTLP_ENDPOINT is not set)")
+    host, port, tls = _otel_endpoint(otel_endpoint)
+    cluster = _url_cluster("otel_collector", host, port, tls)
+    cluster["typed_extension_protocol_options"] = {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}}}}
+    block = {
+        "provider": {"name": "envoy.tracers.opentelemetry", "typed_config": {
+            "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
+            "grpc_service": {"envoy_grpc": {"cluster_name": "otel_collector"}, "timeout": "2s"},
+            "service_name": OTEL_SERVICE_NAME,
+            "max_cache_size": OTEL_MAX_CACHE_SPANS}},
+        # A client span per upstream call under the request's span: the services' server
+        # spans hang off it, so Envoy's time and the service's time are told apart.
+        "spawn_upstream_span": True,
+        # The verified claims jwt_authn put in these headers (a client's own copies were
+        # removed first): the tenant on Envoy's spans too.
+        "custom_tags": [{"tag": "tenant.id", "request_header": {"name": "x-tenant-id"}},
+                        {"tag": "enduser.id", "request_header": {"name": "x-user-id"}}],
+    }
+    return f"tracing: {json.dumps(block)}", f"- {json.dumps(cluster)}"
+
+
+def _url_cluster(name: str, host: str, port: int, tls: bool) -> dict[str, Any]:
     is_ip = host.replace(".", "").isdigit() or ":" in host
     cluster: dict[str, Any] = {
-        "name": "jwks",
+        "name": name,
         "type": "STATIC" if is_ip else "LOGICAL_DNS",
         "dns_lookup_family": "V4_PREFERRED",
         "connect_timeout": "1s",
-        "load_assignment": {"cluster_name": "jwks", "endpoints": [{"lb_endpoints": [{"endpoint": {
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {
             "address": {"socket_address": {"address": host, "port_value": port}}}}]}]},
     }
     if tls:
@@ -90,6 +136,7 @@ def render(settings: Settings, *, allowed_origins: Sequence[str] | None = None,
            template_path: Path = TEMPLATE_PATH) -> str:
     """Envoy's YAML config for `settings`."""
     uri = jwks_uri(settings)
+    tracing_block, otel_cluster = tracing(settings.otel_endpoint)
     values = {
         "HOST": _yaml_str(settings.host),
         "EDGE_PORT": settings.edge_port,
@@ -112,6 +159,9 @@ def render(settings: Settings, *, allowed_origins: Sequence[str] | None = None,
         "HEALTH_INTERVAL": f"{HEALTH_INTERVAL_S}s",
         "MAX_REQUEST_BYTES": MAX_REQUEST_BYTES,
         "CORS_ORIGINS": _origins(allowed_origins),
+        "TRACING": tracing_block,
+        "GENERATE_REQUEST_ID": "true" if settings.otel_endpoint else "false",
+        "OTEL_CLUSTER": otel_cluster,
     }
     return Template(template_path.read_text()).substitute(values)
 

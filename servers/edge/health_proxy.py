@@ -34,6 +34,7 @@ OWNERS: Mapping[str, str] = {
     "copilot.v1.GenerationService": "generation",
     "copilot.v1.MeteringService": "metering",
     "copilot.v1.TenantService": "metering",
+    "copilot.v1.AuditService": "metering",
 }
 
 CACHE_TTL_S = 1.0

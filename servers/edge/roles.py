@@ -19,7 +19,7 @@ from servers.common import identity
 JWT_FILTER = "envoy.filters.http.jwt_authn"
 PAYLOAD_KEY = "jwt_payload"
 
-SERVICES = ("GenerationService", "RetrievalService", "MeteringService", "TenantService")
+SERVICES = ("GenerationService", "RetrievalService", "MeteringService", "TenantService", "AuditService")
 
 # Reachable without a token (probes, reflection, the console's files, dev sign-in).
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.", "/assets/", "/.well-known/", "/dev/")
@@ -42,7 +42,13 @@ ADMIN_RPCS = (
 )
 # Its own tenant's settings; which fields an admin may change is the metering service's call
 # (it refuses another tenant, and plan/limits/state, to anyone but an operator).
-TENANT_ADMIN_RPCS = ("/copilot.v1.TenantService/UpdateTenant",)
+TENANT_ADMIN_RPCS = (
+    "/copilot.v1.TenantService/UpdateTenant",
+    # Its own tenant's audit trail (an operator reads any tenant's; the metering service checks).
+    "/copilot.v1.AuditService/ListAuditEvents",
+    "/copilot.v1.AuditService/ExportAuditEvents",
+    "/copilot.v1.AuditService/VerifyAuditChain",
+)
 OPERATOR_RPCS = (
     "/copilot.v1.TenantService/CreateTenant",
     "/copilot.v1.TenantService/ListTenants",
@@ -56,6 +62,7 @@ OPERATOR_RPCS = (
 # job recording usage) may call them through the edge; no end-user role may, operators included.
 SERVICE_RPCS = (
     "/copilot.v1.MeteringService/RecordUsage",
+    "/copilot.v1.AuditService/RecordAuditEvents",
     "/copilot.v1.RetrievalService/ProvisionTenant",
     "/copilot.v1.RetrievalService/EraseTenant",
     "/copilot.v1.TenantService/WatchTenants",

@@ -18,7 +18,7 @@ import grpc
 from envoy.service.ratelimit.v3 import rls_pb2_grpc
 
 # Imported for their descriptors: reflection answers from the default pool.
-from copilot.v1 import generation_pb2, metering_pb2, retrieval_pb2, tenant_pb2  # noqa: F401
+from copilot.v1 import audit_pb2, generation_pb2, metering_pb2, retrieval_pb2, tenant_pb2  # noqa: F401
 from servers.common.lifecycle import Service
 from servers.common.settings import Settings
 from servers.edge.config import TenantLimits

@@ -13,13 +13,17 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import anthropic
 import openai
+from opentelemetry.trace import Status, StatusCode
 
+from servers.common import metrics, telemetry
 from servers.common.interceptors import remaining_deadline
 from servers.generation.providers import Generation, Passage, Prompt, Quote
 from servers.generation.text import estimate_tokens, sentences, terms
@@ -49,6 +53,44 @@ class ProviderFailure(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+    @property
+    def kind(self) -> str:
+        """A metric label for the failure (one of metrics.PROVIDER_ERROR_REASONS), from the
+        SDK error it was raised from."""
+        cause = self.__cause__
+        status = getattr(cause, "status_code", None)
+        if status == 429:
+            return "rate_limited"
+        if isinstance(status, int):
+            return "server_error" if status >= 500 else "rejected"
+        if isinstance(cause, openai.APITimeoutError | anthropic.APITimeoutError):
+            return "timeout"
+        if isinstance(cause, openai.APIConnectionError | anthropic.APIConnectionError):
+            return "connection"
+        if isinstance(cause, ValueError | KeyError | AttributeError | TypeError | IndexError):
+            return "malformed"
+        return "other"
+
+
+@contextmanager
+def provider_call(provider: str, call: str, model: str) -> Iterator[None]:
+    """Times one provider call into copilot_provider_latency_seconds, counts its failure in
+    copilot_provider_errors_total, and gives it a span. The span is not made current: the
+    call may be a stream whose consumer resumes it from elsewhere, and nothing under it
+    makes spans of its own."""
+    span = telemetry.start_span(f"provider.{call}", {"gen_ai.system": provider, "gen_ai.request.model": model or ""})
+    started = time.perf_counter()
+    try:
+        yield
+    except ProviderFailure as exc:
+        metrics.PROVIDER_ERRORS.labels(provider, exc.kind).inc()
+        span.set_status(Status(StatusCode.ERROR, exc.reason))
+        span.set_attribute("error.type", exc.kind)
+        raise
+    finally:
+        metrics.PROVIDER_LATENCY.labels(provider, call).observe(time.perf_counter() - started)
+        span.end()
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ and, last, the answer's details.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import random
 import time
@@ -17,15 +18,16 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import grpc
-from google.protobuf import timestamp_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 from opentelemetry import trace
 
-from copilot.v1 import common_pb2, metering_pb2, metering_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
-from servers.common import identity
+from copilot.v1 import audit_pb2, common_pb2, metering_pb2, metering_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
+from servers.common import identity, telemetry
+from servers.common.audit import AuditTrail
 from servers.common.errors import QuotaViolation, ResourceExhausted
 from servers.common.interceptors import detached_deadline
 from servers.generation import decompose, pii
-from servers.generation.llm import ProviderFailure, SearchFn
+from servers.generation.llm import ProviderFailure, SearchFn, provider_call
 from servers.generation.outbox import UsageOutbox
 from servers.generation.providers import Generation, Passage, Prompt, Provider
 from servers.generation.resilience import Breakers
@@ -103,9 +105,16 @@ class Pipeline:
         self._outbox = outbox
         self._breakers = breakers or Breakers()
         self._last_allowed: dict[str, float] = {}
+        self._audit: AuditTrail | None = None
+        for name in providers:
+            if name != "extractive":
+                self._breakers.track(name)
 
     def attach_outbox(self, outbox: UsageOutbox) -> None:
         self._outbox = outbox
+
+    def attach_audit(self, audit: AuditTrail) -> None:
+        self._audit = audit
 
     async def run(self, question: Question) -> AsyncIterator[str | AnswerDetails]:
         started = time.perf_counter()
@@ -163,12 +172,17 @@ class Pipeline:
         result = Generation(quotes=[], input_tokens=0, output_tokens=0, estimated=True)
         spent.append(result)
         emitted = False
+        # The audit trail keeps the answer's digest, not its text.
+        digest = hashlib.sha256()
+        finished = False
         t0 = time.perf_counter()
         try:
             try:
-                async for delta in provider.stream(prompt, result):
-                    emitted = True
-                    yield delta
+                with provider_call(provider.name, "stream", prompt.model or provider.model):
+                    async for delta in provider.stream(prompt, result):
+                        emitted = True
+                        digest.update(delta.encode())
+                        yield delta
                 if provider.name != "extractive":
                     self._breakers.record(provider.name, tenant, ok=True)
             except ProviderFailure as exc:
@@ -185,8 +199,11 @@ class Pipeline:
                     prompt = replace(prompt, model="")
                     result = Generation(quotes=[], input_tokens=0, output_tokens=0, estimated=True)
                     spent.append(result)
-                    async for delta in provider.stream(prompt, result):
-                        yield delta
+                    with provider_call(provider.name, "stream", provider.model):
+                        async for delta in provider.stream(prompt, result):
+                            digest.update(delta.encode())
+                            yield delta
+            finished = True
         finally:
             details.provider_s += time.perf_counter() - t0
             # Recorded even when the caller goes away mid-stream: what was generated is billed.
@@ -195,12 +212,34 @@ class Pipeline:
             details.output_tokens = sum(g.output_tokens for g in spent)
             details.estimated = any(g.estimated for g in spent)
             details.usage_pending = not await asyncio.shield(self._record_usage(details, event_id))
+            if not finished and self._audit is not None:
+                # The caller went away (or the provider broke) mid-answer: the question was still
+                # asked and partly answered, so it is audited, with the digest of what was sent.
+                details.degrade("the answer did not complete")
+                details.latency_s = time.perf_counter() - started
+                self._audit_question(question.text, details, digest.hexdigest())
         details.citations = [
             CitedPassage(index=q.number or i, passage=passages[q.passage], quote=q.text)
             for i, q in enumerate(result.quotes, start=1)
         ]
         details.latency_s = time.perf_counter() - started
+        if self._audit is not None:
+            self._audit_question(question.text, details, digest.hexdigest())
         yield details
+
+    def _audit_question(self, masked_question: str, details: AnswerDetails, answer_sha256: str) -> None:
+        """Handed to the audit outbox in the background: the answer never waits for it."""
+        assert self._audit is not None
+        latency = duration_pb2.Duration()
+        latency.FromNanoseconds(int(details.latency_s * 1e9))
+        self._audit.record(audit_pb2.AUDIT_EVENT_KIND_QUESTION, question=audit_pb2.QuestionAudit(
+            question=masked_question, mode_used=details.mode_used, answer_sha256=answer_sha256,  # type: ignore[arg-type]
+            citations=[audit_pb2.AuditCitation(document_id=c.passage.document_id, chunk_id=c.passage.chunk_id)
+                       for c in details.citations],
+            provider=details.provider, model=details.model, degraded=details.degraded,
+            degraded_reason=details.degraded_reason, latency=latency, request_id=details.request_id,
+            pii_placeholders=[m.placeholder for m in details.pii_masks], input_tokens=details.input_tokens,
+            output_tokens=details.output_tokens))
 
     # --- retrieval modes -----------------------------------------------------------------
 
@@ -247,7 +286,8 @@ class Pipeline:
         if llm is not None:
             t0 = time.perf_counter()
             try:
-                subs: list[str] = await llm(prompt, result)
+                with provider_call(provider.name, "decompose", prompt.model or provider.model):
+                    subs: list[str] = await llm(prompt, result)
                 if subs:
                     return [pii.mask(s).text for s in subs]
             except ProviderFailure as exc:
@@ -268,7 +308,8 @@ class Pipeline:
             return hits
 
         t0 = time.perf_counter()
-        queries = await provider.gather(prompt, search, AGENTIC_MAX_STEPS, result)
+        with provider_call(provider.name, "tools", prompt.model or getattr(provider, "model", "")):
+            queries = await provider.gather(prompt, search, AGENTIC_MAX_STEPS, result)
         details.provider_s += time.perf_counter() - t0
         if not found:  # the model answered without searching: ground it anyway
             found.append(await search(question.text))
@@ -278,8 +319,10 @@ class Pipeline:
 
     async def _search(self, question: Question, top_k: int, mode: int,
                       details: AnswerDetails | None) -> list[Passage]:
-        response = await self._retrieval.Search(retrieval_pb2.SearchRequest(
-            query=question.text, top_k=top_k, filters=dict(question.filters), mode=mode), timeout=SEARCH_TIMEOUT_S)  # type: ignore[arg-type]
+        with telemetry.span("retrieval.search", {"copilot.search_mode": retrieval_pb2.SearchMode.Name(mode)}):
+            response = await self._retrieval.Search(retrieval_pb2.SearchRequest(
+                query=question.text, top_k=top_k, filters=dict(question.filters), mode=mode),  # type: ignore[arg-type]
+                timeout=SEARCH_TIMEOUT_S)
         if details is not None:
             if mode == retrieval_pb2.SEARCH_MODE_HYBRID and response.mode not in (
                     retrieval_pb2.SEARCH_MODE_HYBRID, retrieval_pb2.SEARCH_MODE_UNSPECIFIED):
@@ -298,6 +341,10 @@ class Pipeline:
     # --- quota and usage -----------------------------------------------------------------
 
     async def _check_quota(self, estimated_tokens: int) -> None:
+        with telemetry.span("quota.check", {"copilot.estimated_tokens": estimated_tokens}):
+            await self._check_quota_now(estimated_tokens)
+
+    async def _check_quota_now(self, estimated_tokens: int) -> None:
         tenant = identity.tenant_id()
         try:
             response = await self._metering.CheckQuota(
@@ -343,6 +390,12 @@ class Pipeline:
                 await asyncio.sleep(0.05 * 2**attempt * random.uniform(0.5, 1.5))
 
     async def _record_usage(self, details: AnswerDetails, event_id: str) -> bool:
+        with telemetry.span("usage.write", {"copilot.usage_event_id": event_id}) as current:
+            written = await self._record_usage_now(details, event_id)
+            current.set_attribute("copilot.usage_pending", not written)
+            return written
+
+    async def _record_usage_now(self, details: AnswerDetails, event_id: str) -> bool:
         caller = identity.current()
         event = metering_pb2.UsageEvent(
             event_id=event_id, kind=metering_pb2.USAGE_KIND_QUERY,

@@ -7,9 +7,25 @@ import math
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Protocol
 
 from servers.generation.text import estimate_tokens, sentences, terms
+
+# Passages recur across answers (a tenant's popular sections): their sentences and terms are
+# computed once. Keyed by the text alone, so it holds nothing a tenant did not supply for it.
+PASSAGE_CACHE = 4096
+
+
+@lru_cache(maxsize=PASSAGE_CACHE)
+def passage_sentences(text: str) -> tuple[tuple[str, frozenset[str], int], ...]:
+    """The passage's sentences that have content words: (sentence, its terms, term count)."""
+    out = []
+    for sentence in sentences(text):
+        words = terms(sentence)
+        if words:
+            out.append((sentence, frozenset(words), len(words)))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -80,28 +96,26 @@ class ExtractiveProvider:
         query = set(terms(prompt.question))
         if not query:
             return []
-        candidates: list[tuple[int, int, str, list[str]]] = []
+        candidates: list[tuple[int, int, str, frozenset[str], int]] = []
         for p_index, passage in enumerate(prompt.passages):
-            for s_index, sentence in enumerate(sentences(passage.text)):
-                words = terms(sentence)
-                if words:
-                    candidates.append((p_index, s_index, sentence, words))
+            for s_index, (sentence, words, count) in enumerate(passage_sentences(passage.text)):
+                candidates.append((p_index, s_index, sentence, words, count))
         if not candidates:
             return []
         # idf over candidate sentences: rare question words decide, common ones barely count.
         df: Counter[str] = Counter()
-        for *_, words in candidates:
-            df.update(set(words) & query)
+        for *_, words, _count in candidates:
+            df.update(words & query)
         n = len(candidates)
         scored = []
-        for p_index, s_index, sentence, words in candidates:
-            matched = set(words) & query
+        for p_index, s_index, sentence, words, count in candidates:
+            matched = words & query
             if not matched:
                 continue
             weight = sum(math.log(1 + n / df[w]) for w in matched)
             coverage = len(matched) / len(query)
             # Higher-ranked passages win ties; very long sentences are slightly penalised.
-            score = weight * (0.5 + coverage) / (1 + 0.1 * p_index) / (1 + len(words) / 80)
+            score = weight * (0.5 + coverage) / (1 + 0.1 * p_index) / (1 + count / 80)
             scored.append((score, p_index, s_index, sentence))
         if not scored:
             return []

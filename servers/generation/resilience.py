@@ -4,7 +4,11 @@ failing, let one probe through after a cool-down, close again when it succeeds."
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
+
+from servers.common import metrics
 
 
 @dataclass
@@ -55,6 +59,22 @@ class Breakers:
         self._tenant_threshold = tenant_threshold
         self._reset = reset_after_s
         self._breakers: dict[str, CircuitBreaker] = {}
+        metrics.SOURCES.register("circuit_breakers", self, "metric_families")
+
+    def track(self, provider: str) -> None:
+        """Makes the provider's shared breaker now, so its state is exported before the
+        first call (and its error counters start at 0)."""
+        self._get(f"provider:{provider}", self._provider_threshold)
+        metrics.provider_configured(provider)
+
+    def _states(self) -> Iterator[tuple[str, str, str]]:
+        for key, breaker in list(self._breakers.items()):
+            scope, _, rest = key.partition(":")
+            yield rest.rpartition(":")[2] if scope == "tenant" else rest, scope, breaker.state
+
+    def metric_families(self) -> list[Any]:
+        """copilot_circuit_breaker_state at scrape time (a breaker goes half-open by time alone)."""
+        return metrics.breaker_families(self._states())
 
     def _get(self, key: str, threshold: int) -> CircuitBreaker:
         breaker = self._breakers.get(key)

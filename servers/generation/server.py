@@ -7,6 +7,7 @@ import logging
 import grpc
 
 from copilot.v1 import generation_pb2_grpc, metering_pb2_grpc, retrieval_pb2_grpc, tenant_pb2_grpc
+from servers.common.audit import AuditTrail
 from servers.common.lifecycle import Service, connect
 from servers.common.settings import Settings
 from servers.generation.llm import AnthropicProvider, LLMSettings, OpenAIProvider
@@ -43,12 +44,19 @@ def build(settings: Settings) -> Service:
     )
     outbox = UsageOutbox(settings.service_dir("generation") / "usage-outbox", pipeline.deliver)
     pipeline.attach_outbox(outbox)
+    # COPILOT_AUDIT=0 only for the benchmark's comparison: the audit trail is on in any deployment.
+    audit = AuditTrail("generation", metering_channel, settings.service_dir("generation") / "audit-outbox") \
+        if settings.audit_enabled else None
+    if audit is not None:
+        pipeline.attach_audit(audit)
 
     def register(server: grpc.aio.Server) -> None:
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(pipeline), server)
 
     async def close() -> None:
         await outbox.stop()
+        if audit is not None:
+            await audit.stop()
         for llm in llms:
             await llm.close()
         await retrieval_channel.close(None)
@@ -63,7 +71,8 @@ def build(settings: Settings) -> Service:
             "retrieval": _channel_ready(retrieval_channel),
             "metering": _channel_ready(metering_channel),
         },
-        on_start=[outbox.start],
+        on_start=[outbox.start, *([audit.start] if audit is not None else [])],
+        on_refusal=audit.refused if audit is not None else None,
         on_stop=[close],
     )
 

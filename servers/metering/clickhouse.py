@@ -163,10 +163,11 @@ class ClickHouseBackend(ABC):
     async def command(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
         await self._call(self._command, sql, dict(params or {}))
 
-    async def insert(self, rows: Sequence[Sequence[Any]]) -> None:
-        """Inserts rows (in COLUMNS order) into usage_events as one insert."""
+    async def insert(self, rows: Sequence[Sequence[Any]], table: str = TABLE,
+                     columns: Sequence[str] = COLUMNS) -> None:
+        """Inserts rows (in `columns` order; usage_events by default) as one insert."""
         if rows:
-            await self._call(self._insert, rows)
+            await self._call(self._insert, rows, table, tuple(columns))
 
     async def ping(self) -> bool:
         try:
@@ -187,7 +188,7 @@ class ClickHouseBackend(ABC):
     def _command(self, sql: str, params: dict[str, Any]) -> None: ...
 
     @abstractmethod
-    def _insert(self, rows: Sequence[Sequence[Any]]) -> None: ...
+    def _insert(self, rows: Sequence[Sequence[Any]], table: str, columns: tuple[str, ...]) -> None: ...
 
 
 class ChdbBackend(ClickHouseBackend):
@@ -228,14 +229,13 @@ class ChdbBackend(ClickHouseBackend):
     def _command(self, sql: str, params: dict[str, Any]) -> None:
         self._run(sql, params, "CSV")
 
-    def _insert(self, rows: Sequence[Sequence[Any]]) -> None:
+    def _insert(self, rows: Sequence[Sequence[Any]], table: str, columns: tuple[str, ...]) -> None:
         lines = []
         for row in rows:
-            record = dict(zip(COLUMNS, row, strict=True))
-            record["occur_time"] = _ch_time(record["occur_time"])
-            record["record_time"] = _ch_time(record["record_time"])
+            record = {name: _ch_time(value) if isinstance(value, datetime) else value
+                      for name, value in zip(columns, row, strict=True)}
             lines.append(json.dumps(record, separators=(",", ":")))
-        self._run(f"INSERT INTO {TABLE} FORMAT JSONEachRow\n" + "\n".join(lines), {}, "CSV")
+        self._run(f"INSERT INTO {table} FORMAT JSONEachRow\n" + "\n".join(lines), {}, "CSV")
 
 
 class ServerBackend(ClickHouseBackend):
@@ -270,8 +270,8 @@ class ServerBackend(ClickHouseBackend):
     def _command(self, sql: str, params: dict[str, Any]) -> None:
         self._client.command(sql, parameters=params)
 
-    def _insert(self, rows: Sequence[Sequence[Any]]) -> None:
-        self._client.insert(TABLE, [list(r) for r in rows], column_names=list(COLUMNS))
+    def _insert(self, rows: Sequence[Sequence[Any]], table: str, columns: tuple[str, ...]) -> None:
+        self._client.insert(table, [list(r) for r in rows], column_names=list(columns))
 
 
 def backend(clickhouse_url: str | None, embedded_dir: Path) -> ClickHouseBackend:

@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 
 from prometheus_client import Counter
 
+from servers.common import metrics, telemetry
 from servers.common.errors import InvalidArgument, QuotaViolation, ResourceExhausted
 from servers.metering.plans import Limits
 from servers.metering.tenants import Tenant
@@ -92,8 +93,13 @@ class QuotaChecker:
         if estimated_tokens < 0:
             raise InvalidArgument.field("estimated_tokens", "must not be negative")
         now = self._clock()
-        usage = await self._usage.quota_usage(tenant.tenant_id, hour_window(now), month_window(now))
-        return evaluate(tenant.tenant_id, tenant.limits, usage, now, estimated_tokens)
+        with telemetry.span("quota.evaluate", {"copilot.estimated_tokens": estimated_tokens}) as current:
+            usage = await self._usage.quota_usage(tenant.tenant_id, hour_window(now), month_window(now))
+            decision = evaluate(tenant.tenant_id, tenant.limits, usage, now, estimated_tokens)
+            current.set_attribute("copilot.quota_allowed", decision.allowed)
+        for q in decision.quotas:
+            metrics.QUOTA_LEVELS.observe(tenant.tenant_id, q.name, q.used, q.limit, q.reset_time)
+        return decision
 
     async def observe(self, tenant: Tenant) -> list[tuple[str, int]]:
         """After usage was recorded: emits a threshold event (log line + metric) for every
@@ -105,6 +111,7 @@ class QuotaChecker:
         for name, used, limit, window in (
                 (REQUESTS_PER_HOUR, usage.requests_in_hour, tenant.limits.requests_per_hour, hour),
                 (TOKENS_PER_MONTH, usage.tokens_in_month, tenant.limits.tokens_per_month, month)):
+            metrics.QUOTA_LEVELS.observe(tenant.tenant_id, name, used, limit, window.end)
             for threshold in THRESHOLDS:
                 if limit <= 0 or used * 100 < limit * threshold:
                     continue

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import grpc
 
-from copilot.v1 import metering_pb2_grpc, tenant_pb2_grpc
+from copilot.v1 import audit_pb2_grpc, metering_pb2_grpc, tenant_pb2_grpc
 from servers.common import lifecycle
 from servers.common.settings import Settings
 from servers.metering import clickhouse
+from servers.metering.audit import AuditServiceServicer, MeteringAudit
+from servers.metering.audit_store import AUDIT_CODEC, AuditStore
 from servers.metering.billing import billing_from
 from servers.metering.chstore import ClickHouseUsageStore
 from servers.metering.onboarding import Onboarding, RetrievalHook, TenantHook
@@ -17,7 +19,11 @@ from servers.metering.tenants import CachedTenantStore, SqliteTenantStore, Tenan
 from servers.metering.usage import SqliteUsageStore, UsageStore
 from servers.metering.usagelog import LocalLog, RedisStreamLog, UsageLog
 
-SERVICE_NAMES = ["copilot.v1.MeteringService", "copilot.v1.TenantService"]
+SERVICE_NAMES = ["copilot.v1.MeteringService", "copilot.v1.TenantService", "copilot.v1.AuditService"]
+AUDIT_ON_DELETE = ("keep", "erase")
+# Audit events are moved to ClickHouse once a second (each insert is a part, fsync'd, on the
+# one ClickHouse thread usage shares); reads flush first, so they never miss an event.
+AUDIT_FLUSH_INTERVAL_S = 1.0
 
 
 def tenant_store(settings: Settings) -> TenantStore:
@@ -39,9 +45,26 @@ def usage_store(settings: Settings) -> UsageStore:
                                 flush_interval_s=settings.usage_flush_interval_s)
 
 
+def audit_store(settings: Settings, usage: UsageStore) -> AuditStore:
+    """The audit trail in the same ClickHouse as usage (chDB allows one data directory per
+    process, so the backend is shared), behind its own durable log of the same kind."""
+    directory = settings.service_dir("metering")
+    audit_log: UsageLog = RedisStreamLog(settings.redis_url, stream="copilot:audit:log", group="audit",
+                                         codec=AUDIT_CODEC) if settings.redis_url else LocalLog(
+        directory / "audit-log", codec=AUDIT_CODEC)
+    if isinstance(usage, ClickHouseUsageStore):
+        return AuditStore(usage.db, audit_log, flush_interval_s=AUDIT_FLUSH_INTERVAL_S)
+    return AuditStore(clickhouse.backend(settings.clickhouse_url, directory / "chdb"), audit_log, owns_db=True,
+                      flush_interval_s=AUDIT_FLUSH_INTERVAL_S)
+
+
 def build(settings: Settings) -> lifecycle.Service:
+    if settings.audit_on_tenant_delete not in AUDIT_ON_DELETE:
+        raise SystemExit("COPILOT_AUDIT_ON_TENANT_DELETE must be keep or erase, "
+                         f"not {settings.audit_on_tenant_delete!r}")
     tenants = CachedTenantStore(tenant_store(settings), settings.tenant_cache_ttl_s)
     usage = usage_store(settings)
+    audit = MeteringAudit(audit_store(settings, usage), tenants)
     retrieval_channel = lifecycle.connect(settings.address("retrieval"))
     hooks: list[TenantHook] = [RetrievalHook(retrieval_channel)]
     billing = billing_from(settings, usage)
@@ -50,7 +73,8 @@ def build(settings: Settings) -> lifecycle.Service:
     prices = PriceTable.load(settings.price_table)
     metering = MeteringServiceServicer(tenants, usage, prices=prices, billing=billing)
     tenant_service = TenantServiceServicer(tenants, onboarding=Onboarding(hooks), usage=usage,
-                                           usage_on_delete=settings.usage_on_delete)
+                                           usage_on_delete=settings.usage_on_delete, audit=audit,
+                                           audit_on_delete=settings.audit_on_tenant_delete)
 
     async def close_channels() -> None:
         tenant_service.watchers.close()
@@ -61,9 +85,14 @@ def build(settings: Settings) -> lifecycle.Service:
     def register(server: grpc.aio.Server) -> None:
         metering_pb2_grpc.add_MeteringServiceServicer_to_server(metering, server)
         tenant_pb2_grpc.add_TenantServiceServicer_to_server(tenant_service, server)
+        audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServiceServicer(audit), server)
 
     async def stores_answer() -> bool:
-        return await tenants.ping() and await usage.ping()
+        return await tenants.ping() and await usage.ping() and await audit.store.ping()
+
+    async def close_audit() -> None:
+        await audit.settled()
+        await audit.store.close()
 
     return lifecycle.Service(
         name="metering",
@@ -71,6 +100,8 @@ def build(settings: Settings) -> lifecycle.Service:
         service_names=list(SERVICE_NAMES),
         register=register,
         dependencies={"stores": stores_answer},
-        on_start=[tenants.open, usage.open, *([billing.open] if billing is not None else [])],
-        on_stop=[close_channels, usage.close, tenants.close],
+        on_start=[tenants.open, usage.open, audit.store.open, *([billing.open] if billing is not None else [])],
+        # Run in reverse: the audit store closes before usage closes the ClickHouse they share.
+        on_stop=[close_channels, usage.close, close_audit, tenants.close],
+        on_refusal=audit.refused,
     )

@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING
 import grpc
 
 from copilot.v1 import (
+    audit_pb2,
     metering_pb2,
     metering_pb2_grpc,
     tenant_pb2,
     tenant_pb2_grpc,
 )
-from servers.common import identity
+from servers.common import identity, metrics, telemetry
 from servers.common.errors import FieldViolation, InvalidArgument, NotFound, PermissionDenied, Unavailable
 from servers.metering import convert
 from servers.metering.onboarding import Onboarding, TenantChange, TenantWatchers
@@ -39,6 +40,7 @@ from servers.metering.tenants import (
 from servers.metering.usage import MAX_BATCH, UsageStore, Window, month_start, validate_batch
 
 if TYPE_CHECKING:
+    from servers.metering.audit import MeteringAudit
     from servers.metering.billing import Billing
 
 log = logging.getLogger("copilot.metering")
@@ -80,6 +82,10 @@ class MeteringServiceServicer(metering_pb2_grpc.MeteringServiceServicer):
         self._quota = QuotaChecker(usage, clock)
         self._prices = prices
         self._billing = billing
+        # The durable log's backlog (events acknowledged, not yet in ClickHouse), read at
+        # scrape time; a store without a log (SQLite) has none.
+        if hasattr(usage, "pending_events"):
+            metrics.SOURCES.gauge(*metrics.USAGE_LOG_DEPTH, lambda: float(getattr(usage, "pending_events", 0)))
 
     async def RecordUsage(self, request: metering_pb2.RecordUsageRequest,
                           context: grpc.aio.ServicerContext) -> metering_pb2.RecordUsageResponse:
@@ -97,7 +103,9 @@ class MeteringServiceServicer(metering_pb2_grpc.MeteringServiceServicer):
             raise InvalidArgument(f"unknown tenant {caller.tenant_id}: no usage recorded",
                                   [FieldViolation("tenant", "the caller's tenant does not exist")],
                                   reason="UNKNOWN_TENANT", metadata={"tenant_id": caller.tenant_id}) from None
-        result = await self._usage.record(events)
+        with telemetry.span("usage.record", {"copilot.usage_events": len(events)}) as current:
+            result = await self._usage.record(events)
+            current.set_attribute("copilot.usage_duplicates", result.duplicates)
         if result.recorded:
             await self._quota.observe(tenant)
         return metering_pb2.RecordUsageResponse(recorded=result.recorded, duplicates=result.duplicates)
@@ -159,7 +167,10 @@ class MeteringServiceServicer(metering_pb2_grpc.MeteringServiceServicer):
 class TenantServiceServicer(tenant_pb2_grpc.TenantServiceServicer):
     def __init__(self, tenants: TenantStore, clock: Clock = _utcnow, onboarding: Onboarding | None = None,
                  watchers: TenantWatchers | None = None, usage: UsageStore | None = None,
-                 usage_on_delete: str = "anonymise") -> None:
+                 usage_on_delete: str = "anonymise", audit: MeteringAudit | None = None,
+                 audit_on_delete: str = "keep") -> None:
+        self._audit = audit
+        self._audit_on_delete = audit_on_delete
         self._tenants = tenants
         self._clock = clock
         self._onboarding = onboarding or Onboarding()
@@ -183,6 +194,8 @@ class TenantServiceServicer(tenant_pb2_grpc.TenantServiceServicer):
             await self._tenants.delete(tenant.tenant_id)
             raise
         self.watchers.publish(TenantChange(tenants=(tenant,)))
+        if self._audit is not None:
+            await self._audit.tenant_change(audit_pb2.AUDIT_EVENT_KIND_TENANT_CREATED, None, tenant)
         log.info("tenant created", extra={"tenant_id": tenant.tenant_id, "plan": tenant.plan.value})
         return tenant_pb2.CreateTenantResponse(tenant=convert.tenant_pb(tenant))
 
@@ -206,8 +219,12 @@ class TenantServiceServicer(tenant_pb2_grpc.TenantServiceServicer):
                 raise PermissionDenied(f"only a platform operator may change {', '.join(reserved)}",
                                        reason="OPERATOR_ONLY_FIELD")
         now = self._clock()
-        tenant = await self._tenants.update(tenant_id, lambda current: apply_changes(current, changes, now))
+        before: list[Tenant] = []
+        tenant = await self._tenants.update(tenant_id, lambda current: apply_changes(
+            before.append(current) or current, changes, now))  # type: ignore[func-returns-value]
         self.watchers.publish(TenantChange(tenants=(tenant,)))
+        if self._audit is not None:
+            await self._audit.tenant_change(audit_pb2.AUDIT_EVENT_KIND_TENANT_UPDATED, before[-1], tenant, changes)
         log.info("tenant updated", extra={"tenant_id": tenant_id, "paths": sorted(changes),
                                           "config_version": tenant.config_version})
         return tenant_pb2.UpdateTenantResponse(tenant=convert.tenant_pb(tenant))
@@ -223,14 +240,24 @@ class TenantServiceServicer(tenant_pb2_grpc.TenantServiceServicer):
                            context: grpc.aio.ServicerContext) -> tenant_pb2.DeleteTenantResponse:
         identity.require_role(identity.OPERATOR)
         tenant_id = validate_tenant_id(request.tenant_id)
-        await self._tenants.get(tenant_id)  # NOT_FOUND before erasing anything
+        doomed = await self._tenants.get(tenant_id)  # NOT_FOUND before erasing anything
         # Erased everywhere first: a failure leaves the tenant in place, and the deletion
         # can be retried (every erasure is idempotent).
         await self._onboarding.erase(tenant_id)
         if self._usage is not None and self._usage_on_delete != "keep":
             await self._usage.forget_tenant(tenant_id, anonymise=self._usage_on_delete == "anonymise")
         await self._tenants.delete(tenant_id)
+        metrics.QUOTA_LEVELS.forget(tenant_id)
         self.watchers.publish(TenantChange(deleted=(tenant_id,)))
+        if self._audit is not None:
+            kind = audit_pb2.AUDIT_EVENT_KIND_TENANT_DELETED
+            if self._audit_on_delete == "erase":
+                # The tenant's trail goes; the deletion itself stays audited, in the trail of
+                # the operator's own tenant.
+                await self._audit.store.erase_tenant(tenant_id)
+                await self._audit.tenant_change(kind, doomed, None, tenant_id=identity.tenant_id())
+            else:
+                await self._audit.tenant_change(kind, doomed, None)
         log.info("tenant deleted", extra={"tenant_id": tenant_id, "usage": self._usage_on_delete})
         return tenant_pb2.DeleteTenantResponse()
 
@@ -240,8 +267,12 @@ class TenantServiceServicer(tenant_pb2_grpc.TenantServiceServicer):
         tenant_id = validate_tenant_id(request.tenant_id)
         state = TenantState.SUSPENDED if request.suspended else TenantState.ACTIVE
         now = self._clock()
-        tenant = await self._tenants.update(tenant_id, lambda current: apply_changes(current, {"state": state}, now))
+        before: list[Tenant] = []
+        tenant = await self._tenants.update(tenant_id, lambda current: apply_changes(
+            before.append(current) or current, {"state": state}, now))  # type: ignore[func-returns-value]
         self.watchers.publish(TenantChange(tenants=(tenant,)))
+        if self._audit is not None:
+            await self._audit.tenant_change(audit_pb2.AUDIT_EVENT_KIND_TENANT_UPDATED, before[-1], tenant, ["state"])
         log.info("tenant suspended" if request.suspended else "tenant resumed",
                  extra={"tenant_id": tenant_id, "config_version": tenant.config_version})
         return tenant_pb2.SuspendTenantResponse(tenant=convert.tenant_pb(tenant))

@@ -19,7 +19,7 @@ import os
 import struct
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -60,12 +60,25 @@ def decode(payload: bytes) -> tuple[datetime, list[UsageEvent]]:
 
 
 @dataclass(frozen=True)
+class LogCodec:
+    """How a log's records are written and read back: usage events by default; the audit
+    trail (servers/metering/audit_store.py) keeps its chained events in the same kind of log."""
+
+    encode: Callable[[Sequence[Any], datetime], bytes]
+    decode: Callable[[bytes], tuple[datetime, list[Any]]]
+
+
+USAGE_CODEC = LogCodec(encode, decode)
+
+
+@dataclass(frozen=True)
 class LogEntry:
     """One appended batch. `position` orders entries and names them to `commit`."""
 
     position: Any
     record_time: datetime
-    events: list[UsageEvent]
+    # UsageEvent for the usage log; whatever the log's codec reads back otherwise.
+    events: list[Any]
 
 
 class UsageLog(ABC):
@@ -74,7 +87,7 @@ class UsageLog(ABC):
         """Opens the log; returns the entries appended but not committed, oldest first."""
 
     @abstractmethod
-    async def append(self, events: Sequence[UsageEvent], record_time: datetime) -> LogEntry:
+    async def append(self, events: Sequence[Any], record_time: datetime) -> LogEntry:
         """Appends one batch; returns only once it is durable. On failure nothing of the
         batch is in the log."""
 
@@ -92,8 +105,10 @@ class UsageLog(ABC):
 class LocalLog(UsageLog):
     """Segment files plus a checkpoint (segment, offset), all under one directory."""
 
-    def __init__(self, directory: Path, segment_bytes: int = SEGMENT_BYTES, fsync: bool = True) -> None:
+    def __init__(self, directory: Path, segment_bytes: int = SEGMENT_BYTES, fsync: bool = True,
+                 codec: LogCodec = USAGE_CODEC) -> None:
         self.directory = directory
+        self._codec = codec
         self._segment_bytes = segment_bytes
         self._fsync = fsync
         self._executor: ThreadPoolExecutor | None = None
@@ -138,7 +153,7 @@ class LocalLog(UsageLog):
                 if end > len(data) or zlib.crc32(data[pos + _HEADER.size:end]) != crc:
                     break
                 if pos >= offset:
-                    record_time, events = decode(data[pos + _HEADER.size:end])
+                    record_time, events = self._codec.decode(data[pos + _HEADER.size:end])
                     entries.append(LogEntry((segment, end), record_time, events))
                 pos = good = end
             if good < len(data):
@@ -229,8 +244,8 @@ class LocalLog(UsageLog):
         entries: list[LogEntry] = await self._call(self._open)
         return entries
 
-    async def append(self, events: Sequence[UsageEvent], record_time: datetime) -> LogEntry:
-        payload = encode(events, record_time)
+    async def append(self, events: Sequence[Any], record_time: datetime) -> LogEntry:
+        payload = self._codec.encode(events, record_time)
         try:
             position = await self._call(self._append, payload)
         except OSError as exc:
@@ -268,9 +283,10 @@ class RedisStreamLog(UsageLog):
     """
 
     def __init__(self, url: str, stream: str = "copilot:usage:log", group: str = "flushers",
-                 consumer: str | None = None, claim_idle_ms: int = 60_000) -> None:
+                 consumer: str | None = None, claim_idle_ms: int = 60_000, codec: LogCodec = USAGE_CODEC) -> None:
         import socket
 
+        self._codec = codec
         self.url = url
         self.stream = stream
         self.group = group
@@ -318,16 +334,15 @@ class RedisStreamLog(UsageLog):
                 break
         return [entries[k] for k in sorted(entries, key=_stream_order)]
 
-    @staticmethod
-    def _entry(entry_id: bytes, fields: dict[bytes, bytes]) -> LogEntry:
-        record_time, events = decode(fields[b"b"])
+    def _entry(self, entry_id: bytes, fields: dict[bytes, bytes]) -> LogEntry:
+        record_time, events = self._codec.decode(fields[b"b"])
         return LogEntry(entry_id, record_time, events)
 
-    async def append(self, events: Sequence[UsageEvent], record_time: datetime) -> LogEntry:
+    async def append(self, events: Sequence[Any], record_time: datetime) -> LogEntry:
         from redis.exceptions import RedisError
 
         try:
-            entry_id = await self._redis.xadd(self.stream, {"b": encode(events, record_time)})
+            entry_id = await self._redis.xadd(self.stream, {"b": self._codec.encode(events, record_time)})
         except (RedisError, OSError) as exc:
             log.warning("usage log append failed", extra={"error": repr(exc)})
             raise Unavailable("usage could not be made durable (Redis); retry", reason="LOG_FAILED") from exc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -37,6 +38,9 @@ def _int(environ: Mapping[str, str], name: str, default: int, low: int, high: in
     return value
 
 
+STORES = ("embedded", "weaviate")
+
+
 @dataclass(frozen=True, slots=True)
 class RetrievalConfig:
     # Open tenant indexes kept in memory (LRU); idle tenants beyond it are closed.
@@ -56,6 +60,15 @@ class RetrievalConfig:
     candidates: int = DEFAULT_CANDIDATES
     result_cache_entries: int = 4096
     embedding_cache_entries: int = 4096
+    # embedded (SQLite files under the data dir) | weaviate (WEAVIATE_URL).
+    store: str = "embedded"
+    weaviate_url: str | None = None
+    weaviate_grpc_port: int = 50051
+    weaviate_api_key: str | None = None
+    weaviate_timeout_s: float = 10.0
+    # Collections `<prefix>Chunk` and `<prefix>Settings`: a new prefix starts a fresh index
+    # (e.g. after changing the embedder, whose vectors have another dimension).
+    weaviate_collection_prefix: str = "Copilot"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> RetrievalConfig:
@@ -75,7 +88,20 @@ class RetrievalConfig:
             candidates=_int(env, "COPILOT_RETRIEVAL_CANDIDATES", DEFAULT_CANDIDATES, 10, 1000),
             result_cache_entries=_int(env, "COPILOT_RETRIEVAL_RESULT_CACHE", 4096, 0, 1_000_000),
             embedding_cache_entries=_int(env, "COPILOT_RETRIEVAL_EMBEDDING_CACHE", 4096, 0, 1_000_000),
+            store=_choice(env, "COPILOT_STORE", STORES) or "embedded",
+            weaviate_url=env.get("WEAVIATE_URL", "").strip() or None,
+            weaviate_grpc_port=_int(env, "WEAVIATE_GRPC_PORT", 50051, 1, 65535),
+            weaviate_api_key=env.get("WEAVIATE_API_KEY", "").strip() or None,
+            weaviate_timeout_s=_float(env, "COPILOT_WEAVIATE_TIMEOUT_S", 10.0, 0.1, 300.0),
+            weaviate_collection_prefix=env.get("COPILOT_WEAVIATE_COLLECTION_PREFIX", "").strip() or "Copilot",
         )
+
+    def __post_init__(self) -> None:
+        if self.store == "weaviate" and not self.weaviate_url:
+            raise ValueError("COPILOT_STORE=weaviate needs WEAVIATE_URL (e.g. http://weaviate:8080)")
+        if not re.fullmatch(r"[A-Z][A-Za-z0-9]{0,40}", self.weaviate_collection_prefix):
+            raise ValueError("COPILOT_WEAVIATE_COLLECTION_PREFIX must be a capitalised alphanumeric name,"
+                             f" got {self.weaviate_collection_prefix!r}")
 
 
 def _choice(environ: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:

@@ -7,10 +7,12 @@ each backend quotes them for its own syntax, so operators typed by a user ("AND"
 
 from __future__ import annotations
 
+import itertools
 import re
 import unicodedata
 
 MAX_QUERY_TERMS = 64
+MAX_QUERY_PHRASES = 32
 
 # Letters and digits only: underscores and punctuation separate terms, as in the index.
 _TERM = re.compile(r"[^\W_]+")
@@ -38,3 +40,17 @@ def query_terms(text: str) -> list[str]:
     distinct = list(dict.fromkeys(words))
     content = [w for w in distinct if w not in STOP_WORDS]
     return (content or distinct)[:MAX_QUERY_TERMS]
+
+
+def query_phrases(text: str) -> list[str]:
+    """Distinct pairs of adjacent content words of `text` ("pfp operator", "exit facility").
+
+    A backend that can match phrases scores them besides the single terms (as in the
+    sequential-dependence model): a passage that says "exit facility" ranks above one that
+    only has "exit" and "facility" far apart. Pairs with a stop word are left out: "of the"
+    carries no meaning, and "operator of" only repeats its content word's evidence.
+    Measured on ObliQA dev (README): BM25 nDCG@10 0.665 -> 0.684.
+    """
+    words = _TERM.findall(unicodedata.normalize("NFC", text).lower())
+    pairs = (f"{a} {b}" for a, b in itertools.pairwise(words) if a not in STOP_WORDS and b not in STOP_WORDS)
+    return list(dict.fromkeys(pairs))[:MAX_QUERY_PHRASES]

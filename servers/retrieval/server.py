@@ -7,13 +7,14 @@ from pathlib import Path
 import grpc
 
 from copilot.v1 import retrieval_pb2, retrieval_pb2_grpc
-from servers.common.lifecycle import Service
+from servers.common.audit import AuditTrail
+from servers.common.lifecycle import Service, connect
 from servers.common.settings import Settings
 from servers.retrieval.config import RetrievalConfig
 from servers.retrieval.embedders import build_embedder
 from servers.retrieval.engine import RetrievalEngine
 from servers.retrieval.service import RetrievalServiceServicer
-from servers.retrieval.store import SqliteFtsStore
+from servers.retrieval.store import DocumentStore, SqliteFtsStore
 
 SERVICE_NAME = retrieval_pb2.DESCRIPTOR.services_by_name["RetrievalService"].full_name
 
@@ -22,12 +23,30 @@ def tenants_dir(settings: Settings) -> Path:
     return settings.data_dir / "retrieval" / "tenants"
 
 
+# The health dependency each store reports under (NOT_SERVING while it fails).
+STORE_DEPENDENCY = {"embedded": "data_dir_writable", "weaviate": "weaviate_ready"}
+
+
+def build_store(settings: Settings, config: RetrievalConfig) -> DocumentStore:
+    if config.store == "weaviate":
+        assert config.weaviate_url is not None  # RetrievalConfig checks it
+        # Imported here: weaviate-client takes about a second to import, which the
+        # embedded default should not pay.
+        from servers.retrieval.weaviate_store import WeaviateConfig, WeaviateStore
+
+        # Connects lazily (first call or health probe): the server starts even while
+        # Weaviate is still coming up, and reports NOT_SERVING until it answers.
+        return WeaviateStore(WeaviateConfig(url=config.weaviate_url, grpc_port=config.weaviate_grpc_port,
+                                            api_key=config.weaviate_api_key, timeout_s=config.weaviate_timeout_s,
+                                            collection_prefix=config.weaviate_collection_prefix))
+    return SqliteFtsStore(tenants_dir(settings), max_open_tenants=config.max_open_tenants, workers=config.workers)
+
+
 def build(settings: Settings, config: RetrievalConfig | None = None) -> Service:
     config = config or RetrievalConfig.from_env()
     # Nothing touches the disk here: directories are created by the first health probe
     # or the first tenant, on worker threads.
-    store = SqliteFtsStore(tenants_dir(settings), max_open_tenants=config.max_open_tenants,
-                           workers=config.workers)
+    store = build_store(settings, config)
     embedder = build_embedder(config.embedder, openai_model=config.openai_embedding_model,
                               openai_dimension=config.openai_embedding_dimension,
                               openai_base_url=config.openai_base_url, batch_size=config.embed_batch_size)
@@ -36,7 +55,12 @@ def build(settings: Settings, config: RetrievalConfig | None = None) -> Service:
                              default_fusion=config.default_fusion,
                              result_cache_entries=config.result_cache_entries,
                              embedding_cache_entries=config.embedding_cache_entries)
-    servicer = RetrievalServiceServicer(engine)
+    # Ingests, deletes and search-setting changes go to metering's audit trail through a
+    # durable outbox (COPILOT_AUDIT=0 turns it off, for benchmarks only).
+    metering_channel = connect(settings.address("metering")) if settings.audit_enabled else None
+    audit = AuditTrail("retrieval", metering_channel, settings.data_dir / "retrieval" / "audit-outbox") \
+        if metering_channel is not None else None
+    servicer = RetrievalServiceServicer(engine, audit)
 
     async def start_embedder() -> None:
         # The model loads on its own thread; health is NOT_SERVING until it is ready
@@ -46,12 +70,18 @@ def build(settings: Settings, config: RetrievalConfig | None = None) -> Service:
     def register(server: grpc.aio.Server) -> None:
         retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server(servicer, server)
 
+    async def stop_audit() -> None:
+        if audit is not None and metering_channel is not None:
+            await audit.stop()
+            await metering_channel.close(None)
+
     return Service(
         name="retrieval",
         port=settings.retrieval_port,
         service_names=[SERVICE_NAME],
         register=register,
-        dependencies={"data_dir_writable": engine.healthy, "embedder_ready": engine.embedder_healthy},
-        on_start=[start_embedder],
-        on_stop=[engine.close],
+        dependencies={STORE_DEPENDENCY[config.store]: engine.healthy, "embedder_ready": engine.embedder_healthy},
+        on_start=[start_embedder, *([audit.start] if audit is not None else [])],
+        on_stop=[engine.close, *([stop_audit] if audit is not None else [])],
+        on_refusal=audit.refused if audit is not None else None,
     )

@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from copilot.v1 import audit_pb2
 from copilot.v1 import retrieval_pb2 as pb
 from copilot.v1 import retrieval_pb2_grpc as pb_grpc
+from servers.common.audit import AuditTrail
 from servers.common.errors import FieldViolation, InvalidArgument
 from servers.common.identity import ADMIN, INGEST, SERVICE, require_role, tenant_id
 from servers.retrieval.engine import (
@@ -281,15 +283,25 @@ def _results(results: Iterable[IngestResult]) -> list[pb.DocumentResult]:
     return [result_to_proto(result) for result in results]
 
 
+def _audit_ingested(audit: AuditTrail | None, results: Sequence[IngestResult]) -> None:
+    if audit is not None:
+        audit.record(audit_pb2.AUDIT_EVENT_KIND_DOCUMENTS_INGESTED, documents=audit_pb2.DocumentsAudit(documents=[
+            audit_pb2.AuditedDocument(document_id=r.document_id, content_hash=r.content_hash, status=r.status.value,
+                                      chunks=r.chunks) for r in results]))
+
+
 class RetrievalServiceServicer(pb_grpc.RetrievalServiceServicer):
-    def __init__(self, engine: RetrievalEngine) -> None:
+    def __init__(self, engine: RetrievalEngine, audit: AuditTrail | None = None) -> None:
         self._engine = engine
+        # Ingests, deletes and search-setting changes, recorded off the request path.
+        self._audit = audit
 
     async def IngestDocuments(self, request: pb.IngestDocumentsRequest,
                               context: grpc.aio.ServicerContext) -> pb.IngestDocumentsResponse:
         require_role(ADMIN, INGEST)
         documents = documents_from_proto(request.documents)
         results = await self._engine.ingest(tenant_id(), documents)
+        _audit_ingested(self._audit, results)
         return pb.IngestDocumentsResponse(results=_results(results))
 
     async def StreamIngestDocuments(
@@ -304,6 +316,7 @@ class RetrievalServiceServicer(pb_grpc.RetrievalServiceServicer):
         async for request in request_iterator:
             documents = documents_from_proto(request.documents, suffix=f" (stream batch {batch})")
             results = await self._engine.ingest(tenant, documents)
+            _audit_ingested(self._audit, results)
             done += len(results)
             batch += 1
             yield pb.StreamIngestDocumentsResponse(results=_results(results), documents_done=done)
@@ -319,7 +332,19 @@ class RetrievalServiceServicer(pb_grpc.RetrievalServiceServicer):
                               context: grpc.aio.ServicerContext) -> pb.DeleteDocumentsResponse:
         require_role(ADMIN, INGEST)
         document_ids = delete_ids_from_proto(request.document_ids)
-        result = await self._engine.delete(tenant_id(), document_ids)
+        tenant = tenant_id()
+        # Read before deleting so the trail says which content was removed, not only its id.
+        versions = (await self._engine.store.indexed_versions(tenant, document_ids)
+                    if self._audit is not None else {})
+        result = await self._engine.delete(tenant, document_ids)
+        if self._audit is not None:
+            missing = set(result.not_found)
+            self._audit.record(audit_pb2.AUDIT_EVENT_KIND_DOCUMENTS_DELETED, documents=audit_pb2.DocumentsAudit(
+                documents=[audit_pb2.AuditedDocument(
+                    document_id=d, status="deleted",
+                    content_hash=versions[d].content_hash if d in versions else "")
+                    for d in dict.fromkeys(document_ids) if d not in missing],
+                not_found=list(result.not_found)))
         return pb.DeleteDocumentsResponse(deleted_documents=result.deleted_documents,
                                           deleted_chunks=result.deleted_chunks,
                                           not_found=list(result.not_found))
@@ -342,7 +367,12 @@ class RetrievalServiceServicer(pb_grpc.RetrievalServiceServicer):
         values = settings_from_proto(request)
         if values:
             require_role(ADMIN)
+            before = await self._engine.defaults(tenant) if self._audit is not None else None
             defaults = await self._engine.configure(tenant, values)
+            if self._audit is not None and before is not None:
+                change = audit_pb2.SearchConfigAudit(before=_settings_to_proto(before),
+                                                     after=_settings_to_proto(defaults))
+                self._audit.record(audit_pb2.AUDIT_EVENT_KIND_SEARCH_CONFIGURED, search_config=change)
         else:
             defaults = await self._engine.defaults(tenant)
         mode, alpha, fusion, top_k = self._engine.effective(defaults)

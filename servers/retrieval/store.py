@@ -29,13 +29,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 
 from servers.common.identity import TENANT_ID_RE
 from servers.retrieval.embedders import Vectors
+from servers.retrieval.fusion import Fusion
 from servers.retrieval.models import (
     DeleteResult,
     Hit,
@@ -44,7 +45,7 @@ from servers.retrieval.models import (
     IngestStatus,
     PreparedDocument,
 )
-from servers.retrieval.query import query_terms
+from servers.retrieval.query import query_phrases, query_terms
 
 T = TypeVar("T")
 
@@ -96,6 +97,16 @@ class DocumentStore(Protocol):
 
     async def close(self) -> None:
         """Releases connections and threads; the store is unusable afterwards."""
+
+
+@runtime_checkable
+class NativeHybridStore(Protocol):
+    """A store that fuses BM25 and dense results itself, in one request (Weaviate's hybrid
+    query); the engine uses it instead of two searches and `fusion.fuse` when present."""
+
+    async def search_hybrid(self, tenant: str, text: str, vector: Vectors, top_k: int,
+                            filters: Mapping[str, str], *, alpha: float, fusion: Fusion) -> list[Hit]:
+        """Best first; `alpha` weighs dense (0: BM25 only, 1: dense only)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +199,9 @@ def _now() -> str:
 
 
 def match_expression(text: str) -> str | None:
-    """An FTS5 MATCH expression that is always valid: every term a quoted string, OR-ed.
+    """An FTS5 MATCH expression that is always valid: every term and every adjacent pair of
+    content words (`query_phrases`) a quoted string, OR-ed. bm25() sums over the query's
+    phrases, so a pair found as written adds its own (rarer, higher-idf) evidence.
 
     Inside an FTS5 string only '"' is special (doubled), so no user text can form an
     operator, a column filter, a prefix query or a syntax error.
@@ -196,7 +209,7 @@ def match_expression(text: str) -> str | None:
     terms = query_terms(text)
     if not terms:
         return None
-    return " OR ".join('"' + term.replace('"', '""') + '"' for term in terms)
+    return " OR ".join('"' + term.replace('"', '""') + '"' for term in [*terms, *query_phrases(text)])
 
 
 @contextlib.contextmanager

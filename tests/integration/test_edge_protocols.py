@@ -20,7 +20,7 @@ from tests.integration.conftest import RunningMesh, create_tenant
 pytestmark = pytest.mark.integration
 
 SERVICES = ("copilot.v1.RetrievalService", "copilot.v1.GenerationService", "copilot.v1.MeteringService",
-            "copilot.v1.TenantService")
+            "copilot.v1.TenantService", "copilot.v1.AuditService")
 
 
 async def test_health_of_every_service_through_envoy(mesh: RunningMesh, channel: grpc.aio.Channel) -> None:

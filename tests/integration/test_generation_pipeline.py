@@ -245,6 +245,19 @@ async def test_stream_cancellation_closes_provider_stream_and_bills(
             break
         await asyncio.sleep(0.1)
     assert usage.requests == 1 and usage.output_tokens >= 2
+    # The abandoned question is in the audit trail once, marked as not completed.
+    from copilot.v1 import audit_pb2, audit_pb2_grpc
+
+    audit = audit_pb2_grpc.AuditServiceStub(gchannel)
+    questions: list[audit_pb2.AuditEvent] = []
+    for _ in range(50):
+        questions = list((await audit.ListAuditEvents(audit_pb2.ListAuditEventsRequest(
+            tenant_id=tenant, filter=audit_pb2.AuditFilter(kinds=[audit_pb2.AUDIT_EVENT_KIND_QUESTION])),
+            metadata=gen_mesh.operator(), timeout=10)).events)
+        if questions:
+            break
+        await asyncio.sleep(0.1)
+    assert len(questions) == 1 and "did not complete" in questions[0].question.degraded_reason
 
 
 async def _edge_knows_plans(mesh: RunningMesh) -> None:

@@ -69,3 +69,52 @@ async def test_background_loop_retries_until_metering_is_back(tmp_path: Path) ->
         await asyncio.sleep(0.02)
     await outbox.stop()
     assert metering.received == [("acme", "answer:1")]
+
+
+class PickyMetering(FlakyMetering):
+    """Refuses one tenant's events, takes the others'."""
+
+    def __init__(self, refused: str) -> None:
+        super().__init__()
+        self.refused = refused
+
+    async def deliver(self, tenant: str, events: list[metering_pb2.UsageEvent]) -> None:
+        await asyncio.sleep(0)
+        if tenant == self.refused and not self.up:
+            raise ConnectionError("refused")
+        self.received.extend((tenant, e.event_id) for e in events)
+
+
+def _on_disk(directory: Path) -> str:
+    return "".join(p.read_text() for p in directory.glob("*.json"))
+
+
+async def test_concurrent_events_are_group_committed_and_replayed(tmp_path: Path) -> None:
+    metering = FlakyMetering()
+    metering.up = False
+    first = UsageOutbox(tmp_path, metering.deliver)
+    results = await asyncio.gather(*(first.record(f"t{n % 3}", _event(n)) for n in range(20)))
+    assert results == [False] * 20
+    # Fewer fsync'd writes than events: the events that arrived during a write shared the next.
+    assert 1 <= first.commits < 20
+    second = UsageOutbox(tmp_path, metering.deliver, interval_s=0.05)
+    metering.up = True
+    assert await second.flush() == 20
+    assert sorted(metering.received) == sorted((f"t{n % 3}", f"answer:{n}") for n in range(20))
+    assert second.pending_count() == 0
+
+
+async def test_a_group_file_stays_until_every_event_in_it_is_delivered(tmp_path: Path) -> None:
+    metering = PickyMetering(refused="globex")
+    metering.up = False
+    outbox = UsageOutbox(tmp_path, metering.deliver)
+    results = await asyncio.gather(*(outbox.record("globex" if n % 2 else "acme", _event(n)) for n in range(6)))
+    await outbox.settled()
+    assert results == [n % 2 == 0 for n in range(6)]
+    # The undelivered globex events are still on disk (with acme's, when they shared a file).
+    on_disk = await asyncio.to_thread(_on_disk, tmp_path)
+    assert all(f"answer:{n}" in on_disk for n in (1, 3, 5))
+    metering.up = True
+    await outbox.flush()
+    assert outbox.pending_count() == 0
+    assert {e for t, e in metering.received if t == "globex"} == {"answer:1", "answer:3", "answer:5"}

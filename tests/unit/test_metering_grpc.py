@@ -368,7 +368,8 @@ def _settings(data_dir: Path) -> Settings:
 async def _serve(settings: Settings) -> tuple[grpc.aio.Server, Any, Health, int]:
     built = build(settings)
     assert built.name == "metering"
-    assert built.service_names == ["copilot.v1.MeteringService", "copilot.v1.TenantService"]
+    assert built.service_names == ["copilot.v1.MeteringService", "copilot.v1.TenantService",
+                                  "copilot.v1.AuditService"]
     server = grpc.aio.server(interceptors=[IdentityServerInterceptor(access_log=False)])
     health = Health(built.service_names)
     for name, check in built.dependencies.items():

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from servers.common.errors import InvalidArgument
-from servers.retrieval.embedders import HashEmbedder
+from servers.retrieval.embedders import HashEmbedder, Vectors
 from servers.retrieval.engine import SETTING_ALPHA, SETTING_MODE, RetrievalEngine
 from servers.retrieval.fusion import Fusion
 from servers.retrieval.models import DocumentInput, IngestStatus, SearchMode, SearchQuery
+from servers.retrieval.query import MAX_QUERY_PHRASES, query_phrases
 from servers.retrieval.store import SqliteFtsStore
 
 A, B = "tenant-a", "tenant-b"
@@ -201,3 +202,47 @@ async def test_hash_embedder_is_normalised_and_deterministic() -> None:
     assert np.allclose(np.linalg.norm(vectors[:2], axis=1), 1.0)
     assert np.array_equal(vectors[0], vectors[1])
     assert not vectors[2].any()
+
+
+class RecordingEmbedder(HashEmbedder):
+    """The hashing embedder, remembering every text it was asked to embed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.texts: list[str] = []
+
+    async def embed(self, texts: Sequence[str]) -> Vectors:
+        self.texts.extend(texts)
+        return await super().embed(texts)
+
+
+async def test_vectors_encode_the_chunk_text_without_its_headings(store: SqliteFtsStore) -> None:
+    embedder = RecordingEmbedder()
+    engine = RetrievalEngine(store, embedder=embedder)
+    text = "Records of identity checks must be kept for five years."
+    await engine.ingest(A, [doc("p1", text, title="AML > Customer Due Diligence")])
+    assert embedder.texts == [text]
+    # The heading path still ranks on the lexical side.
+    hits = (await engine.search(A, SearchQuery("customer due diligence", mode=SearchMode.BM25))).hits
+    assert [hit.document_id for hit in hits] == ["p1"]
+    # What vectors encode is part of the index signature: a change re-embeds stored chunks.
+    assert "text-v" in engine.index_signature
+
+
+def test_query_phrases_are_adjacent_content_word_pairs() -> None:
+    assert query_phrases("If a PFP Client intends to use the exit facility?") == [
+        "pfp client", "client intends", "exit facility"]
+    assert query_phrases("what is the") == []
+    assert query_phrases("exit facility, exit facility") == ["exit facility", "facility exit"]
+    assert len(query_phrases(" ".join(f"w{i}" for i in range(200)))) == MAX_QUERY_PHRASES
+
+
+async def test_bm25_ranks_a_phrase_found_as_written_first(store: SqliteFtsStore) -> None:
+    engine = RetrievalEngine(store)
+    await engine.ingest(A, [
+        doc("apart", "Exit rules differ: an exit needs notice, and the facility then closes for good."),
+        doc("phrase", "Clients may use the exit facility at any time after the first year ends."),
+        doc("other", "Annual leave requests go to the line manager."),
+    ])
+    hits = (await engine.search(A, SearchQuery("exit facility", mode=SearchMode.BM25))).hits
+    assert [hit.document_id for hit in hits] == ["phrase", "apart"]

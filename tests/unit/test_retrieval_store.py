@@ -186,7 +186,9 @@ async def test_fts_syntax_in_queries_never_errors(engine: RetrievalEngine) -> No
         query = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 30)))
         await engine.search(A, SearchQuery(query))
     assert match_expression("!!!") is None
-    assert match_expression('say "hi" NEAR(x') == '"say" OR "hi" OR "near" OR "x"'
+    # Terms, then adjacent pairs as phrases: operators typed by a user stay plain words.
+    assert match_expression('say "hi" NEAR(x') == ('"say" OR "hi" OR "near" OR "x"'
+                                                   ' OR "say hi" OR "hi near" OR "near x"')
 
 
 async def test_top_k(engine: RetrievalEngine) -> None:

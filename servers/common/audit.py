@@ -1,0 +1,63 @@
+"""Audit events from the services that are not the audit store (generation, retrieval).
+
+`AuditTrail.record` builds the event from the caller's identity and hands it to a durable
+outbox (servers/common/outbox.py) in the background: the request never waits for the audit
+write, and the event reaches `AuditService.RecordAuditEvents` (metering) once, with the same
+event id, even across a metering outage or a restart of this service.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from copilot.v1 import audit_pb2, audit_pb2_grpc
+from servers.common import identity
+from servers.common.interceptors import detached_deadline
+from servers.common.outbox import Outbox
+
+log = logging.getLogger("copilot.audit")
+
+DELIVERY_TIMEOUT_S = 5.0
+
+
+class AuditTrail:
+    def __init__(self, service: str, channel: grpc.aio.Channel, directory: Path, interval_s: float = 1.0) -> None:
+        self.service = service
+        self._stub = audit_pb2_grpc.AuditServiceStub(channel)
+        self.outbox: Outbox[audit_pb2.AuditEvent] = Outbox(directory, self._deliver, audit_pb2.AuditEvent,
+                                                           interval_s=interval_s, name=f"{service}-audit-outbox")
+
+    def record(self, kind: int, caller: identity.Identity | None = None, **details: Any) -> None:
+        """Records one event for the caller's tenant (or `caller`'s), off the request path.
+        `details`: the one AuditEvent details field of the kind, e.g. question=QuestionAudit(...)."""
+        who = caller or identity.current()
+        event = audit_pb2.AuditEvent(event_id=f"{self.service}:{uuid.uuid4().hex}", kind=kind,  # type: ignore[arg-type]
+                                     actor=who.subject, actor_roles=sorted(who.roles), service=self.service,
+                                     **details)
+        event.occur_time.GetCurrentTime()
+        self.outbox.submit(who.tenant_id, event)
+
+    def refused(self, caller: identity.Identity, method: str, code: grpc.StatusCode, reason: str,
+                message: str) -> None:
+        """The server interceptor's hook (lifecycle.Service.on_refusal)."""
+        self.record(audit_pb2.AUDIT_EVENT_KIND_REQUEST_REFUSED, caller, refusal=audit_pb2.RefusalAudit(
+            rpc=method, code=code.name, reason=reason, message=message[:1000]))
+
+    async def _deliver(self, tenant_id: str, events: list[audit_pb2.AuditEvent], redelivery: bool) -> None:
+        writer = identity.Identity(tenant_id=tenant_id, subject=f"service:{self.service}",
+                                   roles=frozenset({identity.SERVICE}))
+        # Not bounded by the request's deadline: the request is over, its audit must still land.
+        with identity.acting_as(writer), detached_deadline():
+            await self._stub.RecordAuditEvents(audit_pb2.RecordAuditEventsRequest(
+                events=events, redelivery=redelivery), timeout=DELIVERY_TIMEOUT_S)
+
+    async def start(self) -> None:
+        await self.outbox.start()
+
+    async def stop(self) -> None:
+        await self.outbox.stop()

@@ -1,0 +1,553 @@
+"""The audit trail's storage: a per-tenant hash chain, durable log first, then ClickHouse.
+
+    RecordAuditEvents ─► writer (group commit: dedupe, seq + hash chain) ─► log (fsync) ─► ack
+                                                                              │
+                                                   flusher ───────────────────┴─► audit_events ─► log commit
+
+* The chain is assigned at one serialisation point: the writer task of this process,
+  before the append. Each tenant's events get seq 1, 2, 3, ... and carry the hash of the
+  previous one; hash = sha256 over a canonical JSON of the stored fields plus prev_hash. The
+  log holds the chained rows, so a replay after a crash inserts exactly the same rows (rows
+  whose seq is already stored are skipped: the table is append-only, not deduplicating).
+* Idempotency: an event id is looked up among the unflushed rows (memory) and in ClickHouse
+  before it gets a seq, so a redelivered event is acknowledged as a duplicate and never
+  chained twice.
+* `audit_events` is a plain MergeTree ordered by (tenant_id, seq), with a TTL on each row's
+  expire_time (record time + the plan's retention). Expiry never decreases along a chain
+  (a plan downgrade keeps the longer retention for later rows), so TTL only ever removes a
+  prefix, and each row carries its predecessor's expiry: a missing prefix whose retention
+  has not ended is reported as removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from servers.common.errors import Unavailable
+from servers.metering.clickhouse import DATABASE, ClickHouseBackend
+from servers.metering.sqlite import from_micros, to_micros
+from servers.metering.usagelog import LogCodec, LogEntry, UsageLog
+
+log = logging.getLogger("copilot.metering.audit")
+
+TABLE = f"{DATABASE}.audit_events"
+GENESIS = "0" * 64
+LOOKUP_CHUNK = 2_000
+VERIFY_PAGE = 5_000
+
+COLUMNS = ("tenant_id", "seq", "event_id", "kind", "actor", "actor_roles", "service", "occur_time",
+           "record_time", "details", "expire_time", "prev_expire", "prev_hash", "hash")
+
+SCHEMA = (
+    f"CREATE DATABASE IF NOT EXISTS {DATABASE}",
+    f"""CREATE TABLE IF NOT EXISTS {TABLE} (
+        tenant_id String,
+        seq UInt64,
+        event_id String,
+        kind LowCardinality(String),
+        actor String,
+        actor_roles String,
+        service LowCardinality(String),
+        occur_time DateTime64(6, 'UTC'),
+        record_time DateTime64(6, 'UTC'),
+        details String,
+        expire_time DateTime64(6, 'UTC'),
+        prev_expire Int64,
+        prev_hash String,
+        hash String,
+        INDEX event_id_idx event_id TYPE bloom_filter GRANULARITY 4
+    ) ENGINE = MergeTree
+    PARTITION BY toYYYYMM(record_time)
+    ORDER BY (tenant_id, seq)
+    TTL toDateTime(expire_time)
+    SETTINGS fsync_after_insert = 1, fsync_part_directory = 1""",
+)
+
+_SELECT = ("SELECT tenant_id, seq, event_id, kind, actor, actor_roles, service, toUnixTimestamp64Micro(occur_time), "
+           "toUnixTimestamp64Micro(record_time), details, toUnixTimestamp64Micro(expire_time), prev_expire, "
+           f"prev_hash, hash FROM {TABLE}")
+
+EXISTING_SQL = (f"SELECT DISTINCT event_id FROM {TABLE} "
+                f"WHERE tenant_id = {{tenant:String}} AND event_id IN {{ids:Array(String)}}")
+HEAD_SQL = (f"SELECT seq, hash, toUnixTimestamp64Micro(expire_time) FROM {TABLE} "
+            f"WHERE tenant_id = {{tenant:String}} ORDER BY seq DESC LIMIT 1")
+STORED_SEQS_SQL = (f"SELECT seq FROM {TABLE} WHERE tenant_id = {{tenant:String}} "
+                   f"AND seq >= {{lo:UInt64}} AND seq <= {{hi:UInt64}}")
+# Filters with neutral defaults, so one statement serves every combination.
+LIST_SQL = (f"{_SELECT} WHERE tenant_id = {{tenant:String}} AND seq > {{after:UInt64}} "
+            f"AND occur_time >= {{start:DateTime64(6, 'UTC')}} AND occur_time < {{end:DateTime64(6, 'UTC')}} "
+            f"AND ({{actor:String}} = '' OR actor = {{actor:String}}) "
+            f"AND (empty({{kinds:Array(String)}}) OR has({{kinds:Array(String)}}, kind)) "
+            f"ORDER BY seq LIMIT {{limit:UInt32}}")
+# A duplicate seq sorts next to its twin, so the verifier sees both (within a page).
+VERIFY_SQL = (f"{_SELECT} WHERE tenant_id = {{tenant:String}} AND toInt64(seq) > {{after:Int64}} "
+              f"ORDER BY seq, hash LIMIT {{limit:UInt32}}")
+ERASE_SQL = f"DELETE FROM {TABLE} WHERE tenant_id = {{tenant:String}}"
+COUNT_SQL = f"SELECT count() FROM {TABLE} WHERE tenant_id = {{tenant:String}}"
+
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(2200, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """An event as a service reported it, before it joins its tenant's chain."""
+
+    tenant_id: str
+    event_id: str
+    kind: str
+    actor: str
+    actor_roles: str
+    service: str
+    occur_time: datetime
+    # Canonical JSON of the kind's details (the oneof of AuditEvent).
+    details: str
+    retention_days: int
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    """One stored event: exactly the fields the hash covers, plus the hash."""
+
+    tenant_id: str
+    seq: int
+    event_id: str
+    kind: str
+    actor: str
+    actor_roles: str
+    service: str
+    occur_us: int
+    record_us: int
+    details: str
+    expire_us: int
+    prev_expire_us: int
+    prev_hash: str
+    hash: str = ""
+
+    def canonical(self) -> bytes:
+        fields = [self.tenant_id, self.seq, self.event_id, self.kind, self.actor, self.actor_roles, self.service,
+                  self.occur_us, self.record_us, self.details, self.expire_us, self.prev_expire_us, self.prev_hash]
+        return json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode()
+
+    def computed_hash(self) -> str:
+        return hashlib.sha256(self.canonical()).hexdigest()
+
+    def sealed(self) -> AuditRow:
+        return replace(self, hash=self.computed_hash())
+
+    def to_db(self) -> tuple[Any, ...]:
+        return (self.tenant_id, self.seq, self.event_id, self.kind, self.actor, self.actor_roles, self.service,
+                from_micros(self.occur_us), from_micros(self.record_us), self.details, from_micros(self.expire_us),
+                self.prev_expire_us, self.prev_hash, self.hash)
+
+    @classmethod
+    def from_db(cls, row: Sequence[Any]) -> AuditRow:
+        return cls(tenant_id=row[0], seq=int(row[1]), event_id=row[2], kind=row[3], actor=row[4],
+                   actor_roles=row[5], service=row[6], occur_us=int(row[7]), record_us=int(row[8]),
+                   details=row[9], expire_us=int(row[10]), prev_expire_us=int(row[11]), prev_hash=row[12],
+                   hash=row[13])
+
+
+@dataclass(frozen=True)
+class Head:
+    seq: int
+    hash: str
+    expire_us: int
+
+
+EMPTY_HEAD = Head(0, GENESIS, 0)
+
+
+def chain(head: Head, event: NewEvent, record_time: datetime) -> AuditRow:
+    """The event as the next link after `head`."""
+    record_us = to_micros(record_time)
+    expire_us = max(to_micros(record_time + timedelta(days=event.retention_days)), head.expire_us)
+    return AuditRow(tenant_id=event.tenant_id, seq=head.seq + 1, event_id=event.event_id, kind=event.kind,
+                    actor=event.actor, actor_roles=event.actor_roles, service=event.service,
+                    occur_us=to_micros(event.occur_time), record_us=record_us, details=event.details,
+                    expire_us=expire_us, prev_expire_us=head.expire_us, prev_hash=head.hash).sealed()
+
+
+# --- Verification ------------------------------------------------------------------------
+
+HASH_MISMATCH = "hash_mismatch"
+MISSING = "missing"
+PREV_HASH_MISMATCH = "prev_hash_mismatch"
+DUPLICATE = "duplicate"
+
+
+@dataclass(frozen=True)
+class ChainBreak:
+    seq: int
+    problem: str
+    detail: str
+
+
+@dataclass
+class Verification:
+    tenant_id: str
+    checked: int = 0
+    first_seq: int = 0
+    last_seq: int = 0
+    head_hash: str = ""
+    first_break: ChainBreak | None = None
+    _prev: AuditRow | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.first_break is None
+
+    def feed(self, rows: Sequence[AuditRow], now_us: int) -> None:
+        """Checks the next rows (in seq order); stops at the first break."""
+        for row in rows:
+            if self.first_break is not None:
+                return
+            self.first_break = self._check(row, now_us)
+            self.checked += 1
+            if self._prev is None:
+                self.first_seq = row.seq
+            self._prev = row
+            self.last_seq = row.seq
+            self.head_hash = row.hash
+
+    def _check(self, row: AuditRow, now_us: int) -> ChainBreak | None:
+        prev = self._prev
+        if prev is None:
+            if row.seq > 1 and row.prev_expire_us > now_us:
+                return ChainBreak(row.seq - 1, MISSING, f"events before seq {row.seq} are gone although their "
+                                  "retention has not ended: removed")
+            if row.seq == 1 and row.prev_hash != GENESIS:
+                return ChainBreak(row.seq, PREV_HASH_MISMATCH, "the first event does not start the chain")
+        elif row.seq == prev.seq:
+            return ChainBreak(row.seq, DUPLICATE, f"two events with seq {row.seq}: one was inserted")
+        elif row.seq > prev.seq + 1:
+            return ChainBreak(prev.seq + 1, MISSING, f"seq {prev.seq + 1} is missing (next present: {row.seq}): "
+                              "removed")
+        if row.computed_hash() != row.hash:
+            return ChainBreak(row.seq, HASH_MISMATCH, f"seq {row.seq} does not match its hash: edited")
+        if prev is not None and row.prev_hash != prev.hash:
+            return ChainBreak(row.seq, PREV_HASH_MISMATCH,
+                              f"seq {row.seq} does not link to seq {prev.seq}: replaced or reordered")
+        return None
+
+    def finish(self, known_head: Head | None) -> None:
+        """Compares the end of the stored chain with the head this process assigned last
+        (catches a removed tail while this process has been up)."""
+        if self.first_break is None and known_head is not None and known_head.seq > self.last_seq:
+            self.first_break = ChainBreak(self.last_seq + 1, MISSING,
+                                          f"the chain ends at seq {self.last_seq} but seq {known_head.seq} was "
+                                          "recorded: the tail was removed")
+
+
+# --- The durable log's records -----------------------------------------------------------
+
+def _encode(rows: Sequence[AuditRow], record_time: datetime) -> bytes:
+    return json.dumps({"rt": to_micros(record_time), "rows": [asdict(r) for r in rows]},
+                      separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _decode(payload: bytes) -> tuple[datetime, list[AuditRow]]:
+    body = json.loads(payload)
+    return from_micros(body["rt"]), [AuditRow(**r) for r in body["rows"]]
+
+
+AUDIT_CODEC = LogCodec(_encode, _decode)
+
+
+@dataclass
+class Page:
+    rows: list[AuditRow]
+    last_seq: int
+    more: bool
+
+
+@dataclass
+class _Request:
+    events: Sequence[NewEvent]
+    future: asyncio.Future[tuple[int, int]]
+    check_stored: bool = True
+
+
+class AuditStore:
+    def __init__(self, db: ClickHouseBackend, audit_log: UsageLog, *, owns_db: bool = False,
+                 flush_interval_s: float = 0.2, flush_max_rows: int = 20_000) -> None:
+        self.db = db
+        self.log = audit_log
+        self._owns_db = owns_db
+        self._flush_interval = flush_interval_s
+        self._flush_max = flush_max_rows
+        self._queue: deque[_Request] = deque()
+        self._wake_writer = asyncio.Event()
+        self._wake_flusher = asyncio.Event()
+        self._pending: deque[LogEntry] = deque()
+        self._pending_keys: set[tuple[str, str]] = set()
+        self._heads: dict[str, Head] = {}
+        self._move_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+        self.last_flush_error: str | None = None
+        # Log entries appended / moved to ClickHouse since start: a read flushes up to what
+        # was appended when it began, not while writes keep coming.
+        self._appended = 0
+        self._flushed = 0
+        # Whether the next flush must skip rows already stored: after a replay (a crash
+        # between an insert and the log's commit) or an insert that failed (it may have landed).
+        self._check_stored = False
+
+    # --- Lifecycle -----------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._owns_db:
+            await self.db.open()
+        for statement in SCHEMA:
+            await self.db.command(statement)
+        entries = await self.log.open()
+        for entry in entries:
+            self._add_pending(entry)
+        if entries:
+            log.info("replaying unflushed audit events", extra={"entries": len(entries)})
+            self._check_stored = True
+            await self.flush()
+        self._closing = False
+        self._tasks = [asyncio.create_task(self._writer(), name="audit-writer"),
+                       asyncio.create_task(self._flusher(), name="audit-flusher")]
+
+    async def close(self) -> None:
+        self._closing = True
+        self._wake_writer.set()
+        self._wake_flusher.set()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        while self._queue:
+            request = self._queue.popleft()
+            if not request.future.done():
+                request.future.set_exception(Unavailable("the audit store is closing", reason="STORE_CLOSED"))
+        await self.log.close()
+        if self._owns_db:
+            await self.db.close()
+
+    async def ping(self) -> bool:
+        return await self.log.ping()
+
+    @property
+    def pending_rows(self) -> int:
+        return sum(len(e.events) for e in self._pending)
+
+    # --- Recording -----------------------------------------------------------------------
+
+    async def record(self, events: Sequence[NewEvent], check_stored: bool = True) -> tuple[int, int]:
+        """(recorded, duplicates), once the new events are durable in the log. `check_stored`
+        False: the ids are fresh (a first delivery of newly generated ids), so only the
+        unflushed events are searched, not ClickHouse — a lookup there costs milliseconds of
+        CPU, queued behind the flusher's inserts on the one ClickHouse thread."""
+        if self._closing or not self._tasks:
+            raise Unavailable("the audit store is not open", reason="STORE_CLOSED")
+        future: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Request(events, future, check_stored))
+        self._wake_writer.set()
+        return await asyncio.shield(future)
+
+    async def _writer(self) -> None:
+        while True:
+            await self._wake_writer.wait()
+            self._wake_writer.clear()
+            while self._queue:
+                group = list(self._queue)
+                self._queue.clear()
+                await self._write_group(group)
+            if self._closing:
+                return
+
+    async def _write_group(self, group: list[_Request]) -> None:
+        results: list[tuple[int, int]] = []
+        try:
+            candidates: dict[str, set[str]] = {}
+            for request in group:
+                for e in request.events:
+                    if (e.tenant_id, e.event_id) not in self._pending_keys and request.check_stored:
+                        candidates.setdefault(e.tenant_id, set()).add(e.event_id)
+            in_log = {(e.tenant_id, e.event_id) for r in group for e in r.events} & self._pending_keys
+            stored = await self._stored_keys(candidates)
+            for tenant_id in {e.tenant_id for r in group for e in r.events}:
+                if tenant_id not in self._heads:
+                    self._heads[tenant_id] = await self._load_head(tenant_id)
+            now = datetime.now(UTC)
+            heads = dict(self._heads)
+            seen: set[tuple[str, str]] = set()
+            rows: list[AuditRow] = []
+            for request in group:
+                recorded = 0
+                for e in request.events:
+                    key = (e.tenant_id, e.event_id)
+                    if key in in_log or key in stored or key in seen:
+                        continue
+                    seen.add(key)
+                    row = chain(heads.get(e.tenant_id, EMPTY_HEAD), e, now)
+                    heads[e.tenant_id] = Head(row.seq, row.hash, row.expire_us)
+                    rows.append(row)
+                    recorded += 1
+                results.append((recorded, len(request.events) - recorded))
+            if rows:
+                entry = await self.log.append(rows, now)
+                # No await from here: the heads move only once the rows are durable.
+                self._heads.update(heads)
+                self._add_pending(entry)
+                if self.pending_rows >= self._flush_max:
+                    self._wake_flusher.set()
+        except Exception as exc:
+            error = exc if isinstance(exc, Unavailable) else Unavailable(
+                "audit events could not be recorded; retry", reason="STORE_FAILED")
+            if not isinstance(exc, Unavailable):
+                log.exception("audit write failed")
+            for request in group:
+                if not request.future.done():
+                    request.future.set_exception(error)
+            return
+        for request, result in zip(group, results, strict=True):
+            if not request.future.done():
+                request.future.set_result(result)
+
+    async def _stored_keys(self, candidates: dict[str, set[str]]) -> set[tuple[str, str]]:
+        found: set[tuple[str, str]] = set()
+        for tenant_id, ids in candidates.items():
+            ordered = sorted(ids)
+            for i in range(0, len(ordered), LOOKUP_CHUNK):
+                rows = await self.db.query(EXISTING_SQL, {"tenant": tenant_id, "ids": ordered[i:i + LOOKUP_CHUNK]})
+                found.update((tenant_id, row[0]) for row in rows)
+        return found
+
+    async def _load_head(self, tenant_id: str) -> Head:
+        rows = await self.db.query(HEAD_SQL, {"tenant": tenant_id})
+        if not rows:
+            return EMPTY_HEAD
+        return Head(int(rows[0][0]), rows[0][1], int(rows[0][2]))
+
+    def _add_pending(self, entry: LogEntry) -> None:
+        self._pending.append(entry)
+        self._appended += 1
+        for row in entry.events:
+            self._pending_keys.add((row.tenant_id, row.event_id))
+            # Replayed rows are newer than anything in ClickHouse.
+            head = self._heads.get(row.tenant_id)
+            if head is None or row.seq > head.seq:
+                self._heads[row.tenant_id] = Head(row.seq, row.hash, row.expire_us)
+
+    # --- Flushing ------------------------------------------------------------------------
+
+    async def _flusher(self) -> None:
+        backoff = 0.1
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake_flusher.wait(), self._flush_interval)
+            self._wake_flusher.clear()
+            try:
+                await self.flush()
+                backoff = 0.1
+                self.last_flush_error = None
+            except Exception as exc:
+                self.last_flush_error = repr(exc)
+                log.warning("audit flush failed; will retry", extra={"error": repr(exc)[:300]})
+                if self._closing:
+                    return
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            if self._closing:
+                return
+
+    async def flush_once(self) -> int:
+        async with self._move_lock:
+            batch: list[LogEntry] = []
+            size = 0
+            for entry in self._pending:
+                if batch and size + len(entry.events) > self._flush_max:
+                    break
+                batch.append(entry)
+                size += len(entry.events)
+            if not batch:
+                return 0
+            rows: list[AuditRow] = [row for entry in batch for row in entry.events]
+            stored: set[tuple[str, int]] = set()
+            if self._check_stored:
+                # Append-only table: rows a crash (or a failed insert that did land) already
+                # stored are skipped, by their seq.
+                by_tenant: dict[str, list[int]] = {}
+                for row in rows:
+                    by_tenant.setdefault(row.tenant_id, []).append(row.seq)
+                for tenant_id, seqs in by_tenant.items():
+                    found = await self.db.query(STORED_SEQS_SQL,
+                                                {"tenant": tenant_id, "lo": min(seqs), "hi": max(seqs)})
+                    stored.update((tenant_id, int(r[0])) for r in found)
+            fresh = [row.to_db() for row in rows if (row.tenant_id, row.seq) not in stored]
+            try:
+                await self.db.insert(fresh, TABLE, COLUMNS)
+            except BaseException:
+                self._check_stored = True
+                raise
+            self._check_stored = False
+            for entry in batch:
+                self._pending.popleft()
+                self._flushed += 1
+                self._pending_keys.difference_update((r.tenant_id, r.event_id) for r in entry.events)
+        await self.log.commit(batch)
+        return size
+
+    async def flush(self) -> None:
+        """Moves everything appended so far into ClickHouse (not what arrives meanwhile)."""
+        target = self._appended
+        while self._pending and self._flushed < target:
+            await self.flush_once()
+
+    # --- Reading -------------------------------------------------------------------------
+
+    async def list_page(self, tenant_id: str, *, after: int, limit: int, start: datetime | None = None,
+                        end: datetime | None = None, actor: str = "", kinds: Sequence[str] = ()) -> Page:
+        """Events after seq `after`, oldest first; everything acknowledged is included."""
+        await self.flush()
+        raw = await self.db.query(LIST_SQL, {"tenant": tenant_id, "after": after, "start": start or EARLIEST,
+                                             "end": end or LATEST, "actor": actor, "kinds": list(kinds),
+                                             "limit": limit + 1})
+        rows = [AuditRow.from_db(r) for r in raw[:limit]]
+        return Page(rows=rows, last_seq=rows[-1].seq if rows else after, more=len(raw) > limit)
+
+    async def verify(self, tenant_id: str) -> Verification:
+        await self.flush()
+        result = Verification(tenant_id)
+        after = -1
+        while result.ok:
+            raw = await self.db.query(VERIFY_SQL, {"tenant": tenant_id, "after": after, "limit": VERIFY_PAGE})
+            if not raw:
+                break
+            rows = [AuditRow.from_db(r) for r in raw]
+            now_us = to_micros(datetime.now(UTC))
+            # Hashing thousands of rows is CPU work: off the event loop.
+            await asyncio.to_thread(result.feed, rows, now_us)
+            after = rows[-1].seq
+            if len(raw) < VERIFY_PAGE:
+                break
+        result.finish(self._heads.get(tenant_id))
+        return result
+
+    async def count(self, tenant_id: str) -> int:
+        await self.flush()
+        rows = await self.db.query(COUNT_SQL, {"tenant": tenant_id})
+        return int(rows[0][0])
+
+    async def erase_tenant(self, tenant_id: str) -> None:
+        """Removes the tenant's whole trail (tenant deletion with COPILOT_AUDIT_ON_TENANT_DELETE=erase)."""
+        await self.flush()
+        async with self._move_lock:
+            await self.db.command(ERASE_SQL, {"tenant": tenant_id})
+            self._heads.pop(tenant_id, None)
+        log.info("audit trail of a deleted tenant erased", extra={"tenant_id": tenant_id})

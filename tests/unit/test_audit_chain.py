@@ -1,0 +1,189 @@
+"""The audit trail's hash chain in embedded ClickHouse (chDB): one seq per event, idempotent
+on redelivery, durable across a restart without a flush, and every tampering done directly
+in the store (an edited row, a removed row, a removed tail, an inserted row) reported by
+verify at the right place; retention expiry is not mistaken for tampering."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from servers.metering.audit_store import (
+    AUDIT_CODEC,
+    DUPLICATE,
+    GENESIS,
+    HASH_MISMATCH,
+    MISSING,
+    TABLE,
+    AuditStore,
+    NewEvent,
+)
+from servers.metering.clickhouse import ChdbBackend
+from servers.metering.usagelog import LocalLog
+
+
+def event(n: int, tenant: str = "acme", *, actor: str = "alice", kind: str = "question",
+          retention_days: int = 365) -> NewEvent:
+    return NewEvent(tenant_id=tenant, event_id=f"e{n}", kind=kind, actor=actor, actor_roles="member",
+                    service="generation", occur_time=datetime.now(UTC),
+                    details=json.dumps({"question": {"question": f"q{n}"}}), retention_days=retention_days)
+
+
+def make(tmp_path: Path) -> AuditStore:
+    return AuditStore(ChdbBackend(tmp_path / "chdb"), LocalLog(tmp_path / "audit-log", codec=AUDIT_CODEC),
+                      owns_db=True, flush_interval_s=3600)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[AuditStore]:
+    s = make(tmp_path)
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def tamper(store: AuditStore, sql: str) -> None:
+    await store.db.command(sql + " SETTINGS mutations_sync = 2" if sql.startswith("ALTER") else sql)
+
+
+async def test_each_event_gets_the_next_seq_once_and_links_to_the_previous(store: AuditStore) -> None:
+    assert await store.record([event(1), event(2), event(1)]) == (2, 1)
+    assert await store.record([event(2)]) == (0, 1)  # still in the log only
+    await store.flush()
+    assert await store.record([event(2), event(3)]) == (1, 1)  # e2 in ClickHouse only
+    assert await store.record([event(1, "globex")]) == (1, 0)  # same id, other tenant
+    page = await store.list_page("acme", after=0, limit=10)
+    assert [r.seq for r in page.rows] == [1, 2, 3] and [r.event_id for r in page.rows] == ["e1", "e2", "e3"]
+    assert page.rows[0].prev_hash == GENESIS
+    assert all(b.prev_hash == a.hash for a, b in zip(page.rows, page.rows[1:], strict=False))
+    assert [r.seq for r in (await store.list_page("globex", after=0, limit=10)).rows] == [1]
+    result = await store.verify("acme")
+    assert result.ok and (result.checked, result.first_seq, result.last_seq) == (3, 1, 3)
+    assert result.head_hash == page.rows[-1].hash
+
+
+async def test_paging_and_filters(store: AuditStore) -> None:
+    await store.record([event(n, actor="bob" if n % 2 else "alice",
+                              kind="question" if n < 6 else "documents_ingested") for n in range(1, 10)])
+    first = await store.list_page("acme", after=0, limit=4)
+    assert [r.seq for r in first.rows] == [1, 2, 3, 4] and first.more
+    rest = await store.list_page("acme", after=first.last_seq, limit=10)
+    assert [r.seq for r in rest.rows] == [5, 6, 7, 8, 9] and not rest.more
+    bob = await store.list_page("acme", after=0, limit=10, actor="bob")
+    assert [r.seq for r in bob.rows] == [1, 3, 5, 7, 9]
+    ingested = await store.list_page("acme", after=0, limit=10, kinds=["documents_ingested"])
+    assert [r.seq for r in ingested.rows] == [6, 7, 8, 9]
+    future = await store.list_page("acme", after=0, limit=10, start=datetime.now(UTC) + timedelta(hours=1))
+    assert future.rows == []
+
+
+async def test_an_edited_row_is_reported_at_its_seq(store: AuditStore) -> None:
+    await store.record([event(n) for n in range(1, 6)])
+    await store.flush()
+    await tamper(store, f"ALTER TABLE {TABLE} UPDATE details = '{{\"question\":{{\"question\":\"nothing\"}}}}' "
+                        "WHERE tenant_id = 'acme' AND seq = 3")
+    result = await store.verify("acme")
+    assert not result.ok and result.first_break is not None
+    assert (result.first_break.seq, result.first_break.problem) == (3, HASH_MISMATCH)
+
+
+async def test_an_edited_actor_is_reported_too(store: AuditStore) -> None:
+    await store.record([event(n) for n in range(1, 4)])
+    await store.flush()
+    await tamper(store, f"ALTER TABLE {TABLE} UPDATE actor = 'mallory' WHERE tenant_id = 'acme' AND seq = 2")
+    result = await store.verify("acme")
+    assert result.first_break is not None and (result.first_break.seq, result.first_break.problem) == (
+        2, HASH_MISMATCH)
+
+
+async def test_a_removed_row_is_reported_as_missing_at_its_seq(store: AuditStore) -> None:
+    await store.record([event(n) for n in range(1, 8)])
+    await store.flush()
+    await tamper(store, f"DELETE FROM {TABLE} WHERE tenant_id = 'acme' AND seq = 4")
+    result = await store.verify("acme")
+    assert result.first_break is not None and (result.first_break.seq, result.first_break.problem) == (4, MISSING)
+    assert (await store.verify("globex")).ok  # another tenant's (empty) chain is untouched
+
+
+async def test_a_removed_first_row_and_a_removed_tail_are_reported(store: AuditStore) -> None:
+    await store.record([event(n) for n in range(1, 6)])
+    await store.flush()
+    await tamper(store, f"DELETE FROM {TABLE} WHERE tenant_id = 'acme' AND seq = 1")
+    first = await store.verify("acme")
+    assert first.first_break is not None and (first.first_break.seq, first.first_break.problem) == (1, MISSING)
+    await store.record([event(n, "globex") for n in range(1, 6)])
+    await store.flush()
+    await tamper(store, f"DELETE FROM {TABLE} WHERE tenant_id = 'globex' AND seq = 5")
+    tail = await store.verify("globex")
+    assert tail.first_break is not None and (tail.first_break.seq, tail.first_break.problem) == (5, MISSING)
+
+
+async def test_an_inserted_duplicate_is_reported(store: AuditStore) -> None:
+    await store.record([event(n) for n in range(1, 4)])
+    await store.flush()
+    await tamper(store, f"INSERT INTO {TABLE} SELECT * FROM {TABLE} WHERE tenant_id = 'acme' AND seq = 2")
+    result = await store.verify("acme")
+    assert result.first_break is not None and (result.first_break.seq, result.first_break.problem) == (2, DUPLICATE)
+
+
+async def test_acknowledged_events_survive_a_restart_and_the_chain_continues(tmp_path: Path) -> None:
+    first = make(tmp_path)
+    await first.open()
+    await first.record([event(n) for n in range(1, 4)])
+    assert first.pending_rows == 3
+    # A crash: nothing flushed, nothing closed (the log's fsync is what made them durable).
+    first._tasks = []
+    await first.log.close()
+    await first.db.close()
+    second = make(tmp_path)
+    await second.open()  # replays the log into ClickHouse before serving
+    try:
+        assert await second.record([event(2), event(4)]) == (1, 1)
+        await second.flush()
+        rows = (await second.list_page("acme", after=0, limit=10)).rows
+        assert [(r.seq, r.event_id) for r in rows] == [(1, "e1"), (2, "e2"), (3, "e3"), (4, "e4")]
+        assert (await second.verify("acme")).ok
+    finally:
+        await second.close()
+
+
+async def test_a_replay_of_rows_already_stored_inserts_nothing(store: AuditStore) -> None:
+    await store.record([event(n) for n in range(1, 4)])
+    entries = list(store._pending)
+    await store.flush()
+    for entry in entries:  # as if the log's commit had been lost in a crash: open() replays
+        store._add_pending(entry)
+    store._check_stored = True  # what open() sets for a replay
+    await store.flush()
+    assert await store.count("acme") == 3
+    assert (await store.verify("acme")).ok
+
+
+async def test_expired_events_are_dropped_by_ttl_and_are_not_tampering(store: AuditStore) -> None:
+    await store.record([event(n, retention_days=0) for n in range(1, 4)])  # expire at once
+    await store.record([event(n, retention_days=365) for n in range(4, 6)])
+    await store.flush()
+    await store.db.command(f"OPTIMIZE TABLE {TABLE} FINAL")
+    rows = (await store.list_page("acme", after=0, limit=10)).rows
+    assert [r.seq for r in rows] == [4, 5]
+    result = await store.verify("acme")
+    assert result.ok and result.first_seq == 4
+
+
+async def test_retention_never_shrinks_along_a_chain(store: AuditStore) -> None:
+    await store.record([event(1, retention_days=2555)])
+    await store.record([event(2, retention_days=365)])  # a downgrade
+    rows = (await store.list_page("acme", after=0, limit=10)).rows
+    assert rows[1].expire_us >= rows[0].expire_us
+
+
+async def test_erasing_a_tenant_removes_only_its_trail(store: AuditStore) -> None:
+    await store.record([event(1), event(1, "globex")])
+    await store.erase_tenant("acme")
+    assert await store.count("acme") == 0 and await store.count("globex") == 1
+    await store.record([event(7)])  # a new trail starts over
+    assert [r.seq for r in (await store.list_page("acme", after=0, limit=10)).rows] == [1]

@@ -1,0 +1,71 @@
+"""The generic outbox's `submit` (audit events): the caller never waits; queued events are
+written and delivered in batches, survive a delivery failure and a restart, and each is
+delivered once with its own id (first deliveries say so, redeliveries too)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from copilot.v1 import audit_pb2
+from servers.common.outbox import Outbox
+
+
+class Metering:
+    def __init__(self) -> None:
+        self.up = True
+        self.calls: list[tuple[str, list[str], bool]] = []
+
+    async def deliver(self, tenant: str, events: list[audit_pb2.AuditEvent], redelivery: bool) -> None:
+        await asyncio.sleep(0)
+        if not self.up:
+            raise ConnectionError("metering down")
+        self.calls.append((tenant, [e.event_id for e in events], redelivery))
+
+    def delivered(self) -> list[tuple[str, str]]:
+        return sorted((t, i) for t, ids, _ in self.calls for i in ids)
+
+
+def ev(n: int) -> audit_pb2.AuditEvent:
+    return audit_pb2.AuditEvent(event_id=f"generation:{n}", kind=audit_pb2.AUDIT_EVENT_KIND_QUESTION)
+
+
+async def wait_for(check: object, rounds: int = 200) -> None:
+    for _ in range(rounds):
+        if check():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not reached")
+
+
+async def test_submitted_events_go_out_in_one_batch_per_tenant(tmp_path: Path) -> None:
+    metering = Metering()
+    outbox = Outbox(tmp_path, metering.deliver, audit_pb2.AuditEvent, linger_s=0.05)
+    for n in range(5):
+        outbox.submit("acme", ev(n))  # returns at once: nothing awaited
+    outbox.submit("globex", ev(9))
+    assert metering.calls == []
+    await outbox.settled()
+    assert sorted(metering.calls) == [("acme", [f"generation:{n}" for n in range(5)], False),
+                                      ("globex", ["generation:9"], False)]
+    await wait_for(lambda: outbox.pending_count() == 0)
+
+
+async def test_submitted_events_survive_metering_down_and_a_restart(tmp_path: Path) -> None:
+    metering = Metering()
+    metering.up = False
+    first = Outbox(tmp_path, metering.deliver, audit_pb2.AuditEvent, linger_s=0.01)
+    for n in range(3):
+        first.submit("acme", ev(n))
+    await first.settled()
+    first.submit("acme", ev(3))
+    await first.settled()
+    assert first.pending_count() == 2  # two batches, on disk
+    # A new process (the first one is gone): replays on start, whole files, marked as redelivery.
+    metering.up = True
+    second = Outbox(tmp_path, metering.deliver, audit_pb2.AuditEvent, interval_s=0.05, batch=2)
+    await second.start()
+    await wait_for(lambda: second.pending_count() == 0)
+    await second.stop()
+    assert metering.delivered() == [("acme", f"generation:{n}") for n in range(4)]
+    assert all(redelivery for _, _, redelivery in metering.calls)
