@@ -51,13 +51,15 @@ PERIODS = ["24 hours", "72 hours", "five business days", "30 days", "one year", 
 ACTIONS = ["review", "approve", "escalate", "document", "test", "report", "retain", "reassess"]
 
 
-def corpus(n_docs: int = 100, sections: int = 10) -> list[retrieval_pb2.Document]:
-    """n_docs × sections short sections: one passage each (1,000 by default)."""
-    rnd = random.Random(7)
+def corpus(n_docs: int = 100, sections: int = 10, *, owner: str = "") -> list[retrieval_pb2.Document]:
+    """n_docs × sections short sections: one passage each (1,000 by default). An `owner` (a
+    tenant id) seeds the text and names the policies, so every tenant's corpus differs."""
+    rnd = random.Random(owner or 7)
     docs = []
     for d in range(n_docs):
-        subject = SUBJECTS[d % len(SUBJECTS)]
-        parts = [f"# Policy {d + 1}: {subject}"]
+        subject = rnd.choice(SUBJECTS) if owner else SUBJECTS[d % len(SUBJECTS)]
+        name = f"{owner} policy {d + 1}" if owner else f"Policy {d + 1}"
+        parts = [f"# {name}: {subject}"]
         for s in range(sections):
             actor, period, action = rnd.choice(ACTORS), rnd.choice(PERIODS), rnd.choice(ACTIONS)
             topic = rnd.choice(SUBJECTS)
@@ -66,7 +68,7 @@ def corpus(n_docs: int = 100, sections: int = 10) -> list[retrieval_pb2.Document
                 f"{actor.capitalize()} must {action} every {topic} case within {period}. "
                 f"Evidence of each {action} is kept in the {subject} register for {rnd.choice(PERIODS)}. "
                 f"Exceptions to this rule for {topic} need written approval from {rnd.choice(ACTORS)}.")
-        docs.append(retrieval_pb2.Document(document_id=f"policy-{d + 1:03d}", title=f"Policy {d + 1}",
+        docs.append(retrieval_pb2.Document(document_id=f"policy-{d + 1:03d}", title=name,
                                            content_type="text/markdown", text="\n\n".join(parts)))
     return docs
 

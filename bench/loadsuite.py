@@ -45,7 +45,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2
 
-from bench.answer import ACTIONS, ACTORS, PERIODS, SUBJECTS
+from bench.answer import ACTIONS, SUBJECTS, corpus
 from bench.load import Call, MixResult, MixSpec, Stats, run_mix
 from copilot.v1 import (
     common_pb2,
@@ -171,24 +171,8 @@ def tenant_ids(start: int, stop: int) -> list[str]:
 
 
 def tenant_corpus(tenant: str, docs: int = 2, sections: int = 4) -> list[retrieval_pb2.Document]:
-    """A small corpus of the tenant's own: `docs` policies of `sections` passages, seeded by
-    the tenant id so every tenant's text differs."""
-    rnd = random.Random(tenant)
-    out = []
-    for d in range(docs):
-        subject = rnd.choice(SUBJECTS)
-        parts = [f"# {tenant} policy {d + 1}: {subject}"]
-        for s in range(sections):
-            actor, period, action, topic = (rnd.choice(ACTORS), rnd.choice(PERIODS), rnd.choice(ACTIONS),
-                                            rnd.choice(SUBJECTS))
-            parts.append(
-                f"## {s + 1}. {topic.capitalize()} duty {s + 1}\n\n"
-                f"{actor.capitalize()} must {action} every {topic} case within {period}. "
-                f"Evidence of each {action} is kept in the {subject} register for {rnd.choice(PERIODS)}. "
-                f"Exceptions for {topic} need written approval from {rnd.choice(ACTORS)}.")
-        out.append(retrieval_pb2.Document(document_id=f"policy-{d + 1}", title=f"{tenant} policy {d + 1}",
-                                          content_type="text/markdown", text="\n\n".join(parts)))
-    return out
+    """A small corpus of the tenant's own: `docs` policies of `sections` passages."""
+    return corpus(docs, sections, owner=tenant)
 
 
 def tenant_questions(tenant: str, n: int = 8) -> list[str]:

@@ -29,8 +29,9 @@ class AuditTrail:
     def __init__(self, service: str, channel: grpc.aio.Channel, directory: Path, interval_s: float = 1.0) -> None:
         self.service = service
         self._stub = audit_pb2_grpc.AuditServiceStub(channel)
-        self.outbox: Outbox[audit_pb2.AuditEvent] = Outbox(directory, self._deliver, audit_pb2.AuditEvent,
-                                                           interval_s=interval_s, name=f"{service}-audit-outbox")
+        self.outbox: Outbox[audit_pb2.AuditEvent] = Outbox(
+            directory, self._deliver, audit_pb2.AuditEvent, name="audit.outbox", actor=f"service:{service}",
+            interval_s=interval_s)
 
     def record(self, kind: int, caller: identity.Identity | None = None, **details: Any) -> None:
         """Records one event for the caller's tenant (or `caller`'s), off the request path.

@@ -1,17 +1,23 @@
-"""A durable local outbox for any event type: events for Metering that must arrive once.
+"""A durable local outbox: events for Metering (usage, audit) that must arrive exactly once.
 
-The generic form of servers/generation/outbox.py (the usage outbox, which should become
-`Outbox[metering_pb2.UsageEvent]`): each event is written here (one small file per event,
-fsync'd, directory fsync'd) while its first delivery is attempted; the file is removed once
-Metering has acknowledged it. Whatever is left — Metering unreachable, the process killed
-between the write and the acknowledgement — is delivered by a background loop, and again on
-the next start, always with the same event id, which Metering deduplicates.
+Every event is written here (fsync'd, directory fsync'd) and delivered to Metering; its file
+is removed once Metering has acknowledged it. Whatever is left — Metering unreachable, the
+process killed between the write and the acknowledgement — is delivered by a background
+loop, and again on the next start, always with the same event id, which Metering
+deduplicates (redeliveries say so, so Metering checks for duplicates only then).
 
-`record` returns at the faster of the delivery and the fsync. `submit` (audit events) queues
-the event in memory and returns: after `linger_s` everything queued is written as one file
-per tenant (one fsync) and delivered as one call, after the response that caused it has gone
-out, so the request never waits — an event is lost only if the process dies within the
-linger and the fsync.
+Writes are group-committed: events that arrive while a write is being fsync'd are written
+together by the next one (one file, one fsync, one directory fsync), so under load the disk
+sees one fsync per group instead of one per event, with no added wait when idle. A lone
+event keeps its own file, named after its tenant and id; a group's file holds several events
+(any tenants) and is removed once every event in it has been acknowledged.
+
+Two ways in:
+- `record` (usage): delivery and the write start together and the caller waits for the
+  faster of the two, so an answer never returns before its usage is safe.
+- `submit` (audit): the caller does not wait at all; the event is delivered once its group
+  is on disk, batched per tenant with the others of that group. It can be lost only if the
+  process dies before that fsync completes (milliseconds), never after.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import logging
 import os
 import random
 import time
+import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,14 +39,19 @@ from typing import Any, Generic, TypeVar
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from servers.common import metrics, telemetry
+
 log = logging.getLogger("copilot.outbox")
 
 MAX_BACKOFF_S = 5.0
-# Submitted events per file and call.
-MAX_SUBMIT_BATCH = 500
-
+# Events written by one group commit at most (one file; bounded so a file stays small).
+MAX_GROUP = 256
 
 M = TypeVar("M", bound=Message)
+
+# Sends a batch of one tenant's events (the flag: some may have been sent before); raises
+# when they were not acknowledged.
+Deliver = Callable[[str, list[Any], bool], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -46,31 +59,51 @@ class Pending(Generic[M]):
     tenant_id: str
     event: M
     path: Path
+    # The request's trace (W3C traceparent): a later delivery links back to it.
+    parent: str | None = None
 
 
-# Sends a batch of one tenant's events (the flag: some may have been sent before); raises
-# when they were not acknowledged.
-Deliver = Callable[[str, list[Any], bool], Awaitable[None]]
+@dataclass
+class _Write(Generic[M]):
+    tenant_id: str
+    event: M
+    parent: str | None
+    # Resolved with the file the event is in once that file is durable.
+    done: asyncio.Future[Path]
+
+
+@dataclass
+class _Group:
+    """A file written by one commit while its events are still being settled."""
+
+    outstanding: int
+    undelivered: int = 0
 
 
 def _safe_name(event_id: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in event_id)
 
 
-class Outbox(Generic[M]):
-    """Events of type `message` (each with an `event_id` field), delivered by `deliver`."""
+def _event_id(event: Message) -> str:
+    return str(getattr(event, "event_id"))  # noqa: B009 - every outbox message has one
 
-    def __init__(self, directory: Path, deliver: Deliver, message: type[M], interval_s: float = 1.0,
-                 batch: int = 100, name: str = "outbox", linger_s: float = 0.05) -> None:
+
+class Outbox(Generic[M]):
+    """Events of type `message` (each with an `event_id` field), delivered by `deliver`.
+
+    `name` names the background task, the logs and the delivery span (`<name>.deliver`);
+    `actor` is the span's enduser (the service writing on the tenant's behalf);
+    `depth_metric` (name, help) exports the number of files waiting here."""
+
+    def __init__(self, directory: Path, deliver: Deliver, message: type[M], *, name: str = "outbox",
+                 actor: str = "service", interval_s: float = 1.0, batch: int = 100,
+                 depth_metric: tuple[str, str] | None = None) -> None:
+        # Created by the first write (on a worker thread): building a server touches no disk.
+        self._dir = directory
+        self._deliver = deliver
         self._message = message
         self._name = name
-        self._linger = linger_s
-        self._queued: list[tuple[str, M]] = []
-        self._drain: asyncio.TimerHandle | None = None
-        self._submitted: set[asyncio.Task[bool]] = set()
-        self._dir = directory
-        # Created by the first write (on a worker thread): building a server touches no disk.
-        self._deliver = deliver
+        self._actor = actor
         self._interval = interval_s
         self._batch = batch
         self._inflight: set[Path] = set()
@@ -78,17 +111,38 @@ class Outbox(Generic[M]):
         self._wake = asyncio.Event()
         self._backlog = False
         self._settling: set[asyncio.Future[None]] = set()
+        self._writes: list[_Write[M]] = []
+        self._committer: asyncio.Future[None] | None = None
+        self._groups: dict[Path, _Group] = {}
+        # Submitted events whose file is durable, waiting for the next batched delivery.
+        self._outgoing: list[tuple[Path, str, M]] = []
+        self._sending: asyncio.Handle | None = None
         self.delivered = 0
+        self.commits = 0
+        if depth_metric is not None:
+            # Read at scrape time, on the metrics thread (a directory listing, off the event loop).
+            metrics.SOURCES.gauge(*depth_metric, self.pending_count)
 
     # --- files (blocking; run in a thread) ---------------------------------------------
 
     def _path(self, tenant_id: str, event_id: str) -> Path:
         return self._dir / f"{tenant_id}~{_safe_name(event_id)}.json"
 
-    def _write(self, path: Path, tenant_id: str, events: list[M]) -> None:
+    @staticmethod
+    def _entry(tenant_id: str, event: M, parent: str | None) -> dict[str, object]:
+        return {"tenant_id": tenant_id, "event": json_format.MessageToDict(event), "trace": parent}
+
+    def _write_group(self, path: Path, writes: list[_Write[M]]) -> None:
+        """One file for the group: a lone event in the single-event format, several as a list."""
+        if len(writes) == 1:
+            w = writes[0]
+            body = self._entry(w.tenant_id, w.event, w.parent)
+        else:
+            body = {"events": [self._entry(w.tenant_id, w.event, w.parent) for w in writes]}
+        self._write_body(path, json.dumps(body).encode())
+
+    def _write_body(self, path: Path, body: bytes) -> None:
         self._dir.mkdir(parents=True, exist_ok=True)
-        body = json.dumps({"tenant_id": tenant_id,
-                           "events": [json_format.MessageToDict(e) for e in events]}).encode()
         tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -117,112 +171,196 @@ class Outbox(Generic[M]):
                 continue
             try:
                 raw = json.loads(path.read_bytes())
-                for body in raw["events"]:
-                    pending.append(Pending(tenant_id=raw["tenant_id"], path=path,
-                                           event=json_format.ParseDict(body, self._message())))
+                entries = raw.get("events", [raw])
+                pending.extend(Pending(tenant_id=e["tenant_id"], path=path, parent=e.get("trace"),
+                                       event=json_format.ParseDict(e["event"], self._message()))
+                               for e in entries)
             except (OSError, ValueError, KeyError, json_format.ParseError):
                 log.exception("unreadable outbox entry kept aside", extra={"path": str(path)})
                 path.rename(path.with_suffix(".bad"))
         return pending
 
-    # --- the answer path -----------------------------------------------------------------
-
-    def submit(self, tenant_id: str, event: M) -> None:
-        """Queues the event; the caller never waits, not even for the fsync (see the module
-        docstring)."""
-        self._queued.append((tenant_id, event))
-        if self._drain is None:
-            self._drain = asyncio.get_running_loop().call_later(self._linger, self._drain_queued)
-        elif len(self._queued) >= MAX_SUBMIT_BATCH:
-            self._drain.cancel()
-            self._drain_queued()
-
-    def _drain_queued(self) -> None:
-        self._drain = None
-        queued, self._queued = self._queued, []
-        by_tenant: dict[str, list[M]] = {}
-        for tenant_id, event in queued:
-            by_tenant.setdefault(tenant_id, []).append(event)
-        loop = asyncio.get_running_loop()
-        for tenant_id, events in by_tenant.items():
-            task = loop.create_task(self._record(tenant_id, events))
-            self._submitted.add(task)
-            task.add_done_callback(self._submitted.discard)
+    # --- the request path ----------------------------------------------------------------
 
     async def record(self, tenant_id: str, event: M) -> bool:
         """Delivers the event and makes it durable here, both at once, and returns as soon as
         either is done (so the caller never goes on before the event is safe, and waits only
         for the faster of the two). False when Metering refused it or could not be reached:
         then it waits here for the background loop."""
-        return await self._record(tenant_id, [event])
-
-    async def _record(self, tenant_id: str, events: list[M]) -> bool:
-        # Named by its first event's id (unique), so a batch never overwrites another file.
-        event_id: str = getattr(events[0], "event_id")  # noqa: B009 - every outbox message has one
-        path = self._path(tenant_id, event_id)
-        self._inflight.add(path)
-        write = asyncio.ensure_future(asyncio.to_thread(self._write, path, tenant_id, events))
-        send = asyncio.ensure_future(self._deliver(tenant_id, events, False))
-        settle = asyncio.ensure_future(self._settle(path, event_id, write, send))
-        self._settling.add(settle)
-        settle.add_done_callback(self._settling.discard)
+        write = self._durable(tenant_id, event, telemetry.traceparent())
+        send = asyncio.ensure_future(self._deliver(tenant_id, [event], False))
+        self._track(self._settle([_event_id(event)], [write], send))
+        both: set[asyncio.Future[Any]] = {write, send}
         while True:
-            done, _ = await asyncio.wait({write, send}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
             if send in done and send.exception() is None:
                 return True
             if send in done or (write in done and write.exception() is not None):
                 # Delivery failed (the write decides durability), or the write failed (only
-                # delivery can make it safe): the answer must wait for the other one.
-                await asyncio.wait({write, send})
+                # delivery can make it safe): the caller must wait for the other one.
+                await asyncio.wait(both)
                 return send.exception() is None
             if write in done:
                 return True  # durable here; delivery goes on in the background
 
-    async def _settle(self, path: Path, event_id: str, write: asyncio.Future[None], send: asyncio.Future[None]) -> None:
+    def submit(self, tenant_id: str, event: M) -> None:
+        """Queues the event for the next group commit and returns at once; it is delivered
+        (batched per tenant) as soon as it is on disk."""
+        write = self._durable(tenant_id, event, telemetry.traceparent())
+        self._track(self._after_write(tenant_id, event, write))
+
+    async def _after_write(self, tenant_id: str, event: M, write: asyncio.Future[Path]) -> None:
         try:
-            await asyncio.wait({write, send})
-            write_error, send_error = write.exception(), send.exception()
-            if write_error is not None:
-                log.error(f"{self._name}: write failed", extra={"event_id": event_id, "error": repr(write_error)})
-            if send_error is not None:
-                log.warning(f"{self._name}: kept for later delivery",
-                            extra={"event_id": event_id, "error": repr(send_error)})
-                self._backlog = True
-                self._wake.set()
-                return
-            self.delivered += 1  # calls delivered (one per record, one per submitted batch)
-            if write_error is None:
-                await asyncio.to_thread(self._remove, [path])
+            path = await write
+        except Exception as exc:
+            log.error(f"{self._name}: write failed; delivering without a local copy",
+                      extra={"event_id": _event_id(event), "error": repr(exc)})
+            await self._send_unwritten(tenant_id, event)
+            return
+        self._outgoing.append((path, tenant_id, event))
+        if self._sending is None:
+            # Every event of a commit resumes in the same loop turn: one delivery per tenant.
+            self._sending = asyncio.get_running_loop().call_soon(self._send_outgoing)
+
+    def _send_outgoing(self) -> None:
+        self._sending = None
+        outgoing, self._outgoing = self._outgoing, []
+        by_tenant: dict[str, list[tuple[Path, M]]] = {}
+        for path, tenant_id, event in outgoing:
+            by_tenant.setdefault(tenant_id, []).append((path, event))
+        for tenant_id, items in by_tenant.items():
+            for start in range(0, len(items), self._batch):
+                chunk = items[start:start + self._batch]
+                self._track(self._deliver_written(tenant_id, chunk))
+
+    async def _deliver_written(self, tenant_id: str, chunk: list[tuple[Path, M]]) -> None:
+        send: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        try:
+            await self._deliver(tenant_id, [e for _, e in chunk], False)
+            send.set_result(None)
+        except Exception as exc:
+            send.set_exception(exc)
+        await self._settle([_event_id(e) for _, e in chunk], [_resolved(path) for path, _ in chunk], send)
+
+    async def _send_unwritten(self, tenant_id: str, event: M) -> None:
+        try:
+            await self._deliver(tenant_id, [event], False)
+            self.delivered += 1
+        except Exception as exc:
+            log.error(f"{self._name}: event lost (neither written nor delivered)",
+                      extra={"event_id": _event_id(event), "error": repr(exc)})
+
+    def _track(self, work: Awaitable[None]) -> None:
+        future = asyncio.ensure_future(work)
+        self._settling.add(future)
+        future.add_done_callback(self._settling.discard)
+
+    def _durable(self, tenant_id: str, event: M, parent: str | None) -> asyncio.Future[Path]:
+        """Queues the event for the next group commit; the future resolves (with its file)
+        once the event is on disk, or fails with the write's error."""
+        write = _Write(tenant_id, event, parent, asyncio.get_running_loop().create_future())
+        self._writes.append(write)
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.ensure_future(self._commit())
+        return write.done
+
+    async def _commit(self) -> None:
+        """Writes whatever is queued, one file and one fsync per round, until nothing is."""
+        while self._writes:
+            group, self._writes = self._writes[:MAX_GROUP], self._writes[MAX_GROUP:]
+            if len(group) == 1:
+                path = self._path(group[0].tenant_id, _event_id(group[0].event))
+            else:
+                path = self._dir / f"group~{uuid.uuid4().hex}.json"
+            # In flight before the file exists: the background scan leaves it to us.
+            self._inflight.add(path)
+            self._groups[path] = _Group(outstanding=len(group))
+            try:
+                await asyncio.to_thread(self._write_group, path, group)
+            except BaseException as exc:
+                for w in group:
+                    if not w.done.done():
+                        w.done.set_exception(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
+                self._groups.pop(path, None)
+                self._inflight.discard(path)
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            self.commits += 1
+            for w in group:
+                if not w.done.done():
+                    w.done.set_result(path)
+
+    async def _settle(self, event_ids: list[str], writes: list[asyncio.Future[Path]],
+                      send: asyncio.Future[None]) -> None:
+        """Once delivery and the writes are done: count, wake the loop, release the files."""
+        both: set[asyncio.Future[Any]] = {*writes, send}
+        await asyncio.wait(both)
+        send_error = send.exception()
+        for write in writes:
+            if write.exception() is not None:
+                log.error(f"{self._name}: write failed", extra={"event_ids": event_ids[:10],
+                                                                "error": repr(write.exception())})
+        if send_error is not None:
+            log.warning(f"{self._name}: kept for later delivery",
+                        extra={"event_ids": event_ids[:10], "error": repr(send_error)})
+            self._backlog = True
+            self._wake.set()
+        else:
+            self.delivered += len(event_ids)
             if self._backlog:  # Metering is back: deliver what waited, now
                 self._backlog = False
                 self._wake.set()
+        for write in writes:
+            if write.exception() is None:
+                await self._release(write.result(), delivered=send_error is None)
+
+    async def _release(self, path: Path, delivered: bool) -> None:
+        """One event of the file at `path` is settled; the file goes once all its events
+        were acknowledged, or is left to the background loop if any was not."""
+        group = self._groups.get(path)
+        if group is None:
+            return
+        group.outstanding -= 1
+        if not delivered:
+            group.undelivered += 1
+        if group.outstanding:
+            return
+        del self._groups[path]
+        try:
+            if group.undelivered == 0:
+                await asyncio.to_thread(self._remove, [path])
         finally:
             self._inflight.discard(path)
 
     # --- background delivery -------------------------------------------------------------
 
     def pending_count(self) -> int:
+        """Files waiting here (a group commit's file holds several events)."""
         return sum(1 for _ in self._dir.glob("*.json"))
 
     async def flush(self) -> int:
         """Delivers what is pending now; the number delivered."""
         pending = await asyncio.to_thread(self._scan)
-        # Whole files per call: a file is removed only once all its events were delivered.
-        by_tenant: dict[str, dict[Path, list[M]]] = {}
+        by_tenant: dict[str, list[Pending[M]]] = {}
         for item in pending:
-            by_tenant.setdefault(item.tenant_id, {}).setdefault(item.path, []).append(item.event)
+            by_tenant.setdefault(item.tenant_id, []).append(item)
+        # A file goes once every event in it was delivered (a group's file may hold several
+        # tenants' events).
+        left = Counter(item.path for item in pending)
         done = 0
-        for tenant_id, files in by_tenant.items():
-            paths: list[Path] = []
-            events: list[M] = []
-            for n, (path, file_events) in enumerate(files.items()):
-                paths.append(path)
-                events.extend(file_events)
-                if len(events) >= self._batch or n == len(files) - 1:
-                    await self._deliver(tenant_id, events, True)
-                    await asyncio.to_thread(self._remove, paths)
-                    done += len(events)
-                    paths, events = [], []
+        for tenant_id, items in by_tenant.items():
+            for start in range(0, len(items), self._batch):
+                chunk = items[start:start + self._batch]
+                # Its own trace (this runs in the background), linked to every request it covers.
+                links = [link for p in chunk for link in telemetry.link_to(p.parent)]
+                with telemetry.span(f"{self._name}.deliver", {
+                        "tenant.id": tenant_id, "enduser.id": self._actor,
+                        "copilot.outbox_events": len(chunk)}, links=links):
+                    await self._deliver(tenant_id, [p.event for p in chunk], True)
+                left.subtract(p.path for p in chunk)
+                await asyncio.to_thread(self._remove, sorted({p.path for p in chunk if left[p.path] <= 0}))
+                done += len(chunk)
         self.delivered += done
         return done
 
@@ -238,14 +376,14 @@ class Outbox(Generic[M]):
                 done = await self.flush()
                 failures = 0
                 if done:
-                    log.info("outbox delivered", extra={"events": done,
-                                                        "ms": round((time.monotonic() - started) * 1000, 1)})
+                    log.info(f"{self._name}: delivered", extra={
+                        "events": done, "ms": round((time.monotonic() - started) * 1000, 1)})
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 failures = min(failures + 1, 6)
                 self._backlog = True
-                log.warning("outbox delivery failed; will retry", extra={"error": repr(exc)})
+                log.warning(f"{self._name}: delivery failed; will retry", extra={"error": repr(exc)})
 
     async def start(self) -> None:
         if self._task is None:
@@ -253,14 +391,14 @@ class Outbox(Generic[M]):
             self._wake.set()  # replay what an earlier run left
 
     async def settled(self, timeout_s: float = 5.0) -> None:
-        """Waits until every recorded event is either delivered or on disk (no work in flight)."""
-        if self._drain is not None:
-            self._drain.cancel()
-            self._drain_queued()
-        if self._submitted:
-            await asyncio.wait(set(self._submitted), timeout=timeout_s)
-        if self._settling:
-            await asyncio.wait(set(self._settling), timeout=timeout_s)
+        """Waits until every event handed in is either delivered or on disk (no work in flight)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._committer is not None and not self._committer.done():
+                await asyncio.wait({self._committer}, timeout=max(0.0, deadline - time.monotonic()))
+            if not self._settling:
+                return
+            await asyncio.wait(set(self._settling), timeout=max(0.0, deadline - time.monotonic()))
 
     async def stop(self) -> None:
         await self.settled()
@@ -272,5 +410,11 @@ class Outbox(Generic[M]):
         try:
             await asyncio.wait_for(self.flush(), timeout=2)
         except Exception:
-            log.warning("outbox not empty at shutdown; delivered on next start",
+            log.warning(f"{self._name}: not empty at shutdown; delivered on next start",
                         extra={"pending": self.pending_count()})
+
+
+def _resolved(path: Path) -> asyncio.Future[Path]:
+    future: asyncio.Future[Path] = asyncio.get_running_loop().create_future()
+    future.set_result(path)
+    return future

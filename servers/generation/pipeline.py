@@ -26,9 +26,9 @@ from servers.common import identity, telemetry
 from servers.common.audit import AuditTrail
 from servers.common.errors import QuotaViolation, ResourceExhausted
 from servers.common.interceptors import detached_deadline
+from servers.common.outbox import Outbox
 from servers.generation import decompose, pii
 from servers.generation.llm import ProviderFailure, SearchFn, provider_call
-from servers.generation.outbox import UsageOutbox
 from servers.generation.providers import Generation, Passage, Prompt, Provider
 from servers.generation.resilience import Breakers
 from servers.generation.tenant_config import TenantConfig, TenantConfigCache, allowed_modes
@@ -96,7 +96,7 @@ class AnswerDetails:
 class Pipeline:
     def __init__(self, retrieval: retrieval_pb2_grpc.RetrievalServiceAsyncStub,
                  metering: metering_pb2_grpc.MeteringServiceAsyncStub, configs: TenantConfigCache,
-                 providers: Mapping[str, Provider], outbox: UsageOutbox | None = None,
+                 providers: Mapping[str, Provider], outbox: Outbox[metering_pb2.UsageEvent] | None = None,
                  breakers: Breakers | None = None) -> None:
         self._retrieval = retrieval
         self._metering = metering
@@ -110,7 +110,7 @@ class Pipeline:
             if name != "extractive":
                 self._breakers.track(name)
 
-    def attach_outbox(self, outbox: UsageOutbox) -> None:
+    def attach_outbox(self, outbox: Outbox[metering_pb2.UsageEvent]) -> None:
         self._outbox = outbox
 
     def attach_audit(self, audit: AuditTrail) -> None:
@@ -370,9 +370,10 @@ class Pipeline:
             retry_after_s=response.retry_after.seconds + response.retry_after.nanos / 1e9,
         )
 
-    async def deliver(self, tenant_id: str, events: list[metering_pb2.UsageEvent]) -> None:
+    async def deliver(self, tenant_id: str, events: list[metering_pb2.UsageEvent], redelivery: bool = False) -> None:
         """Sends usage events for `tenant_id` (retrying transient failures); raises when
-        Metering did not take them."""
+        Metering did not take them. Metering deduplicates every usage event by its id, so
+        `redelivery` changes nothing here."""
         # Usage is written by the platform for the caller's tenant: end users hold no write role.
         writer = identity.Identity(tenant_id=tenant_id, subject="service:generation",
                                    roles=frozenset({identity.SERVICE}))

@@ -6,12 +6,13 @@ import logging
 
 import grpc
 
-from copilot.v1 import generation_pb2_grpc, metering_pb2_grpc, retrieval_pb2_grpc, tenant_pb2_grpc
+from copilot.v1 import generation_pb2_grpc, metering_pb2, metering_pb2_grpc, retrieval_pb2_grpc, tenant_pb2_grpc
+from servers.common import metrics
 from servers.common.audit import AuditTrail
 from servers.common.lifecycle import Service, connect
+from servers.common.outbox import Outbox
 from servers.common.settings import Settings
 from servers.generation.llm import AnthropicProvider, LLMSettings, OpenAIProvider
-from servers.generation.outbox import UsageOutbox
 from servers.generation.pipeline import Pipeline
 from servers.generation.providers import ExtractiveProvider, Provider
 from servers.generation.resilience import Breakers
@@ -42,7 +43,8 @@ def build(settings: Settings) -> Service:
         providers=providers,
         breakers=Breakers(),
     )
-    outbox = UsageOutbox(settings.service_dir("generation") / "usage-outbox", pipeline.deliver)
+    outbox = Outbox(settings.service_dir("generation") / "usage-outbox", pipeline.deliver, metering_pb2.UsageEvent,
+                    name="usage.outbox", actor="service:generation", depth_metric=metrics.USAGE_OUTBOX_DEPTH)
     pipeline.attach_outbox(outbox)
     # COPILOT_AUDIT=0 only for the benchmark's comparison: the audit trail is on in any deployment.
     audit = AuditTrail("generation", metering_channel, settings.service_dir("generation") / "audit-outbox") \

@@ -22,7 +22,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -34,6 +33,7 @@ from typing import Any
 
 from servers.common.errors import Unavailable
 from servers.metering.clickhouse import DATABASE, ClickHouseBackend
+from servers.metering.flusher import LogFlusher
 from servers.metering.sqlite import from_micros, to_micros
 from servers.metering.usagelog import LogCodec, LogEntry, UsageLog
 
@@ -277,24 +277,19 @@ class _Request:
     check_stored: bool = True
 
 
-class AuditStore:
+class AuditStore(LogFlusher):
+    _flush_name = "audit"
+
     def __init__(self, db: ClickHouseBackend, audit_log: UsageLog, *, owns_db: bool = False,
                  flush_interval_s: float = 0.2, flush_max_rows: int = 20_000) -> None:
+        super().__init__(flush_interval_s, flush_max_rows)
         self.db = db
         self.log = audit_log
         self._owns_db = owns_db
-        self._flush_interval = flush_interval_s
-        self._flush_max = flush_max_rows
         self._queue: deque[_Request] = deque()
-        self._wake_writer = asyncio.Event()
-        self._wake_flusher = asyncio.Event()
-        self._pending: deque[LogEntry] = deque()
         self._pending_keys: set[tuple[str, str]] = set()
         self._heads: dict[str, Head] = {}
         self._move_lock = asyncio.Lock()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._closing = False
-        self.last_flush_error: str | None = None
         # Log entries appended / moved to ClickHouse since start: a read flushes up to what
         # was appended when it began, not while writes keep coming.
         self._appended = 0
@@ -317,18 +312,10 @@ class AuditStore:
             log.info("replaying unflushed audit events", extra={"entries": len(entries)})
             self._check_stored = True
             await self.flush()
-        self._closing = False
-        self._tasks = [asyncio.create_task(self._writer(), name="audit-writer"),
-                       asyncio.create_task(self._flusher(), name="audit-flusher")]
+        self._start_tasks(self._writer())
 
     async def close(self) -> None:
-        self._closing = True
-        self._wake_writer.set()
-        self._wake_flusher.set()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
+        await self._stop_tasks()
         while self._queue:
             request = self._queue.popleft()
             if not request.future.done():
@@ -445,36 +432,12 @@ class AuditStore:
 
     # --- Flushing ------------------------------------------------------------------------
 
-    async def _flusher(self) -> None:
-        backoff = 0.1
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake_flusher.wait(), self._flush_interval)
-            self._wake_flusher.clear()
-            try:
-                await self.flush()
-                backoff = 0.1
-                self.last_flush_error = None
-            except Exception as exc:
-                self.last_flush_error = repr(exc)
-                log.warning("audit flush failed; will retry", extra={"error": repr(exc)[:300]})
-                if self._closing:
-                    return
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-                continue
-            if self._closing:
-                return
+    async def _flush_pending(self) -> None:
+        await self.flush()
 
     async def flush_once(self) -> int:
         async with self._move_lock:
-            batch: list[LogEntry] = []
-            size = 0
-            for entry in self._pending:
-                if batch and size + len(entry.events) > self._flush_max:
-                    break
-                batch.append(entry)
-                size += len(entry.events)
+            batch, size = self._oldest_batch()
             if not batch:
                 return 0
             rows: list[AuditRow] = [row for entry in batch for row in entry.events]

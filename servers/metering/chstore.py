@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -32,6 +31,7 @@ from typing import Any
 from servers.common.errors import Unavailable
 from servers.metering import clickhouse
 from servers.metering.clickhouse import ClickHouseBackend
+from servers.metering.flusher import LogFlusher
 from servers.metering.usage import (
     ModelUsage,
     QuotaUsage,
@@ -82,29 +82,24 @@ def _month_key(tenant_id: str, moment: datetime) -> tuple[str, int]:
     return tenant_id, int(month_start(moment).timestamp())
 
 
-class ClickHouseUsageStore(UsageStore):
+class ClickHouseUsageStore(LogFlusher, UsageStore):
+    _flush_name = "usage"
+
     def __init__(self, db: ClickHouseBackend, usage_log: UsageLog, *, flush_interval_s: float = 0.2,
                  flush_max_events: int = 50_000, max_group_events: int = 20_000) -> None:
+        super().__init__(flush_interval_s, flush_max_events)
         self.db = db
         self.log = usage_log
-        self._flush_interval = flush_interval_s
-        self._flush_max = flush_max_events
         self._max_group = max_group_events
         self._queue: deque[_Request] = deque()
-        self._wake_writer = asyncio.Event()
-        self._wake_flusher = asyncio.Event()
-        # Appended, not yet in ClickHouse: entries in log order and their keys.
-        self._pending: deque[LogEntry] = deque()
+        # Keys of the pending entries' events.
         self._pending_keys: set[tuple[str, str]] = set()
         self._pending_events = 0
         # Held while a batch moves from pending to ClickHouse, and by readers that combine both.
         self._move_lock = asyncio.Lock()
         self._counters: OrderedDict[tuple[str, int], _MonthCounters] = OrderedDict()
-        self._tasks: list[asyncio.Task[None]] = []
         self._to_commit: list[LogEntry] = []
-        self._closing = False
         self.flushed_events = 0
-        self.last_flush_error: str | None = None
 
     # --- Lifecycle -----------------------------------------------------------------------
 
@@ -118,18 +113,10 @@ class ClickHouseUsageStore(UsageStore):
             # Before serving: some of it may already be in ClickHouse (a crash between an
             # insert and the log's commit), and reads add the log to ClickHouse.
             await self.flush()
-        self._closing = False
-        self._tasks = [asyncio.create_task(self._writer(), name="usage-writer"),
-                       asyncio.create_task(self._flusher(), name="usage-flusher")]
+        self._start_tasks(self._writer())
 
     async def close(self) -> None:
-        self._closing = True
-        self._wake_writer.set()
-        self._wake_flusher.set()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
+        await self._stop_tasks()
         while self._queue:
             request = self._queue.popleft()
             self._settle_counts(request, [False] * len(request.events))
@@ -274,39 +261,14 @@ class ClickHouseUsageStore(UsageStore):
 
     # --- Flushing ------------------------------------------------------------------------
 
-    async def _flusher(self) -> None:
-        backoff = 0.1
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake_flusher.wait(), self._flush_interval)
-            self._wake_flusher.clear()
-            try:
-                while self._pending:
-                    await self.flush_once()
-                backoff = 0.1
-                self.last_flush_error = None
-            except Exception as exc:
-                self.last_flush_error = repr(exc)
-                log.warning("usage flush failed; will retry", extra={"error": repr(exc)[:300],
-                                                                     "pending": self._pending_events})
-                if self._closing:
-                    return
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-                continue
-            if self._closing:
-                return
+    async def _flush_pending(self) -> None:
+        while self._pending:
+            await self.flush_once()
 
     async def flush_once(self) -> int:
         """Moves the oldest pending entries (up to the batch size) into ClickHouse."""
         async with self._move_lock:
-            batch: list[LogEntry] = []
-            size = 0
-            for entry in self._pending:
-                if batch and size + len(entry.events) > self._flush_max:
-                    break
-                batch.append(entry)
-                size += len(entry.events)
+            batch, size = self._oldest_batch()
             if not batch:
                 return 0
             rows = [(e.tenant_id, e.event_id, e.kind.value, e.model, e.requests, e.input_tokens,

@@ -239,6 +239,12 @@ class FakeLLMServer:
     def anthropic_base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def provider_env(self) -> dict[str, str]:
+        """The environment that points both real SDK providers at this fake."""
+        return {"OPENAI_BASE_URL": self.openai_base_url, "OPENAI_API_KEY": "test-key", "OPENAI_MODEL": "gpt-test",
+                "ANTHROPIC_BASE_URL": self.anthropic_base_url, "ANTHROPIC_API_KEY": "test-key",
+                "ANTHROPIC_MODEL": "claude-test"}
+
     def start(self) -> FakeLLMServer:
         self._thread.start()
         return self

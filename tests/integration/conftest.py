@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
-from copilot.v1 import common_pb2, tenant_pb2, tenant_pb2_grpc
+from copilot.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc, tenant_pb2, tenant_pb2_grpc
 from copilot_cli.supervisor import Mesh, settings_on_free_ports
 from servers.common.settings import Settings
 from servers.edge.issuer import DevIssuer
+from tests.fakes.llm_server import FakeLLMServer
 
 pytestmark = pytest.mark.integration
 
@@ -38,22 +42,36 @@ class RunningMesh:
         return self.auth("platform", ("operator",), user="ops")
 
 
-@pytest.fixture(scope="session")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningMesh]:
-    data_dir: Path = tmp_path_factory.mktemp("mesh")
-    settings = settings_on_free_ports(Settings.from_env(), data_dir)
+@contextmanager
+def running_mesh(tmp_path_factory: pytest.TempPathFactory, name: str, extra_env: dict[str, str] | None = None,
+                 **overrides: Any) -> Iterator[RunningMesh]:
+    """A whole mesh of its own on free ports, for tests that kill its services or need other
+    settings; `overrides` replace fields of Settings, `extra_env` reaches every process."""
+    data_dir: Path = tmp_path_factory.mktemp(name)
     # Short cache TTLs so plan and state changes show within a test.
-    from dataclasses import replace
-
-    settings = replace(settings, tenant_cache_ttl_s=1.0)
-    runner = Mesh(settings)
+    settings = replace(settings_on_free_ports(Settings.from_env(), data_dir), tenant_cache_ttl_s=1.0, **overrides)
+    runner = Mesh(settings, extra_env=extra_env or {})
     issuer = runner.start(timeout_s=90)
     try:
         yield RunningMesh(runner, issuer)
     finally:
         codes = runner.stop()
-        for name in codes:
-            print(f"--- {name} log tail ---\n{runner.tail(name, 5)}")
+        for service in codes:
+            print(f"--- {service} log tail ---\n{runner.tail(service, 5)}")
+
+
+@pytest.fixture(scope="session")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningMesh]:
+    with running_mesh(tmp_path_factory, "mesh") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def fake_llm() -> Iterator[FakeLLMServer]:
+    """OpenAI and Anthropic on one loopback port (tests script its failures)."""
+    server = FakeLLMServer().start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture
@@ -67,9 +85,22 @@ def new_tenant_id(prefix: str = "t") -> str:
 
 
 async def create_tenant(mesh: RunningMesh, channel: grpc.aio.Channel, plan: int = common_pb2.PLAN_PRO,
-                        prefix: str = "t") -> str:
+                        prefix: str = "t", provider: str = "",
+                        documents: Sequence[retrieval_pb2.Document] = ()) -> str:
+    """A new tenant (created by the operator), optionally on another LLM provider and with
+    `documents` ingested by one of its admins."""
     tenant_id = new_tenant_id(prefix)
     stub = tenant_pb2_grpc.TenantServiceStub(channel)
-    await stub.CreateTenant(tenant_pb2.CreateTenantRequest(tenant_id=tenant_id, display_name=tenant_id, plan=plan),
-                            metadata=mesh.operator(), timeout=10)
+    created = await stub.CreateTenant(tenant_pb2.CreateTenantRequest(tenant_id=tenant_id, display_name=tenant_id,
+                                                                     plan=plan),
+                                      metadata=mesh.operator(), timeout=10)
+    if provider:
+        tenant = created.tenant
+        tenant.config.provider = provider
+        await stub.UpdateTenant(tenant_pb2.UpdateTenantRequest(
+            tenant=tenant, update_mask={"paths": ["config.provider"]}), metadata=mesh.operator(), timeout=5)
+    if documents:
+        await retrieval_pb2_grpc.RetrievalServiceStub(channel).IngestDocuments(
+            retrieval_pb2.IngestDocumentsRequest(documents=documents),
+            metadata=mesh.auth(tenant_id, ("member", "admin")), timeout=10)
     return tenant_id

@@ -14,7 +14,6 @@ import subprocess
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -32,9 +31,7 @@ from copilot.v1 import (
     tenant_pb2,
     tenant_pb2_grpc,
 )
-from copilot_cli.supervisor import Mesh, settings_on_free_ports
-from servers.common.settings import Settings
-from tests.integration.conftest import RunningMesh, create_tenant
+from tests.integration.conftest import RunningMesh, create_tenant, running_mesh
 
 pytestmark = pytest.mark.integration
 
@@ -52,14 +49,9 @@ DOCS = [
 @pytest.fixture(scope="module")
 def audit_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningMesh]:
     """A mesh of its own: its metering is killed and restarted with another deletion setting."""
-    data_dir: Path = tmp_path_factory.mktemp("auditmesh")
-    settings = replace(settings_on_free_ports(Settings.from_env(), data_dir), tenant_cache_ttl_s=1.0)
-    runner = Mesh(settings, extra_env={"COPILOT_AUDIT_ON_TENANT_DELETE": "keep", "COPILOT_ACCESS_LOG": "0"})
-    issuer = runner.start(timeout_s=90)
-    try:
-        yield RunningMesh(runner, issuer)
-    finally:
-        runner.stop()
+    with running_mesh(tmp_path_factory, "auditmesh", {"COPILOT_AUDIT_ON_TENANT_DELETE": "keep",
+                                                      "COPILOT_ACCESS_LOG": "0"}) as running:
+        yield running
 
 
 @pytest.fixture
@@ -271,7 +263,9 @@ async def test_events_written_while_metering_is_down_arrive_after_it_returns(aud
                     mesh.settings.data_dir / "retrieval" / "audit-outbox"]
         waiting = 0
         for _ in range(50):
-            waiting = sum(len(json.loads(f.read_text())["events"]) for d in outboxes for f in d.glob("*.json"))
+            # A file holds one event, or a group commit's several under "events".
+            files = [json.loads(f.read_text()) for d in outboxes for f in d.glob("*.json")]
+            waiting = sum(len(raw.get("events", [raw])) for raw in files)
             if waiting >= 2 + answered_down:
                 break
             await asyncio.sleep(0.1)

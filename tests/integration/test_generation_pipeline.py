@@ -7,15 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 from collections.abc import Iterator
-from concurrent import futures
-from dataclasses import replace
-from pathlib import Path
 
 import grpc
 import pytest
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from copilot.v1 import (
     common_pb2,
@@ -28,10 +23,9 @@ from copilot.v1 import (
     tenant_pb2,
     tenant_pb2_grpc,
 )
-from copilot_cli.supervisor import Mesh, settings_on_free_ports
-from servers.common.settings import Settings
 from tests.fakes.llm_server import FakeLLMServer
-from tests.integration.conftest import RunningMesh, new_tenant_id
+from tests.integration.conftest import RunningMesh, new_tenant_id, running_mesh
+from tests.integration.otlp import SpanReceiver, span_receiver
 
 pytestmark = pytest.mark.integration
 
@@ -45,63 +39,20 @@ DOC = retrieval_pb2.Document(
 
 
 @pytest.fixture(scope="module")
-def fake_llm() -> Iterator[FakeLLMServer]:
-    server = FakeLLMServer().start()
-    yield server
-    server.stop()
-
-
-class SpanCollector(trace_service_pb2_grpc.TraceServiceServicer):
-    """An OTLP trace collector on loopback: every span the mesh exports."""
-
-    def __init__(self) -> None:
-        self.spans: list[tuple[str, str, dict[str, str]]] = []  # (service, trace id, attributes)
-        self._lock = threading.Lock()
-
-    def Export(self, request: trace_service_pb2.ExportTraceServiceRequest,
-               context: grpc.ServicerContext) -> trace_service_pb2.ExportTraceServiceResponse:
-        with self._lock:
-            for resource_spans in request.resource_spans:
-                service = next((a.value.string_value for a in resource_spans.resource.attributes
-                                if a.key == "service.name"), "")
-                for scope in resource_spans.scope_spans:
-                    for span in scope.spans:
-                        attrs = {a.key: a.value.string_value for a in span.attributes}
-                        self.spans.append((service, span.trace_id.hex(), attrs))
-        return trace_service_pb2.ExportTraceServiceResponse()
-
-
-@pytest.fixture(scope="module")
-def collector() -> Iterator[tuple[SpanCollector, int]]:
-    servicer = SpanCollector()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield servicer, port
-    server.stop(None)
+def collector() -> Iterator[SpanReceiver]:
+    with span_receiver() as r:
+        yield r
 
 
 @pytest.fixture(scope="module")
 def gen_mesh(tmp_path_factory: pytest.TempPathFactory, fake_llm: FakeLLMServer,
-             collector: tuple[SpanCollector, int]) -> Iterator[RunningMesh]:
+             collector: SpanReceiver) -> Iterator[RunningMesh]:
     """A mesh of its own (its metering is killed mid-test), with both SDK providers pointed
     at the fake."""
-    data_dir: Path = tmp_path_factory.mktemp("genmesh")
-    settings = replace(settings_on_free_ports(Settings.from_env(), data_dir), tenant_cache_ttl_s=1.0)
-    runner = Mesh(settings, extra_env={
-        "OPENAI_BASE_URL": fake_llm.openai_base_url, "OPENAI_API_KEY": "test-key", "OPENAI_MODEL": "gpt-test",
-        "ANTHROPIC_BASE_URL": fake_llm.anthropic_base_url, "ANTHROPIC_API_KEY": "test-key",
-        "ANTHROPIC_MODEL": "claude-test", "COPILOT_LLM_TIMEOUT_S": "1.0", "COPILOT_LLM_MAX_RETRIES": "2",
-        "COPILOT_ACCESS_LOG": "1",
-        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{collector[1]}", "OTEL_EXPORTER_OTLP_INSECURE": "true",
-        "OTEL_BSP_SCHEDULE_DELAY": "100",
-    })
-    issuer = runner.start(timeout_s=90)
-    try:
-        yield RunningMesh(runner, issuer)
-    finally:
-        runner.stop()
+    with running_mesh(tmp_path_factory, "genmesh", {
+            **fake_llm.provider_env(), "COPILOT_LLM_TIMEOUT_S": "1.0", "COPILOT_LLM_MAX_RETRIES": "2",
+            "COPILOT_ACCESS_LOG": "1", **collector.exporter_env()}) as running:
+        yield running
 
 
 async def _tenant(mesh: RunningMesh, channel: grpc.aio.Channel, plan: int = common_pb2.PLAN_ENTERPRISE,
@@ -323,21 +274,21 @@ async def test_usage_recorded_exactly_once_across_a_metering_crash(
 
 
 async def test_tenant_id_is_on_every_span_of_a_request(gen_mesh: RunningMesh, gchannel: grpc.aio.Channel,
-                                                       collector: tuple[SpanCollector, int]) -> None:
-    spans = collector[0].spans
+                                                       collector: SpanReceiver) -> None:
     tenant = await _tenant(gen_mesh, gchannel)
     await _answer(gen_mesh, gchannel, tenant, "How often are customers rescreened?")
     for _ in range(50):
-        traces = {t for _, t, a in list(spans) if a.get("tenant.id") == tenant
-                  and any(s == "copilot-generation" for s, t2, _ in list(spans) if t2 == t)}
-        services = {s for s, t, _ in list(spans) if t in traces}
+        spans = collector.spans
+        traces = {s.trace_id for s in spans if s.attributes.get("tenant.id") == tenant
+                  and s.service == "copilot-generation"}
+        services = {s.service for s in spans if s.trace_id in traces}
         if {"copilot-generation", "copilot-retrieval", "copilot-metering"} <= services:
             break
         await asyncio.sleep(0.2)
     assert {"copilot-generation", "copilot-retrieval", "copilot-metering"} <= services
-    for service, trace_id, attrs in list(spans):
-        if trace_id in traces:
-            assert attrs.get("tenant.id") == tenant, (service, attrs)
+    for s in spans:
+        if s.trace_id in traces:
+            assert s.attributes.get("tenant.id") == tenant, (s.service, s.name, s.attributes)
 
 
 async def test_identical_questions_from_two_tenants_never_share_results(

@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -24,10 +22,8 @@ from copilot.v1 import (
     tenant_pb2,
     tenant_pb2_grpc,
 )
-from copilot_cli.supervisor import Mesh, settings_on_free_ports
-from servers.common.settings import Settings
 from tests.fakes.llm_server import FakeLLMServer
-from tests.integration.conftest import RunningMesh, new_tenant_id
+from tests.integration.conftest import RunningMesh, new_tenant_id, running_mesh
 
 pytestmark = pytest.mark.integration
 
@@ -42,27 +38,11 @@ QUESTION = (f"My card {CARD} was charged twice; refund to IBAN {IBAN}. Which rec
 
 
 @pytest.fixture(scope="module")
-def fake_llm() -> Iterator[FakeLLMServer]:
-    server = FakeLLMServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def debug_mesh(tmp_path_factory: pytest.TempPathFactory, fake_llm: FakeLLMServer) -> Iterator[RunningMesh]:
-    data_dir: Path = tmp_path_factory.mktemp("logmesh")
-    settings = replace(settings_on_free_ports(Settings.from_env(), data_dir), tenant_cache_ttl_s=1.0)
-    runner = Mesh(settings, extra_env={
-        "COPILOT_LOG_LEVEL": "DEBUG", "COPILOT_ACCESS_LOG": "1", "COPILOT_EMBEDDER": "hash",
-        "OPENAI_BASE_URL": fake_llm.openai_base_url, "OPENAI_API_KEY": "test-key", "OPENAI_MODEL": "gpt-test",
-        "ANTHROPIC_BASE_URL": fake_llm.anthropic_base_url, "ANTHROPIC_API_KEY": "test-key",
-        "ANTHROPIC_MODEL": "claude-test",
-    })
-    issuer = runner.start(timeout_s=90)
-    try:
-        yield RunningMesh(runner, issuer)
-    finally:
-        runner.stop()
+    with running_mesh(tmp_path_factory, "logmesh", {
+            "COPILOT_LOG_LEVEL": "DEBUG", "COPILOT_ACCESS_LOG": "1", "COPILOT_EMBEDDER": "hash",
+            **fake_llm.provider_env()}) as running:
+        yield running
 
 
 @pytest.fixture

@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import replace
-from pathlib import Path
 
 import grpc
 import pytest
@@ -20,15 +18,12 @@ from copilot.v1 import (
     generation_pb2,
     generation_pb2_grpc,
     retrieval_pb2,
-    retrieval_pb2_grpc,
     tenant_pb2,
     tenant_pb2_grpc,
 )
-from copilot_cli.supervisor import Mesh, settings_on_free_ports
 from servers.common import metrics
-from servers.common.settings import Settings
 from tests.fakes.llm_server import FakeLLMServer
-from tests.integration.conftest import RunningMesh, create_tenant, new_tenant_id
+from tests.integration.conftest import RunningMesh, create_tenant, running_mesh
 
 pytestmark = pytest.mark.integration
 
@@ -67,28 +62,13 @@ MAX_TENANTS = 3
 
 
 @pytest.fixture(scope="module")
-def fake_llm() -> Iterator[FakeLLMServer]:
-    server = FakeLLMServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def metrics_mesh(tmp_path_factory: pytest.TempPathFactory, fake_llm: FakeLLMServer) -> Iterator[RunningMesh]:
-    """A mesh of its own: an OpenAI-compatible provider (the local fake) and a small tenant
-    label bound, so a handful of tenants overflow it."""
-    data_dir: Path = tmp_path_factory.mktemp("metricsmesh")
-    settings = replace(settings_on_free_ports(Settings.from_env(), data_dir), tenant_cache_ttl_s=1.0)
-    runner = Mesh(settings, extra_env={
-        "OPENAI_BASE_URL": fake_llm.openai_base_url, "OPENAI_API_KEY": "test-key", "OPENAI_MODEL": "gpt-test",
-        "COPILOT_LLM_MAX_RETRIES": "2", "COPILOT_EMBEDDER": "hash",
-        "COPILOT_METRICS_MAX_TENANTS": str(MAX_TENANTS),
-    })
-    issuer = runner.start(timeout_s=90)
-    try:
-        yield RunningMesh(runner, issuer)
-    finally:
-        runner.stop()
+    """A mesh of its own: the SDK providers on the local fake and a small tenant label bound,
+    so a handful of tenants overflow it."""
+    with running_mesh(tmp_path_factory, "metricsmesh", {
+            **fake_llm.provider_env(), "COPILOT_LLM_MAX_RETRIES": "2", "COPILOT_EMBEDDER": "hash",
+            "COPILOT_METRICS_MAX_TENANTS": str(MAX_TENANTS)}) as running:
+        yield running
 
 
 def _samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
@@ -104,20 +84,9 @@ def _value(text: str, name: str, **labels: str) -> float | None:
 
 
 async def _openai_tenant(mesh: RunningMesh, channel: grpc.aio.Channel) -> str:
-    tenant_id = new_tenant_id("met")
-    tenants = tenant_pb2_grpc.TenantServiceStub(channel)
-    created = await tenants.CreateTenant(tenant_pb2.CreateTenantRequest(
-        tenant_id=tenant_id, display_name=tenant_id, plan=common_pb2.PLAN_ENTERPRISE),
-        metadata=mesh.operator(), timeout=10)
-    tenant = created.tenant
-    tenant.config.provider = "openai"
-    await tenants.UpdateTenant(tenant_pb2.UpdateTenantRequest(
-        tenant=tenant, update_mask={"paths": ["config.provider"]}), metadata=mesh.operator(), timeout=5)
-    await retrieval_pb2_grpc.RetrievalServiceStub(channel).IngestDocuments(retrieval_pb2.IngestDocumentsRequest(
-        documents=[retrieval_pb2.Document(document_id="records", title="Records",
-                                          text="KYC records are kept for five years after the relationship ends.")]),
-        metadata=mesh.auth(tenant_id, ("member", "admin")), timeout=10)
-    return tenant_id
+    return await create_tenant(mesh, channel, common_pb2.PLAN_ENTERPRISE, "met", provider="openai", documents=[
+        retrieval_pb2.Document(document_id="records", title="Records",
+                               text="KYC records are kept for five years after the relationship ends.")])
 
 
 async def test_named_metrics_are_exported_by_the_right_service_with_bounded_tenant_labels(

@@ -10,16 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from concurrent import futures
-from dataclasses import dataclass, replace
-from pathlib import Path
 
 import grpc
 import pytest
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from copilot.v1 import (
@@ -27,14 +22,10 @@ from copilot.v1 import (
     generation_pb2,
     generation_pb2_grpc,
     retrieval_pb2,
-    retrieval_pb2_grpc,
-    tenant_pb2,
-    tenant_pb2_grpc,
 )
-from copilot_cli.supervisor import Mesh, settings_on_free_ports
-from servers.common.settings import Settings
 from tests.fakes.llm_server import FakeLLMServer
-from tests.integration.conftest import RunningMesh, new_tenant_id
+from tests.integration.conftest import RunningMesh, create_tenant, running_mesh
+from tests.integration.otlp import Span, SpanReceiver, span_receiver
 
 pytestmark = pytest.mark.integration
 
@@ -47,86 +38,21 @@ DOC = retrieval_pb2.Document(
 )
 
 
-@dataclass(frozen=True)
-class Span:
-    service: str
-    name: str
-    trace_id: str
-    span_id: str
-    parent_id: str
-    kind: int
-    attributes: dict[str, str]
-    links: tuple[str, ...]  # trace ids linked to
-
-
-class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
-    """Keeps every exported span in memory."""
-
-    def __init__(self) -> None:
-        self._spans: list[Span] = []
-        self._lock = threading.Lock()
-
-    def Export(self, request: trace_service_pb2.ExportTraceServiceRequest,
-               context: grpc.ServicerContext) -> trace_service_pb2.ExportTraceServiceResponse:
-        with self._lock:
-            for resource_spans in request.resource_spans:
-                service = next((a.value.string_value for a in resource_spans.resource.attributes
-                                if a.key == "service.name"), "")
-                for scope in resource_spans.scope_spans:
-                    for s in scope.spans:
-                        self._spans.append(Span(
-                            service=service, name=s.name, trace_id=s.trace_id.hex(), span_id=s.span_id.hex(),
-                            parent_id=s.parent_span_id.hex(), kind=s.kind,
-                            attributes={a.key: a.value.string_value or str(
-                                a.value.int_value or a.value.bool_value or a.value.double_value)
-                                for a in s.attributes},
-                            links=tuple(link.trace_id.hex() for link in s.links)))
-        return trace_service_pb2.ExportTraceServiceResponse()
-
-    @property
-    def spans(self) -> list[Span]:
-        with self._lock:
-            return list(self._spans)
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[SpanReceiver]:
+    with span_receiver() as r:
+        yield r
 
 
 @pytest.fixture(scope="module")
-def receiver() -> Iterator[tuple[Receiver, int]]:
-    servicer = Receiver()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield servicer, port
-    server.stop(None)
-
-
-@pytest.fixture(scope="module")
-def fake_llm() -> Iterator[FakeLLMServer]:
-    server = FakeLLMServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def traced_mesh(tmp_path_factory: pytest.TempPathFactory, receiver: tuple[Receiver, int],
+def traced_mesh(tmp_path_factory: pytest.TempPathFactory, receiver: SpanReceiver,
                 fake_llm: FakeLLMServer) -> Iterator[RunningMesh]:
-    data_dir: Path = tmp_path_factory.mktemp("tracedmesh")
-    endpoint = f"http://127.0.0.1:{receiver[1]}"
-    # Envoy's config is rendered from these settings; the services read the environment.
-    settings = replace(settings_on_free_ports(Settings.from_env(), data_dir), tenant_cache_ttl_s=1.0,
-                       otel_endpoint=endpoint)
-    runner = Mesh(settings, extra_env={
-        "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_INSECURE": "true",
-        "OTEL_BSP_SCHEDULE_DELAY": "100",
-        "OPENAI_BASE_URL": fake_llm.openai_base_url, "OPENAI_API_KEY": "test-key", "OPENAI_MODEL": "gpt-test",
-        # Vectors without a model to load: hybrid retrieval (lexical + dense + fusion) runs.
-        "COPILOT_EMBEDDER": "hash",
-    })
-    issuer = runner.start(timeout_s=90)
-    try:
-        yield RunningMesh(runner, issuer)
-    finally:
-        runner.stop()
+    # Envoy's config is rendered from the settings (otel_endpoint); the services read the environment.
+    with running_mesh(tmp_path_factory, "tracedmesh", {
+            **receiver.exporter_env(), **fake_llm.provider_env(),
+            # Vectors without a model to load: hybrid retrieval (lexical + dense + fusion) runs.
+            "COPILOT_EMBEDDER": "hash"}, otel_endpoint=receiver.endpoint) as running:
+        yield running
 
 
 @pytest.fixture
@@ -136,18 +62,8 @@ async def tchannel(traced_mesh: RunningMesh) -> AsyncIterator[grpc.aio.Channel]:
 
 
 async def _tenant(mesh: RunningMesh, channel: grpc.aio.Channel) -> str:
-    tenant_id = new_tenant_id("trace")
-    tenants = tenant_pb2_grpc.TenantServiceStub(channel)
-    created = await tenants.CreateTenant(tenant_pb2.CreateTenantRequest(
-        tenant_id=tenant_id, display_name=tenant_id, plan=common_pb2.PLAN_ENTERPRISE),
-        metadata=mesh.operator(), timeout=10)
-    tenant = created.tenant
-    tenant.config.provider = "openai"
-    await tenants.UpdateTenant(tenant_pb2.UpdateTenantRequest(
-        tenant=tenant, update_mask={"paths": ["config.provider"]}), metadata=mesh.operator(), timeout=5)
-    await retrieval_pb2_grpc.RetrievalServiceStub(channel).IngestDocuments(
-        retrieval_pb2.IngestDocumentsRequest(documents=[DOC]), metadata=mesh.auth(tenant_id, ("member", "admin")),
-        timeout=10)
+    tenant_id = await create_tenant(mesh, channel, common_pb2.PLAN_ENTERPRISE, "trace", provider="openai",
+                                    documents=[DOC])
     # The edge learns the new tenant's plan limits in the background.
     await asyncio.sleep(mesh.settings.tenant_cache_ttl_s * 2 + 0.5)
     return tenant_id
@@ -178,7 +94,7 @@ def _present(spans: list[Span]) -> set[tuple[str, str]]:
     return {(s.service, s.name) for s in spans}
 
 
-async def _trace_of_answer(receiver: Receiver, tenant: str, within_s: float = 30.0) -> list[Span]:
+async def _trace_of_answer(receiver: SpanReceiver, tenant: str, within_s: float = 30.0) -> list[Span]:
     """The spans of the trace holding `tenant`'s Answer, once every expected one arrived
     (Envoy's tracer sends its batches every few seconds)."""
     deadline = time.monotonic() + within_s
@@ -204,15 +120,15 @@ def _ancestors(span: Span, by_id: dict[str, Span]) -> list[Span]:
 
 
 async def test_one_answer_is_one_trace_from_envoy_through_every_service(
-        traced_mesh: RunningMesh, tchannel: grpc.aio.Channel, receiver: tuple[Receiver, int]) -> None:
+        traced_mesh: RunningMesh, tchannel: grpc.aio.Channel, receiver: SpanReceiver) -> None:
     tenant = await _tenant(traced_mesh, tchannel)
     response = await _answer(traced_mesh, tchannel, tenant)
     assert response.details.provider == "openai" and not response.details.degraded
     assert response.details.mode_used == common_pb2.RETRIEVAL_MODE_HYBRID
 
-    spans = await _trace_of_answer(receiver[0], tenant)
+    spans = await _trace_of_answer(receiver, tenant)
     assert _present(spans) >= WANTED, (sorted(WANTED - _present(spans), key=str),
-                                       sorted({(s.service, s.name) for s in receiver[0].spans}))
+                                       sorted({(s.service, s.name) for s in receiver.spans}))
     by_id = {s.span_id: s for s in spans}
 
     # Envoy's request span is the root; the generation server span hangs under Envoy.
@@ -258,7 +174,7 @@ def _kept_in_outbox(mesh: RunningMesh, tenant: str) -> set[str]:
     """Trace ids of the answers whose usage generation logged as left to its outbox."""
     kept = set()
     for line in (mesh.mesh.log_dir / "generation.log").read_text(errors="replace").splitlines():
-        if line.startswith("{") and "usage kept in the outbox" in line:
+        if line.startswith("{") and "usage.outbox: kept for later delivery" in line:
             entry = json.loads(line)
             if entry.get("tenant") == tenant and entry.get("trace_id"):
                 kept.add(entry["trace_id"])
@@ -266,7 +182,7 @@ def _kept_in_outbox(mesh: RunningMesh, tenant: str) -> set[str]:
 
 
 async def test_usage_delivered_later_from_the_outbox_links_back_to_the_answer(
-        traced_mesh: RunningMesh, tchannel: grpc.aio.Channel, receiver: tuple[Receiver, int]) -> None:
+        traced_mesh: RunningMesh, tchannel: grpc.aio.Channel, receiver: SpanReceiver) -> None:
     tenant = await _tenant(traced_mesh, tchannel)
     await _answer(traced_mesh, tchannel, tenant)  # metering allowed this tenant a moment ago
     await asyncio.to_thread(traced_mesh.mesh.kill, "metering")
@@ -287,8 +203,8 @@ async def test_usage_delivered_later_from_the_outbox_links_back_to_the_answer(
     wanted = {"/copilot.v1.MeteringService/RecordUsage", "usage.record"}
     deliveries: list[Span] = []
     for _ in range(300):
-        deliveries = [s for s in receiver[0].spans if s.name == "usage.outbox.deliver" and kept & set(s.links)]
-        if deliveries and wanted <= {s.name for s in receiver[0].spans if s.trace_id == deliveries[0].trace_id
+        deliveries = [s for s in receiver.spans if s.name == "usage.outbox.deliver" and kept & set(s.links)]
+        if deliveries and wanted <= {s.name for s in receiver.spans if s.trace_id == deliveries[0].trace_id
                                      and s.service == "copilot-metering"}:
             break
         await asyncio.sleep(0.1)
@@ -297,17 +213,17 @@ async def test_usage_delivered_later_from_the_outbox_links_back_to_the_answer(
     linked = next(iter(kept & set(delivery.links)))
     # The linked trace is an answer of this tenant's (its generation server span).
     assert any(s.trace_id == linked and s.name == "/copilot.v1.GenerationService/Answer" and s.kind == SERVER
-               for s in receiver[0].spans)
+               for s in receiver.spans)
     # Its own trace (background work), linked to the answer; metering's spans follow it.
     assert delivery.trace_id != linked and not delivery.parent_id
     assert delivery.attributes["tenant.id"] == tenant
-    metering = [s for s in receiver[0].spans if s.trace_id == delivery.trace_id and s.service == "copilot-metering"]
+    metering = [s for s in receiver.spans if s.trace_id == delivery.trace_id and s.service == "copilot-metering"]
     assert wanted <= {s.name for s in metering}
     assert all(s.attributes.get("tenant.id") == tenant for s in metering)
 
 
 async def test_a_streamed_answer_is_one_trace_too(traced_mesh: RunningMesh, tchannel: grpc.aio.Channel,
-                                                  receiver: tuple[Receiver, int]) -> None:
+                                                  receiver: SpanReceiver) -> None:
     tenant = await _tenant(traced_mesh, tchannel)
     stub = generation_pb2_grpc.GenerationServiceStub(tchannel)
     parts = [r async for r in stub.StreamAnswer(generation_pb2.StreamAnswerRequest(
@@ -316,9 +232,9 @@ async def test_a_streamed_answer_is_one_trace_too(traced_mesh: RunningMesh, tcha
     rpc = "/copilot.v1.GenerationService/StreamAnswer"
     spans: list[Span] = []
     for _ in range(120):
-        streams = [s for s in receiver[0].spans if s.name == rpc and s.kind == SERVER
+        streams = [s for s in receiver.spans if s.name == rpc and s.kind == SERVER
                    and s.attributes.get("tenant.id") == tenant]
-        spans = [s for s in receiver[0].spans if streams and s.trace_id == streams[0].trace_id]
+        spans = [s for s in receiver.spans if streams and s.trace_id == streams[0].trace_id]
         if _present(spans) >= {(ENVOY, "ingress"), (ENVOY, "router generation egress"),
                                ("copilot-metering", "usage.record"), ("copilot-generation", "provider.stream")}:
             break

@@ -6,18 +6,14 @@ and deleting the tenant drops it."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import replace
-from pathlib import Path
 
 import grpc
 import pytest
 
 from copilot.v1 import common_pb2, retrieval_pb2_grpc, tenant_pb2, tenant_pb2_grpc
 from copilot.v1 import retrieval_pb2 as pb
-from copilot_cli.supervisor import Mesh, settings_on_free_ports
-from servers.common.settings import Settings
 from tests.fakes.weaviate_server import FakeWeaviate
-from tests.integration.conftest import RunningMesh, create_tenant
+from tests.integration.conftest import RunningMesh, create_tenant, running_mesh
 
 pytestmark = pytest.mark.integration
 
@@ -32,20 +28,12 @@ def fake_weaviate() -> Iterator[FakeWeaviate]:
 
 @pytest.fixture(scope="module")
 def weaviate_mesh(tmp_path_factory: pytest.TempPathFactory, fake_weaviate: FakeWeaviate) -> Iterator[RunningMesh]:
-    data_dir: Path = tmp_path_factory.mktemp("mesh-weaviate")
-    settings = replace(settings_on_free_ports(Settings.from_env(), data_dir), tenant_cache_ttl_s=1.0)
-    runner = Mesh(settings, extra_env={
-        "COPILOT_STORE": "weaviate", "WEAVIATE_URL": fake_weaviate.url,
-        "WEAVIATE_GRPC_PORT": str(fake_weaviate.grpc_port),
-        # Feature hashing: this test is about the store, not the model.
-        "COPILOT_EMBEDDER": "hash"})
-    issuer = runner.start(timeout_s=90)
-    try:
-        yield RunningMesh(runner, issuer)
-    finally:
-        codes = runner.stop()
-        for name in codes:
-            print(f"--- {name} log tail ---\n{runner.tail(name, 5)}")
+    with running_mesh(tmp_path_factory, "mesh-weaviate", {
+            "COPILOT_STORE": "weaviate", "WEAVIATE_URL": fake_weaviate.url,
+            "WEAVIATE_GRPC_PORT": str(fake_weaviate.grpc_port),
+            # Feature hashing: this test is about the store, not the model.
+            "COPILOT_EMBEDDER": "hash"}) as running:
+        yield running
 
 
 @pytest.fixture

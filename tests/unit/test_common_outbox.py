@@ -1,6 +1,7 @@
-"""The generic outbox's `submit` (audit events): the caller never waits; queued events are
-written and delivered in batches, survive a delivery failure and a restart, and each is
-delivered once with its own id (first deliveries say so, redeliveries too)."""
+"""The outbox's `submit` (audit events): the caller never waits; events handed in together are
+written by one commit and delivered in one call per tenant once on disk, survive a delivery
+failure and a restart, and each is delivered once with its own id (first deliveries say so,
+redeliveries too)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ async def wait_for(check: object, rounds: int = 200) -> None:
 
 async def test_submitted_events_go_out_in_one_batch_per_tenant(tmp_path: Path) -> None:
     metering = Metering()
-    outbox = Outbox(tmp_path, metering.deliver, audit_pb2.AuditEvent, linger_s=0.05)
+    outbox = Outbox(tmp_path, metering.deliver, audit_pb2.AuditEvent)
     for n in range(5):
         outbox.submit("acme", ev(n))  # returns at once: nothing awaited
     outbox.submit("globex", ev(9))
@@ -54,13 +55,13 @@ async def test_submitted_events_go_out_in_one_batch_per_tenant(tmp_path: Path) -
 async def test_submitted_events_survive_metering_down_and_a_restart(tmp_path: Path) -> None:
     metering = Metering()
     metering.up = False
-    first = Outbox(tmp_path, metering.deliver, audit_pb2.AuditEvent, linger_s=0.01)
+    first = Outbox(tmp_path, metering.deliver, audit_pb2.AuditEvent)
     for n in range(3):
         first.submit("acme", ev(n))
     await first.settled()
     first.submit("acme", ev(3))
     await first.settled()
-    assert first.pending_count() == 2  # two batches, on disk
+    assert first.pending_count() == 2  # two commits, on disk
     # A new process (the first one is gone): replays on start, whole files, marked as redelivery.
     metering.up = True
     second = Outbox(tmp_path, metering.deliver, audit_pb2.AuditEvent, interval_s=0.05, batch=2)
@@ -69,3 +70,17 @@ async def test_submitted_events_survive_metering_down_and_a_restart(tmp_path: Pa
     await second.stop()
     assert metering.delivered() == [("acme", f"generation:{n}") for n in range(4)]
     assert all(redelivery for _, _, redelivery in metering.calls)
+
+
+async def test_a_submitted_event_is_on_disk_before_it_is_delivered(tmp_path: Path) -> None:
+    seen_on_disk: list[bool] = []
+
+    async def deliver(tenant: str, events: list[audit_pb2.AuditEvent], redelivery: bool) -> None:
+        on_disk = await asyncio.to_thread(lambda: "".join(p.read_text() for p in tmp_path.glob("*.json")))
+        seen_on_disk.extend(e.event_id in on_disk for e in events)
+
+    outbox = Outbox(tmp_path, deliver, audit_pb2.AuditEvent)
+    outbox.submit("acme", ev(1))
+    await outbox.settled()
+    assert seen_on_disk == [True]
+    await wait_for(lambda: outbox.pending_count() == 0)

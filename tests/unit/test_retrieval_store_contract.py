@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 from servers.common.errors import InvalidArgument
-from servers.retrieval.embedders import build_embedder
 from servers.retrieval.engine import RetrievalEngine
 from servers.retrieval.models import DocumentInput, IngestStatus, SearchMode, SearchQuery
 from servers.retrieval.store import DocumentStore, SqliteFtsStore
 from servers.retrieval.weaviate_store import WeaviateConfig, WeaviateStore
 from tests.fakes.weaviate_server import FakeWeaviate
+from tests.unit.retrieval_support import hash_engine
 
 A, B = "tenant-a", "tenant-b"
 BACKENDS = ["embedded", "weaviate-fake", "weaviate-real"]
@@ -61,11 +61,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 
 @pytest.fixture
 def engine(store: DocumentStore) -> RetrievalEngine:
-    embedder = build_embedder("hash")
-    assert embedder is not None
-    built = RetrievalEngine(store, embedder=embedder, result_cache_entries=0)
-    built.start()
-    return built
+    return hash_engine(store)
 
 
 def doc(doc_id: str, text: str, *, title: str = "", source: str = "", **metadata: str) -> DocumentInput:

@@ -23,12 +23,12 @@ from servers.common.interceptors import IdentityServerInterceptor
 from servers.common.lifecycle import CHANNEL_OPTIONS
 from servers.common.settings import Settings
 from servers.retrieval.config import RetrievalConfig
-from servers.retrieval.embedders import build_embedder
 from servers.retrieval.engine import RetrievalEngine
 from servers.retrieval.models import DocumentInput, IngestStatus, SearchMode, SearchQuery
 from servers.retrieval.server import build
 from servers.retrieval.weaviate_store import WeaviateConfig, WeaviateStore
 from tests.fakes.weaviate_server import COLD, HOT, FakeWeaviate
+from tests.unit.retrieval_support import hash_engine
 
 A, B = "tenant-a", "tenant-b"
 
@@ -54,11 +54,7 @@ async def store(fake: FakeWeaviate) -> AsyncIterator[WeaviateStore]:
 
 @pytest.fixture
 def engine(store: WeaviateStore) -> RetrievalEngine:
-    embedder = build_embedder("hash")
-    assert embedder is not None
-    built = RetrievalEngine(store, embedder=embedder, result_cache_entries=0)
-    built.start()
-    return built
+    return hash_engine(store)
 
 
 def doc(doc_id: str, text: str, **metadata: str) -> DocumentInput:

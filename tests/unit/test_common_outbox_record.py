@@ -1,4 +1,5 @@
-"""The usage outbox: durable before acknowledged, replayed with the same event id."""
+"""The durable outbox (servers/common/outbox.py) as usage uses it: `record` is durable before
+it returns, replayed with the same event id, group-committed under load."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import asyncio
 from pathlib import Path
 
 from copilot.v1 import metering_pb2
-from servers.generation.outbox import UsageOutbox
+from servers.common.outbox import Outbox
 
 
 class FlakyMetering:
@@ -14,7 +15,7 @@ class FlakyMetering:
         self.up = True
         self.received: list[tuple[str, str]] = []
 
-    async def deliver(self, tenant: str, events: list[metering_pb2.UsageEvent]) -> None:
+    async def deliver(self, tenant: str, events: list[metering_pb2.UsageEvent], redelivery: bool) -> None:
         await asyncio.sleep(0)
         if not self.up:
             raise ConnectionError("metering down")
@@ -27,7 +28,7 @@ def _event(n: int) -> metering_pb2.UsageEvent:
 
 async def test_delivered_events_leave_nothing_behind(tmp_path: Path) -> None:
     metering = FlakyMetering()
-    outbox = UsageOutbox(tmp_path, metering.deliver)
+    outbox = Outbox(tmp_path, metering.deliver, metering_pb2.UsageEvent)
     assert await outbox.record("acme", _event(1))
     await outbox.settled()
     assert metering.received == [("acme", "answer:1")] and outbox.pending_count() == 0
@@ -36,14 +37,14 @@ async def test_delivered_events_leave_nothing_behind(tmp_path: Path) -> None:
 async def test_undelivered_events_survive_a_restart_and_keep_their_ids(tmp_path: Path) -> None:
     metering = FlakyMetering()
     metering.up = False
-    first = UsageOutbox(tmp_path, metering.deliver)
+    first = Outbox(tmp_path, metering.deliver, metering_pb2.UsageEvent)
     for n in range(3):
         assert not await first.record("acme", _event(n))
     assert await first.record("globex", _event(9)) is False
     assert first.pending_count() == 4
     # A new process (the first one is gone without flushing): replays on start.
     metering.up = True
-    second = UsageOutbox(tmp_path, metering.deliver, interval_s=0.05)
+    second = Outbox(tmp_path, metering.deliver, metering_pb2.UsageEvent, interval_s=0.05)
     await second.start()
     for _ in range(100):
         if second.pending_count() == 0:
@@ -57,7 +58,7 @@ async def test_undelivered_events_survive_a_restart_and_keep_their_ids(tmp_path:
 async def test_background_loop_retries_until_metering_is_back(tmp_path: Path) -> None:
     metering = FlakyMetering()
     metering.up = False
-    outbox = UsageOutbox(tmp_path, metering.deliver, interval_s=0.02)
+    outbox = Outbox(tmp_path, metering.deliver, metering_pb2.UsageEvent, interval_s=0.02)
     await outbox.start()
     assert not await outbox.record("acme", _event(1))
     await asyncio.sleep(0.1)
@@ -78,7 +79,7 @@ class PickyMetering(FlakyMetering):
         super().__init__()
         self.refused = refused
 
-    async def deliver(self, tenant: str, events: list[metering_pb2.UsageEvent]) -> None:
+    async def deliver(self, tenant: str, events: list[metering_pb2.UsageEvent], redelivery: bool) -> None:
         await asyncio.sleep(0)
         if tenant == self.refused and not self.up:
             raise ConnectionError("refused")
@@ -92,12 +93,12 @@ def _on_disk(directory: Path) -> str:
 async def test_concurrent_events_are_group_committed_and_replayed(tmp_path: Path) -> None:
     metering = FlakyMetering()
     metering.up = False
-    first = UsageOutbox(tmp_path, metering.deliver)
+    first = Outbox(tmp_path, metering.deliver, metering_pb2.UsageEvent)
     results = await asyncio.gather(*(first.record(f"t{n % 3}", _event(n)) for n in range(20)))
     assert results == [False] * 20
     # Fewer fsync'd writes than events: the events that arrived during a write shared the next.
     assert 1 <= first.commits < 20
-    second = UsageOutbox(tmp_path, metering.deliver, interval_s=0.05)
+    second = Outbox(tmp_path, metering.deliver, metering_pb2.UsageEvent, interval_s=0.05)
     metering.up = True
     assert await second.flush() == 20
     assert sorted(metering.received) == sorted((f"t{n % 3}", f"answer:{n}") for n in range(20))
@@ -107,7 +108,7 @@ async def test_concurrent_events_are_group_committed_and_replayed(tmp_path: Path
 async def test_a_group_file_stays_until_every_event_in_it_is_delivered(tmp_path: Path) -> None:
     metering = PickyMetering(refused="globex")
     metering.up = False
-    outbox = UsageOutbox(tmp_path, metering.deliver)
+    outbox = Outbox(tmp_path, metering.deliver, metering_pb2.UsageEvent)
     results = await asyncio.gather(*(outbox.record("globex" if n % 2 else "acme", _event(n)) for n in range(6)))
     await outbox.settled()
     assert results == [n % 2 == 0 for n in range(6)]
