@@ -38,6 +38,9 @@ def add_parser(sub: Any) -> None:
     export.add_argument("--output", "-o", type=Path, help="write to this file instead of stdout")
     verify = asub.add_parser("verify", help="recompute the hash chain; exit 1 and name the first break if broken")
     verify.add_argument("--json", action="store_true", help="the result as one JSON object")
+    verify.add_argument("--expect-head", metavar="SEQ:HASH", type=_head,
+                        help="a head an earlier verify printed (kept somewhere else): broken if the chain no "
+                             "longer holds that event with that hash")
     for p in (lst, export, verify):
         p.add_argument("--tenant", required=True, help="the tenant whose trail to read")
         p.add_argument("--token", help="use this JWT instead of minting an operator token")
@@ -47,6 +50,15 @@ def add_parser(sub: Any) -> None:
         p.add_argument("--user", default="", help="only this actor's events (the token subject)")
         p.add_argument("--kind", action="append", default=[], choices=sorted(KINDS),
                        help="only this kind (repeatable)")
+
+
+def _head(raw: str) -> audit_pb2.AuditChainHead:
+    seq, _, digest = raw.strip().partition(":")
+    digest = digest.lower()
+    if not seq.isdigit() or int(seq) < 1 or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise argparse.ArgumentTypeError(f"{raw!r}: expected SEQ:HASH as verify prints it (e.g. 42:9f86d0…, "
+                                         "a 64-character SHA-256)")
+    return audit_pb2.AuditChainHead(seq=int(seq), hash=digest)
 
 
 def _time(raw: str, name: str) -> datetime:
@@ -93,18 +105,27 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
     md = client.metadata
     try:
         if args.audit_command == "verify":
-            result = await stub.VerifyAuditChain(audit_pb2.VerifyAuditChainRequest(tenant_id=args.tenant),
-                                                 metadata=md, timeout=300)
+            request = audit_pb2.VerifyAuditChainRequest(tenant_id=args.tenant)
+            if args.expect_head is not None:
+                request.expected_head.CopyFrom(args.expect_head)
+            result = await stub.VerifyAuditChain(request, metadata=md, timeout=300)
+            head = f"{result.last_seq}:{result.head_hash}" if result.head_hash else "-"
             if args.json:
                 print(json.dumps(json_format.MessageToDict(result, preserving_proto_field_name=True)))
             elif result.ok:
                 print(f"{args.tenant}: chain intact, {result.events_checked} events "
-                      f"(seq {result.first_seq}..{result.last_seq}), head {result.head_hash or '-'}")
+                      f"(seq {result.first_seq}..{result.last_seq}), head {head}")
+                # The witness: kept outside the platform, it catches a later rewrite or truncation
+                # even of the store's own anchor.
+                if result.head_hash:
+                    print(f"keep the head to check later: copilot audit verify --tenant {args.tenant} "
+                          f"--expect-head {head}")
             else:
                 problem = audit_pb2.AuditChainProblem.Name(result.first_break.problem).removeprefix(
                     "AUDIT_CHAIN_PROBLEM_").lower()
                 print(f"{args.tenant}: chain BROKEN at seq {result.first_break.seq} ({problem}): "
                       f"{result.first_break.detail}")
+                print(f"walked {result.events_checked} events, to head {head}")
             return 0 if result.ok else 1
         request_filter = _filter(args)
         if args.audit_command == "export":

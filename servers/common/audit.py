@@ -1,13 +1,18 @@
 """Audit events from the services that are not the audit store (generation, retrieval).
 
 `AuditTrail.record` builds the event from the caller's identity and hands it to a durable
-outbox (servers/common/outbox.py) in the background: the request never waits for the audit
-write, and the event reaches `AuditService.RecordAuditEvents` (metering) once, with the same
-event id, even across a metering outage or a restart of this service.
+outbox (servers/common/outbox.py); it returns an awaitable that resolves once the event is
+fsync'd in that outbox (group-committed with the others of the moment). Handlers await it
+before they answer OK — a streamed answer after its last message, so the text is never
+delayed — so a crash of this service right after an OK cannot lose the event. Nobody waits
+for the audit store: the event reaches `AuditService.RecordAuditEvents` (metering) after
+that, once, with the same event id, even across a metering outage or a restart of this
+service.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from pathlib import Path
@@ -33,20 +38,25 @@ class AuditTrail:
             directory, self._deliver, audit_pb2.AuditEvent, name="audit.outbox", actor=f"service:{service}",
             interval_s=interval_s)
 
-    def record(self, kind: int, caller: identity.Identity | None = None, **details: Any) -> None:
-        """Records one event for the caller's tenant (or `caller`'s), off the request path.
-        `details`: the one AuditEvent details field of the kind, e.g. question=QuestionAudit(...)."""
+    def record(self, kind: int, caller: identity.Identity | None = None, **details: Any) -> asyncio.Future[bool]:
+        """Records one event for the caller's tenant (or `caller`'s). `details`: the one
+        AuditEvent details field of the kind, e.g. question=QuestionAudit(...).
+
+        The event is on its way when this returns; await the result before the call answers
+        OK: it resolves once the event is durable here (False: it could be neither written
+        nor delivered, logged). Cancelling that wait does not cancel the event."""
         who = caller or identity.current()
         event = audit_pb2.AuditEvent(event_id=f"{self.service}:{uuid.uuid4().hex}", kind=kind,  # type: ignore[arg-type]
                                      actor=who.subject, actor_roles=sorted(who.roles), service=self.service,
                                      **details)
         event.occur_time.GetCurrentTime()
-        self.outbox.submit(who.tenant_id, event)
+        return asyncio.shield(self.outbox.submit(who.tenant_id, event))
 
     def refused(self, caller: identity.Identity, method: str, code: grpc.StatusCode, reason: str,
-                message: str) -> None:
-        """The server interceptor's hook (lifecycle.Service.on_refusal)."""
-        self.record(audit_pb2.AUDIT_EVENT_KIND_REQUEST_REFUSED, caller, refusal=audit_pb2.RefusalAudit(
+                message: str) -> asyncio.Future[bool]:
+        """The server interceptor's hook (lifecycle.Service.on_refusal); it awaits the result
+        before it sends the refusal."""
+        return self.record(audit_pb2.AUDIT_EVENT_KIND_REQUEST_REFUSED, caller, refusal=audit_pb2.RefusalAudit(
             rpc=method, code=code.name, reason=reason, message=message[:1000]))
 
     async def _deliver(self, tenant_id: str, events: list[audit_pb2.AuditEvent], redelivery: bool) -> None:

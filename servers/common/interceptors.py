@@ -8,6 +8,7 @@ forwarded on every service-to-service call.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import time
@@ -31,7 +32,8 @@ PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 # Told about each call a domain error of this service refused with one of AUDITED_REFUSALS
 # (caller, RPC, code, ErrorInfo reason, message): the audit trail's refused requests. Errors
 # passed through from a peer are not reported again: the peer that refused reported them.
-RefusalHook = Callable[[ident.Identity, str, grpc.StatusCode, str, str], None]
+# What it returns, if anything, is awaited before the refusal is sent (its audit event is durable).
+RefusalHook = Callable[[ident.Identity, str, grpc.StatusCode, str, str], Awaitable[Any] | None]
 AUDITED_REFUSALS = frozenset({grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 # Absolute deadline (time.monotonic()) of the call being served, for propagation.
@@ -137,7 +139,9 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, caller: ident.Identity | 
         if on_refusal is not None and caller is not None and isinstance(exc, CopilotError) \
                 and abort.code in AUDITED_REFUSALS:
             try:
-                on_refusal(caller, method, abort.code, exc.reason, exc.message)
+                pending = on_refusal(caller, method, abort.code, exc.reason, exc.message)
+                if pending is not None:
+                    await asyncio.shield(pending)
             except Exception:  # the refusal stands whatever its audit does
                 log.exception("refusal hook failed", extra={"rpc": method})
         _finish(method, caller, started, abort.code, log_it)

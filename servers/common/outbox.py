@@ -15,9 +15,10 @@ event keeps its own file, named after its tenant and id; a group's file holds se
 Two ways in:
 - `record` (usage): delivery and the write start together and the caller waits for the
   faster of the two, so an answer never returns before its usage is safe.
-- `submit` (audit): the caller does not wait at all; the event is delivered once its group
-  is on disk, batched per tenant with the others of that group. It can be lost only if the
-  process dies before that fsync completes (milliseconds), never after.
+- `submit` (audit): returns at once with a future that resolves once the event's group is
+  on disk; the event is delivered after that, batched per tenant with the others of that
+  group. A caller that awaits the future before it answers OK (the audit trail does) never
+  acknowledges an event a crash could lose, and never waits for the delivery.
 """
 
 from __future__ import annotations
@@ -203,20 +204,30 @@ class Outbox(Generic[M]):
             if write in done:
                 return True  # durable here; delivery goes on in the background
 
-    def submit(self, tenant_id: str, event: M) -> None:
+    def submit(self, tenant_id: str, event: M) -> asyncio.Future[bool]:
         """Queues the event for the next group commit and returns at once; it is delivered
-        (batched per tenant) as soon as it is on disk."""
+        (batched per tenant) as soon as it is on disk. The future resolves once the event is
+        safe: True when it is on disk here (or, if the write failed, was delivered), False
+        when it is neither (logged: it is lost). It never fails, and cancelling a wait for it
+        (shielded) leaves the event's way unchanged."""
         write = self._durable(tenant_id, event, telemetry.traceparent())
-        self._track(self._after_write(tenant_id, event, write))
+        safe: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._track(self._after_write(tenant_id, event, write, safe))
+        return safe
 
-    async def _after_write(self, tenant_id: str, event: M, write: asyncio.Future[Path]) -> None:
+    async def _after_write(self, tenant_id: str, event: M, write: asyncio.Future[Path],
+                           safe: asyncio.Future[bool]) -> None:
         try:
             path = await write
         except Exception as exc:
             log.error(f"{self._name}: write failed; delivering without a local copy",
                       extra={"event_id": _event_id(event), "error": repr(exc)})
-            await self._send_unwritten(tenant_id, event)
+            delivered = await self._send_unwritten(tenant_id, event)
+            if not safe.done():
+                safe.set_result(delivered)
             return
+        if not safe.done():
+            safe.set_result(True)
         self._outgoing.append((path, tenant_id, event))
         if self._sending is None:
             # Every event of a commit resumes in the same loop turn: one delivery per tenant.
@@ -242,13 +253,15 @@ class Outbox(Generic[M]):
             send.set_exception(exc)
         await self._settle([_event_id(e) for _, e in chunk], [_resolved(path) for path, _ in chunk], send)
 
-    async def _send_unwritten(self, tenant_id: str, event: M) -> None:
+    async def _send_unwritten(self, tenant_id: str, event: M) -> bool:
         try:
             await self._deliver(tenant_id, [event], False)
             self.delivered += 1
+            return True
         except Exception as exc:
             log.error(f"{self._name}: event lost (neither written nor delivered)",
                       extra={"event_id": _event_id(event), "error": repr(exc)})
+            return False
 
     def _track(self, work: Awaitable[None]) -> None:
         future = asyncio.ensure_future(work)

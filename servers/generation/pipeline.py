@@ -13,7 +13,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -223,16 +223,20 @@ class Pipeline:
             for i, q in enumerate(result.quotes, start=1)
         ]
         details.latency_s = time.perf_counter() - started
-        if self._audit is not None:
-            self._audit_question(question.text, details, digest.hexdigest())
+        audited = self._audit_question(question.text, details, digest.hexdigest()) \
+            if self._audit is not None else None
         yield details
+        if audited is not None:
+            # After the last message, before the call's OK: the answer is never held up, and an
+            # OK means its audit event is durable here (the audit store is not waited for).
+            await audited
 
-    def _audit_question(self, masked_question: str, details: AnswerDetails, answer_sha256: str) -> None:
-        """Handed to the audit outbox in the background: the answer never waits for it."""
+    def _audit_question(self, masked_question: str, details: AnswerDetails, answer_sha256: str) -> Awaitable[bool]:
+        """Handed to the audit outbox; the result resolves once the event is durable there."""
         assert self._audit is not None
         latency = duration_pb2.Duration()
         latency.FromNanoseconds(int(details.latency_s * 1e9))
-        self._audit.record(audit_pb2.AUDIT_EVENT_KIND_QUESTION, question=audit_pb2.QuestionAudit(
+        return self._audit.record(audit_pb2.AUDIT_EVENT_KIND_QUESTION, question=audit_pb2.QuestionAudit(
             question=masked_question, mode_used=details.mode_used, answer_sha256=answer_sha256,  # type: ignore[arg-type]
             citations=[audit_pb2.AuditCitation(document_id=c.passage.document_id, chunk_id=c.passage.chunk_id)
                        for c in details.citations],

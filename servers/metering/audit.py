@@ -26,11 +26,14 @@ from servers.common.errors import FieldViolation, InvalidArgument, NotFound, Per
 from servers.metering import convert
 from servers.metering.audit_store import (
     DUPLICATE,
+    FORK,
     HASH_MISMATCH,
+    HEAD_MISMATCH,
     MISSING,
     PREV_HASH_MISMATCH,
     AuditRow,
     AuditStore,
+    Head,
     NewEvent,
 )
 from servers.metering.plans import Plan
@@ -64,7 +67,8 @@ KINDS: dict[int, str] = {
 KIND_VALUES = {name: value for value, name in KINDS.items()}
 PROBLEMS = {HASH_MISMATCH: audit_pb2.AUDIT_CHAIN_PROBLEM_HASH_MISMATCH, MISSING: audit_pb2.AUDIT_CHAIN_PROBLEM_MISSING,
             PREV_HASH_MISMATCH: audit_pb2.AUDIT_CHAIN_PROBLEM_PREV_HASH_MISMATCH,
-            DUPLICATE: audit_pb2.AUDIT_CHAIN_PROBLEM_DUPLICATE}
+            DUPLICATE: audit_pb2.AUDIT_CHAIN_PROBLEM_DUPLICATE, FORK: audit_pb2.AUDIT_CHAIN_PROBLEM_FORK,
+            HEAD_MISMATCH: audit_pb2.AUDIT_CHAIN_PROBLEM_HEAD_MISMATCH}
 
 
 def details_json(event: audit_pb2.AuditEvent) -> str:
@@ -185,13 +189,15 @@ class MeteringAudit:
                           plan=current.plan if current is not None and target == current.tenant_id else None)
 
     def refused(self, caller: identity.Identity, method: str, code: grpc.StatusCode, reason: str,
-                message: str) -> None:
-        """The server interceptor's hook: recorded in the background, once per refused call."""
+                message: str) -> asyncio.Task[None]:
+        """The server interceptor's hook, once per refused call: it awaits the task (the event
+        durable in the store's log) before it sends the refusal."""
         event = audit_pb2.AuditEvent(kind=audit_pb2.AUDIT_EVENT_KIND_REQUEST_REFUSED, refusal=audit_pb2.RefusalAudit(
             rpc=method, code=code.name, reason=reason, message=message[:1000]))
         task = asyncio.get_running_loop().create_task(self.record(caller.tenant_id, event, caller))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     async def settled(self) -> None:
         if self._background:
@@ -259,10 +265,20 @@ class AuditServiceServicer(audit_pb2_grpc.AuditServiceServicer):
     async def VerifyAuditChain(self, request: audit_pb2.VerifyAuditChainRequest,
                                context: grpc.aio.ServicerContext) -> audit_pb2.VerifyAuditChainResponse:
         tenant_id = _caller_audit_tenant(request.tenant_id)
-        result = await self._store.verify(tenant_id)
+        expected = None
+        if request.HasField("expected_head"):
+            wanted = request.expected_head
+            if wanted.seq < 1:
+                raise InvalidArgument.field("expected_head.seq", "must be 1 or more")
+            if len(wanted.hash) != 64 or any(c not in "0123456789abcdef" for c in wanted.hash):
+                raise InvalidArgument.field("expected_head.hash", "must be a SHA-256 in lowercase hex (64 characters)")
+            expected = Head(wanted.seq, wanted.hash, 0)
+        result = await self._store.verify(tenant_id, expected)
         response = audit_pb2.VerifyAuditChainResponse(
             tenant_id=tenant_id, ok=result.ok, events_checked=result.checked, first_seq=result.first_seq,
             last_seq=result.last_seq, head_hash=result.head_hash)
+        if result.anchor is not None:
+            response.anchor.CopyFrom(audit_pb2.AuditChainHead(seq=result.anchor.seq, hash=result.anchor.hash))
         if result.first_break is not None:
             response.first_break.CopyFrom(audit_pb2.AuditChainBreak(
                 seq=result.first_break.seq, problem=PROBLEMS[result.first_break.problem],  # type: ignore[arg-type]

@@ -8,7 +8,18 @@
   before the append. Each tenant's events get seq 1, 2, 3, ... and carry the hash of the
   previous one; hash = sha256 over a canonical JSON of the stored fields plus prev_hash. The
   log holds the chained rows, so a replay after a crash inserts exactly the same rows (rows
-  whose seq is already stored are skipped: the table is append-only, not deduplicating).
+  whose seq and hash are already stored are skipped: the table is append-only, not deduplicating).
+* One writer per chain. Embedded chDB: the data directory is locked (servers/metering/dirlock.py),
+  so a second metering process on it refuses to start. A shared ClickHouse server
+  (CLICKHOUSE_URL) has no such lock: the writer re-reads each tenant's stored head before every
+  batch it chains for that tenant, so instances that take turns continue each other's chain,
+  and two that append at the very same moment (or before the other's rows are flushed) fork
+  it — which verify reports as a FORK (two well-formed events with one seq, one predecessor).
+* The head anchor: after each flush, the newest (seq, hash, expiry) of each tenant flushed is
+  written to `audit_heads`, outside the events table. Verify requires the chain to reach it
+  (a removed tail is reported after a restart too) and to hold its hash there; an expected
+  head from an earlier verify, kept by the user, is checked the same way (an external witness
+  that also catches a removal of the anchor with the tail).
 * Idempotency: an event id is looked up among the unflushed rows (memory) and in ClickHouse
   before it gets a seq, so a redelivered event is acknowledged as a duplicate and never
   chained twice.
@@ -27,12 +38,12 @@ import json
 import logging
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from servers.common.errors import Unavailable
-from servers.metering.clickhouse import DATABASE, ClickHouseBackend
+from servers.metering.clickhouse import DATABASE, ChdbBackend, ClickHouseBackend
 from servers.metering.flusher import LogFlusher
 from servers.metering.sqlite import from_micros, to_micros
 from servers.metering.usagelog import LogCodec, LogEntry, UsageLog
@@ -40,6 +51,7 @@ from servers.metering.usagelog import LogCodec, LogEntry, UsageLog
 log = logging.getLogger("copilot.metering.audit")
 
 TABLE = f"{DATABASE}.audit_events"
+HEADS = f"{DATABASE}.audit_heads"
 GENESIS = "0" * 64
 LOOKUP_CHUNK = 2_000
 VERIFY_PAGE = 5_000
@@ -70,7 +82,18 @@ SCHEMA = (
     ORDER BY (tenant_id, seq)
     TTL toDateTime(expire_time)
     SETTINGS fsync_after_insert = 1, fsync_part_directory = 1""",
+    # One row per tenant once merged (the highest seq); read with ORDER BY seq DESC before that.
+    f"""CREATE TABLE IF NOT EXISTS {HEADS} (
+        tenant_id String,
+        seq UInt64,
+        hash String,
+        expire_time DateTime64(6, 'UTC'),
+        anchor_time DateTime64(6, 'UTC')
+    ) ENGINE = ReplacingMergeTree(seq)
+    ORDER BY tenant_id
+    SETTINGS fsync_after_insert = 1, fsync_part_directory = 1""",
 )
+HEAD_COLUMNS = ("tenant_id", "seq", "hash", "expire_time", "anchor_time")
 
 _SELECT = ("SELECT tenant_id, seq, event_id, kind, actor, actor_roles, service, toUnixTimestamp64Micro(occur_time), "
            "toUnixTimestamp64Micro(record_time), details, toUnixTimestamp64Micro(expire_time), prev_expire, "
@@ -80,7 +103,7 @@ EXISTING_SQL = (f"SELECT DISTINCT event_id FROM {TABLE} "
                 f"WHERE tenant_id = {{tenant:String}} AND event_id IN {{ids:Array(String)}}")
 HEAD_SQL = (f"SELECT seq, hash, toUnixTimestamp64Micro(expire_time) FROM {TABLE} "
             f"WHERE tenant_id = {{tenant:String}} ORDER BY seq DESC LIMIT 1")
-STORED_SEQS_SQL = (f"SELECT seq FROM {TABLE} WHERE tenant_id = {{tenant:String}} "
+STORED_SEQS_SQL = (f"SELECT seq, hash FROM {TABLE} WHERE tenant_id = {{tenant:String}} "
                    f"AND seq >= {{lo:UInt64}} AND seq <= {{hi:UInt64}}")
 # Filters with neutral defaults, so one statement serves every combination.
 LIST_SQL = (f"{_SELECT} WHERE tenant_id = {{tenant:String}} AND seq > {{after:UInt64}} "
@@ -92,6 +115,9 @@ LIST_SQL = (f"{_SELECT} WHERE tenant_id = {{tenant:String}} AND seq > {{after:UI
 VERIFY_SQL = (f"{_SELECT} WHERE tenant_id = {{tenant:String}} AND toInt64(seq) > {{after:Int64}} "
               f"ORDER BY seq, hash LIMIT {{limit:UInt32}}")
 ERASE_SQL = f"DELETE FROM {TABLE} WHERE tenant_id = {{tenant:String}}"
+ANCHOR_SQL = (f"SELECT seq, hash, toUnixTimestamp64Micro(expire_time) FROM {HEADS} "
+              f"WHERE tenant_id = {{tenant:String}} ORDER BY seq DESC LIMIT 1")
+ERASE_ANCHOR_SQL = f"DELETE FROM {HEADS} WHERE tenant_id = {{tenant:String}}"
 COUNT_SQL = f"SELECT count() FROM {TABLE} WHERE tenant_id = {{tenant:String}}"
 
 EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
@@ -183,6 +209,8 @@ HASH_MISMATCH = "hash_mismatch"
 MISSING = "missing"
 PREV_HASH_MISMATCH = "prev_hash_mismatch"
 DUPLICATE = "duplicate"
+FORK = "fork"
+HEAD_MISMATCH = "head_mismatch"
 
 
 @dataclass(frozen=True)
@@ -200,7 +228,12 @@ class Verification:
     last_seq: int = 0
     head_hash: str = ""
     first_break: ChainBreak | None = None
+    # The head anchor compared with (None: the store had none).
+    anchor: Head | None = None
     _prev: AuditRow | None = None
+    # Hashes to remember while walking, by seq (the anchor's and the expected head's).
+    watch: frozenset[int] = frozenset()
+    _seen: dict[int, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -213,6 +246,8 @@ class Verification:
                 return
             self.first_break = self._check(row, now_us)
             self.checked += 1
+            if row.seq in self.watch:
+                self._seen.setdefault(row.seq, row.hash)
             if self._prev is None:
                 self.first_seq = row.seq
             self._prev = row
@@ -228,6 +263,12 @@ class Verification:
             if row.seq == 1 and row.prev_hash != GENESIS:
                 return ChainBreak(row.seq, PREV_HASH_MISMATCH, "the first event does not start the chain")
         elif row.seq == prev.seq:
+            if row.event_id != prev.event_id and row.prev_hash == prev.prev_hash \
+                    and row.computed_hash() == row.hash and prev.computed_hash() == prev.hash:
+                return ChainBreak(row.seq, FORK, f"two events claim seq {row.seq} ({prev.event_id} and "
+                                  f"{row.event_id}), both linking to seq {row.seq - 1}: the chain forked — two "
+                                  "writers appended to this tenant's trail at once (several metering instances "
+                                  "on one ClickHouse)")
             return ChainBreak(row.seq, DUPLICATE, f"two events with seq {row.seq}: one was inserted")
         elif row.seq > prev.seq + 1:
             return ChainBreak(prev.seq + 1, MISSING, f"seq {prev.seq + 1} is missing (next present: {row.seq}): "
@@ -239,13 +280,31 @@ class Verification:
                               f"seq {row.seq} does not link to seq {prev.seq}: replaced or reordered")
         return None
 
-    def finish(self, known_head: Head | None) -> None:
-        """Compares the end of the stored chain with the head this process assigned last
-        (catches a removed tail while this process has been up)."""
-        if self.first_break is None and known_head is not None and known_head.seq > self.last_seq:
-            self.first_break = ChainBreak(self.last_seq + 1, MISSING,
-                                          f"the chain ends at seq {self.last_seq} but seq {known_head.seq} was "
-                                          "recorded: the tail was removed")
+    def finish(self, anchor: Head | None, expected: Head | None, now_us: int) -> None:
+        """Compares the chain walked with the head anchor and with the head the caller
+        expects (an earlier verify's): each must still be in it, with its hash."""
+        self.anchor = anchor
+        if self.first_break is None and anchor is not None and anchor.expire_us > now_us:
+            # (An anchor whose retention has ended: its events expired, as did all before them.)
+            self.first_break = self._reaches(anchor, "the head anchor")
+        if self.first_break is None and expected is not None:
+            self.first_break = self._reaches(expected, "the expected head")
+
+    def _reaches(self, head: Head, what: str) -> ChainBreak | None:
+        if head.seq == 0:
+            return None
+        if head.seq > self.last_seq:
+            gone = self.last_seq + 1
+            events = f"event {gone} was" if gone == head.seq else f"events {gone}..{head.seq} were"
+            return ChainBreak(gone, MISSING, f"the chain ends at seq {self.last_seq} but {what} records seq "
+                              f"{head.seq}: {events} removed")
+        if head.seq < self.first_seq:
+            return None  # before the first event kept: expired (the walk checked that the prefix may go)
+        found = self._seen.get(head.seq, "")
+        if found != head.hash:
+            return ChainBreak(head.seq, HEAD_MISMATCH, f"seq {head.seq} has hash {found[:16] or '-'}… but {what} "
+                              f"records {head.hash[:16]}…: the chain was rewritten up to seq {head.seq}")
+        return None
 
 
 # --- The durable log's records -----------------------------------------------------------
@@ -281,7 +340,9 @@ class AuditStore(LogFlusher):
     _flush_name = "audit"
 
     def __init__(self, db: ClickHouseBackend, audit_log: UsageLog, *, owns_db: bool = False,
-                 flush_interval_s: float = 0.2, flush_max_rows: int = 20_000) -> None:
+                 flush_interval_s: float = 0.2, flush_max_rows: int = 20_000, shared: bool | None = None) -> None:
+        """`shared`: whether other writers may append to the same table (default: unless the
+        backend is the embedded, locked chDB)."""
         super().__init__(flush_interval_s, flush_max_rows)
         self.db = db
         self.log = audit_log
@@ -289,6 +350,10 @@ class AuditStore(LogFlusher):
         self._queue: deque[_Request] = deque()
         self._pending_keys: set[tuple[str, str]] = set()
         self._heads: dict[str, Head] = {}
+        # The newest row of each tenant this process moved into ClickHouse (what it anchored).
+        self._anchors: dict[str, Head] = {}
+        # Other writers may append to the same chains: only the embedded store is locked to one.
+        self._shared = not isinstance(db, ChdbBackend) if shared is None else shared
         self._move_lock = asyncio.Lock()
         # Log entries appended / moved to ClickHouse since start: a read flushes up to what
         # was appended when it began, not while writes keep coming.
@@ -367,8 +432,8 @@ class AuditStore(LogFlusher):
             in_log = {(e.tenant_id, e.event_id) for r in group for e in r.events} & self._pending_keys
             stored = await self._stored_keys(candidates)
             for tenant_id in {e.tenant_id for r in group for e in r.events}:
-                if tenant_id not in self._heads:
-                    self._heads[tenant_id] = await self._load_head(tenant_id)
+                if self._shared or tenant_id not in self._heads:
+                    await self._refresh_head(tenant_id)
             now = datetime.now(UTC)
             heads = dict(self._heads)
             seen: set[tuple[str, str]] = set()
@@ -414,11 +479,32 @@ class AuditStore(LogFlusher):
                 found.update((tenant_id, row[0]) for row in rows)
         return found
 
+    async def _refresh_head(self, tenant_id: str) -> None:
+        """Continues from the stored head when it is ahead of ours (another writer's rows)."""
+        stored = await self._load_head(tenant_id)
+        known = self._heads.get(tenant_id)
+        if known is not None and stored.seq == known.seq and stored.hash != known.hash:
+            log.error("audit chain forked: another writer stored another event at this seq",
+                      extra={"tenant_id": tenant_id, "seq": stored.seq})
+        if known is None or stored.seq > known.seq:
+            if known is not None:
+                log.warning("another writer extended this audit chain; continuing from its head",
+                            extra={"tenant_id": tenant_id, "ours": known.seq, "stored": stored.seq})
+            self._heads[tenant_id] = stored
+
     async def _load_head(self, tenant_id: str) -> Head:
         rows = await self.db.query(HEAD_SQL, {"tenant": tenant_id})
         if not rows:
             return EMPTY_HEAD
         return Head(int(rows[0][0]), rows[0][1], int(rows[0][2]))
+
+    async def _load_anchor(self, tenant_id: str) -> Head | None:
+        rows = await self.db.query(ANCHOR_SQL, {"tenant": tenant_id})
+        stored = Head(int(rows[0][0]), rows[0][1], int(rows[0][2])) if rows else None
+        mine = self._anchors.get(tenant_id)
+        if mine is not None and (stored is None or mine.seq > stored.seq):
+            return mine  # (the stored anchor was removed, or lags: its write failed after the insert)
+        return stored
 
     def _add_pending(self, entry: LogEntry) -> None:
         self._pending.append(entry)
@@ -441,24 +527,36 @@ class AuditStore(LogFlusher):
             if not batch:
                 return 0
             rows: list[AuditRow] = [row for entry in batch for row in entry.events]
-            stored: set[tuple[str, int]] = set()
+            stored: set[tuple[str, int, str]] = set()
             if self._check_stored:
                 # Append-only table: rows a crash (or a failed insert that did land) already
-                # stored are skipped, by their seq.
+                # stored are skipped, by their seq and hash (another writer's row at the same
+                # seq is a fork to keep visible, not ours).
                 by_tenant: dict[str, list[int]] = {}
                 for row in rows:
                     by_tenant.setdefault(row.tenant_id, []).append(row.seq)
                 for tenant_id, seqs in by_tenant.items():
                     found = await self.db.query(STORED_SEQS_SQL,
                                                 {"tenant": tenant_id, "lo": min(seqs), "hi": max(seqs)})
-                    stored.update((tenant_id, int(r[0])) for r in found)
-            fresh = [row.to_db() for row in rows if (row.tenant_id, row.seq) not in stored]
+                    stored.update((tenant_id, int(r[0]), r[1]) for r in found)
+            fresh = [row.to_db() for row in rows if (row.tenant_id, row.seq, row.hash) not in stored]
+            heads: dict[str, Head] = {}
+            for row in rows:
+                if row.seq > heads.get(row.tenant_id, EMPTY_HEAD).seq:
+                    heads[row.tenant_id] = Head(row.seq, row.hash, row.expire_us)
+            now = datetime.now(UTC)
             try:
                 await self.db.insert(fresh, TABLE, COLUMNS)
+                # After the events: an anchor never names a row that is not stored.
+                await self.db.insert([(t, h.seq, h.hash, from_micros(h.expire_us), now) for t, h in heads.items()],
+                                     HEADS, HEAD_COLUMNS)
             except BaseException:
                 self._check_stored = True
                 raise
             self._check_stored = False
+            for tenant_id, head in heads.items():
+                if head.seq > self._anchors.get(tenant_id, EMPTY_HEAD).seq:
+                    self._anchors[tenant_id] = head
             for entry in batch:
                 self._pending.popleft()
                 self._flushed += 1
@@ -484,9 +582,13 @@ class AuditStore(LogFlusher):
         rows = [AuditRow.from_db(r) for r in raw[:limit]]
         return Page(rows=rows, last_seq=rows[-1].seq if rows else after, more=len(raw) > limit)
 
-    async def verify(self, tenant_id: str) -> Verification:
+    async def verify(self, tenant_id: str, expected: Head | None = None) -> Verification:
+        """Walks the tenant's chain and reports its first break; the chain must also reach
+        the head anchor and, if given, the `expected` head (seq and hash of an earlier verify)."""
         await self.flush()
-        result = Verification(tenant_id)
+        # Read before the walk: whatever it names was stored before the walk began.
+        anchor = await self._load_anchor(tenant_id)
+        result = Verification(tenant_id, watch=frozenset(h.seq for h in (anchor, expected) if h is not None))
         after = -1
         while result.ok:
             raw = await self.db.query(VERIFY_SQL, {"tenant": tenant_id, "after": after, "limit": VERIFY_PAGE})
@@ -499,7 +601,7 @@ class AuditStore(LogFlusher):
             after = rows[-1].seq
             if len(raw) < VERIFY_PAGE:
                 break
-        result.finish(self._heads.get(tenant_id))
+        result.finish(anchor, expected, to_micros(datetime.now(UTC)))
         return result
 
     async def count(self, tenant_id: str) -> int:
@@ -512,5 +614,7 @@ class AuditStore(LogFlusher):
         await self.flush()
         async with self._move_lock:
             await self.db.command(ERASE_SQL, {"tenant": tenant_id})
+            await self.db.command(ERASE_ANCHOR_SQL, {"tenant": tenant_id})
             self._heads.pop(tenant_id, None)
+            self._anchors.pop(tenant_id, None)
         log.info("audit trail of a deleted tenant erased", extra={"tenant_id": tenant_id})

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from servers.common.errors import Unavailable
+from servers.metering.dirlock import DirLock
 
 log = logging.getLogger("copilot.metering.clickhouse")
 
@@ -201,6 +202,17 @@ class ChdbBackend(ClickHouseBackend):
         super().__init__()
         self.path = path
         self._session: Any = None
+        # One process per directory (the audit chain's single writer): fails fast, naming the holder.
+        self._lock = DirLock(path)
+
+    async def open(self) -> None:
+        if self._executor is None:
+            await asyncio.to_thread(self._lock.acquire)
+        await super().open()
+
+    async def close(self) -> None:
+        await super().close()
+        self._lock.release()
 
     def _connect(self) -> None:
         from chdb import session

@@ -8,8 +8,9 @@ fix a whole batch in one go.
 
 from __future__ import annotations
 
+import asyncio
 import math
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -283,11 +284,12 @@ def _results(results: Iterable[IngestResult]) -> list[pb.DocumentResult]:
     return [result_to_proto(result) for result in results]
 
 
-def _audit_ingested(audit: AuditTrail | None, results: Sequence[IngestResult]) -> None:
-    if audit is not None:
-        audit.record(audit_pb2.AUDIT_EVENT_KIND_DOCUMENTS_INGESTED, documents=audit_pb2.DocumentsAudit(documents=[
-            audit_pb2.AuditedDocument(document_id=r.document_id, content_hash=r.content_hash, status=r.status.value,
-                                      chunks=r.chunks) for r in results]))
+def _audit_ingested(audit: AuditTrail | None, results: Sequence[IngestResult]) -> Awaitable[bool] | None:
+    if audit is None:
+        return None
+    return audit.record(audit_pb2.AUDIT_EVENT_KIND_DOCUMENTS_INGESTED, documents=audit_pb2.DocumentsAudit(documents=[
+        audit_pb2.AuditedDocument(document_id=r.document_id, content_hash=r.content_hash, status=r.status.value,
+                                  chunks=r.chunks) for r in results]))
 
 
 class RetrievalServiceServicer(pb_grpc.RetrievalServiceServicer):
@@ -301,7 +303,8 @@ class RetrievalServiceServicer(pb_grpc.RetrievalServiceServicer):
         require_role(ADMIN, INGEST)
         documents = documents_from_proto(request.documents)
         results = await self._engine.ingest(tenant_id(), documents)
-        _audit_ingested(self._audit, results)
+        if (audited := _audit_ingested(self._audit, results)) is not None:
+            await audited  # an OK only once the audit event is durable (not stored: that comes later)
         return pb.IngestDocumentsResponse(results=_results(results))
 
     async def StreamIngestDocuments(
@@ -313,13 +316,17 @@ class RetrievalServiceServicer(pb_grpc.RetrievalServiceServicer):
         tenant = tenant_id()
         done = 0
         batch = 0
+        audited: list[Awaitable[bool]] = []
         async for request in request_iterator:
             documents = documents_from_proto(request.documents, suffix=f" (stream batch {batch})")
             results = await self._engine.ingest(tenant, documents)
-            _audit_ingested(self._audit, results)
+            if (pending := _audit_ingested(self._audit, results)) is not None:
+                audited.append(pending)
             done += len(results)
             batch += 1
             yield pb.StreamIngestDocumentsResponse(results=_results(results), documents_done=done)
+        # The batches' answers are not held up; the OK status waits until their events are durable.
+        await asyncio.gather(*audited)
 
     async def Search(self, request: pb.SearchRequest,
                      context: grpc.aio.ServicerContext) -> pb.SearchResponse:
@@ -339,7 +346,7 @@ class RetrievalServiceServicer(pb_grpc.RetrievalServiceServicer):
         result = await self._engine.delete(tenant, document_ids)
         if self._audit is not None:
             missing = set(result.not_found)
-            self._audit.record(audit_pb2.AUDIT_EVENT_KIND_DOCUMENTS_DELETED, documents=audit_pb2.DocumentsAudit(
+            await self._audit.record(audit_pb2.AUDIT_EVENT_KIND_DOCUMENTS_DELETED, documents=audit_pb2.DocumentsAudit(
                 documents=[audit_pb2.AuditedDocument(
                     document_id=d, status="deleted",
                     content_hash=versions[d].content_hash if d in versions else "")
@@ -372,7 +379,7 @@ class RetrievalServiceServicer(pb_grpc.RetrievalServiceServicer):
             if self._audit is not None and before is not None:
                 change = audit_pb2.SearchConfigAudit(before=_settings_to_proto(before),
                                                      after=_settings_to_proto(defaults))
-                self._audit.record(audit_pb2.AUDIT_EVENT_KIND_SEARCH_CONFIGURED, search_config=change)
+                await self._audit.record(audit_pb2.AUDIT_EVENT_KIND_SEARCH_CONFIGURED, search_config=change)
         else:
             defaults = await self._engine.defaults(tenant)
         mode, alpha, fusion, top_k = self._engine.effective(defaults)

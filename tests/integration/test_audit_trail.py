@@ -1,6 +1,7 @@
 """The audit trail through the real mesh and Envoy: each auditable action leaves exactly one
 event, one tenant never reads another's trail, events written while metering is down arrive
-once it is back, the CLI lists/exports/verifies (and finds a row tampered with directly in the
+once it is back, an event whose call returned OK survives a SIGKILL of its service right
+after, the CLI lists/exports/verifies (and finds a row tampered with directly in the
 store), and tenant deletion keeps or erases the trail as configured."""
 
 from __future__ import annotations
@@ -278,23 +279,61 @@ async def test_events_written_while_metering_is_down_arrive_after_it_returns(aud
     assert [e.seq for e in found] == list(range(1, len(found) + 1))
 
 
+async def test_an_event_whose_call_returned_ok_survives_a_crash_right_after(audit_mesh: RunningMesh,
+                                                                             achannel: grpc.aio.Channel) -> None:
+    """SIGKILL the service the moment its OK arrives: the event was durable in its outbox
+    before the OK, so the restarted service delivers it (an fsync takes milliseconds here:
+    without that wait the kill lands before it)."""
+    mesh = audit_mesh
+    tenant = await create_tenant(mesh, achannel, plan=common_pb2.PLAN_ENTERPRISE, prefix="audcrash")
+    retrieval = retrieval_pb2_grpc.RetrievalServiceStub(achannel)
+    generation = generation_pb2_grpc.GenerationServiceStub(achannel)
+    await retrieval.IngestDocuments(retrieval_pb2.IngestDocumentsRequest(documents=DOCS),
+                                    metadata=admin(mesh, tenant), timeout=30)
+    await settle(mesh, achannel, tenant, 2, rounds=100)
+
+    stream = generation.StreamAnswer(generation_pb2.StreamAnswerRequest(question="How long are KYC records kept?"),
+                                     metadata=mesh.auth(tenant), timeout=30)
+    messages = [m async for m in stream]
+    assert await stream.code() == grpc.StatusCode.OK and messages[-1].HasField("details")
+    mesh.mesh.processes["generation"].kill()  # at once, from this thread: no graceful shutdown
+    await asyncio.to_thread(mesh.mesh.kill, "generation")
+    await asyncio.to_thread(mesh.mesh.respawn, "generation")
+
+    await retrieval.DeleteDocuments(retrieval_pb2.DeleteDocumentsRequest(document_ids=["sanctions"]),
+                                    metadata=admin(mesh, tenant), timeout=30)
+    mesh.mesh.processes["retrieval"].kill()
+    await asyncio.to_thread(mesh.mesh.kill, "retrieval")
+    await asyncio.to_thread(mesh.mesh.respawn, "retrieval")
+
+    found = await settle(mesh, achannel, tenant, 4, rounds=300)
+    assert kinds(found) == {"TENANT_CREATED": 1, "DOCUMENTS_INGESTED": 1, "QUESTION": 1, "DOCUMENTS_DELETED": 1}
+    assert [e.seq for e in found] == list(range(1, len(found) + 1))
+
+
 def _copilot(mesh: RunningMesh, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "COPILOT_EDGE": mesh.edge, "COPILOT_DATA_DIR": str(mesh.settings.data_dir)}
     return subprocess.run([sys.executable, "-m", "copilot_cli.main", *args], capture_output=True, text=True,
                           env=env, timeout=120)
 
 
-async def test_cli_lists_exports_and_verifies_and_finds_a_tampered_row(audit_mesh: RunningMesh,
-                                                                       achannel: grpc.aio.Channel,
-                                                                       tmp_path: Path) -> None:
-    mesh = audit_mesh
-    tenant = await create_tenant(mesh, achannel, prefix="audcli")
-    tenants = tenant_pb2_grpc.TenantServiceStub(achannel)
+async def _tenant_with_four_events(mesh: RunningMesh, channel: grpc.aio.Channel, prefix: str) -> str:
+    """A new tenant whose trail holds its creation and three config changes (seq 1..4), stored."""
+    tenant = await create_tenant(mesh, channel, prefix=prefix)
+    tenants = tenant_pb2_grpc.TenantServiceStub(channel)
     for top_k in (3, 4, 5):
         await tenants.UpdateTenant(tenant_pb2.UpdateTenantRequest(
             tenant=tenant_pb2.Tenant(tenant_id=tenant, config=tenant_pb2.TenantConfig(top_k=top_k)),
             update_mask=field_mask_pb2.FieldMask(paths=["config.top_k"])), metadata=admin(mesh, tenant), timeout=10)
-    await settle(mesh, achannel, tenant, 4)
+    await settle(mesh, channel, tenant, 4)
+    return tenant
+
+
+async def test_cli_lists_exports_and_verifies_and_finds_a_tampered_row(audit_mesh: RunningMesh,
+                                                                       achannel: grpc.aio.Channel,
+                                                                       tmp_path: Path) -> None:
+    mesh = audit_mesh
+    tenant = await _tenant_with_four_events(mesh, achannel, "audcli")
 
     listed = await asyncio.to_thread(_copilot, mesh, "audit", "list", "--tenant", tenant)
     assert listed.returncode == 0, listed.stderr
@@ -321,11 +360,45 @@ async def test_cli_lists_exports_and_verifies_and_finds_a_tampered_row(audit_mes
 
 
 def _edit_row(path: Path, tenant: str, seq: int) -> None:
+    _store_sql(path, f"ALTER TABLE copilot.audit_events UPDATE actor = 'mallory' WHERE tenant_id = '{tenant}' "
+                     f"AND seq = {seq} SETTINGS mutations_sync = 2")
+
+
+def _store_sql(path: Path, sql: str) -> None:
     # A separate process: chDB allows one data directory per process.
-    script = ("import sys; from chdb import session; s = session.Session(sys.argv[1]); "
-              "s.query(\"ALTER TABLE copilot.audit_events UPDATE actor = 'mallory' WHERE tenant_id = '\" + "
-              "sys.argv[2] + \"' AND seq = \" + sys.argv[3] + \" SETTINGS mutations_sync = 2\"); s.close()")
-    subprocess.run([sys.executable, "-c", script, str(path), tenant, str(seq)], check=True, timeout=120)
+    script = "import sys; from chdb import session; s = session.Session(sys.argv[1]); s.query(sys.argv[2]); s.close()"
+    subprocess.run([sys.executable, "-c", script, str(path), sql], check=True, timeout=120)
+
+
+async def test_a_removed_tail_is_reported_after_a_restart_and_against_an_expected_head(
+        audit_mesh: RunningMesh, achannel: grpc.aio.Channel) -> None:
+    mesh = audit_mesh
+    tenant = await _tenant_with_four_events(mesh, achannel, "audtail")
+    ok = await asyncio.to_thread(_copilot, mesh, "audit", "verify", "--tenant", tenant)
+    assert ok.returncode == 0 and "intact, 4 events" in ok.stdout, ok.stdout + ok.stderr
+    head = ok.stdout.split("head ", 1)[1].split()[0]  # "4:<sha256>", kept as an external witness
+    assert head.startswith("4:") and f"--expect-head {head}" in ok.stdout
+
+    chdb = mesh.settings.data_dir / "metering" / "chdb"
+    # One removal per restart of metering (the store holds its directory): first the newest
+    # event, then its head anchor as well.
+    for anchor_removed, sql in ((False, f"DELETE FROM copilot.audit_events WHERE tenant_id = '{tenant}' AND seq = 4"),
+                                (True, f"DELETE FROM copilot.audit_heads WHERE tenant_id = '{tenant}'")):
+        await asyncio.to_thread(mesh.mesh.kill, "metering")
+        try:
+            await asyncio.to_thread(_store_sql, chdb, sql)
+        finally:
+            await asyncio.to_thread(mesh.mesh.respawn, "metering")
+        verified = await asyncio.to_thread(_copilot, mesh, "audit", "verify", "--tenant", tenant)
+        witnessed = await asyncio.to_thread(_copilot, mesh, "audit", "verify", "--tenant", tenant,
+                                            "--expect-head", head)
+        assert witnessed.returncode == 1 and "BROKEN at seq 4 (missing)" in witnessed.stdout, witnessed.stdout
+        if not anchor_removed:
+            assert verified.returncode == 1 and "BROKEN at seq 4 (missing): the chain ends at seq 3 but the head " \
+                "anchor records seq 4: event 4 was removed" in verified.stdout, verified.stdout
+        else:  # the store alone no longer knows; the user's witness does
+            assert verified.returncode == 0 and "intact, 3 events" in verified.stdout, verified.stdout
+            assert "the expected head records seq 4" in witnessed.stdout
 
 
 async def test_tenant_deletion_keeps_or_erases_the_trail_as_configured(audit_mesh: RunningMesh,

@@ -6,6 +6,7 @@ verify at the right place; retention expiry is not mistaken for tampering."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,15 +15,22 @@ import pytest
 
 from servers.metering.audit_store import (
     AUDIT_CODEC,
+    COLUMNS,
     DUPLICATE,
+    FORK,
     GENESIS,
     HASH_MISMATCH,
+    HEAD_MISMATCH,
+    HEADS,
     MISSING,
     TABLE,
     AuditStore,
+    Head,
     NewEvent,
+    chain,
 )
 from servers.metering.clickhouse import ChdbBackend
+from servers.metering.dirlock import DataDirInUse
 from servers.metering.usagelog import LocalLog
 
 
@@ -33,9 +41,9 @@ def event(n: int, tenant: str = "acme", *, actor: str = "alice", kind: str = "qu
                     details=json.dumps({"question": {"question": f"q{n}"}}), retention_days=retention_days)
 
 
-def make(tmp_path: Path) -> AuditStore:
+def make(tmp_path: Path, shared: bool | None = None) -> AuditStore:
     return AuditStore(ChdbBackend(tmp_path / "chdb"), LocalLog(tmp_path / "audit-log", codec=AUDIT_CODEC),
-                      owns_db=True, flush_interval_s=3600)
+                      owns_db=True, flush_interval_s=3600, shared=shared)
 
 
 @pytest.fixture
@@ -167,11 +175,15 @@ async def test_expired_events_are_dropped_by_ttl_and_are_not_tampering(store: Au
     await store.record([event(n, retention_days=0) for n in range(1, 4)])  # expire at once
     await store.record([event(n, retention_days=365) for n in range(4, 6)])
     await store.flush()
+    await store.record([event(n, "globex", retention_days=0) for n in range(1, 3)])  # a whole chain expires
+    await store.flush()
     await store.db.command(f"OPTIMIZE TABLE {TABLE} FINAL")
     rows = (await store.list_page("acme", after=0, limit=10)).rows
     assert [r.seq for r in rows] == [4, 5]
     result = await store.verify("acme")
     assert result.ok and result.first_seq == 4
+    # Its head anchor (seq 2) expired with it: not a removed tail.
+    assert await store.count("globex") == 0 and (await store.verify("globex")).ok
 
 
 async def test_retention_never_shrinks_along_a_chain(store: AuditStore) -> None:
@@ -187,3 +199,82 @@ async def test_erasing_a_tenant_removes_only_its_trail(store: AuditStore) -> Non
     assert await store.count("acme") == 0 and await store.count("globex") == 1
     await store.record([event(7)])  # a new trail starts over
     assert [r.seq for r in (await store.list_page("acme", after=0, limit=10)).rows] == [1]
+    assert (await store.verify("acme")).ok  # the old trail's head anchor went with it
+
+
+async def test_a_second_store_on_the_same_data_directory_is_refused(store: AuditStore, tmp_path: Path) -> None:
+    second = make(tmp_path)
+    with pytest.raises(DataDirInUse) as refused:
+        await second.open()
+    message = str(refused.value)
+    assert str(tmp_path / "chdb") in message and f"pid {os.getpid()}" in message
+    assert await store.record([event(1)]) == (1, 0)  # the holder goes on
+    await store.close()
+    await second.open()  # free once the holder is gone
+    await second.close()
+
+
+async def test_a_fork_by_two_writers_is_reported_as_such(store: AuditStore) -> None:
+    await store.record([event(n) for n in range(1, 5)])
+    await store.flush()
+    rows = (await store.list_page("acme", after=0, limit=10)).rows
+    # What a second writer with a stale head would have stored: a well-formed seq 3 of its own.
+    other = chain(Head(rows[1].seq, rows[1].hash, rows[1].expire_us), event(99), datetime.now(UTC))
+    await store.db.insert([other.to_db()], TABLE, COLUMNS)
+    result = await store.verify("acme")
+    assert result.first_break is not None and (result.first_break.seq, result.first_break.problem) == (3, FORK)
+    assert "forked" in result.first_break.detail and "e99" in result.first_break.detail
+
+
+async def test_a_shared_writer_continues_from_the_head_another_writer_stored(tmp_path: Path) -> None:
+    store = make(tmp_path, shared=True)
+    await store.open()
+    try:
+        await store.record([event(1), event(2)])
+        await store.flush()
+        rows = (await store.list_page("acme", after=0, limit=10)).rows
+        # Another metering instance on the same ClickHouse appends seq 3 meanwhile.
+        other = chain(Head(rows[-1].seq, rows[-1].hash, rows[-1].expire_us), event(3), datetime.now(UTC))
+        await store.db.insert([other.to_db()], TABLE, COLUMNS)
+        await store.record([event(4)])
+        await store.flush()
+        assert [r.seq for r in (await store.list_page("acme", after=0, limit=10)).rows] == [1, 2, 3, 4]
+        assert (await store.verify("acme")).ok
+    finally:
+        await store.close()
+
+
+async def test_a_removed_tail_is_reported_after_a_restart_from_the_head_anchor(tmp_path: Path) -> None:
+    first = make(tmp_path)
+    await first.open()
+    await first.record([event(n) for n in range(1, 6)])
+    await first.flush()
+    verified = await first.verify("acme")
+    assert verified.ok and verified.anchor is not None and (verified.anchor.seq, verified.anchor.hash) == (
+        5, verified.head_hash)
+    witness = Head(verified.last_seq, verified.head_hash, 0)  # what the user keeps elsewhere
+    await first.close()
+
+    second = make(tmp_path)  # a new process: nothing in memory about the chain
+    await second.open()
+    try:
+        await tamper(second, f"DELETE FROM {TABLE} WHERE tenant_id = 'acme' AND seq >= 4")
+        result = await second.verify("acme")
+        assert result.first_break is not None and (result.first_break.seq, result.first_break.problem) == (4, MISSING)
+        assert "ends at seq 3 but the head anchor records seq 5: events 4..5 were removed" in result.first_break.detail
+        # Remove the anchor too: only the user's witness still knows.
+        await tamper(second, f"DELETE FROM {HEADS} WHERE tenant_id = 'acme'")
+        assert (await second.verify("acme")).ok
+        caught = await second.verify("acme", expected=witness)
+        assert caught.first_break is not None and (caught.first_break.seq, caught.first_break.problem) == (4, MISSING)
+        assert "the expected head records seq 5" in caught.first_break.detail
+        assert (await second.verify("acme", expected=Head(3, caught.head_hash, 0))).ok
+        rewritten = await second.verify("acme", expected=Head(2, "0" * 64, 0))
+        assert rewritten.first_break is not None and (rewritten.first_break.seq, rewritten.first_break.problem) == (
+            2, HEAD_MISMATCH)
+        # The chain goes on from what is stored; the new anchor is reached again.
+        await second.record([event(6)])
+        await second.flush()
+        assert (await second.verify("acme")).ok
+    finally:
+        await second.close()

@@ -1,7 +1,7 @@
-"""The outbox's `submit` (audit events): the caller never waits; events handed in together are
-written by one commit and delivered in one call per tenant once on disk, survive a delivery
-failure and a restart, and each is delivered once with its own id (first deliveries say so,
-redeliveries too)."""
+"""The outbox's `submit` (audit events): it returns at once with a future that resolves once the
+event is on disk (never waiting for delivery); events handed in together are written by one
+commit and delivered in one call per tenant once on disk, survive a delivery failure and a
+restart, and each is delivered once with its own id (first deliveries say so, redeliveries too)."""
 
 from __future__ import annotations
 
@@ -84,3 +84,28 @@ async def test_a_submitted_event_is_on_disk_before_it_is_delivered(tmp_path: Pat
     await outbox.settled()
     assert seen_on_disk == [True]
     await wait_for(lambda: outbox.pending_count() == 0)
+
+
+async def test_a_submit_resolves_once_the_event_is_on_disk_and_not_before_delivery_is_needed(
+        tmp_path: Path) -> None:
+    metering = Metering()
+    metering.up = False  # delivery fails: durability must not depend on it
+    outbox = Outbox(tmp_path, metering.deliver, audit_pb2.AuditEvent)
+    durable = outbox.submit("acme", ev(1))
+    assert not durable.done()  # the group commit's fsync runs on a thread
+    assert await durable is True
+    on_disk = await asyncio.to_thread(lambda: "".join(p.read_text() for p in tmp_path.glob("*.json")))
+    assert "generation:1" in on_disk and metering.calls == []
+    await outbox.settled()
+    assert outbox.pending_count() == 1  # kept for the background loop
+
+
+async def test_a_submit_whose_write_fails_resolves_true_only_once_delivered(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")  # the outbox directory cannot be created: every write fails
+    metering = Metering()
+    outbox = Outbox(blocker / "outbox", metering.deliver, audit_pb2.AuditEvent)
+    assert await outbox.submit("acme", ev(1)) is True
+    assert metering.delivered() == [("acme", "generation:1")]
+    metering.up = False
+    assert await outbox.submit("acme", ev(2)) is False  # neither written nor delivered: reported

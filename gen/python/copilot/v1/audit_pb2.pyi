@@ -33,6 +33,8 @@ class AuditChainProblem(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     AUDIT_CHAIN_PROBLEM_MISSING: _ClassVar[AuditChainProblem]
     AUDIT_CHAIN_PROBLEM_PREV_HASH_MISMATCH: _ClassVar[AuditChainProblem]
     AUDIT_CHAIN_PROBLEM_DUPLICATE: _ClassVar[AuditChainProblem]
+    AUDIT_CHAIN_PROBLEM_FORK: _ClassVar[AuditChainProblem]
+    AUDIT_CHAIN_PROBLEM_HEAD_MISMATCH: _ClassVar[AuditChainProblem]
 AUDIT_EVENT_KIND_UNSPECIFIED: AuditEventKind
 AUDIT_EVENT_KIND_QUESTION: AuditEventKind
 AUDIT_EVENT_KIND_DOCUMENTS_INGESTED: AuditEventKind
@@ -47,6 +49,8 @@ AUDIT_CHAIN_PROBLEM_HASH_MISMATCH: AuditChainProblem
 AUDIT_CHAIN_PROBLEM_MISSING: AuditChainProblem
 AUDIT_CHAIN_PROBLEM_PREV_HASH_MISMATCH: AuditChainProblem
 AUDIT_CHAIN_PROBLEM_DUPLICATE: AuditChainProblem
+AUDIT_CHAIN_PROBLEM_FORK: AuditChainProblem
+AUDIT_CHAIN_PROBLEM_HEAD_MISMATCH: AuditChainProblem
 
 class AuditCitation(_message.Message):
     __slots__ = ("document_id", "chunk_id")
@@ -237,10 +241,20 @@ class ExportAuditEventsResponse(_message.Message):
     def __init__(self, events: _Optional[_Iterable[_Union[AuditEvent, _Mapping]]] = ...) -> None: ...
 
 class VerifyAuditChainRequest(_message.Message):
-    __slots__ = ("tenant_id",)
+    __slots__ = ("tenant_id", "expected_head")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_HEAD_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
-    def __init__(self, tenant_id: _Optional[str] = ...) -> None: ...
+    expected_head: AuditChainHead
+    def __init__(self, tenant_id: _Optional[str] = ..., expected_head: _Optional[_Union[AuditChainHead, _Mapping]] = ...) -> None: ...
+
+class AuditChainHead(_message.Message):
+    __slots__ = ("seq", "hash")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    hash: str
+    def __init__(self, seq: _Optional[int] = ..., hash: _Optional[str] = ...) -> None: ...
 
 class AuditChainBreak(_message.Message):
     __slots__ = ("seq", "problem", "detail")
@@ -253,7 +267,7 @@ class AuditChainBreak(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., problem: _Optional[_Union[AuditChainProblem, str]] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class VerifyAuditChainResponse(_message.Message):
-    __slots__ = ("tenant_id", "ok", "events_checked", "first_seq", "last_seq", "head_hash", "first_break")
+    __slots__ = ("tenant_id", "ok", "events_checked", "first_seq", "last_seq", "head_hash", "first_break", "anchor")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     OK_FIELD_NUMBER: _ClassVar[int]
     EVENTS_CHECKED_FIELD_NUMBER: _ClassVar[int]
@@ -261,6 +275,7 @@ class VerifyAuditChainResponse(_message.Message):
     LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
     HEAD_HASH_FIELD_NUMBER: _ClassVar[int]
     FIRST_BREAK_FIELD_NUMBER: _ClassVar[int]
+    ANCHOR_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     ok: bool
     events_checked: int
@@ -268,4 +283,5 @@ class VerifyAuditChainResponse(_message.Message):
     last_seq: int
     head_hash: str
     first_break: AuditChainBreak
-    def __init__(self, tenant_id: _Optional[str] = ..., ok: bool = ..., events_checked: _Optional[int] = ..., first_seq: _Optional[int] = ..., last_seq: _Optional[int] = ..., head_hash: _Optional[str] = ..., first_break: _Optional[_Union[AuditChainBreak, _Mapping]] = ...) -> None: ...
+    anchor: AuditChainHead
+    def __init__(self, tenant_id: _Optional[str] = ..., ok: bool = ..., events_checked: _Optional[int] = ..., first_seq: _Optional[int] = ..., last_seq: _Optional[int] = ..., head_hash: _Optional[str] = ..., first_break: _Optional[_Union[AuditChainBreak, _Mapping]] = ..., anchor: _Optional[_Union[AuditChainHead, _Mapping]] = ...) -> None: ...
