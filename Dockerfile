@@ -10,7 +10,7 @@ RUN node web/build.mjs
 
 FROM python:3.11-slim-bookworm
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    COPILOT_DATA_DIR=/data COPILOT_LOG_LEVEL=INFO
+    COPILOT_DATA_DIR=/data COPILOT_LOG_LEVEL=INFO COPILOT_MODEL_CACHE=/app/models
 WORKDIR /app
 COPY requirements.lock ./
 RUN pip install --no-cache-dir -r requirements.lock
@@ -22,6 +22,8 @@ COPY envoy envoy
 COPY demo demo
 RUN pip install --no-cache-dir --no-deps -e . && useradd --system --uid 10001 copilot \
     && mkdir -p /data && chown copilot /data
+# The embedding model's ONNX export, made at build time: the service user has no writable home.
+RUN python -c "import asyncio; from servers.retrieval.embedders import MiniLmEmbedder as M; asyncio.run(M().embed(['x']))"
 COPY --from=web /src/web/dist web/dist
 USER copilot
 VOLUME ["/data"]
