@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from servers.retrieval.embedders import EMBEDDERS
 from servers.retrieval.engine import DEFAULT_ALPHA, DEFAULT_CANDIDATES, DEFAULT_FUSION, DEFAULT_TOP_K
 from servers.retrieval.fusion import Fusion
+from servers.retrieval.store import DEFAULT_BM25, Bm25Params
 
 
 def _float(environ: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
@@ -58,6 +59,9 @@ class RetrievalConfig:
     default_alpha: float = DEFAULT_ALPHA
     default_fusion: Fusion = DEFAULT_FUSION
     candidates: int = DEFAULT_CANDIDATES
+    # BM25's k1 and b for both stores (store.Bm25Params: Anserini's 0.9 and 0.4).
+    bm25_k1: float = DEFAULT_BM25.k1
+    bm25_b: float = DEFAULT_BM25.b
     result_cache_entries: int = 4096
     embedding_cache_entries: int = 4096
     # embedded (SQLite files under the data dir) | weaviate (WEAVIATE_URL).
@@ -86,6 +90,8 @@ class RetrievalConfig:
             default_fusion=Fusion(_choice(env, "COPILOT_RETRIEVAL_FUSION", tuple(f.value for f in Fusion))
                                   or DEFAULT_FUSION.value),
             candidates=_int(env, "COPILOT_RETRIEVAL_CANDIDATES", DEFAULT_CANDIDATES, 10, 1000),
+            bm25_k1=_float(env, "COPILOT_BM25_K1", DEFAULT_BM25.k1, 0.0, 10.0),
+            bm25_b=_float(env, "COPILOT_BM25_B", DEFAULT_BM25.b, 0.0, 1.0),
             result_cache_entries=_int(env, "COPILOT_RETRIEVAL_RESULT_CACHE", 4096, 0, 1_000_000),
             embedding_cache_entries=_int(env, "COPILOT_RETRIEVAL_EMBEDDING_CACHE", 4096, 0, 1_000_000),
             store=_choice(env, "COPILOT_STORE", STORES) or "embedded",
@@ -95,6 +101,10 @@ class RetrievalConfig:
             weaviate_timeout_s=_float(env, "COPILOT_WEAVIATE_TIMEOUT_S", 10.0, 0.1, 300.0),
             weaviate_collection_prefix=env.get("COPILOT_WEAVIATE_COLLECTION_PREFIX", "").strip() or "Copilot",
         )
+
+    @property
+    def bm25(self) -> Bm25Params:
+        return Bm25Params(k1=self.bm25_k1, b=self.bm25_b)
 
     def __post_init__(self) -> None:
         if self.store == "weaviate" and not self.weaviate_url:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
@@ -22,7 +22,7 @@ from servers.common import metrics, telemetry
 from servers.common.errors import FieldViolation, InvalidArgument
 from servers.retrieval.chunker import DEFAULT_CONFIG, ChunkingConfig, chunk_document
 from servers.retrieval.embedders import Embedder, Vectors
-from servers.retrieval.fusion import Fusion, NoopReranker, Reranker, fuse
+from servers.retrieval.fusion import Fusion, NoopReranker, Reranker, fuse, fuse_ranked
 from servers.retrieval.models import (
     MARKDOWN,
     RESERVED_FILTER_KEYS,
@@ -36,7 +36,7 @@ from servers.retrieval.models import (
     SearchQuery,
     SearchResult,
 )
-from servers.retrieval.store import DocumentStore, NativeHybridStore
+from servers.retrieval.store import DocumentStore, NativeHybridStore, RankingStore
 
 DEFAULT_TOP_K = 8
 # Candidates each list contributes to fusion (and the dense list's size in DENSE mode
@@ -54,6 +54,8 @@ SETTING_TOP_K = "default_top_k"
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+A = TypeVar("A")
+B = TypeVar("B")
 
 
 class LruCache(Generic[K, V]):
@@ -319,13 +321,11 @@ class RetrievalEngine:
         return vector
 
     async def _lexical(self, tenant: str, text: str, limit: int, filters: dict[str, str]) -> list[Hit]:
-        with telemetry.span("search.lexical", {"copilot.candidates": limit}):
-            return await self.store.search_lexical(tenant, text, limit, filters)
+        return await self._span("search.lexical", limit, self.store.search_lexical(tenant, text, limit, filters))
 
     async def _dense(self, tenant: str, text: str, limit: int, filters: dict[str, str]) -> list[Hit]:
-        with telemetry.span("search.dense", {"copilot.candidates": limit}):
-            vector = await self._query_vector(tenant, text)
-            return await self.store.search_dense(tenant, vector, limit, filters)
+        return await self._dense_with(tenant, text, lambda vector: self.store.search_dense(tenant, vector, limit,
+                                                                                           filters), limit)
 
     async def _rerank(self, text: str, hits: list[Hit], top_k: int) -> list[Hit]:
         with telemetry.span("search.rerank"):
@@ -339,26 +339,56 @@ class RetrievalEngine:
         if mode is SearchMode.DENSE:
             hits = await self._dense(tenant, text, top_k, filters)
             return SearchResult(hits=await self._rerank(text, hits, top_k), mode=mode)
-        depth = max(top_k, self.candidates)
+        # Each list contributes `candidates` to fusion; the reranker gets as many fused ones as it wants.
+        candidates = max(top_k, self.candidates)
+        depth = min(candidates, max(top_k, self.reranker.depth(top_k, candidates)))
+        fusion_span = {"copilot.fusion": fusion.value, "copilot.alpha": alpha}
         if isinstance(self.store, NativeHybridStore):
-            # The backend fuses BM25 and dense itself in one request (Weaviate's hybrid query).
+            # The backend fuses BM25 and dense itself in one request (Weaviate's hybrid query),
+            # asked for all the candidates: its limit may also bound each of its two searches.
             vector = await self._query_vector(tenant, text)
-            with telemetry.span("search.hybrid", {"copilot.fusion": fusion.value, "copilot.alpha": alpha}):
-                fused = await self.store.search_hybrid(tenant, text, vector, depth, filters, alpha=alpha, fusion=fusion)
-            return SearchResult(hits=await self._rerank(text, fused, top_k), mode=mode, alpha=alpha,
-                                fusion=fusion.value)
-        # BM25 runs on the tenant's store thread while the model embeds the query on its own.
-        lexical_task = asyncio.ensure_future(self._lexical(tenant, text, depth, filters))
+            with telemetry.span("search.hybrid", fusion_span):
+                fused = await self.store.search_hybrid(tenant, text, vector, candidates, filters, alpha=alpha,
+                                                       fusion=fusion)
+        elif isinstance(self.store, RankingStore):
+            # Rankings only (row keys and scores), fused, and only the winners' rows read.
+            store = self.store
+            lexical_keys, dense_keys = await self._both(
+                self._span("search.lexical", candidates, store.rank_lexical(tenant, text, candidates, filters)),
+                self._dense_with(tenant, text, lambda vector: store.rank_dense(tenant, vector, candidates, filters),
+                                 candidates))
+            with telemetry.span("search.fusion", fusion_span):
+                ranked = fuse_ranked(lexical_keys, dense_keys, alpha=alpha, method=fusion, top_k=depth)
+            with telemetry.span("search.fetch", {"copilot.rows": len(ranked)}):
+                fused = await store.fetch(tenant, ranked)
+        else:
+            lexical, dense = await self._both(self._lexical(tenant, text, candidates, filters),
+                                              self._dense(tenant, text, candidates, filters))
+            with telemetry.span("search.fusion", fusion_span):
+                fused = fuse(lexical, dense, alpha=alpha, method=fusion, top_k=depth)
+        hits = await self._rerank(text, fused, top_k)
+        return SearchResult(hits=hits, mode=mode, alpha=alpha, fusion=fusion.value)
+
+    @staticmethod
+    async def _both(lexical: Awaitable[A], dense: Awaitable[B]) -> tuple[A, B]:
+        """BM25 runs on the tenant's store thread while the model embeds the query on its own."""
+        lexical_task = asyncio.ensure_future(lexical)
         try:
-            dense = await self._dense(tenant, text, depth, filters)
+            dense_result = await dense
         except BaseException:
             lexical_task.cancel()
             raise
-        lexical = await lexical_task
-        with telemetry.span("search.fusion", {"copilot.fusion": fusion.value, "copilot.alpha": alpha}):
-            fused = fuse(lexical, dense, alpha=alpha, method=fusion, top_k=depth)
-        hits = await self._rerank(text, fused, top_k)
-        return SearchResult(hits=hits, mode=mode, alpha=alpha, fusion=fusion.value)
+        return await lexical_task, dense_result
+
+    @staticmethod
+    async def _span(name: str, candidates: int, work: Awaitable[A]) -> A:
+        with telemetry.span(name, {"copilot.candidates": candidates}):
+            return await work
+
+    async def _dense_with(self, tenant: str, text: str, search: Callable[[Vectors], Awaitable[A]],
+                          candidates: int) -> A:
+        with telemetry.span("search.dense", {"copilot.candidates": candidates}):
+            return await search(await self._query_vector(tenant, text))
 
     # -- health -----------------------------------------------------------------------------
 

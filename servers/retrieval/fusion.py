@@ -8,7 +8,8 @@ Weaviate's hybrid query does:
 * relative-score fusion: each list's scores min-max normalised to [0, 1] (a list whose
   scores are all equal maps them to 1), then (1-alpha)·lex + alpha·dense.
 
-Ties break by the best single-list rank, then by chunk id, so results are deterministic.
+Ties break by the best single-list rank, then by key (the chunk id, or the embedded store's row
+id when it fuses rankings), so results are deterministic.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from servers.retrieval.models import Hit
 
@@ -28,47 +29,68 @@ class Fusion(enum.Enum):
     RELATIVE_SCORE = "relative_score"
 
 
-def _normalised(hits: Sequence[Hit]) -> dict[str, float]:
-    if not hits:
+K = TypeVar("K", int, str)
+
+
+def _normalised(ranked: Sequence[tuple[K, float]]) -> dict[K, float]:
+    if not ranked:
         return {}
-    scores = [hit.score for hit in hits]
+    scores = [score for _, score in ranked]
     low, high = min(scores), max(scores)
     if high == low:
-        return {hit.chunk_id: 1.0 for hit in hits}
-    return {hit.chunk_id: (hit.score - low) / (high - low) for hit in hits}
+        return {key: 1.0 for key, _ in ranked}
+    return {key: (score - low) / (high - low) for key, score in ranked}
+
+
+def fuse_ranked(lexical: Sequence[tuple[K, float]], dense: Sequence[tuple[K, float]], *, alpha: float,
+                method: Fusion, top_k: int, rrf_k: int = RRF_K) -> list[tuple[K, float]]:
+    """The fused (key, score) list, best first, of two (key, score) rankings (best first)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError("alpha must be between 0 and 1")
+    best_rank: dict[K, int] = {}
+    for ranked in (lexical, dense):
+        for rank, (key, _) in enumerate(ranked):
+            best_rank[key] = min(rank, best_rank.get(key, rank))
+    scores: dict[K, float] = dict.fromkeys(best_rank, 0.0)
+    if method is Fusion.RRF:
+        for weight, ranked in ((1.0 - alpha, lexical), (alpha, dense)):
+            for rank, (key, _) in enumerate(ranked, start=1):
+                scores[key] += weight / (rrf_k + rank)
+    else:
+        for weight, ranked in ((1.0 - alpha, lexical), (alpha, dense)):
+            for key, value in _normalised(ranked).items():
+                scores[key] += weight * value
+    order = sorted(scores, key=lambda key: (-scores[key], best_rank[key], key))
+    return [(key, scores[key]) for key in order[:top_k]]
 
 
 def fuse(lexical: Sequence[Hit], dense: Sequence[Hit], *, alpha: float, method: Fusion,
          top_k: int, rrf_k: int = RRF_K) -> list[Hit]:
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError("alpha must be between 0 and 1")
+    """`fuse_ranked` over hits, keyed by chunk id."""
     by_id: dict[str, Hit] = {}
-    best_rank: dict[str, int] = {}
     for hits in (lexical, dense):
-        for rank, hit in enumerate(hits):
+        for hit in hits:
             by_id.setdefault(hit.chunk_id, hit)
-            best_rank[hit.chunk_id] = min(rank, best_rank.get(hit.chunk_id, rank))
-    scores: dict[str, float] = dict.fromkeys(by_id, 0.0)
-    if method is Fusion.RRF:
-        for weight, hits in ((1.0 - alpha, lexical), (alpha, dense)):
-            for rank, hit in enumerate(hits, start=1):
-                scores[hit.chunk_id] += weight / (rrf_k + rank)
-    else:
-        for weight, hits in ((1.0 - alpha, lexical), (alpha, dense)):
-            for chunk, value in _normalised(hits).items():
-                scores[chunk] += weight * value
-    order = sorted(scores, key=lambda chunk: (-scores[chunk], best_rank[chunk], chunk))
-    return [replace(by_id[chunk], score=scores[chunk]) for chunk in order[:top_k]]
+    fused = fuse_ranked([(h.chunk_id, h.score) for h in lexical], [(h.chunk_id, h.score) for h in dense],
+                        alpha=alpha, method=method, top_k=top_k, rrf_k=rrf_k)
+    return [replace(by_id[chunk], score=score) for chunk, score in fused]
 
 
 class Reranker(Protocol):
     """Reorders (and may cut) the fused candidates for a query."""
+
+    def depth(self, top_k: int, candidates: int) -> int:
+        """How many fused candidates it wants for `top_k` results (at most `candidates`)."""
 
     async def rerank(self, query: str, hits: list[Hit], top_k: int) -> list[Hit]: ...
 
 
 class NoopReranker:
     """Keeps the fused order. (No PyPI package ships cross-encoder weights to use here.)"""
+
+    def depth(self, top_k: int, candidates: int) -> int:
+        # The fused order is final: reading more rows than it returns would be waste.
+        return top_k
 
     async def rerank(self, query: str, hits: list[Hit], top_k: int) -> list[Hit]:
         return hits[:top_k]

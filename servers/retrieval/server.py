@@ -38,8 +38,10 @@ def build_store(settings: Settings, config: RetrievalConfig) -> DocumentStore:
         # Weaviate is still coming up, and reports NOT_SERVING until it answers.
         return WeaviateStore(WeaviateConfig(url=config.weaviate_url, grpc_port=config.weaviate_grpc_port,
                                             api_key=config.weaviate_api_key, timeout_s=config.weaviate_timeout_s,
-                                            collection_prefix=config.weaviate_collection_prefix))
-    return SqliteFtsStore(tenants_dir(settings), max_open_tenants=config.max_open_tenants, workers=config.workers)
+                                            collection_prefix=config.weaviate_collection_prefix),
+                             bm25=config.bm25)
+    return SqliteFtsStore(tenants_dir(settings), max_open_tenants=config.max_open_tenants, workers=config.workers,
+                          bm25=config.bm25)
 
 
 def build(settings: Settings, config: RetrievalConfig | None = None) -> Service:

@@ -3,7 +3,9 @@
 `SqliteFtsStore` keeps ONE SQLite file per tenant (`<root>/<tenant>.sqlite`): a tenant's
 query can only ever open its own file, so isolation does not depend on a WHERE clause
 being right, and erasing a tenant is deleting its files. Text is indexed in FTS5 with the
-`porter unicode61` tokenizer (stemming, case and diacritic folding) and ranked by bm25().
+`porter unicode61` tokenizer (stemming, case and diacritic folding) and ranked by bm25();
+lexical searches are answered from an in-memory copy of that index (`lexical.LexicalIndex`)
+that ranks exactly as bm25() does, several times faster.
 
 Threading: sqlite calls block, so they run on dedicated worker threads, never on the event
 loop. Each tenant is pinned to one worker (a stable hash of its id) and its connection is
@@ -21,6 +23,7 @@ import os
 import sqlite3
 import tempfile
 import threading
+import time
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -29,7 +32,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -37,6 +40,7 @@ import numpy.typing as npt
 from servers.common.identity import TENANT_ID_RE
 from servers.retrieval.embedders import Vectors
 from servers.retrieval.fusion import Fusion
+from servers.retrieval.lexical import TOKENIZE, LexicalIndex, QueryTokenizer, Ranked
 from servers.retrieval.models import (
     DeleteResult,
     Hit,
@@ -100,6 +104,22 @@ class DocumentStore(Protocol):
 
 
 @runtime_checkable
+class RankingStore(Protocol):
+    """A store that ranks without reading the hits' bodies: hybrid search fuses two rankings
+    and reads only the rows it returns (`fetch`), instead of every candidate of both lists.
+    Row keys are the store's own (opaque); scores are those of the matching search_* call."""
+
+    async def rank_lexical(self, tenant: str, text: str, top_k: int, filters: Mapping[str, str]) -> Ranked:
+        """(row key, score), best first."""
+
+    async def rank_dense(self, tenant: str, vector: Vectors, top_k: int, filters: Mapping[str, str]) -> Ranked:
+        """(row key, score), best first."""
+
+    async def fetch(self, tenant: str, ranked: Ranked) -> list[Hit]:
+        """The hits of these rows, in this order, with these scores (rows gone since are left out)."""
+
+
+@runtime_checkable
 class NativeHybridStore(Protocol):
     """A store that fuses BM25 and dense results itself, in one request (Weaviate's hybrid
     query); the engine uses it instead of two searches and `fusion.fuse` when present."""
@@ -110,18 +130,39 @@ class NativeHybridStore(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class Bm25Weights:
-    """Per-column bm25() weights. The section path (headings) is short and dense with the
-    words a question uses, so a match there counts more than one in body text."""
+class Bm25Params:
+    """BM25's per-column weights and its k1 and b.
+
+    k1 0.9 and b 0.4 are Anserini's defaults for short passages (FTS5's bm25() fixes k1 1.2,
+    b 0.75): weaker length normalisation suits rule passages, whose length says little about
+    relevance. On ObliQA dev, BM25 nDCG@10 0.684 -> 0.691 and hybrid 0.715 -> 0.723 (README).
+    The in-memory index (`lexical.LexicalIndex`) scores with these; FTS5's bm25(), which this
+    store falls back to while a tenant is being written, always uses its own 1.2 and 0.75.
+    """
 
     title: float = 1.0
     section: float = 1.0
     text: float = 1.0
+    k1: float = 0.9
+    b: float = 0.4
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.k1 <= 10.0 or not 0.0 <= self.b <= 1.0:
+            raise ValueError(f"BM25 needs 0 <= k1 <= 10 and 0 <= b <= 1, got k1={self.k1} b={self.b}")
+
+    @property
+    def columns(self) -> tuple[float, float, float]:
+        return (self.title, self.section, self.text)
+
+
+DEFAULT_BM25 = Bm25Params()
+# FTS5's own bm25() parameters (fts5_aux.c): what `Bm25Params` must say for the two to agree.
+FTS5_BM25 = Bm25Params(k1=1.2, b=0.75)
 
 
 SCHEMA_VERSION = 2
 
-_SCHEMA_V1 = """
+_SCHEMA_V1 = f"""
 CREATE TABLE IF NOT EXISTS documents (
     document_id     TEXT PRIMARY KEY,
     title           TEXT NOT NULL,
@@ -157,7 +198,7 @@ CREATE INDEX IF NOT EXISTS chunks_by_document ON chunks (document_id, ordinal);
 CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(
     title, section, text,
     content='chunks', content_rowid='id',
-    tokenize='porter unicode61 remove_diacritics 2'
+    tokenize='{TOKENIZE}'
 );
 CREATE TRIGGER IF NOT EXISTS chunks_after_insert AFTER INSERT ON chunks BEGIN
     INSERT INTO chunks_fts (rowid, title, section, text) VALUES (new.id, new.title, new.section, new.text);
@@ -198,18 +239,28 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
+def match_phrases(text: str) -> list[str]:
+    """The phrases a lexical search scores, in order: every term, then every adjacent pair
+    of content words (`query_phrases`); none when the text has no term."""
+    terms = query_terms(text)
+    return [*terms, *query_phrases(text)] if terms else []
+
+
 def match_expression(text: str) -> str | None:
-    """An FTS5 MATCH expression that is always valid: every term and every adjacent pair of
-    content words (`query_phrases`) a quoted string, OR-ed. bm25() sums over the query's
-    phrases, so a pair found as written adds its own (rarer, higher-idf) evidence.
+    """An FTS5 MATCH expression that is always valid: every phrase of `match_phrases` a
+    quoted string, OR-ed. bm25() sums over the query's phrases, so a pair found as written
+    adds its own (rarer, higher-idf) evidence.
 
     Inside an FTS5 string only '"' is special (doubled), so no user text can form an
     operator, a column filter, a prefix query or a syntax error.
     """
-    terms = query_terms(text)
-    if not terms:
+    return _or_of_phrases(match_phrases(text))
+
+
+def _or_of_phrases(phrases: Sequence[str]) -> str | None:
+    if not phrases:
         return None
-    return " OR ".join('"' + term.replace('"', '""') + '"' for term in [*terms, *query_phrases(text)])
+    return " OR ".join('"' + phrase.replace('"', '""') + '"' for phrase in phrases)
 
 
 @contextlib.contextmanager
@@ -249,6 +300,10 @@ def _open(path: Path) -> sqlite3.Connection:
     return conn
 
 
+# Ranks one tenant's rows on its worker thread: (worker, tenant, connection) -> (rowid, score).
+_Ranker = Callable[["_Worker", str, sqlite3.Connection], Ranked]
+
+
 class _Worker:
     """One thread and the open connections of the tenants pinned to it.
 
@@ -262,6 +317,12 @@ class _Worker:
         # The tenants' vectors as one matrix each, built on the first dense search after a
         # change and dropped with the connection: memory follows the active tenants.
         self._dense: dict[str, DenseIndex] = {}
+        # Likewise their FTS5 postings, with the file's data_version when they were read.
+        self._lexical: dict[str, tuple[LexicalIndex, int]] = {}
+        # When each tenant last changed (monotonic seconds), to hold off rebuilds mid-ingest.
+        self._changed: dict[str, float] = {}
+        # Query tokenizers by `tokenize=` option (in practice one: TOKENIZE).
+        self._tokenizers: dict[str, QueryTokenizer] = {}
         self._thread: int | None = None
 
     def connection(self, tenant: str, path: Path, create: bool) -> sqlite3.Connection | None:
@@ -277,7 +338,7 @@ class _Worker:
         self._connections[tenant] = conn
         while len(self._connections) > self.capacity:
             evicted, oldest = self._connections.popitem(last=False)
-            self._dense.pop(evicted, None)
+            self._forget(evicted)
             _close(oldest)
         return conn
 
@@ -288,13 +349,47 @@ class _Worker:
             index = self._dense[tenant] = DenseIndex.load(conn)
         return index
 
+    def lexical_index(self, tenant: str, conn: sqlite3.Connection, weights: Bm25Params,
+                      settle_seconds: float) -> LexicalIndex | None:
+        """The tenant's in-memory postings, or None while the tenant is still changing.
+
+        Reading them takes about 0.5 s for a 12k-chunk tenant: rebuilding after every batch
+        of a long ingest would stall the worker, so until the tenant has been quiet for
+        `settle_seconds` the caller asks FTS5 instead (the same ranking, only slower).
+        """
+        self._check_thread()
+        # Changes committed by another connection (another process) move data_version;
+        # this connection's own writes go through `invalidate`.
+        version = int(conn.execute("PRAGMA data_version").fetchone()[0])
+        cached = self._lexical.get(tenant)
+        if cached is not None:
+            if cached[1] == version:
+                return cached[0]
+            del self._lexical[tenant]
+            self._changed[tenant] = time.monotonic()
+        changed = self._changed.get(tenant)
+        if changed is not None and time.monotonic() - changed < settle_seconds:
+            return None
+        index = LexicalIndex.load(conn, weights.columns, k1=weights.k1, b=weights.b)
+        self._lexical[tenant] = (index, version)
+        return index
+
+    def tokenizer(self, tokenize: str) -> QueryTokenizer:
+        self._check_thread()
+        tokenizer = self._tokenizers.get(tokenize)
+        if tokenizer is None:
+            tokenizer = self._tokenizers[tokenize] = QueryTokenizer(tokenize)
+        return tokenizer
+
     def invalidate(self, tenant: str) -> None:
         self._check_thread()
         self._dense.pop(tenant, None)
+        self._lexical.pop(tenant, None)
+        self._changed[tenant] = time.monotonic()
 
     def discard(self, tenant: str) -> None:
         self._check_thread()
-        self._dense.pop(tenant, None)
+        self._forget(tenant)
         conn = self._connections.pop(tenant, None)
         if conn is not None:
             _close(conn)
@@ -302,6 +397,11 @@ class _Worker:
     def close_all(self) -> None:
         self._check_thread()
         self._dense.clear()
+        self._lexical.clear()
+        self._changed.clear()
+        while self._tokenizers:
+            _, tokenizer = self._tokenizers.popitem()
+            tokenizer.close()
         while self._connections:
             _, conn = self._connections.popitem()
             _close(conn)
@@ -309,6 +409,15 @@ class _Worker:
     def dense_tenants(self) -> list[str]:
         self._check_thread()
         return list(self._dense)
+
+    def lexical_tenants(self) -> list[str]:
+        self._check_thread()
+        return list(self._lexical)
+
+    def _forget(self, tenant: str) -> None:
+        self._dense.pop(tenant, None)
+        self._lexical.pop(tenant, None)
+        self._changed.pop(tenant, None)
 
     def open_tenants(self) -> list[str]:
         self._check_thread()
@@ -332,11 +441,17 @@ class SqliteFtsStore:
     """The embedded default store: one SQLite + FTS5 file per tenant."""
 
     def __init__(self, root: Path, *, max_open_tenants: int = 256, workers: int = 2,
-                 weights: Bm25Weights | None = None) -> None:
+                 bm25: Bm25Params | None = None, in_memory_lexical: bool = True,
+                 lexical_settle_seconds: float = 2.0) -> None:
+        """`in_memory_lexical`: answer lexical searches from `LexicalIndex` (False: FTS5's
+        bm25() in SQL, same results); `lexical_settle_seconds`: how long a tenant must go
+        unchanged before its in-memory index is rebuilt (see `_Worker.lexical_index`)."""
         if max_open_tenants < 1 or workers < 1:
             raise ValueError("max_open_tenants and workers must be at least 1")
         self.root = root
-        self.weights = weights or Bm25Weights()
+        self.bm25 = bm25 or Bm25Params()
+        self.in_memory_lexical = in_memory_lexical
+        self.lexical_settle_seconds = lexical_settle_seconds
         workers = min(workers, max_open_tenants)
         per_worker = max(1, max_open_tenants // workers)
         self._workers = [_Worker(i, per_worker) for i in range(workers)]
@@ -438,29 +553,65 @@ class SqliteFtsStore:
 
     async def search_lexical(self, tenant: str, text: str, top_k: int,
                              filters: Mapping[str, str]) -> list[Hit]:
-        expression = match_expression(text)
-        if expression is None or top_k <= 0:
-            return []
-        filters = dict(filters)
-        weights = self.weights
-        return await self._with_connection(
-            tenant, False, lambda conn: _search(conn, expression, top_k, filters, weights), [])
+        return await self._ranked_hits(tenant, self._lexical_ranker(text, top_k, filters))
 
     async def search_dense(self, tenant: str, vector: Vectors, top_k: int,
                            filters: Mapping[str, str]) -> list[Hit]:
-        """Exact cosine search over the tenant's chunk vectors (brute force in numpy:
-        a 14k-chunk tenant costs about a millisecond, with no index to build or tune)."""
-        if top_k <= 0:
-            return []
+        return await self._ranked_hits(tenant, self._dense_ranker(vector, top_k, filters))
+
+    async def rank_lexical(self, tenant: str, text: str, top_k: int, filters: Mapping[str, str]) -> Ranked:
+        return await self._ranked(tenant, self._lexical_ranker(text, top_k, filters))
+
+    async def rank_dense(self, tenant: str, vector: Vectors, top_k: int, filters: Mapping[str, str]) -> Ranked:
+        return await self._ranked(tenant, self._dense_ranker(vector, top_k, filters))
+
+    async def fetch(self, tenant: str, ranked: Ranked) -> list[Hit]:
+        return await self._ranked_hits(tenant, lambda _worker, _tenant, _conn: ranked)
+
+    def _lexical_ranker(self, text: str, top_k: int, filters: Mapping[str, str]) -> _Ranker:
+        """BM25 over the tenant's FTS5 index: from its in-memory copy when there is one
+        (filters become a mask of allowed rows, so idf stays whole-table as in FTS5),
+        otherwise (while the tenant is being written) from FTS5 itself, with FTS5's k1 and b."""
+        phrases = match_phrases(text)
+        expression = _or_of_phrases(phrases)
+        filters = dict(filters)
+        weights, in_memory, settle = self.bm25, self.in_memory_lexical, self.lexical_settle_seconds
+
+        def rank(worker: _Worker, tenant: str, conn: sqlite3.Connection) -> Ranked:
+            if expression is None or top_k <= 0:
+                return []
+            index = worker.lexical_index(tenant, conn, weights, settle) if in_memory else None
+            if index is not None:
+                allowed = _allowed_rowids(conn, filters) if filters else None
+                ranked = index.search(worker.tokenizer(index.tokenize).tokens(phrases), top_k, allowed)
+                if ranked is not None:
+                    return ranked
+            return _rank_fts(conn, expression, top_k, filters, weights)
+
+        return rank
+
+    def _dense_ranker(self, vector: Vectors, top_k: int, filters: Mapping[str, str]) -> _Ranker:
+        """Exact cosine over the tenant's chunk vectors (brute force in numpy: a 14k-chunk
+        tenant costs about a millisecond, with no index to build or tune)."""
         filters = dict(filters)
         query = np.ascontiguousarray(vector, dtype=np.float32).reshape(-1)
 
+        def rank(worker: _Worker, tenant: str, conn: sqlite3.Connection) -> Ranked:
+            return _rank_dense(conn, worker.dense_index(tenant, conn), query, top_k, filters)
+
+        return rank
+
+    async def _ranked(self, tenant: str, rank: _Ranker) -> Ranked:
+        def run(worker: _Worker, path: Path) -> Ranked:
+            conn = worker.connection(tenant, path, False)
+            return [] if conn is None else rank(worker, tenant, conn)
+
+        return await self._run(tenant, run)
+
+    async def _ranked_hits(self, tenant: str, rank: _Ranker) -> list[Hit]:
         def run(worker: _Worker, path: Path) -> list[Hit]:
             conn = worker.connection(tenant, path, False)
-            if conn is None:
-                return []
-            index = worker.dense_index(tenant, conn)
-            return _search_dense(conn, index, query, top_k, filters)
+            return [] if conn is None else _fetch_hits(conn, rank(worker, tenant, conn))
 
         return await self._run(tenant, run)
 
@@ -468,6 +619,12 @@ class SqliteFtsStore:
         """Tenants whose vectors are currently held in memory (for tests and metrics)."""
         loop = asyncio.get_running_loop()
         lists = await asyncio.gather(*(loop.run_in_executor(w.executor, w.dense_tenants) for w in self._workers))
+        return [tenant for names in lists for tenant in names]
+
+    async def lexical_tenants(self) -> list[str]:
+        """Tenants whose lexical index is currently held in memory (for tests and metrics)."""
+        loop = asyncio.get_running_loop()
+        lists = await asyncio.gather(*(loop.run_in_executor(w.executor, w.lexical_tenants) for w in self._workers))
         return [tenant for names in lists for tenant in names]
 
     async def unknown_metadata_keys(self, tenant: str, keys: Sequence[str]) -> set[str]:
@@ -632,30 +789,23 @@ def _filter_clauses(filters: Mapping[str, str]) -> tuple[list[str], list[object]
 _HIT_COLUMNS = "c.document_id, c.chunk_id, c.title, c.section, c.text, d.source, d.metadata"
 
 
-def _search(conn: sqlite3.Connection, expression: str, top_k: int, filters: Mapping[str, str],
-            weights: Bm25Weights) -> list[Hit]:
+def _rank_fts(conn: sqlite3.Connection, expression: str, top_k: int, filters: Mapping[str, str],
+              weights: Bm25Params) -> Ranked:
+    """FTS5's own bm25() ranking (its k1 1.2 and b 0.75 whatever `weights` says)."""
     clauses, filter_params = _filter_clauses(filters)
-    params: list[object] = [weights.title, weights.section, weights.text, expression, *filter_params]
-    params.append(top_k)
-    columns = "c.document_id, c.chunk_id, c.title, c.section, c.text, d.source, d.metadata"
+    params: list[object] = [weights.title, weights.section, weights.text, expression, *filter_params, top_k]
     if clauses:
         where = "".join(f" AND {clause}" for clause in clauses)
         # CROSS JOIN pins the join order: the FTS index drives, chunks and documents follow.
-        sql = (f"SELECT {columns}, bm25(chunks_fts, ?, ?, ?) AS score"
+        sql = ("SELECT chunks_fts.rowid, bm25(chunks_fts, ?, ?, ?) AS score"
                " FROM chunks_fts CROSS JOIN chunks c ON c.id = chunks_fts.rowid"
                " CROSS JOIN documents d ON d.document_id = c.document_id"
                f" WHERE chunks_fts MATCH ?{where} ORDER BY score LIMIT ?")
     else:
-        # Without filters the top k come from the FTS index alone and only they are joined:
-        # about twice as fast as joining every match before sorting.
-        sql = ("WITH top AS (SELECT rowid AS id, bm25(chunks_fts, ?, ?, ?) AS score FROM chunks_fts"
-               " WHERE chunks_fts MATCH ? ORDER BY score LIMIT ?)"
-               f" SELECT {columns}, top.score FROM top CROSS JOIN chunks c ON c.id = top.id"
-               " CROSS JOIN documents d ON d.document_id = c.document_id ORDER BY top.score")
-    rows = conn.execute(sql, params)
+        sql = "SELECT rowid, bm25(chunks_fts, ?, ?, ?) AS score FROM chunks_fts WHERE chunks_fts MATCH ?" \
+              " ORDER BY score LIMIT ?"
     # bm25() is lower-is-better; the contract's score is higher-is-better.
-    return [Hit(document_id=r[0], chunk_id=r[1], title=r[2], section=r[3], text=r[4], score=-r[7],
-                source=r[5], metadata=json.loads(r[6])) for r in rows]
+    return [(rowid, -score) for rowid, score in conn.execute(sql, params)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -686,30 +836,41 @@ class DenseIndex:
         return int(self.matrix.shape[1]) if self.matrix.size else 0
 
 
-def _search_dense(conn: sqlite3.Connection, index: DenseIndex, query: Vectors, top_k: int,
-                  filters: Mapping[str, str]) -> list[Hit]:
-    if not len(index.ids) or index.dimension != query.shape[0]:
+def _rank_dense(conn: sqlite3.Connection, index: DenseIndex, query: Vectors, top_k: int,
+                filters: Mapping[str, str]) -> Ranked:
+    if not len(index.ids) or index.dimension != query.shape[0] or top_k <= 0:
         return []
     scores = index.matrix @ query
     if filters:
-        clauses, params = _filter_clauses(filters)
-        allowed = np.fromiter(
-            (row[0] for row in conn.execute(
-                "SELECT c.id FROM chunks c CROSS JOIN documents d ON d.document_id = c.document_id"
-                f" WHERE {' AND '.join(clauses)}", params)), dtype=np.int64)
-        scores = np.where(np.isin(index.ids, allowed), scores, -np.inf)
+        scores = np.where(np.isin(index.ids, _allowed_rowids(conn, filters)), scores, -np.inf)
     count = min(top_k, len(scores))
     top = np.argpartition(-scores, count - 1)[:count]
     top = top[np.argsort(-scores[top], kind="stable")]
     top = top[np.isfinite(scores[top])]
-    if not len(top):
+    return [(int(index.ids[i]), float(scores[i])) for i in top]
+
+
+def _allowed_rowids(conn: sqlite3.Connection, filters: Mapping[str, str]) -> npt.NDArray[np.int64]:
+    """The rowids of the chunks that pass exact-match filters."""
+    clauses, params = _filter_clauses(filters)
+    return np.fromiter(
+        (row[0] for row in conn.execute(
+            "SELECT c.id FROM chunks c CROSS JOIN documents d ON d.document_id = c.document_id"
+            f" WHERE {' AND '.join(clauses)}", params)), dtype=np.int64)
+
+
+def _fetch_hits(conn: sqlite3.Connection, ranked: Ranked) -> list[Hit]:
+    """Hits for (rowid, score) pairs, in their order; only these rows are read."""
+    if not ranked:
         return []
-    chosen = [int(rowid) for rowid in index.ids[top]]
-    score_of = {rowid: float(scores[i]) for rowid, i in zip(chosen, top, strict=True)}
-    rows = conn.execute(
-        f"SELECT c.id, {_HIT_COLUMNS} FROM chunks c CROSS JOIN documents d ON d.document_id = c.document_id"
-        f" WHERE c.id IN ({','.join('?' * len(chosen))})", chosen).fetchall()
-    by_id = {row[0]: row for row in rows}
-    return [Hit(document_id=r[1], chunk_id=r[2], title=r[3], section=r[4], text=r[5], score=score_of[rowid],
+    chosen = [rowid for rowid, _ in ranked]
+    by_id: dict[int, Any] = {}
+    for start in range(0, len(chosen), _IN_CLAUSE_MAX):
+        part = chosen[start:start + _IN_CLAUSE_MAX]
+        for row in conn.execute(
+                f"SELECT c.id, {_HIT_COLUMNS} FROM chunks c CROSS JOIN documents d ON d.document_id = c.document_id"
+                f" WHERE c.id IN ({','.join('?' * len(part))})", part):
+            by_id[row[0]] = row
+    return [Hit(document_id=r[1], chunk_id=r[2], title=r[3], section=r[4], text=r[5], score=score,
                 source=r[6], metadata=json.loads(r[7]))
-            for rowid in chosen if (r := by_id.get(rowid)) is not None]
+            for rowid, score in ranked if (r := by_id.get(rowid)) is not None]

@@ -56,7 +56,7 @@ from servers.retrieval.models import (
     PreparedDocument,
 )
 from servers.retrieval.query import query_terms
-from servers.retrieval.store import Bm25Weights
+from servers.retrieval.store import Bm25Params
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +88,12 @@ class WeaviateConfig:
 class WeaviateStore:
     """`DocumentStore` on Weaviate (weaviate-client v4, async)."""
 
-    def __init__(self, config: WeaviateConfig, *, weights: Bm25Weights | None = None) -> None:
+    def __init__(self, config: WeaviateConfig, *, bm25: Bm25Params | None = None) -> None:
         parts = urlsplit(config.url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"WEAVIATE_URL must be an http(s) URL, got {config.url!r}")
         self.config = config
-        self.weights = weights or Bm25Weights()
+        self.bm25 = bm25 or Bm25Params()
         self.chunks_name = f"{config.collection_prefix}Chunk"
         self.settings_name = f"{config.collection_prefix}Settings"
         self._http_host = parts.hostname
@@ -183,6 +183,9 @@ class WeaviateStore:
                     vector_config=wvc.config.Configure.Vectors.self_provided(name=VECTOR_NAME) if vectors else None,
                     multi_tenancy_config=wvc.config.Configure.multi_tenancy(
                         enabled=True, auto_tenant_creation=False, auto_tenant_activation=True),
+                    # The same k1 and b as the embedded store's BM25 (Weaviate's own are 1.2, 0.75).
+                    inverted_index_config=wvc.config.Configure.inverted_index(
+                        bm25_k1=self.bm25.k1, bm25_b=self.bm25.b),
                 )
             except UnexpectedStatusCodeError:
                 # Another replica created it first.
@@ -362,7 +365,7 @@ class WeaviateStore:
     # -- search -----------------------------------------------------------------------------
 
     def _query_properties(self) -> list[str]:
-        w = self.weights
+        w = self.bm25
         return [f"title^{w.title:g}", f"section^{w.section:g}", f"text^{w.text:g}"]
 
     async def search_lexical(self, tenant: str, text: str, top_k: int,

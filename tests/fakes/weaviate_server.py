@@ -513,6 +513,9 @@ class _Weaviate(weaviate_pb2_grpc.WeaviateServicer):
         terms = list(dict.fromkeys(_tokens(query)))
         if not terms:
             return []
+        # The collection's own BM25 parameters, as Weaviate reads them (its defaults otherwise).
+        params = (self.state.collection(name).get("invertedIndexConfig") or {}).get("bm25") or {}
+        k1, b = float(params.get("k1", K1)), float(params.get("b", B))
         objects = list(shard.values())
         total = len(objects)
         tokens = {o.uuid: {p: _tokens(o.properties.get(p, "")) for p in boosts} for o in objects}
@@ -528,7 +531,7 @@ class _Weaviate(weaviate_pb2_grpc.WeaviateServicer):
                     if not tf:
                         continue
                     idf = math.log(1 + (total - df[term] + 0.5) / (df[term] + 0.5))
-                    score += boost * idf * tf * (K1 + 1) / (tf + K1 * (1 - B + B * len(words) / avg[prop]))
+                    score += boost * idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * len(words) / avg[prop]))
             if score > 0:
                 results.append((obj, score))
         results.sort(key=lambda r: (-r[1], r[0].uuid))

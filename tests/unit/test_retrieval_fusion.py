@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from servers.retrieval.fusion import RRF_K, Fusion, NoopReranker, fuse
+from servers.retrieval.fusion import RRF_K, Fusion, NoopReranker, fuse, fuse_ranked
 from servers.retrieval.models import Hit
 
 
@@ -72,3 +72,16 @@ def test_alpha_out_of_range_is_refused() -> None:
 
 async def test_noop_reranker_keeps_order() -> None:
     assert await NoopReranker().rerank("q", list(LEX), 2) == LEX[:2]
+
+
+def test_fuse_ranked_is_fuse_over_any_row_key() -> None:
+    for method, alpha in ((Fusion.RRF, 0.3), (Fusion.RELATIVE_SCORE, 0.4), (Fusion.RELATIVE_SCORE, 1.0)):
+        by_hits = fuse(LEX, DENSE, alpha=alpha, method=method, top_k=3)
+        keys = {"a#0": 10, "b#0": 20, "c#0": 30, "d#0": 40}
+        by_keys = fuse_ranked([(keys[h.chunk_id], h.score) for h in LEX], [(keys[h.chunk_id], h.score) for h in DENSE],
+                              alpha=alpha, method=method, top_k=3)
+        assert by_keys == [(keys[h.chunk_id], pytest.approx(h.score)) for h in by_hits]
+
+
+def test_the_noop_reranker_wants_only_the_results() -> None:
+    assert NoopReranker().depth(10, 100) == 10

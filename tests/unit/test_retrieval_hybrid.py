@@ -17,8 +17,8 @@ import pytest
 from servers.common.errors import InvalidArgument
 from servers.retrieval.embedders import HashEmbedder, Vectors
 from servers.retrieval.engine import SETTING_ALPHA, SETTING_MODE, RetrievalEngine
-from servers.retrieval.fusion import Fusion
-from servers.retrieval.models import DocumentInput, IngestStatus, SearchMode, SearchQuery
+from servers.retrieval.fusion import Fusion, fuse
+from servers.retrieval.models import DocumentInput, Hit, IngestStatus, SearchMode, SearchQuery
 from servers.retrieval.query import MAX_QUERY_PHRASES, query_phrases
 from servers.retrieval.store import SqliteFtsStore
 
@@ -246,3 +246,43 @@ async def test_bm25_ranks_a_phrase_found_as_written_first(store: SqliteFtsStore)
     ])
     hits = (await engine.search(A, SearchQuery("exit facility", mode=SearchMode.BM25))).hits
     assert [hit.document_id for hit in hits] == ["phrase", "apart"]
+
+
+class CountingStore(SqliteFtsStore):
+    """The embedded store, counting the rows hybrid search reads."""
+
+    fetched: list[int]
+
+    async def fetch(self, tenant: str, ranked: list[tuple[int, float]]) -> list[Hit]:
+        self.fetched.append(len(ranked))
+        return await super().fetch(tenant, ranked)
+
+
+async def test_hybrid_fuses_rankings_and_reads_only_the_rows_it_returns(tmp_path: Path) -> None:
+    store = CountingStore(tmp_path / "tenants", lexical_settle_seconds=0)
+    store.fetched = []
+    engine = RetrievalEngine(store, embedder=HashEmbedder(), result_cache_entries=0)
+    try:
+        corpus = [doc(f"d{i}", f"Rule {i}: the firm must keep {word} records for {i % 7 + 1} years.")
+                  for i, word in enumerate(["customer", "transaction", "gift", "sanctions", "audit"] * 12)]
+        await engine.ingest(A, corpus)
+        for query, top_k in (("customer records years", 5), ("sanctions audit", 3), ("gift", 8)):
+            for fusion, alpha in ((Fusion.RELATIVE_SCORE, 0.4), (Fusion.RRF, 0.5)):
+                result = await engine.search(A, SearchQuery(query, top_k=top_k, mode=SearchMode.HYBRID,
+                                                            alpha=alpha, fusion=fusion.value))
+                # The same as fusing the two full hit lists (what stores without rankings get).
+                vector = (await engine.embedder.embed([query]))[0]  # type: ignore[union-attr]
+                want = fuse(await store.search_lexical(A, query, 100, {}), await store.search_dense(A, vector, 100, {}),
+                            alpha=alpha, method=fusion, top_k=top_k)
+                assert [h.score for h in result.hits] == pytest.approx([h.score for h in want])
+                # Equal scores may order differently (row key vs chunk id as the last tie-break).
+                by_score: dict[float, set[tuple[str, str]]] = {round(h.score, 9): set() for h in want}
+                for h in want:
+                    by_score[round(h.score, 9)].add((h.chunk_id, h.text))
+                cut = round(want[-1].score, 9)
+                for h in result.hits:
+                    assert (h.chunk_id, h.text) in by_score[round(h.score, 9)] or round(h.score, 9) == cut
+                # Only the returned rows were read, not the 2 x 100 candidates.
+                assert store.fetched[-1] == len(result.hits) == top_k
+    finally:
+        await engine.close()

@@ -26,6 +26,7 @@ from servers.retrieval.config import RetrievalConfig
 from servers.retrieval.engine import RetrievalEngine
 from servers.retrieval.models import DocumentInput, IngestStatus, SearchMode, SearchQuery
 from servers.retrieval.server import build
+from servers.retrieval.store import Bm25Params
 from servers.retrieval.weaviate_store import WeaviateConfig, WeaviateStore
 from tests.fakes.weaviate_server import COLD, HOT, FakeWeaviate
 from tests.unit.retrieval_support import hash_engine
@@ -69,10 +70,34 @@ async def test_collections_are_multi_tenant_with_our_vectors(fake: FakeWeaviate,
     assert schema["vectorConfig"]["default"]["vectorizer"] == {"none": {}}
     props = {p["name"]: p for p in schema["properties"]}
     assert props["document_id"]["tokenization"] == "field" and props["text"]["dataType"] == ["text"]
+    # BM25 with the embedded store's k1 and b, not Weaviate's defaults (1.2, 0.75).
+    assert schema["invertedIndexConfig"]["bm25"] == {"k1": 0.9, "b": 0.4}
     assert fake.state.tenant_names(store.chunks_name) == {A}
     assert fake.state.tenant_names(store.settings_name) == {A}
     await store.provision(A)  # idempotent
     assert fake.state.tenant_names(store.chunks_name) == {A}
+
+
+async def test_bm25_scores_follow_the_collections_k1_and_b(fake: FakeWeaviate) -> None:
+    texts = {"short": "The annual audit is mandatory.",
+             "long": ("The annual audit is mandatory for every regulated firm, its branches, subsidiaries, agents"
+                      " and outsourced service providers in every jurisdiction where it operates."),
+             "none": "Risk committees meet quarterly."}
+    scores: dict[tuple[float, float], dict[str, float]] = {}
+    for k1, b in ((0.9, 0.4), (1.2, 0.75)):
+        store = WeaviateStore(WeaviateConfig(url=fake.url, grpc_port=fake.grpc_port,
+                                             collection_prefix=f"T{uuid.uuid4().hex[:10]}"),
+                              bm25=Bm25Params(k1=k1, b=b))
+        try:
+            await hash_engine(store).ingest(A, [doc(doc_id, text) for doc_id, text in texts.items()])
+            hits = await store.search_lexical(A, "audit", 10, {})
+            scores[(k1, b)] = {hit.document_id: hit.score for hit in hits}
+        finally:
+            await store.close()
+    assert set(scores[(0.9, 0.4)]) == set(scores[(1.2, 0.75)]) == {"short", "long"}
+    # Weaker length normalisation (b 0.4) narrows the gap between the short and long passage.
+    gap = {key: found["short"] / found["long"] for key, found in scores.items()}
+    assert 1.0 < gap[(0.9, 0.4)] < gap[(1.2, 0.75)]
 
 
 async def test_each_tenant_is_its_own_shard_and_erase_drops_it(
