@@ -1,4 +1,4 @@
-"""Reading documents for ingestion: text/markdown files and BEIR corpus.jsonl.
+"""Reading documents for ingestion: text/markdown files, PDFs and BEIR corpus.jsonl.
 
 One BEIR reader serves `copilot ingest` and `copilot eval` / the retrieval bench, so what
 is evaluated is exactly what a user's ingest would index.
@@ -22,6 +22,8 @@ from servers.retrieval.chunker import SECTION_SEPARATOR, is_bare_heading, normal
 
 RESERVED_METADATA = frozenset({"source", "document_id"})
 TEXT_SUFFIXES = {".txt": "text/plain", ".md": "text/markdown", ".markdown": "text/markdown"}
+PDF_SUFFIX = ".pdf"
+SUPPORTED = ".txt, .md, .pdf or a BEIR corpus.jsonl"
 
 
 class DocumentError(ValueError):
@@ -36,7 +38,7 @@ def expand(paths: list[Path]) -> list[Path]:
             files.extend(sorted(p for p in path.rglob("*") if p.is_file() and _supported(p)))
         elif path.is_file():
             if not _supported(path):
-                raise DocumentError(f"{path}: unsupported file type (use .txt, .md or a BEIR corpus.jsonl)")
+                raise DocumentError(f"{path}: unsupported file type (use {SUPPORTED})")
             files.append(path)
         else:
             raise DocumentError(f"{path}: no such file or folder")
@@ -44,7 +46,8 @@ def expand(paths: list[Path]) -> list[Path]:
 
 
 def _supported(path: Path) -> bool:
-    return path.suffix.lower() in TEXT_SUFFIXES or path.name.endswith(".jsonl")
+    suffix = path.suffix.lower()
+    return suffix in TEXT_SUFFIXES or suffix == PDF_SUFFIX or path.name.endswith(".jsonl")
 
 
 def count(files: list[Path]) -> int:
@@ -62,8 +65,23 @@ def read(files: list[Path], root: Path | None = None) -> Iterator[retrieval_pb2.
     for path in files:
         if path.name.endswith(".jsonl"):
             yield from _beir(path)
+        elif path.suffix.lower() == PDF_SUFFIX:
+            yield _pdf_file(path, root)
         else:
             yield _text_file(path, root)
+
+
+def _document_id(path: Path, root: Path | None) -> str:
+    """The path below the ingested folder (stable across machines), else the file name."""
+    base = root or path.parent
+    try:
+        return str(path.resolve().relative_to(base.resolve()))
+    except ValueError:
+        return path.name
+
+
+def _title_from_name(path: Path) -> str:
+    return path.stem.replace("-", " ").replace("_", " ")
 
 
 def _text_file(path: Path, root: Path | None) -> retrieval_pb2.Document:
@@ -71,18 +89,43 @@ def _text_file(path: Path, root: Path | None) -> retrieval_pb2.Document:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise DocumentError(f"{path}: not UTF-8 text ({exc.reason})") from None
-    title = path.stem.replace("-", " ").replace("_", " ")
+    title = _title_from_name(path)
     for line in text.splitlines():
         if line.startswith("# "):
             title = line[2:].strip()
             break
-    base = root or path.parent
-    try:
-        doc_id = str(path.resolve().relative_to(base.resolve()))
-    except ValueError:
-        doc_id = path.name
-    return retrieval_pb2.Document(document_id=doc_id, title=title, text=text, source=str(path),
+    return retrieval_pb2.Document(document_id=_document_id(path, root), title=title, text=text, source=str(path),
                                   content_type=TEXT_SUFFIXES.get(path.suffix.lower(), "text/plain"))
+
+
+def _pdf_file(path: Path, root: Path | None) -> retrieval_pb2.Document:
+    """A PDF's text layer, page by page (pypdf), as plain text.
+
+    Pages are separated by a blank line, so the chunker's paragraph and numbered-rule
+    detection sees a page break as a paragraph break; the page count is kept in the
+    document's metadata (`pages`). A PDF without a text layer (a scan) is refused
+    with an error that says so, rather than indexed as an empty document.
+    """
+    from pypdf import PdfReader
+    from pypdf.errors import PyPdfError
+
+    try:
+        reader = PdfReader(path)
+        if reader.is_encrypted and not reader.decrypt(""):
+            raise DocumentError(f"{path}: the PDF is encrypted; decrypt it first")
+        pages = [(page.extract_text() or "").strip() for page in reader.pages]
+        info = reader.metadata
+        title = str(info.title).strip() if info is not None and info.title else ""
+    except DocumentError:
+        raise
+    except (PyPdfError, OSError, ValueError, KeyError, TypeError) as exc:
+        raise DocumentError(f"{path}: not a readable PDF ({type(exc).__name__}: {exc})") from None
+    text = "\n\n".join(page for page in pages if page)
+    if not text:
+        raise DocumentError(f"{path}: the PDF has no text layer (a scanned PDF needs OCR before ingestion)")
+    return retrieval_pb2.Document(document_id=_document_id(path, root), title=title or _title_from_name(path),
+                                  text=text, source=str(path), content_type="text/plain",
+                                  metadata={"pages": str(len(pages))})
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
 
     tenants_cli.add_parser(sub)
 
-    ingest = sub.add_parser("ingest", help="ingest .txt/.md files, folders of them, or a BEIR corpus.jsonl")
+    ingest = sub.add_parser("ingest", help="ingest .txt/.md/.pdf files, folders of them, or a BEIR corpus.jsonl")
     ingest.add_argument("paths", nargs="+", type=Path)
     ingest.add_argument("--batch", type=int, default=64, help="documents per batch (default: 64)")
 
@@ -128,7 +128,7 @@ async def ingest_paths(client: Client, paths: list[Path], batch: int, progress: 
         raise CliError("--batch must be between 1 and 1000")
     files = documents.expand(paths)
     if not files:
-        raise CliError("no .txt, .md or .jsonl files found in the given paths")
+        raise CliError(f"no {documents.SUPPORTED} files found in the given paths")
     total = documents.count(files)
     root = paths[0] if len(paths) == 1 and paths[0].is_dir() else None
     counts: dict[str, int] = {}
