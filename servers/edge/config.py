@@ -120,6 +120,9 @@ class TenantLimits:
         self._healthy = True
         self._task: asyncio.Task[None] | None = None
         self._on_close = on_close
+        # True while the watch is connected and past its snapshot: the periodic listing
+        # (every tenant, every refresh period) is skipped, since every change arrives pushed.
+        self.watch_live = False
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TenantLimits:
@@ -187,7 +190,8 @@ class TenantLimits:
         while True:
             # Until the first load succeeds, retry sooner than the refresh period.
             await asyncio.sleep(self._refresh_s if self._loaded else min(1.0, self._refresh_s))
-            await self.refresh()
+            if not self.watch_live:
+                await self.refresh()
 
     def apply(self, change: tenant_pb2.WatchTenantsResponse) -> None:
         """Applies pushed changes at once: a tenant created, changed, suspended or deleted is
@@ -212,15 +216,21 @@ class TenantLimits:
         self._table, self.refused, self._active = table, refused, sorted(active.items())
 
     async def _follow(self, watch: TenantWatch) -> None:
-        # The periodic refresh stays as the safety net; the watch only makes changes quick.
+        # The periodic refresh is the safety net while the watch is down; once a watch is past
+        # its snapshot, one full load reconciles what changed while it was down (tenants
+        # deleted meanwhile), and pushed changes keep the table current from then on.
         while True:
             try:
                 async for change in watch():
                     self.apply(change)
+                    if change.snapshot_done and await self.refresh():
+                        self.watch_live = True
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # metering restarting: reconnect, the refresh covers the gap
                 log.debug("tenant watch interrupted", extra={"error": str(exc)})
+            finally:
+                self.watch_live = False
             await asyncio.sleep(min(1.0, self._refresh_s))
 
     async def stop(self) -> None:

@@ -35,11 +35,11 @@ def build(settings: Settings) -> Service:
         llms.append(AnthropicProvider(anthropic_settings))
     for llm in llms:
         providers[llm.name] = llm
+    configs = TenantConfigCache(tenant_pb2_grpc.TenantServiceStub(metering_channel), ttl_s=settings.tenant_cache_ttl_s)
     pipeline = Pipeline(
         retrieval=retrieval_pb2_grpc.RetrievalServiceStub(retrieval_channel),
         metering=metering_pb2_grpc.MeteringServiceStub(metering_channel),
-        configs=TenantConfigCache(tenant_pb2_grpc.TenantServiceStub(metering_channel),
-                                  ttl_s=settings.tenant_cache_ttl_s),
+        configs=configs,
         providers=providers,
         breakers=Breakers(),
     )
@@ -56,6 +56,7 @@ def build(settings: Settings) -> Service:
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(pipeline), server)
 
     async def close() -> None:
+        await configs.stop()
         await outbox.stop()
         if audit is not None:
             await audit.stop()
@@ -73,7 +74,7 @@ def build(settings: Settings) -> Service:
             "retrieval": _channel_ready(retrieval_channel),
             "metering": _channel_ready(metering_channel),
         },
-        on_start=[outbox.start, *([audit.start] if audit is not None else [])],
+        on_start=[outbox.start, configs.start, *([audit.start] if audit is not None else [])],
         on_refusal=audit.refused if audit is not None else None,
         on_stop=[close],
     )

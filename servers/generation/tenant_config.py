@@ -1,5 +1,11 @@
-"""The caller's tenant configuration, cached per tenant and refreshed after a short TTL,
-so the answer path does not fetch it per request. Concurrent misses share one fetch.
+"""The caller's tenant configuration, cached per tenant, so the answer path does not fetch
+it per request. Concurrent misses share one fetch.
+
+Changes are pushed by the tenant service as they happen (`WatchTenants`, the stream the edge
+follows too): while that watch is live, the cache holds every tenant's current config and
+nothing expires, so a mesh serving a thousand tenants does not refetch each of them every
+TTL (measured before: most answers at 1,000 tenants paid a GetTenant). While the watch is
+down (metering restarting, the watch reset), entries expire after the TTL as before.
 
 The cascade: system defaults (`TenantConfig.from_proto` fills what a tenant left unset) →
 the tenant's config (this cache) → per-request overrides its plan allows
@@ -8,12 +14,18 @@ the tenant's config (this cache) → per-request overrides its plan allows
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 from dataclasses import dataclass
 
 from copilot.v1 import common_pb2, tenant_pb2, tenant_pb2_grpc
 from servers.common import identity
 from servers.common.errors import PermissionDenied
+
+log = logging.getLogger("copilot.generation.tenants")
+
+WATCH_RETRY_S = (0.5, 10.0)
 
 
 @dataclass(frozen=True)
@@ -59,12 +71,28 @@ class TenantConfigCache:
         self._entries: dict[str, tuple[float, TenantConfig]] = {}
         self._inflight: dict[str, asyncio.Future[TenantConfig]] = {}
         self.fetches = 0
+        # True while the watch is connected and its snapshot has arrived: entries are current.
+        self.live = False
+        self._watch: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Follows WatchTenants in the background (reconnecting) until `stop`."""
+        if self._watch is None:
+            self._watch = asyncio.create_task(self._follow(), name="tenant-config-watch")
+
+    async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+            self._watch = None
+        self.live = False
 
     async def get(self) -> TenantConfig:
         """The calling tenant's config; PERMISSION_DENIED when the tenant is suspended."""
         tenant = identity.tenant_id()
         entry = self._entries.get(tenant)
-        if entry is not None and entry[0] > time.monotonic():
+        if entry is not None and (self.live or entry[0] > time.monotonic()):
             config = entry[1]
         else:
             config = await self._fetch(tenant)
@@ -85,9 +113,54 @@ class TenantConfigCache:
     async def _load(self, tenant: str) -> TenantConfig:
         self.fetches += 1
         response = await self._stub.GetTenant(tenant_pb2.GetTenantRequest(), timeout=5)
-        config = TenantConfig.from_proto(response.tenant)
-        self._entries[tenant] = (time.monotonic() + self._ttl, config)
+        return self._store(response.tenant)
+
+    def _store(self, tenant: tenant_pb2.Tenant, *, authoritative: bool = False) -> TenantConfig:
+        """Keeps the newer of the cached and the given config (a fetch that started before a
+        push may answer after it); a watch's snapshot replaces whatever is cached."""
+        config = TenantConfig.from_proto(tenant)
+        current = self._entries.get(config.tenant_id)
+        if not authoritative and current is not None and current[1].version > config.version:
+            return current[1]
+        self._entries[config.tenant_id] = (time.monotonic() + self._ttl, config)
         return config
+
+    def apply(self, change: tenant_pb2.WatchTenantsResponse, snapshot: set[str] | None = None) -> None:
+        """One message of the watch. While its snapshot is arriving (`snapshot` collects the
+        ids), tenants replace what is cached: a tenant deleted and created again under the
+        same id while the watch was down starts again at version 1."""
+        for tenant in change.tenants:
+            self._store(tenant, authoritative=snapshot is not None)
+            if snapshot is not None:
+                snapshot.add(tenant.tenant_id)
+        for gone in change.deleted_tenant_ids:
+            self._entries.pop(gone, None)
+        if snapshot is not None and change.snapshot_done:
+            # Tenants deleted while the watch was down.
+            for gone in set(self._entries) - snapshot:
+                self._entries.pop(gone, None)
+
+    async def _follow(self) -> None:
+        delay = WATCH_RETRY_S[0]
+        while True:
+            try:
+                snapshot: set[str] | None = set()
+                with identity.acting_as(identity.service_account("generation")):
+                    async for change in self._stub.WatchTenants(tenant_pb2.WatchTenantsRequest()):
+                        self.apply(change, snapshot)
+                        if change.snapshot_done:
+                            snapshot = None
+                            self.live = True
+                            delay = WATCH_RETRY_S[0]
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # metering restarting, or the watch fell behind
+                log.info("tenant watch interrupted; configs expire after the TTL until it is back",
+                         extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
+            finally:
+                self.live = False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, WATCH_RETRY_S[1])
 
 
 # Retrieval modes each plan may ask for per request (and run at all).

@@ -217,26 +217,45 @@ async def _edge_knows_plans(mesh: RunningMesh) -> None:
     await asyncio.sleep(mesh.settings.tenant_cache_ttl_s * 2 + 0.5)
 
 
+def _config_fetches(mesh: RunningMesh, tenant: str) -> int:
+    """GetTenant calls metering served for this tenant's own identity (generation's fetches)."""
+    log = mesh.mesh.log_dir / "metering.log"
+    return sum(1 for line in log.read_text(errors="replace").splitlines()
+               if '"rpc"' in line and "GetTenant" in line and f'"tenant": "{tenant}"' in line)
+
+
 async def test_config_is_not_fetched_per_request(gen_mesh: RunningMesh, gchannel: grpc.aio.Channel) -> None:
     tenant = await _tenant(gen_mesh, gchannel)
     await _edge_knows_plans(gen_mesh)
     await _answer(gen_mesh, gchannel, tenant, "warm-up question about records")
-    log = gen_mesh.mesh.log_dir / "metering.log"
-
-    def fetches() -> int:
-        count = 0
-        for line in log.read_text(errors="replace").splitlines():
-            if '"rpc"' in line and "GetTenant" in line and f'"tenant": "{tenant}"' in line:
-                count += 1
-        return count
-
-    before = fetches()
     # Basic (lexical) retrieval: this is about config fetches, not about the embedder's speed.
     results = await asyncio.gather(*(_answer(gen_mesh, gchannel, tenant, f"How long are KYC records kept? {i}",
                                              common_pb2.RETRIEVAL_MODE_BASIC) for i in range(100)))
     assert all(r.details.citations for r in results)
-    # 100 concurrent answers took at most a TTL refresh or two, not 100 fetches.
-    assert fetches() - before <= 3
+    # The tenant reached generation through the WatchTenants push when it was created: 101
+    # answers, several TTLs (1 s here) apart from its creation, and not one fetch.
+    assert _config_fetches(gen_mesh, tenant) == 0
+
+
+async def test_a_config_change_reaches_generation_by_push(gen_mesh: RunningMesh, gchannel: grpc.aio.Channel) -> None:
+    tenant = await _tenant(gen_mesh, gchannel)
+    await _edge_knows_plans(gen_mesh)
+    first = await _answer(gen_mesh, gchannel, tenant, "How long are KYC records kept?")
+    # Switch the tenant's configured mode to the other of basic and hybrid.
+    target = common_pb2.RETRIEVAL_MODE_BASIC if first.details.mode_used != common_pb2.RETRIEVAL_MODE_BASIC \
+        else common_pb2.RETRIEVAL_MODE_HYBRID
+    tenants = tenant_pb2_grpc.TenantServiceStub(gchannel)
+    await tenants.UpdateTenant(tenant_pb2.UpdateTenantRequest(
+        tenant=tenant_pb2.Tenant(tenant_id=tenant, config=tenant_pb2.TenantConfig(retrieval_mode=target)),
+        update_mask={"paths": ["config.retrieval_mode"]}), metadata=gen_mesh.operator(), timeout=5)  # type: ignore[arg-type]
+    mode_used = first.details.mode_used
+    for _ in range(50):  # bounded: 50 answers at most
+        mode_used = (await _answer(gen_mesh, gchannel, tenant, "How long are KYC records kept?")).details.mode_used
+        if mode_used == target:
+            break
+        await asyncio.sleep(0.02)
+    assert mode_used == target
+    assert _config_fetches(gen_mesh, tenant) == 0  # pushed, not refetched after a TTL
 
 
 async def test_usage_recorded_exactly_once_across_a_metering_crash(

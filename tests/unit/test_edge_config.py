@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -163,3 +164,47 @@ def test_pushed_changes_apply_at_once() -> None:
     assert table.refused["fresh-co"] == SUSPENDED
     table.apply(tenant_pb2.WatchTenantsResponse(deleted_tenant_ids=["fresh-co"]))
     assert table.refused["fresh-co"] == DELETED and ("fresh-co", "Fresh") not in table.active_tenants()
+
+
+async def test_a_live_watch_replaces_the_periodic_listing_and_its_loss_brings_it_back() -> None:
+    listings = 0
+    tenants = [tenant("acme", 50, 100, 1000)]
+    pushes: asyncio.Queue[tenant_pb2.WatchTenantsResponse | None] = asyncio.Queue()
+
+    async def source() -> list[tenant_pb2.Tenant]:
+        nonlocal listings
+        listings += 1
+        return list(tenants)
+
+    async def watch() -> AsyncIterator[tenant_pb2.WatchTenantsResponse]:
+        yield tenant_pb2.WatchTenantsResponse(tenants=list(tenants))
+        yield tenant_pb2.WatchTenantsResponse(snapshot_done=True)
+        while (change := await pushes.get()) is not None:
+            yield change
+        raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata())
+
+    limits = TenantLimits(source, refresh_s=0.05, watch=watch)
+    await limits.start()
+    try:
+        for _ in range(100):
+            if limits.watch_live:
+                break
+            await asyncio.sleep(0.01)
+        assert limits.watch_live
+        quiet_from = listings
+        await asyncio.sleep(0.3)  # six refresh periods
+        assert listings == quiet_from  # nothing listed while the watch is live
+        pushes.put_nowait(tenant_pb2.WatchTenantsResponse(tenants=[tenant("acme", 7, 7, 7)]))
+        for _ in range(100):
+            if limits.get("acme") == limits_of(7, 7, 7):
+                break
+            await asyncio.sleep(0.01)
+        assert limits.get("acme") == limits_of(7, 7, 7)
+        pushes.put_nowait(None)  # the watch drops: the periodic listing resumes
+        for _ in range(100):
+            if listings > quiet_from + 1:
+                break
+            await asyncio.sleep(0.01)
+        assert listings > quiet_from + 1
+    finally:
+        await limits.stop()

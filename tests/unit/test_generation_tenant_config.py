@@ -69,3 +69,60 @@ async def test_concurrent_misses_share_one_fetch(clock: Clock) -> None:
         stub.gate.set()
         configs = await asyncio.gather(*waiting)
     assert stub.calls == 1 and {c.tenant_id for c in configs} == {"acme-corp"}
+
+
+def _tenant(tenant_id: str, version: int, top_k: int = 5) -> tenant_pb2.Tenant:
+    return tenant_pb2.Tenant(tenant_id=tenant_id, config_version=version, config=tenant_pb2.TenantConfig(top_k=top_k))
+
+
+async def test_pushed_changes_are_served_without_expiry_while_the_watch_is_live(clock: Clock) -> None:
+    stub = Stub()
+    cache = TenantConfigCache(stub, ttl_s=4.0)  # type: ignore[arg-type]
+    snapshot: set[str] = set()
+    cache.apply(tenant_pb2.WatchTenantsResponse(tenants=[_tenant("acme-corp", 2, top_k=3)]), snapshot)
+    cache.apply(tenant_pb2.WatchTenantsResponse(snapshot_done=True), snapshot)
+    cache.live = True
+    with _as("acme-corp"):
+        clock.now += 3600  # far past the TTL: the watch keeps the entry current
+        assert (await cache.get()).top_k == 3 and stub.calls == 0
+        cache.apply(tenant_pb2.WatchTenantsResponse(tenants=[_tenant("acme-corp", 3, top_k=7)]))
+        assert (await cache.get()).top_k == 7
+        # A change that arrives twice, the older copy last, does not win.
+        cache.apply(tenant_pb2.WatchTenantsResponse(tenants=[_tenant("acme-corp", 2, top_k=3)]))
+        assert (await cache.get()).top_k == 7 and stub.calls == 0
+        # Without the watch the TTL applies again.
+        cache.live = False
+        stub.version = 4
+        assert (await cache.get()).version == 3 and stub.calls == 0
+        clock.now += 4.1
+        assert (await cache.get()).version == 4 and stub.calls == 1
+
+
+async def test_a_fetch_that_answers_after_a_push_does_not_undo_it(clock: Clock) -> None:
+    stub = Stub()
+    stub.gate = asyncio.Event()
+    cache = TenantConfigCache(stub, ttl_s=4.0)  # type: ignore[arg-type]
+    with _as("acme-corp"):
+        fetching = asyncio.ensure_future(cache.get())
+        await asyncio.sleep(0)
+        cache.apply(tenant_pb2.WatchTenantsResponse(tenants=[_tenant("acme-corp", 9, top_k=9)]))
+        stub.gate.set()  # the fetch answers with version 1, older than the push
+        await fetching
+        assert (await cache.get()).version == 9
+
+
+async def test_a_new_snapshot_replaces_the_cache_and_drops_tenants_deleted_meanwhile(clock: Clock) -> None:
+    cache = TenantConfigCache(Stub(), ttl_s=4.0)  # type: ignore[arg-type]
+    cache.apply(tenant_pb2.WatchTenantsResponse(tenants=[_tenant("old-corp", 5), _tenant("gone-corp", 2)]))
+    snapshot: set[str] = set()
+    # old-corp was deleted and created again (version 1) while the watch was down.
+    cache.apply(tenant_pb2.WatchTenantsResponse(tenants=[_tenant("old-corp", 1, top_k=4)]), snapshot)
+    cache.apply(tenant_pb2.WatchTenantsResponse(snapshot_done=True), snapshot)
+    cache.live = True
+    with _as("old-corp"):
+        assert (await cache.get()).top_k == 4
+    cache.apply(tenant_pb2.WatchTenantsResponse(deleted_tenant_ids=["old-corp"]))
+    stub_calls_before = cache.fetches
+    with _as("gone-corp"):
+        await cache.get()  # dropped by the snapshot: fetched again
+    assert cache.fetches == stub_calls_before + 1
