@@ -158,6 +158,12 @@ class TenantConfigCache:
                 log.info("tenant watch interrupted; configs expire after the TTL until it is back",
                          extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
             finally:
+                if self.live:
+                    # Every entry was current when the watch broke: each gets a full TTL from
+                    # now, as if just fetched (answers go on through a short metering restart).
+                    until = time.monotonic() + self._ttl
+                    self._entries = {tenant: (max(expiry, until), config)
+                                     for tenant, (expiry, config) in self._entries.items()}
                 self.live = False
             await asyncio.sleep(delay)
             delay = min(delay * 2, WATCH_RETRY_S[1])

@@ -126,3 +126,50 @@ async def test_a_new_snapshot_replaces_the_cache_and_drops_tenants_deleted_meanw
     with _as("gone-corp"):
         await cache.get()  # dropped by the snapshot: fetched again
     assert cache.fetches == stub_calls_before + 1
+
+
+class WatchStub(Stub):
+    """GetTenant as Stub, and a watch that sends a snapshot, then ends as a restarting server would."""
+
+    def __init__(self, tenants: list[tenant_pb2.Tenant]) -> None:
+        super().__init__()
+        self.tenants = tenants
+        self.dropped = asyncio.Event()
+        self.hold = asyncio.Event()
+
+    def WatchTenants(self, request: Any, **kwargs: Any) -> Any:
+        async def stream() -> Any:
+            yield tenant_pb2.WatchTenantsResponse(tenants=self.tenants)
+            yield tenant_pb2.WatchTenantsResponse(snapshot_done=True)
+            await self.hold.wait()
+            self.dropped.set()
+            raise ConnectionError("metering restarting")
+        return stream()
+
+
+async def test_when_the_watch_drops_entries_stay_valid_for_a_ttl_from_then(clock: Clock) -> None:
+    stub = WatchStub([_tenant("acme-corp", 4, top_k=6)])
+    cache = TenantConfigCache(stub, ttl_s=4.0)  # type: ignore[arg-type]
+    await cache.start()
+    try:
+        for _ in range(100):
+            if cache.live:
+                break
+            await asyncio.sleep(0.01)
+        assert cache.live
+        clock.now += 3600  # an hour on the live watch: the entry is current
+        stub.hold.set()  # the watch breaks now
+        await stub.dropped.wait()
+        for _ in range(100):
+            if not cache.live:
+                break
+            await asyncio.sleep(0.01)
+        assert not cache.live
+        with _as("acme-corp"):
+            clock.now += 3.9  # within a TTL of the drop: served, no fetch
+            assert (await cache.get()).top_k == 6 and stub.calls == 0
+            clock.now += 0.2  # past it: fetched again
+            await cache.get()
+            assert stub.calls == 1
+    finally:
+        await cache.stop()
