@@ -36,15 +36,13 @@ import asyncio
 import hashlib
 import json
 import logging
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from servers.common.errors import Unavailable
 from servers.metering.clickhouse import DATABASE, ChdbBackend, ClickHouseBackend
-from servers.metering.flusher import LogFlusher
+from servers.metering.flusher import LogFlusher, WriteRequest
 from servers.metering.sqlite import from_micros, to_micros
 from servers.metering.usagelog import LogCodec, LogEntry, UsageLog
 
@@ -53,7 +51,6 @@ log = logging.getLogger("copilot.metering.audit")
 TABLE = f"{DATABASE}.audit_events"
 HEADS = f"{DATABASE}.audit_heads"
 GENESIS = "0" * 64
-LOOKUP_CHUNK = 2_000
 VERIFY_PAGE = 5_000
 
 COLUMNS = ("tenant_id", "seq", "event_id", "kind", "actor", "actor_roles", "service", "occur_time",
@@ -329,36 +326,25 @@ class Page:
     more: bool
 
 
-@dataclass
-class _Request:
-    events: Sequence[NewEvent]
-    future: asyncio.Future[tuple[int, int]]
-    check_stored: bool = True
+_Request = WriteRequest[NewEvent, tuple[int, int]]
 
 
-class AuditStore(LogFlusher):
+class AuditStore(LogFlusher[_Request]):
     _flush_name = "audit"
+    _existing_sql = EXISTING_SQL
 
     def __init__(self, db: ClickHouseBackend, audit_log: UsageLog, *, owns_db: bool = False,
                  flush_interval_s: float = 0.2, flush_max_rows: int = 20_000, shared: bool | None = None) -> None:
         """`shared`: whether other writers may append to the same table (default: unless the
         backend is the embedded, locked chDB)."""
-        super().__init__(flush_interval_s, flush_max_rows)
-        self.db = db
-        self.log = audit_log
+        super().__init__(db, audit_log, flush_interval_s, flush_max_rows)
         self._owns_db = owns_db
-        self._queue: deque[_Request] = deque()
-        self._pending_keys: set[tuple[str, str]] = set()
         self._heads: dict[str, Head] = {}
         # The newest row of each tenant this process moved into ClickHouse (what it anchored).
         self._anchors: dict[str, Head] = {}
         # Other writers may append to the same chains: only the embedded store is locked to one.
         self._shared = not isinstance(db, ChdbBackend) if shared is None else shared
         self._move_lock = asyncio.Lock()
-        # Log entries appended / moved to ClickHouse since start: a read flushes up to what
-        # was appended when it began, not while writes keep coming.
-        self._appended = 0
-        self._flushed = 0
         # Whether the next flush must skip rows already stored: after a replay (a crash
         # between an insert and the log's commit) or an insert that failed (it may have landed).
         self._check_stored = False
@@ -370,22 +356,13 @@ class AuditStore(LogFlusher):
             await self.db.open()
         for statement in SCHEMA:
             await self.db.command(statement)
-        entries = await self.log.open()
-        for entry in entries:
-            self._add_pending(entry)
-        if entries:
-            log.info("replaying unflushed audit events", extra={"entries": len(entries)})
-            self._check_stored = True
-            await self.flush()
-        self._start_tasks(self._writer())
+        await self._open_log()
+
+    def _replaying(self) -> None:
+        self._check_stored = True
 
     async def close(self) -> None:
-        await self._stop_tasks()
-        while self._queue:
-            request = self._queue.popleft()
-            if not request.future.done():
-                request.future.set_exception(Unavailable("the audit store is closing", reason="STORE_CLOSED"))
-        await self.log.close()
+        await self._close_log()
         if self._owns_db:
             await self.db.close()
 
@@ -403,81 +380,41 @@ class AuditStore(LogFlusher):
         False: the ids are fresh (a first delivery of newly generated ids), so only the
         unflushed events are searched, not ClickHouse — a lookup there costs milliseconds of
         CPU, queued behind the flusher's inserts on the one ClickHouse thread."""
-        if self._closing or not self._tasks:
-            raise Unavailable("the audit store is not open", reason="STORE_CLOSED")
-        future: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Request(events, future, check_stored))
-        self._wake_writer.set()
-        return await asyncio.shield(future)
-
-    async def _writer(self) -> None:
-        while True:
-            await self._wake_writer.wait()
-            self._wake_writer.clear()
-            while self._queue:
-                group = list(self._queue)
-                self._queue.clear()
-                await self._write_group(group)
-            if self._closing:
-                return
+        self._ensure_open()
+        result: tuple[int, int] = await self._enqueue(
+            _Request(events, asyncio.get_running_loop().create_future(), check_stored))
+        return result
 
     async def _write_group(self, group: list[_Request]) -> None:
+        known = await self._recorded_keys(group)
+        for tenant_id in {e.tenant_id for r in group for e in r.events}:
+            if self._shared or tenant_id not in self._heads:
+                await self._refresh_head(tenant_id)
+        now = datetime.now(UTC)
+        heads = dict(self._heads)
+        seen: set[tuple[str, str]] = set()
+        rows: list[AuditRow] = []
         results: list[tuple[int, int]] = []
-        try:
-            candidates: dict[str, set[str]] = {}
-            for request in group:
-                for e in request.events:
-                    if (e.tenant_id, e.event_id) not in self._pending_keys and request.check_stored:
-                        candidates.setdefault(e.tenant_id, set()).add(e.event_id)
-            in_log = {(e.tenant_id, e.event_id) for r in group for e in r.events} & self._pending_keys
-            stored = await self._stored_keys(candidates)
-            for tenant_id in {e.tenant_id for r in group for e in r.events}:
-                if self._shared or tenant_id not in self._heads:
-                    await self._refresh_head(tenant_id)
-            now = datetime.now(UTC)
-            heads = dict(self._heads)
-            seen: set[tuple[str, str]] = set()
-            rows: list[AuditRow] = []
-            for request in group:
-                recorded = 0
-                for e in request.events:
-                    key = (e.tenant_id, e.event_id)
-                    if key in in_log or key in stored or key in seen:
-                        continue
-                    seen.add(key)
-                    row = chain(heads.get(e.tenant_id, EMPTY_HEAD), e, now)
-                    heads[e.tenant_id] = Head(row.seq, row.hash, row.expire_us)
-                    rows.append(row)
-                    recorded += 1
-                results.append((recorded, len(request.events) - recorded))
-            if rows:
-                entry = await self.log.append(rows, now)
-                # No await from here: the heads move only once the rows are durable.
-                self._heads.update(heads)
-                self._add_pending(entry)
-                if self.pending_rows >= self._flush_max:
-                    self._wake_flusher.set()
-        except Exception as exc:
-            error = exc if isinstance(exc, Unavailable) else Unavailable(
-                "audit events could not be recorded; retry", reason="STORE_FAILED")
-            if not isinstance(exc, Unavailable):
-                log.exception("audit write failed")
-            for request in group:
-                if not request.future.done():
-                    request.future.set_exception(error)
-            return
-        for request, result in zip(group, results, strict=True):
-            if not request.future.done():
-                request.future.set_result(result)
-
-    async def _stored_keys(self, candidates: dict[str, set[str]]) -> set[tuple[str, str]]:
-        found: set[tuple[str, str]] = set()
-        for tenant_id, ids in candidates.items():
-            ordered = sorted(ids)
-            for i in range(0, len(ordered), LOOKUP_CHUNK):
-                rows = await self.db.query(EXISTING_SQL, {"tenant": tenant_id, "ids": ordered[i:i + LOOKUP_CHUNK]})
-                found.update((tenant_id, row[0]) for row in rows)
-        return found
+        for request in group:
+            recorded = 0
+            for e in request.events:
+                key = (e.tenant_id, e.event_id)
+                if key in known or key in seen:
+                    continue
+                seen.add(key)
+                row = chain(heads.get(e.tenant_id, EMPTY_HEAD), e, now)
+                heads[e.tenant_id] = Head(row.seq, row.hash, row.expire_us)
+                rows.append(row)
+                recorded += 1
+            results.append((recorded, len(request.events) - recorded))
+        if rows:
+            entry = await self.log.append(rows, now)
+            # No await from here: the heads move only once the rows are durable.
+            self._heads.update(heads)
+            self._add_pending(entry)
+            if self.pending_rows >= self._flush_max:
+                self._wake_flusher.set()
+        self._resolve(group, results)
 
     async def _refresh_head(self, tenant_id: str) -> None:
         """Continues from the stored head when it is ahead of ours (another writer's rows)."""
@@ -507,19 +444,14 @@ class AuditStore(LogFlusher):
         return stored
 
     def _add_pending(self, entry: LogEntry) -> None:
-        self._pending.append(entry)
-        self._appended += 1
+        super()._add_pending(entry)
         for row in entry.events:
-            self._pending_keys.add((row.tenant_id, row.event_id))
             # Replayed rows are newer than anything in ClickHouse.
             head = self._heads.get(row.tenant_id)
             if head is None or row.seq > head.seq:
                 self._heads[row.tenant_id] = Head(row.seq, row.hash, row.expire_us)
 
     # --- Flushing ------------------------------------------------------------------------
-
-    async def _flush_pending(self) -> None:
-        await self.flush()
 
     async def flush_once(self) -> int:
         async with self._move_lock:
@@ -557,18 +489,9 @@ class AuditStore(LogFlusher):
             for tenant_id, head in heads.items():
                 if head.seq > self._anchors.get(tenant_id, EMPTY_HEAD).seq:
                     self._anchors[tenant_id] = head
-            for entry in batch:
-                self._pending.popleft()
-                self._flushed += 1
-                self._pending_keys.difference_update((r.tenant_id, r.event_id) for r in entry.events)
+            self._take_flushed(batch)
         await self.log.commit(batch)
         return size
-
-    async def flush(self) -> None:
-        """Moves everything appended so far into ClickHouse (not what arrives meanwhile)."""
-        target = self._appended
-        while self._pending and self._flushed < target:
-            await self.flush_once()
 
     # --- Reading -------------------------------------------------------------------------
 

@@ -22,16 +22,15 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from servers.common.errors import Unavailable
 from servers.metering import clickhouse
 from servers.metering.clickhouse import ClickHouseBackend
-from servers.metering.flusher import LogFlusher
+from servers.metering.flusher import LogFlusher, WriteRequest
 from servers.metering.usage import (
     ModelUsage,
     QuotaUsage,
@@ -49,14 +48,10 @@ log = logging.getLogger("copilot.metering.usage")
 
 # Loaded (tenant, month) counters kept in memory; the least recently used go first.
 MAX_COUNTERS = 10_000
-# How many ids go into one ClickHouse lookup.
-LOOKUP_CHUNK = 2_000
 
 
 @dataclass
-class _Request:
-    events: Sequence[UsageEvent]
-    future: asyncio.Future[RecordResult]
+class _Request(WriteRequest[UsageEvent, RecordResult]):
     # Per event: the counters it was provisionally added to on arrival (None: not loaded then).
     counted: list[_MonthCounters | None] = field(default_factory=list)
 
@@ -82,18 +77,13 @@ def _month_key(tenant_id: str, moment: datetime) -> tuple[str, int]:
     return tenant_id, int(month_start(moment).timestamp())
 
 
-class ClickHouseUsageStore(LogFlusher, UsageStore):
+class ClickHouseUsageStore(LogFlusher[_Request], UsageStore):
     _flush_name = "usage"
+    _existing_sql = clickhouse.EXISTING_SQL
 
     def __init__(self, db: ClickHouseBackend, usage_log: UsageLog, *, flush_interval_s: float = 0.2,
                  flush_max_events: int = 50_000, max_group_events: int = 20_000) -> None:
-        super().__init__(flush_interval_s, flush_max_events)
-        self.db = db
-        self.log = usage_log
-        self._max_group = max_group_events
-        self._queue: deque[_Request] = deque()
-        # Keys of the pending entries' events.
-        self._pending_keys: set[tuple[str, str]] = set()
+        super().__init__(db, usage_log, flush_interval_s, flush_max_events, max_group_events)
         self._pending_events = 0
         # Held while a batch moves from pending to ClickHouse, and by readers that combine both.
         self._move_lock = asyncio.Lock()
@@ -105,24 +95,10 @@ class ClickHouseUsageStore(LogFlusher, UsageStore):
 
     async def open(self) -> None:
         await self.db.open()
-        entries = await self.log.open()
-        for entry in entries:
-            self._add_pending(entry)
-        if entries:
-            log.info("replaying unflushed usage", extra={"entries": len(entries), "events": self._pending_events})
-            # Before serving: some of it may already be in ClickHouse (a crash between an
-            # insert and the log's commit), and reads add the log to ClickHouse.
-            await self.flush()
-        self._start_tasks(self._writer())
+        await self._open_log()
 
     async def close(self) -> None:
-        await self._stop_tasks()
-        while self._queue:
-            request = self._queue.popleft()
-            self._settle_counts(request, [False] * len(request.events))
-            if not request.future.done():
-                request.future.set_exception(Unavailable("the usage store is closing", reason="STORE_CLOSED"))
-        await self.log.close()
+        await self._close_log()
         await self.db.close()
 
     async def ping(self) -> bool:
@@ -137,102 +113,49 @@ class ClickHouseUsageStore(LogFlusher, UsageStore):
     # --- Recording -----------------------------------------------------------------------
 
     async def record(self, events: Sequence[UsageEvent]) -> RecordResult:
-        if self._closing or not self._tasks:
-            raise Unavailable("the usage store is not open", reason="STORE_CLOSED")
-        future: asyncio.Future[RecordResult] = asyncio.get_running_loop().create_future()
-        request = _Request(events, future)
+        self._ensure_open()
+        request = _Request(events, asyncio.get_running_loop().create_future())
         # Counted at once, before the write: a quota check that arrives while this batch is
         # being made durable already sees it. Duplicates are taken back once known, and
         # everything if the write fails.
         request.counted = [self._provisional(e, +1) for e in events]
-        self._queue.append(request)
-        self._wake_writer.set()
-        # The write goes on if the caller goes away; only its answer is dropped.
-        return await asyncio.shield(future)
-
-    async def _writer(self) -> None:
-        while True:
-            await self._wake_writer.wait()
-            self._wake_writer.clear()
-            while self._queue:
-                group: list[_Request] = []
-                size = 0
-                while self._queue and (not group or size + len(self._queue[0].events) <= self._max_group):
-                    request = self._queue.popleft()
-                    group.append(request)
-                    size += len(request.events)
-                await self._write_group(group)
-            if self._closing:
-                return
+        result: RecordResult = await self._enqueue(request)
+        return result
 
     async def _write_group(self, group: list[_Request]) -> None:
-        try:
-            # In memory first (see the module docstring), then ClickHouse.
-            # Only this task adds to the pending keys; the flusher may remove some while
-            # ClickHouse is asked below, so the answer from memory is taken now.
-            seen: set[tuple[str, str]] = set()
-            in_log: set[tuple[str, str]] = set()
-            candidates: dict[str, set[str]] = {}
-            for request in group:
-                for e in request.events:
-                    key = (e.tenant_id, e.event_id)
-                    if key in self._pending_keys:
-                        in_log.add(key)
-                    else:
-                        candidates.setdefault(e.tenant_id, set()).add(e.event_id)
-            stored = await self._stored_keys(candidates)
-            results: list[RecordResult] = []
-            new: list[UsageEvent] = []
-            fresh: list[list[bool]] = []
-            for request in group:
-                recorded = 0
-                flags = []
-                for e in request.events:
-                    key = (e.tenant_id, e.event_id)
-                    is_new = not (key in in_log or key in stored or key in seen)
-                    flags.append(is_new)
-                    if not is_new:
-                        continue
+        # In memory first (see the module docstring), then ClickHouse.
+        known = await self._recorded_keys(group)
+        seen: set[tuple[str, str]] = set()
+        results: list[RecordResult] = []
+        new: list[UsageEvent] = []
+        fresh: list[list[bool]] = []
+        for request in group:
+            flags = []
+            for e in request.events:
+                key = (e.tenant_id, e.event_id)
+                is_new = key not in known and key not in seen
+                flags.append(is_new)
+                if is_new:
                     seen.add(key)
                     new.append(e)
-                    recorded += 1
-                fresh.append(flags)
-                results.append(RecordResult(recorded=recorded, duplicates=len(request.events) - recorded))
-            if new:
-                entry = await self.log.append(new, datetime.now(UTC))
-                # From here to the end: no await, so readers never see half of it.
-                self._add_pending(entry)
-            for request, flags in zip(group, fresh, strict=True):
-                self._settle_counts(request, flags)
-            if new and self._pending_events >= self._flush_max:
-                self._wake_flusher.set()
-        except Exception as exc:
-            error = exc if isinstance(exc, Unavailable) else Unavailable(
-                "usage could not be recorded; retry", reason="STORE_FAILED")
-            if not isinstance(exc, Unavailable):
-                log.exception("usage write failed")
-            for request in group:
-                self._settle_counts(request, [False] * len(request.events))
-                if not request.future.done():
-                    request.future.set_exception(error)
-            return
-        for request, result in zip(group, results, strict=True):
-            if not request.future.done():
-                request.future.set_result(result)
+            fresh.append(flags)
+            recorded = sum(flags)
+            results.append(RecordResult(recorded=recorded, duplicates=len(request.events) - recorded))
+        if new:
+            entry = await self.log.append(new, datetime.now(UTC))
+            # From here to the end: no await, so readers never see half of it.
+            self._add_pending(entry)
+        for request, flags in zip(group, fresh, strict=True):
+            self._settle_counts(request, flags)
+        if new and self._pending_events >= self._flush_max:
+            self._wake_flusher.set()
+        self._resolve(group, results)
 
-    async def _stored_keys(self, candidates: dict[str, set[str]]) -> set[tuple[str, str]]:
-        found: set[tuple[str, str]] = set()
-        for tenant_id, ids in candidates.items():
-            ordered = sorted(ids)
-            for i in range(0, len(ordered), LOOKUP_CHUNK):
-                rows = await self.db.query(clickhouse.EXISTING_SQL,
-                                           {"tenant": tenant_id, "ids": ordered[i:i + LOOKUP_CHUNK]})
-                found.update((tenant_id, row[0]) for row in rows)
-        return found
+    def _dropped(self, request: _Request) -> None:
+        self._settle_counts(request, [False] * len(request.events))
 
     def _add_pending(self, entry: LogEntry) -> None:
-        self._pending.append(entry)
-        self._pending_keys.update((e.tenant_id, e.event_id) for e in entry.events)
+        super()._add_pending(entry)
         self._pending_events += len(entry.events)
 
     def _provisional(self, e: UsageEvent, sign: int) -> _MonthCounters | None:
@@ -261,12 +184,7 @@ class ClickHouseUsageStore(LogFlusher, UsageStore):
 
     # --- Flushing ------------------------------------------------------------------------
 
-    async def _flush_pending(self) -> None:
-        while self._pending:
-            await self.flush_once()
-
     async def flush_once(self) -> int:
-        """Moves the oldest pending entries (up to the batch size) into ClickHouse."""
         async with self._move_lock:
             batch, size = self._oldest_batch()
             if not batch:
@@ -276,10 +194,8 @@ class ClickHouseUsageStore(LogFlusher, UsageStore):
                     for entry in batch for e in entry.events]
             started = time.monotonic()
             await self.db.insert(rows)
-            for entry in batch:
-                self._pending.popleft()
-                self._pending_events -= len(entry.events)
-                self._pending_keys.difference_update((e.tenant_id, e.event_id) for e in entry.events)
+            self._take_flushed(batch)
+            self._pending_events -= size
         # Committed after the insert: a crash in between replays the batch, which ClickHouse
         # collapses (same key) and FINAL never double counts. A failed commit is retried
         # with the next one; the events are stored either way.
@@ -292,11 +208,6 @@ class ClickHouseUsageStore(LogFlusher, UsageStore):
         self.flushed_events += size
         log.debug("usage flushed", extra={"events": size, "ms": round((time.monotonic() - started) * 1000, 1)})
         return size
-
-    async def flush(self) -> None:
-        """Flushes everything acknowledged so far (tests, shutdown, reconciliation)."""
-        while self._pending:
-            await self.flush_once()
 
     # --- Reading -------------------------------------------------------------------------
 

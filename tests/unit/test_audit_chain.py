@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from servers.common.errors import Unavailable
 from servers.metering.audit_store import (
     AUDIT_CODEC,
     COLUMNS,
@@ -278,3 +279,31 @@ async def test_a_removed_tail_is_reported_after_a_restart_from_the_head_anchor(t
         assert (await second.verify("acme")).ok
     finally:
         await second.close()
+
+
+async def test_a_failed_append_chains_nothing_and_a_closed_store_refuses(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = make(tmp_path)
+    await store.open()
+    try:
+        assert await store.record([event(1)]) == (1, 0)
+
+        def fail(fd: int) -> None:
+            raise OSError(5, "disk on fire")
+
+        monkeypatch.setattr(os, "fdatasync", fail)
+        with pytest.raises(Unavailable) as failed:
+            await store.record([event(2), event(3)])
+        assert failed.value.reason == "LOG_FAILED"  # the log says why
+        monkeypatch.undo()
+        # The head did not move: the retry continues the chain at seq 2, with nothing claimed.
+        assert await store.record([event(2), event(3)]) == (2, 0)
+        await store.flush()
+        page = await store.list_page("acme", after=0, limit=10)
+        assert [r.seq for r in page.rows] == [1, 2, 3]
+        assert (await store.verify("acme")).ok
+    finally:
+        await store.close()
+    with pytest.raises(Unavailable) as closed:
+        await store.record([event(4)])
+    assert closed.value.reason == "STORE_CLOSED"
