@@ -22,6 +22,20 @@ SECTIONS: list[tuple[str, type, str]] = [
 ]
 
 
+# Read by setup scripts and tests, not by the mesh's processes (so not in the model).
+OUTSIDE = """
+## Setup and tests
+
+Not settings of the mesh's processes: read by the setup scripts and the test suite.
+
+| variable | default | what it is for |
+|---|---|---|
+| `PYTHON` | `python3.11` | The interpreter `scripts/setup.sh` builds the venv with (and `scripts/gen.sh` generates with). |
+| `COPILOT_OBLIQA_DIR` | `../shared/data/obliqa-dev` | ObliQA data for the retrieval quality tests and benchmark (skipped when absent). |
+| `CLICKHOUSE_URL`, `WEAVIATE_URL` | (unset) | Also turn on the contract tests against a real ClickHouse server / Weaviate. |
+"""
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
@@ -43,7 +57,7 @@ def render() -> str:
                   "| variable | default | value | what it is for |", "|---|---|---|---|"]
         for row in rows(cls):
             lines.append(f"| `{row.env}` | `{_cell(row.default)}` | {_cell(row.what)} | {_cell(row.doc)} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + OUTSIDE
 
 
 def main(argv: list[str] | None = None) -> int:
