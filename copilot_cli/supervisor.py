@@ -128,7 +128,7 @@ class Mesh:
     def start(self, timeout_s: float = 60.0) -> DevIssuer:
         self.check_ports()
         issuer = self.prepare()
-        env = environment(**settings_env(self.settings), **self.extra_env)
+        env = environment(settings_env(self.settings), self.extra_env)
         try:
             for name in SERVERS:
                 self._spawn(name, [sys.executable, "-m", f"servers.{name}"], env)
@@ -206,7 +206,7 @@ class Mesh:
 
     def respawn(self, name: str, timeout_s: float = 30.0) -> None:
         """Starts a server that `kill` stopped and waits until it serves."""
-        env = environment(**settings_env(self.settings), **self.extra_env)
+        env = environment(settings_env(self.settings), self.extra_env)
         self._spawn(name, [sys.executable, "-m", f"servers.{name}"], env)
         self._wait_serving(name, self._address(name), HEALTH_NAMES[name], timeout_s)
 
@@ -215,6 +215,6 @@ class Mesh:
         proc = self.processes.pop(name)
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=15)
-        env = environment(**settings_env(self.settings), **self.extra_env)
+        env = environment(settings_env(self.settings), self.extra_env)
         self._spawn(name, [sys.executable, "-m", f"servers.{name}"], env)
         self._wait_serving(name, self._address(name), HEALTH_NAMES[name], timeout_s)

@@ -30,9 +30,12 @@ Not settings of the mesh's processes: read by the setup scripts and the test sui
 
 | variable | default | what it is for |
 |---|---|---|
-| `PYTHON` | `python3.11` | The interpreter `scripts/setup.sh` builds the venv with (and `scripts/gen.sh` generates with). |
-| `COPILOT_OBLIQA_DIR` | `../shared/data/obliqa-dev` | ObliQA data for the retrieval quality tests and benchmark (skipped when absent). |
-| `CLICKHOUSE_URL`, `WEAVIATE_URL` | (unset) | Also turn on the contract tests against a real ClickHouse server / Weaviate. |
+| `PYTHON` | `python3.11` | The interpreter `scripts/setup.sh` builds the venv with \
+(and `scripts/gen.sh` generates with). |
+| `COPILOT_OBLIQA_DIR` | `../shared/data/obliqa-dev` | ObliQA data for the retrieval quality tests \
+and benchmark (skipped when absent). |
+| `CLICKHOUSE_URL`, `WEAVIATE_URL` | (unset) | Also turn on the contract tests against a real \
+ClickHouse server / Weaviate. |
 """
 
 

@@ -229,9 +229,13 @@ def library_defaults(**values: str) -> None:
         os.environ.setdefault(name, value)
 
 
-def environment(**overrides: str) -> dict[str, str]:
-    """This process's environment with `overrides` on top: what a child process starts with."""
-    return {**os.environ, **overrides}
+def environment(*layers: Mapping[str, str]) -> dict[str, str]:
+    """This process's environment with `layers` on top, later ones winning: what a child
+    process starts with."""
+    merged = dict(os.environ)
+    for layer in layers:
+        merged.update(layer)
+    return merged
 
 
 @dataclass(frozen=True, slots=True)
