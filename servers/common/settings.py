@@ -65,7 +65,7 @@ class Settings:
     clickhouse_url: str | None = None
     usage_backend: str = "clickhouse"
     usage_flush_interval_s: float = 0.2
-    # JSON price table for usage cost (default: servers/metering/prices.json).
+    # JSON price table for usage cost (default: servers/metering/usage/prices.json).
     price_table: str | None = None
     # Deleting a tenant keeps its usage rows ("keep") or rewrites them to an anonymous id.
     usage_on_delete: str = "anonymise"

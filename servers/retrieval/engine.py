@@ -36,7 +36,7 @@ from servers.retrieval.models import (
     SearchQuery,
     SearchResult,
 )
-from servers.retrieval.store import DocumentStore, NativeHybridStore, RankingStore
+from servers.retrieval.stores.sqlite import DocumentStore, NativeHybridStore, RankingStore
 
 DEFAULT_TOP_K = 8
 # Candidates each list contributes to fusion (and the dense list's size in DENSE mode

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from servers.common.errors import Unavailable
-from servers.metering.audit_store import (
+from servers.metering.audit.store import (
     AUDIT_CODEC,
     COLUMNS,
     DUPLICATE,
@@ -30,9 +30,9 @@ from servers.metering.audit_store import (
     NewEvent,
     chain,
 )
-from servers.metering.clickhouse import ChdbBackend
-from servers.metering.dirlock import DataDirInUse
-from servers.metering.usagelog import LocalLog
+from servers.metering.storage.clickhouse import ChdbBackend
+from servers.metering.storage.dirlock import DataDirInUse
+from servers.metering.storage.log import LocalLog
 
 
 def event(n: int, tenant: str = "acme", *, actor: str = "alice", kind: str = "question",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from servers.common.errors import InvalidArgument, Unavailable
-from servers.metering.usage import (
+from servers.metering.usage.domain import (
     MAX_BATCH,
     SqliteUsageStore,
     UsageEvent,

@@ -20,7 +20,7 @@ from servers.retrieval.engine import SETTING_ALPHA, SETTING_MODE, RetrievalEngin
 from servers.retrieval.fusion import Fusion, fuse
 from servers.retrieval.models import DocumentInput, Hit, IngestStatus, SearchMode, SearchQuery
 from servers.retrieval.query import MAX_QUERY_PHRASES, query_phrases
-from servers.retrieval.store import SqliteFtsStore
+from servers.retrieval.stores.sqlite import SqliteFtsStore
 
 A, B = "tenant-a", "tenant-b"
 

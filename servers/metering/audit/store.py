@@ -9,7 +9,7 @@
   previous one; hash = sha256 over a canonical JSON of the stored fields plus prev_hash. The
   log holds the chained rows, so a replay after a crash inserts exactly the same rows (rows
   whose seq and hash are already stored are skipped: the table is append-only, not deduplicating).
-* One writer per chain. Embedded chDB: the data directory is locked (servers/metering/dirlock.py),
+* One writer per chain. Embedded chDB: the data directory is locked (servers/metering/storage/dirlock.py),
   so a second metering process on it refuses to start. A shared ClickHouse server
   (CLICKHOUSE_URL) has no such lock: the writer re-reads each tenant's stored head before every
   batch it chains for that tenant, so instances that take turns continue each other's chain,
@@ -41,10 +41,10 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from servers.metering.clickhouse import DATABASE, ChdbBackend, ClickHouseBackend
-from servers.metering.flusher import LogFlusher, WriteRequest
-from servers.metering.sqlite import from_micros, to_micros
-from servers.metering.usagelog import LogCodec, LogEntry, UsageLog
+from servers.metering.storage.clickhouse import DATABASE, ChdbBackend, ClickHouseBackend
+from servers.metering.storage.flusher import LogFlusher, WriteRequest
+from servers.metering.storage.log import LogCodec, LogEntry, UsageLog
+from servers.metering.storage.sqlite import from_micros, to_micros
 
 log = logging.getLogger("copilot.metering.audit")
 

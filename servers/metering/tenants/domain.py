@@ -23,9 +23,9 @@ from typing import Any
 
 from servers.common.errors import AlreadyExists, FieldViolation, InvalidArgument, NotFound
 from servers.common.identity import PLATFORM_TENANT, TENANT_ID_RE
-from servers.metering import plans
-from servers.metering.plans import PROVIDERS, Limits, Plan, RetrievalMode, TenantConfig
-from servers.metering.sqlite import SqliteStore, SqliteWorker, from_micros, to_micros, transaction
+from servers.metering.storage.sqlite import SqliteStore, SqliteWorker, from_micros, to_micros, transaction
+from servers.metering.tenants import plans
+from servers.metering.tenants.plans import PROVIDERS, Limits, Plan, RetrievalMode, TenantConfig
 
 log = logging.getLogger("copilot.metering.tenants")
 

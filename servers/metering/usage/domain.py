@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from servers.common.errors import FieldViolation, InvalidArgument
-from servers.metering.sqlite import SqliteStore, SqliteWorker, to_micros, transaction
+from servers.metering.storage.sqlite import SqliteStore, SqliteWorker, to_micros, transaction
 
 MAX_BATCH = 1000
 MAX_EVENT_ID = 128

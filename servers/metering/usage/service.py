@@ -24,11 +24,7 @@ from copilot.v1 import (
 from servers.common import identity, metrics, telemetry
 from servers.common.errors import FieldViolation, InvalidArgument, NotFound, PermissionDenied, Unavailable
 from servers.metering import convert
-from servers.metering.onboarding import Onboarding, TenantChange, TenantWatchers
-from servers.metering.plans import Plan
-from servers.metering.pricing import PriceTable
-from servers.metering.quota import QuotaChecker
-from servers.metering.tenants import (
+from servers.metering.tenants.domain import (
     Tenant,
     TenantState,
     TenantStore,
@@ -37,11 +33,15 @@ from servers.metering.tenants import (
     validate_changes,
     validate_tenant_id,
 )
-from servers.metering.usage import MAX_BATCH, UsageStore, Window, month_start, validate_batch
+from servers.metering.tenants.onboarding import Onboarding, TenantChange, TenantWatchers
+from servers.metering.tenants.plans import Plan
+from servers.metering.usage.domain import MAX_BATCH, UsageStore, Window, month_start, validate_batch
+from servers.metering.usage.pricing import PriceTable
+from servers.metering.usage.quota import QuotaChecker
 
 if TYPE_CHECKING:
-    from servers.metering.audit import MeteringAudit
-    from servers.metering.billing import Billing
+    from servers.metering.audit.service import MeteringAudit
+    from servers.metering.billing.stripe import Billing
 
 log = logging.getLogger("copilot.metering")
 

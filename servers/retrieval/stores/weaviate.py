@@ -56,7 +56,7 @@ from servers.retrieval.models import (
     PreparedDocument,
 )
 from servers.retrieval.query import query_terms
-from servers.retrieval.store import Bm25Params
+from servers.retrieval.stores.sqlite import Bm25Params
 
 log = logging.getLogger(__name__)
 
