@@ -15,9 +15,9 @@ from servers.metering.storage.log import LocalLog, RedisStreamLog, UsageLog
 from servers.metering.tenants.domain import CachedTenantStore, SqliteTenantStore, TenantStore
 from servers.metering.tenants.onboarding import Onboarding, RetrievalHook, TenantHook
 from servers.metering.usage.clickhouse_store import ClickHouseUsageStore
-from servers.metering.usage.domain import SqliteUsageStore, UsageStore
 from servers.metering.usage.pricing import PriceTable
 from servers.metering.usage.service import MeteringServiceServicer, TenantServiceServicer
+from servers.metering.usage.store import SqliteUsageStore, UsageStore
 
 SERVICE_NAMES = ["copilot.v1.MeteringService", "copilot.v1.TenantService", "copilot.v1.AuditService"]
 AUDIT_ON_DELETE = ("keep", "erase")

@@ -37,7 +37,8 @@ from servers.metering.storage import clickhouse
 from servers.metering.storage.sqlite import SqliteStore, SqliteWorker, to_micros, transaction
 from servers.metering.tenants.domain import Tenant
 from servers.metering.tenants.onboarding import TenantHook
-from servers.metering.usage.domain import UsageStore, Window
+from servers.metering.usage.domain import Window
+from servers.metering.usage.store import UsageStore
 
 log = logging.getLogger("copilot.metering.billing")
 

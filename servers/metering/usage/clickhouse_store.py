@@ -37,12 +37,12 @@ from servers.metering.usage.domain import (
     QuotaUsage,
     RecordResult,
     UsageEvent,
-    UsageStore,
     UsageTotals,
     Window,
     month_start,
     next_month,
 )
+from servers.metering.usage.store import UsageStore
 
 log = logging.getLogger("copilot.metering.usage")
 

@@ -18,7 +18,8 @@ from servers.common import metrics, telemetry
 from servers.common.errors import InvalidArgument, QuotaViolation, ResourceExhausted
 from servers.metering.tenants.domain import Tenant
 from servers.metering.tenants.plans import Limits
-from servers.metering.usage.domain import QuotaUsage, UsageStore, hour_window, month_window
+from servers.metering.usage.domain import QuotaUsage, hour_window, month_window
+from servers.metering.usage.store import UsageStore
 
 REQUESTS_PER_HOUR = "requests_per_hour"
 TOKENS_PER_MONTH = "tokens_per_month"

@@ -35,9 +35,10 @@ from servers.metering.tenants.domain import (
 )
 from servers.metering.tenants.onboarding import Onboarding, TenantChange, TenantWatchers
 from servers.metering.tenants.plans import Plan
-from servers.metering.usage.domain import MAX_BATCH, UsageStore, Window, month_start, validate_batch
+from servers.metering.usage.domain import MAX_BATCH, Window, month_start, validate_batch
 from servers.metering.usage.pricing import PriceTable
 from servers.metering.usage.quota import QuotaChecker
+from servers.metering.usage.store import UsageStore
 
 if TYPE_CHECKING:
     from servers.metering.audit.service import MeteringAudit
