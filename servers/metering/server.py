@@ -12,8 +12,8 @@ from servers.metering.audit.store import AUDIT_CODEC, AuditStore
 from servers.metering.billing.stripe import billing_from
 from servers.metering.storage import clickhouse
 from servers.metering.storage.log import LocalLog, RedisStreamLog, UsageLog
-from servers.metering.tenants.domain import CachedTenantStore, SqliteTenantStore, TenantStore
 from servers.metering.tenants.onboarding import Onboarding, RetrievalHook, TenantHook
+from servers.metering.tenants.store import CachedTenantStore, SqliteTenantStore, TenantStore
 from servers.metering.usage.clickhouse_store import ClickHouseUsageStore
 from servers.metering.usage.pricing import PriceTable
 from servers.metering.usage.service import MeteringServiceServicer, TenantServiceServicer

@@ -92,8 +92,9 @@ def seed_tenant(data_dir: Path) -> None:
     server runs alone, with no retrieval service for onboarding to provision."""
     from datetime import UTC, datetime
 
-    from servers.metering.tenants.domain import SqliteTenantStore, new_tenant
+    from servers.metering.tenants.domain import new_tenant
     from servers.metering.tenants.plans import Plan
+    from servers.metering.tenants.store import SqliteTenantStore
 
     async def seed() -> None:
         store = SqliteTenantStore(data_dir / "metering" / "tenants.sqlite")

@@ -36,8 +36,9 @@ from servers.metering.audit.store import (
     Head,
     NewEvent,
 )
-from servers.metering.tenants.domain import Tenant, TenantStore, validate_tenant_id
+from servers.metering.tenants.domain import Tenant, validate_tenant_id
 from servers.metering.tenants.plans import Plan
+from servers.metering.tenants.store import TenantStore
 
 log = logging.getLogger("copilot.metering.audit")
 

@@ -27,7 +27,6 @@ from servers.metering import convert
 from servers.metering.tenants.domain import (
     Tenant,
     TenantState,
-    TenantStore,
     apply_changes,
     new_tenant,
     validate_changes,
@@ -35,6 +34,7 @@ from servers.metering.tenants.domain import (
 )
 from servers.metering.tenants.onboarding import Onboarding, TenantChange, TenantWatchers
 from servers.metering.tenants.plans import Plan
+from servers.metering.tenants.store import TenantStore
 from servers.metering.usage.domain import MAX_BATCH, Window, month_start, validate_batch
 from servers.metering.usage.pricing import PriceTable
 from servers.metering.usage.quota import QuotaChecker
