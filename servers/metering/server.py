@@ -13,10 +13,11 @@ from servers.metering.billing.stripe import billing_from
 from servers.metering.storage import clickhouse
 from servers.metering.storage.log import LocalLog, RedisStreamLog, UsageLog
 from servers.metering.tenants.onboarding import Onboarding, RetrievalHook, TenantHook
+from servers.metering.tenants.service import TenantServiceServicer
 from servers.metering.tenants.store import CachedTenantStore, SqliteTenantStore, TenantStore
 from servers.metering.usage.clickhouse_store import ClickHouseUsageStore
 from servers.metering.usage.pricing import PriceTable
-from servers.metering.usage.service import MeteringServiceServicer, TenantServiceServicer
+from servers.metering.usage.service import MeteringServiceServicer
 from servers.metering.usage.store import SqliteUsageStore, UsageStore
 
 SERVICE_NAMES = ["copilot.v1.MeteringService", "copilot.v1.TenantService", "copilot.v1.AuditService"]

@@ -31,10 +31,11 @@ from servers.common.settings import Settings
 from servers.metering.server import build
 from servers.metering.storage.clickhouse import ChdbBackend
 from servers.metering.storage.log import LocalLog
+from servers.metering.tenants.service import TenantServiceServicer
 from servers.metering.tenants.store import CachedTenantStore, SqliteTenantStore
 from servers.metering.usage.clickhouse_store import ClickHouseUsageStore
 from servers.metering.usage.quota import QuotaChecker
-from servers.metering.usage.service import MeteringServiceServicer, TenantServiceServicer
+from servers.metering.usage.service import MeteringServiceServicer
 
 Metadata = tuple[tuple[str, str], ...]
 
