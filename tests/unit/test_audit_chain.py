@@ -14,22 +14,18 @@ from pathlib import Path
 import pytest
 
 from servers.common.errors import Unavailable
-from servers.metering.audit.store import (
-    AUDIT_CODEC,
-    COLUMNS,
+from servers.metering.audit.chain import (
     DUPLICATE,
     FORK,
     GENESIS,
     HASH_MISMATCH,
     HEAD_MISMATCH,
-    HEADS,
     MISSING,
-    TABLE,
-    AuditStore,
     Head,
     NewEvent,
     chain,
 )
+from servers.metering.audit.store import AUDIT_CODEC, COLUMNS, HEADS, TABLE, AuditStore
 from servers.metering.storage.clickhouse import ChdbBackend
 from servers.metering.storage.dirlock import DataDirInUse
 from servers.metering.storage.log import LocalLog
