@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from servers.retrieval.embedders import EMBEDDERS
 from servers.retrieval.engine import DEFAULT_ALPHA, DEFAULT_CANDIDATES, DEFAULT_FUSION, DEFAULT_TOP_K
 from servers.retrieval.fusion import Fusion
-from servers.retrieval.stores.sqlite import DEFAULT_BM25, Bm25Params
+from servers.retrieval.stores.base import DEFAULT_BM25, Bm25Params
 
 
 def _float(environ: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:

@@ -34,7 +34,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-Vectors = npt.NDArray[np.float32]
+from servers.retrieval.models import Vectors
 
 log = logging.getLogger("copilot.retrieval.embedder")
 

@@ -14,7 +14,8 @@ from servers.retrieval.config import RetrievalConfig
 from servers.retrieval.embedders import build_embedder
 from servers.retrieval.engine import RetrievalEngine
 from servers.retrieval.service import RetrievalServiceServicer
-from servers.retrieval.stores.sqlite import DocumentStore, SqliteFtsStore
+from servers.retrieval.stores.base import DocumentStore
+from servers.retrieval.stores.sqlite import SqliteFtsStore
 
 SERVICE_NAME = retrieval_pb2.DESCRIPTOR.services_by_name["RetrievalService"].full_name
 
