@@ -4,13 +4,17 @@ SHELL := /bin/bash
 VENV := .venv/bin
 export PATH := $(CURDIR)/.venv/bin:$(CURDIR)/node_modules/.bin:$(PATH)
 
-.PHONY: setup run test unit integration lint gen check-gen buf-lint buf-breaking bench-edge bench-fairness bench-retrieval bench-tenants bench-answer bench-audit bench-load clean
+.PHONY: setup config-docs run test unit integration lint gen check-gen buf-lint buf-breaking bench-edge bench-fairness bench-retrieval bench-tenants bench-answer bench-audit bench-load clean
 
 setup:
 	@scripts/setup.sh
 
 run: setup
 	$(VENV)/copilot up
+
+## Regenerate docs/configuration.md from the settings model.
+config-docs: setup
+	$(VENV)/python scripts/config_docs.py
 
 ## Regenerate gen/ (Python and TypeScript) from proto/.
 gen: setup
@@ -35,6 +39,7 @@ buf-breaking: setup
 lint: setup buf-lint buf-breaking
 	$(VENV)/ruff check .
 	$(VENV)/mypy
+	$(VENV)/python scripts/config_docs.py --check
 	tsc -p web
 
 unit: setup

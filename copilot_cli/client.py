@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import grpc
 
 from copilot.v1 import audit_pb2_grpc, generation_pb2_grpc, metering_pb2_grpc, retrieval_pb2_grpc, tenant_pb2_grpc
+from copilot_cli.config import cli_config
 from servers.common.identity import PLATFORM_TENANT
 from servers.common.settings import Settings
 from servers.edge.issuer import DevIssuer
@@ -22,7 +22,7 @@ class CliError(Exception):
 
 
 def edge_address() -> str:
-    return os.environ.get("COPILOT_EDGE", "localhost:8080")
+    return cli_config().edge
 
 
 def dev_issuer(settings: Settings) -> DevIssuer:

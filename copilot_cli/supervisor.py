@@ -4,7 +4,6 @@ tests exercise is exactly what users run."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket
@@ -17,7 +16,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from servers.common.settings import METRICS_OFFSETS, Settings
+from servers.common.settings import METRICS_OFFSETS, Settings, environment, to_env
 from servers.edge import envoy_config
 from servers.edge.issuer import DevIssuer
 
@@ -73,25 +72,11 @@ def settings_on_free_ports(base: Settings, data_dir: Path) -> Settings:
 
 def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that gives a child process these settings."""
-    return {
-        "COPILOT_DATA_DIR": str(settings.data_dir),
-        "COPILOT_HOST": settings.host,
-        "COPILOT_EDGE_PORT": str(settings.edge_port),
-        "COPILOT_ENVOY_ADMIN_PORT": str(settings.envoy_admin_port),
-        "COPILOT_RETRIEVAL_PORT": str(settings.retrieval_port),
-        "COPILOT_GENERATION_PORT": str(settings.generation_port),
-        "COPILOT_METERING_PORT": str(settings.metering_port),
-        "COPILOT_EDGE_SERVICES_PORT": str(settings.edge_services_port),
-        "COPILOT_EDGE_HTTP_PORT": str(settings.edge_http_port),
-        # No identity provider configured: the dev issuer signs, and the console's dev sign-in is on.
-        **({"COPILOT_JWKS_URL": settings.jwks_url} if settings.jwks_url else {"COPILOT_DEV_TOKENS": "1"}),
-        "COPILOT_METRICS_PORT_BASE": str(settings.metrics_port_base),
-        "COPILOT_JWT_ISSUER": settings.jwt_issuer,
-        "COPILOT_JWT_AUDIENCE": settings.jwt_audience,
-        "COPILOT_RATELIMIT_FAIL_OPEN": "1" if settings.ratelimit_fail_open else "0",
-        "COPILOT_TENANT_CACHE_TTL_S": str(settings.tenant_cache_ttl_s),
-        **({"REDIS_URL": settings.redis_url} if settings.redis_url else {}),
-    }
+    env = to_env(settings)
+    # No identity provider configured: the dev issuer signs, and the console's dev sign-in is on.
+    if not settings.jwks_url:
+        env["COPILOT_DEV_TOKENS"] = "1"
+    return env
 
 
 def envoy_binary() -> str:
@@ -143,7 +128,7 @@ class Mesh:
     def start(self, timeout_s: float = 60.0) -> DevIssuer:
         self.check_ports()
         issuer = self.prepare()
-        env = {**os.environ, **settings_env(self.settings), **self.extra_env}
+        env = environment(**settings_env(self.settings), **self.extra_env)
         try:
             for name in SERVERS:
                 self._spawn(name, [sys.executable, "-m", f"servers.{name}"], env)
@@ -221,7 +206,7 @@ class Mesh:
 
     def respawn(self, name: str, timeout_s: float = 30.0) -> None:
         """Starts a server that `kill` stopped and waits until it serves."""
-        env = {**os.environ, **settings_env(self.settings), **self.extra_env}
+        env = environment(**settings_env(self.settings), **self.extra_env)
         self._spawn(name, [sys.executable, "-m", f"servers.{name}"], env)
         self._wait_serving(name, self._address(name), HEALTH_NAMES[name], timeout_s)
 
@@ -230,6 +215,6 @@ class Mesh:
         proc = self.processes.pop(name)
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=15)
-        env = {**os.environ, **settings_env(self.settings), **self.extra_env}
+        env = environment(**settings_env(self.settings), **self.extra_env)
         self._spawn(name, [sys.executable, "-m", f"servers.{name}"], env)
         self._wait_serving(name, self._address(name), HEALTH_NAMES[name], timeout_s)

@@ -100,7 +100,7 @@ async def serve(service: Service, settings: Settings) -> None:
         await hook()
     await server.start()
     await health.start()
-    metrics.serve(settings.host, settings.metrics_port(service.name))
+    metrics.serve(settings.host, settings.metrics_port(service.name), settings.metrics_max_tenants)
     log.info("serving", extra={"address": address, "services": service.service_names})
 
     stop = asyncio.Event()

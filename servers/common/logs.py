@@ -50,12 +50,12 @@ class JsonFormatter(logging.Formatter):
 PAYLOAD_LOGGERS = ("openai", "anthropic", "httpx", "httpx2", "httpcore", "stripe", "weaviate", "urllib3")
 
 
-def configure(service: str, level: str = "INFO") -> None:
+def configure(service: str, level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(service))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    root.setLevel(level.upper())
     for name in PAYLOAD_LOGGERS:
         library = logging.getLogger(name)
         if library.getEffectiveLevel() < logging.INFO:

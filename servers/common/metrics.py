@@ -3,14 +3,13 @@ provider calls, circuit breakers, caches, queue depths and per-tenant quota leve
 
 Labels stay bounded: method names come from the contracts, codes from gRPC, providers,
 reasons and caches from short fixed lists. The one tenant label (quota levels) is capped:
-at most MAX_TENANT_SERIES tenants get their own series, the rest share tenant="_other".
+at most `max_tenants` (COPILOT_METRICS_MAX_TENANTS) tenants get their own series, the rest share tenant="_other".
 Each process serves /metrics on its own port.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 import weakref
@@ -26,13 +25,10 @@ from prometheus_client.registry import Collector
 
 log = logging.getLogger("copilot.metrics")
 
-# Tenants with a series of their own in the per-tenant quota metrics; everyone else is
-# summed into tenant="_other". Bounds the series count at (N + 1) x 2 quotas per metric.
-try:
-    MAX_TENANT_SERIES = max(0, int(os.environ.get("COPILOT_METRICS_MAX_TENANTS") or "50"))
-except ValueError as exc:
-    raise ValueError(f"COPILOT_METRICS_MAX_TENANTS must be an integer, got "
-                     f"{os.environ.get('COPILOT_METRICS_MAX_TENANTS')!r}") from exc
+# Tenants with a series of their own in the per-tenant quota metrics unless `serve` is told
+# otherwise (the setting); everyone else is summed into tenant="_other". Bounds the series
+# count at (N + 1) x 2 quotas per metric.
+DEFAULT_TENANT_SERIES = 50
 # Not a valid tenant id (they start with a letter or digit), so it never names a real tenant.
 OTHER_TENANT = "_other"
 # Tenants remembered at all (least recently seen forgotten first): bounds memory.
@@ -53,8 +49,10 @@ def observe_rpc(full_method: str, code: grpc.StatusCode, seconds: float) -> None
     RPC_LATENCY.labels(service, method).observe(seconds)
 
 
-def serve(host: str, port: int) -> None:
-    """Serves /metrics on host:port from a daemon thread (0 disables)."""
+def serve(host: str, port: int, max_tenants: int = DEFAULT_TENANT_SERIES) -> None:
+    """Serves /metrics on host:port from a daemon thread (0 disables), with at most
+    `max_tenants` tenants in series of their own."""
+    QUOTA_LEVELS.max_series = max_tenants
     if port:
         start_http_server(port, addr=host)
         log.info("metrics", extra={"address": f"{host}:{port}"})
@@ -198,7 +196,7 @@ class TenantQuotaLevels(Collector):
     are their sums. A level whose window has reset since it was observed reads 0 used.
     """
 
-    def __init__(self, max_series: int = MAX_TENANT_SERIES, max_tracked: int = MAX_TRACKED_TENANTS,
+    def __init__(self, max_series: int = DEFAULT_TENANT_SERIES, max_tracked: int = MAX_TRACKED_TENANTS,
                  clock: Callable[[], datetime] | None = None) -> None:
         self.max_series = max_series
         self.max_tracked = max_tracked

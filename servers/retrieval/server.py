@@ -52,7 +52,8 @@ def build(settings: Settings, config: RetrievalConfig | None = None) -> Service:
     store = build_store(settings, config)
     embedder = build_embedder(config.embedder, openai_model=config.openai_embedding_model,
                               openai_dimension=config.openai_embedding_dimension,
-                              openai_base_url=config.openai_base_url, batch_size=config.embed_batch_size)
+                              openai_api_key=config.openai_api_key, openai_base_url=config.openai_base_url,
+                              batch_size=config.embed_batch_size, cache_dir=config.model_cache)
     engine = RetrievalEngine(store, embedder=embedder, default_top_k=config.default_top_k,
                              candidates=config.candidates, default_alpha=config.default_alpha,
                              default_fusion=config.default_fusion,
