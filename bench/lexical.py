@@ -33,7 +33,7 @@ from pathlib import Path
 
 from servers.retrieval.lexical import LexicalIndex, QueryTokenizer
 from servers.retrieval.models import Hit
-from servers.retrieval.store import SqliteFtsStore, match_phrases
+from servers.retrieval.stores.sqlite import SqliteFtsStore, match_phrases
 
 DEFAULT_QUERIES = Path(__file__).resolve().parents[2] / "shared" / "data" / "obliqa-dev" / "queries.jsonl"
 

@@ -88,8 +88,9 @@ def seed_tenant(data_dir: Path) -> None:
     retrieval service here for onboarding to provision)."""
     from datetime import UTC, datetime
 
-    from servers.metering.plans import Plan
-    from servers.metering.tenants import SqliteTenantStore, new_tenant
+    from servers.metering.tenants.domain import new_tenant
+    from servers.metering.tenants.plans import Plan
+    from servers.metering.tenants.store import SqliteTenantStore
 
     async def seed() -> None:
         store = SqliteTenantStore(data_dir / "metering" / "tenants.sqlite")
@@ -141,8 +142,8 @@ def bench_ingest(args: argparse.Namespace) -> dict[str, object]:
             stopped = time.perf_counter()
             stop(proc)  # graceful: flushes what is still in the log
             drain = time.perf_counter() - stopped
-        from servers.metering import clickhouse
-        from servers.metering.clickhouse import ChdbBackend
+        from servers.metering.storage import clickhouse
+        from servers.metering.storage.clickhouse import ChdbBackend
 
         async def count() -> int:
             db = ChdbBackend(data_dir / "metering" / "chdb")

@@ -1,7 +1,7 @@
 """Audit events from the services that are not the audit store (generation, retrieval).
 
 `AuditTrail.record` builds the event from the caller's identity and hands it to a durable
-outbox (servers/common/outbox.py); it returns an awaitable that resolves once the event is
+outbox (servers/common/outbox/); it returns an awaitable that resolves once the event is
 fsync'd in that outbox (group-committed with the others of the moment). Handlers await it
 before they answer OK — a streamed answer after its last message, so the text is never
 delayed — so a crash of this service right after an OK cannot lose the event. Nobody waits

@@ -355,7 +355,7 @@ class Settings:
     usage_flush_interval_s: float = setting(0.2, env="COPILOT_USAGE_FLUSH_INTERVAL_S", low=0.001, high=60,
                                             doc="How often the durable usage log is flushed into ClickHouse.")
     price_table: str | None = setting(None, env="COPILOT_PRICE_TABLE",
-                                      doc="JSON price table for usage cost; unset: servers/metering/prices.json.")
+                                      doc="JSON price table for usage cost; unset: servers/metering/usage/prices.json.")
     usage_on_delete: str = setting("anonymise", env="COPILOT_USAGE_ON_DELETE", choices=("anonymise", "keep", "erase"),
                                    doc="Deleting a tenant rewrites its usage rows to an anonymous id, keeps them, or "
                                        "erases them.")

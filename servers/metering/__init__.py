@@ -1,2 +1,2 @@
-"""The metering server: usage events and quotas (MeteringService) and tenant onboarding,
-plans and configuration (TenantService)."""
+"""The metering server: usage events and quotas (MeteringService, usage/), tenant onboarding,
+plans and configuration (TenantService, tenants/), the audit trail (AuditService, audit/)."""

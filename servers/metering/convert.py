@@ -14,11 +14,11 @@ from google.protobuf import timestamp_pb2
 
 from copilot.v1 import common_pb2, metering_pb2, tenant_pb2
 from servers.common.errors import InvalidArgument
-from servers.metering.plans import Plan, RetrievalMode
-from servers.metering.pricing import PriceTable
-from servers.metering.quota import QuotaDecision
-from servers.metering.tenants import CONFIG_FIELDS, LIMIT_FIELDS, UPDATABLE_PATHS, Tenant, TenantState
-from servers.metering.usage import UsageEvent, UsageKind, UsageTotals
+from servers.metering.tenants.domain import CONFIG_FIELDS, LIMIT_FIELDS, UPDATABLE_PATHS, Tenant, TenantState
+from servers.metering.tenants.plans import Plan, RetrievalMode
+from servers.metering.usage.domain import UsageEvent, UsageKind, UsageTotals
+from servers.metering.usage.pricing import PriceTable
+from servers.metering.usage.quota import QuotaDecision
 
 _PLANS = {common_pb2.PLAN_FREE: Plan.FREE, common_pb2.PLAN_PRO: Plan.PRO,
           common_pb2.PLAN_ENTERPRISE: Plan.ENTERPRISE}

@@ -7,17 +7,18 @@ import grpc
 from copilot.v1 import audit_pb2_grpc, metering_pb2_grpc, tenant_pb2_grpc
 from servers.common import lifecycle
 from servers.common.settings import Settings
-from servers.metering import clickhouse
-from servers.metering.audit import AuditServiceServicer, MeteringAudit
-from servers.metering.audit_store import AUDIT_CODEC, AuditStore
-from servers.metering.billing import billing_from
-from servers.metering.chstore import ClickHouseUsageStore
-from servers.metering.onboarding import Onboarding, RetrievalHook, TenantHook
-from servers.metering.pricing import PriceTable
-from servers.metering.service import MeteringServiceServicer, TenantServiceServicer
-from servers.metering.tenants import CachedTenantStore, SqliteTenantStore, TenantStore
-from servers.metering.usage import SqliteUsageStore, UsageStore
-from servers.metering.usagelog import LocalLog, RedisStreamLog, UsageLog
+from servers.metering.audit.service import AuditServiceServicer, MeteringAudit
+from servers.metering.audit.store import AUDIT_CODEC, AuditStore
+from servers.metering.billing.stripe import billing_from
+from servers.metering.storage import clickhouse
+from servers.metering.storage.log import LocalLog, RedisStreamLog, UsageLog
+from servers.metering.tenants.onboarding import Onboarding, RetrievalHook, TenantHook
+from servers.metering.tenants.service import TenantServiceServicer
+from servers.metering.tenants.store import CachedTenantStore, SqliteTenantStore, TenantStore
+from servers.metering.usage.clickhouse_store import ClickHouseUsageStore
+from servers.metering.usage.pricing import PriceTable
+from servers.metering.usage.service import MeteringServiceServicer
+from servers.metering.usage.store import SqliteUsageStore, UsageStore
 
 SERVICE_NAMES = ["copilot.v1.MeteringService", "copilot.v1.TenantService", "copilot.v1.AuditService"]
 # Audit events are moved to ClickHouse once a second (each insert is a part, fsync'd, on the

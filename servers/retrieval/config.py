@@ -12,7 +12,7 @@ from servers.common.settings import parse, setting, validate
 from servers.retrieval.embedders import EMBEDDERS
 from servers.retrieval.engine import DEFAULT_ALPHA, DEFAULT_CANDIDATES, DEFAULT_FUSION, DEFAULT_TOP_K
 from servers.retrieval.fusion import Fusion
-from servers.retrieval.store import DEFAULT_BM25, Bm25Params
+from servers.retrieval.stores.base import DEFAULT_BM25, Bm25Params
 
 STORES = ("embedded", "weaviate")
 

@@ -35,8 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from servers.common.settings import library_defaults, user_cache_dir
-
-Vectors = npt.NDArray[np.float32]
+from servers.retrieval.models import Vectors
 
 log = logging.getLogger("copilot.retrieval.embedder")
 

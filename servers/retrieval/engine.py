@@ -21,7 +21,7 @@ from typing import Generic, TypeVar
 from servers.common import metrics, telemetry
 from servers.common.errors import FieldViolation, InvalidArgument
 from servers.retrieval.chunker import DEFAULT_CONFIG, ChunkingConfig, chunk_document
-from servers.retrieval.embedders import Embedder, Vectors
+from servers.retrieval.embedders import Embedder
 from servers.retrieval.fusion import Fusion, NoopReranker, Reranker, fuse, fuse_ranked
 from servers.retrieval.models import (
     MARKDOWN,
@@ -35,8 +35,9 @@ from servers.retrieval.models import (
     SearchMode,
     SearchQuery,
     SearchResult,
+    Vectors,
 )
-from servers.retrieval.store import DocumentStore, NativeHybridStore, RankingStore
+from servers.retrieval.stores.base import DocumentStore, NativeHybridStore, RankingStore
 
 DEFAULT_TOP_K = 8
 # Candidates each list contributes to fusion (and the dense list's size in DENSE mode

@@ -12,8 +12,13 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
+import numpy.typing as npt
+
 from servers.retrieval.chunker import Chunk
-from servers.retrieval.embedders import Vectors
+
+# An embedding model's output: one float32 row per text (L2-normalised).
+Vectors = npt.NDArray[np.float32]
 
 PLAIN_TEXT = "text/plain"
 MARKDOWN = "text/markdown"

@@ -14,7 +14,8 @@ from servers.retrieval.config import RetrievalConfig
 from servers.retrieval.embedders import build_embedder
 from servers.retrieval.engine import RetrievalEngine
 from servers.retrieval.service import RetrievalServiceServicer
-from servers.retrieval.store import DocumentStore, SqliteFtsStore
+from servers.retrieval.stores.base import DocumentStore
+from servers.retrieval.stores.sqlite import SqliteFtsStore
 
 SERVICE_NAME = retrieval_pb2.DESCRIPTOR.services_by_name["RetrievalService"].full_name
 
@@ -32,7 +33,7 @@ def build_store(settings: Settings, config: RetrievalConfig) -> DocumentStore:
         assert config.weaviate_url is not None  # RetrievalConfig checks it
         # Imported here: weaviate-client takes about a second to import, which the
         # embedded default should not pay.
-        from servers.retrieval.weaviate_store import WeaviateConfig, WeaviateStore
+        from servers.retrieval.stores.weaviate import WeaviateConfig, WeaviateStore
 
         # Connects lazily (first call or health probe): the server starts even while
         # Weaviate is still coming up, and reports NOT_SERVING until it answers.

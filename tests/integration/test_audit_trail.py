@@ -435,9 +435,10 @@ async def test_the_audit_log_on_a_redis_stream_survives_a_crash_before_the_flush
     reached ClickHouse are replayed by the next metering process, and the chain continues."""
     from datetime import UTC, datetime
 
-    from servers.metering.audit_store import AUDIT_CODEC, AuditStore, NewEvent
-    from servers.metering.clickhouse import ChdbBackend
-    from servers.metering.usagelog import RedisStreamLog
+    from servers.metering.audit.chain import NewEvent
+    from servers.metering.audit.store import AUDIT_CODEC, AuditStore
+    from servers.metering.storage.clickhouse import ChdbBackend
+    from servers.metering.storage.log import RedisStreamLog
     from tests.integration.test_metering_redis import RedisServer
 
     def make() -> AuditStore:

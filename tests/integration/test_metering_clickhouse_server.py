@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from servers.metering.chstore import ClickHouseUsageStore
-from servers.metering.clickhouse import ServerBackend
-from servers.metering.usage import UsageEvent, UsageKind, hour_window, month_window
-from servers.metering.usagelog import LocalLog
+from servers.metering.storage.clickhouse import ServerBackend
+from servers.metering.storage.log import LocalLog
+from servers.metering.usage.clickhouse_store import ClickHouseUsageStore
+from servers.metering.usage.domain import UsageEvent, UsageKind, hour_window, month_window
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not os.environ.get("CLICKHOUSE_URL"), reason="CLICKHOUSE_URL is not set")]

@@ -20,8 +20,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from copilot.v1 import metering_pb2, metering_pb2_grpc
 from copilot_cli.supervisor import free_port
-from servers.metering import clickhouse
-from servers.metering.clickhouse import ChdbBackend
+from servers.metering.storage import clickhouse
+from servers.metering.storage.clickhouse import ChdbBackend
 
 pytestmark = pytest.mark.integration
 
@@ -92,8 +92,9 @@ def seed_tenant(data_dir: Path) -> None:
     server runs alone, with no retrieval service for onboarding to provision."""
     from datetime import UTC, datetime
 
-    from servers.metering.plans import Plan
-    from servers.metering.tenants import SqliteTenantStore, new_tenant
+    from servers.metering.tenants.domain import new_tenant
+    from servers.metering.tenants.plans import Plan
+    from servers.metering.tenants.store import SqliteTenantStore
 
     async def seed() -> None:
         store = SqliteTenantStore(data_dir / "metering" / "tenants.sqlite")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from servers.retrieval.embedders import build_embedder
 from servers.retrieval.engine import RetrievalEngine
-from servers.retrieval.store import DocumentStore
+from servers.retrieval.stores.base import DocumentStore
 
 
 def hash_engine(store: DocumentStore) -> RetrievalEngine:

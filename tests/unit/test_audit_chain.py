@@ -14,25 +14,21 @@ from pathlib import Path
 import pytest
 
 from servers.common.errors import Unavailable
-from servers.metering.audit_store import (
-    AUDIT_CODEC,
-    COLUMNS,
+from servers.metering.audit.chain import (
     DUPLICATE,
     FORK,
     GENESIS,
     HASH_MISMATCH,
     HEAD_MISMATCH,
-    HEADS,
     MISSING,
-    TABLE,
-    AuditStore,
     Head,
     NewEvent,
     chain,
 )
-from servers.metering.clickhouse import ChdbBackend
-from servers.metering.dirlock import DataDirInUse
-from servers.metering.usagelog import LocalLog
+from servers.metering.audit.store import AUDIT_CODEC, COLUMNS, HEADS, TABLE, AuditStore
+from servers.metering.storage.clickhouse import ChdbBackend
+from servers.metering.storage.dirlock import DataDirInUse
+from servers.metering.storage.log import LocalLog
 
 
 def event(n: int, tenant: str = "acme", *, actor: str = "alice", kind: str = "question",

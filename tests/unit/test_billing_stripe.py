@@ -10,17 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from servers.metering.billing import (
+from servers.metering.billing.stripe import (
     REQUESTS_METER,
     TOKENS_METER,
     Billing,
     Customers,
     StripeApi,
 )
-from servers.metering.chstore import ClickHouseUsageStore
-from servers.metering.clickhouse import ChdbBackend
-from servers.metering.usage import UsageEvent, UsageKind, Window
-from servers.metering.usagelog import LocalLog
+from servers.metering.storage.clickhouse import ChdbBackend
+from servers.metering.storage.log import LocalLog
+from servers.metering.usage.clickhouse_store import ClickHouseUsageStore
+from servers.metering.usage.domain import UsageEvent, UsageKind, Window
 from tests.fakes.stripe_server import FakeStripe, Fault
 
 NOW = datetime.now(UTC).replace(minute=30, second=0, microsecond=0)

@@ -1,4 +1,4 @@
-"""The durable outbox (servers/common/outbox.py) as usage uses it: `record` is durable before
+"""The durable outbox (servers/common/outbox/) as usage uses it: `record` is durable before
 it returns, replayed with the same event id, group-committed under load."""
 
 from __future__ import annotations

@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 
 from servers.common.errors import Unavailable
-from servers.metering import clickhouse
-from servers.metering.chstore import ClickHouseUsageStore
-from servers.metering.clickhouse import ChdbBackend, param_text
-from servers.metering.usage import UsageEvent, UsageKind, Window, hour_window, month_window
-from servers.metering.usagelog import LocalLog
+from servers.metering.storage import clickhouse
+from servers.metering.storage.clickhouse import ChdbBackend, param_text
+from servers.metering.storage.log import LocalLog
+from servers.metering.usage.clickhouse_store import ClickHouseUsageStore
+from servers.metering.usage.domain import UsageEvent, UsageKind, Window, hour_window, month_window
 
 NOW = datetime.now(UTC).replace(microsecond=123456)
 MONTH = month_window(NOW)

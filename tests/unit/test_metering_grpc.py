@@ -28,13 +28,14 @@ from servers.common.errors import from_rpc_error
 from servers.common.health import Health
 from servers.common.interceptors import IdentityServerInterceptor
 from servers.common.settings import Settings
-from servers.metering.chstore import ClickHouseUsageStore
-from servers.metering.clickhouse import ChdbBackend
-from servers.metering.quota import QuotaChecker
 from servers.metering.server import build
-from servers.metering.service import MeteringServiceServicer, TenantServiceServicer
-from servers.metering.tenants import CachedTenantStore, SqliteTenantStore
-from servers.metering.usagelog import LocalLog
+from servers.metering.storage.clickhouse import ChdbBackend
+from servers.metering.storage.log import LocalLog
+from servers.metering.tenants.service import TenantServiceServicer
+from servers.metering.tenants.store import CachedTenantStore, SqliteTenantStore
+from servers.metering.usage.clickhouse_store import ClickHouseUsageStore
+from servers.metering.usage.quota import QuotaChecker
+from servers.metering.usage.service import MeteringServiceServicer
 
 Metadata = tuple[tuple[str, str], ...]
 

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from servers.common.errors import InvalidArgument, ResourceExhausted
-from servers.metering.plans import Plan
-from servers.metering.quota import REQUESTS_PER_HOUR, TOKENS_PER_MONTH, QuotaChecker, evaluate
-from servers.metering.tenants import Tenant, new_tenant
-from servers.metering.usage import QuotaUsage, SqliteUsageStore, UsageEvent, UsageKind
+from servers.metering.tenants.domain import Tenant, new_tenant
+from servers.metering.tenants.plans import Plan
+from servers.metering.usage.domain import QuotaUsage, UsageEvent, UsageKind
+from servers.metering.usage.quota import REQUESTS_PER_HOUR, TOKENS_PER_MONTH, QuotaChecker, evaluate
+from servers.metering.usage.store import SqliteUsageStore
 
 NOW = datetime(2026, 3, 31, 23, 40, tzinfo=UTC)
 

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 
 from servers.common.errors import InvalidArgument, Unavailable
-from servers.metering.usage import (
+from servers.metering.usage.domain import (
     MAX_BATCH,
-    SqliteUsageStore,
     UsageEvent,
     UsageKind,
     Window,
@@ -21,6 +20,7 @@ from servers.metering.usage import (
     month_window,
     validate_batch,
 )
+from servers.metering.usage.store import SqliteUsageStore
 
 NOW = datetime(2026, 3, 15, 10, 30, tzinfo=UTC)
 MONTH = month_window(NOW)

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 
 from servers.common.errors import InvalidArgument
-from servers.retrieval.embedders import HashEmbedder, Vectors
+from servers.retrieval.embedders import HashEmbedder
 from servers.retrieval.engine import SETTING_ALPHA, SETTING_MODE, RetrievalEngine
 from servers.retrieval.fusion import Fusion, fuse
-from servers.retrieval.models import DocumentInput, Hit, IngestStatus, SearchMode, SearchQuery
+from servers.retrieval.models import DocumentInput, Hit, IngestStatus, SearchMode, SearchQuery, Vectors
 from servers.retrieval.query import MAX_QUERY_PHRASES, query_phrases
-from servers.retrieval.store import SqliteFtsStore
+from servers.retrieval.stores.sqlite import SqliteFtsStore
 
 A, B = "tenant-a", "tenant-b"
 

@@ -24,7 +24,8 @@ from servers.retrieval.chunker import Chunk
 from servers.retrieval.engine import RetrievalEngine
 from servers.retrieval.lexical import LexicalIndex, QueryTokenizer
 from servers.retrieval.models import DocumentInput, Hit, PreparedDocument
-from servers.retrieval.store import FTS5_BM25, Bm25Params, SqliteFtsStore
+from servers.retrieval.stores.base import Bm25Params
+from servers.retrieval.stores.sqlite import FTS5_BM25, SqliteFtsStore
 
 A, B = "tenant-a", "tenant-b"
 DATA = Path(os.environ.get("COPILOT_OBLIQA_DIR")

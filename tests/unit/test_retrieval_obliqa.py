@@ -18,7 +18,7 @@ import pytest
 from copilot_cli.documents import DocumentError, read, read_corpus
 from servers.retrieval.engine import RetrievalEngine
 from servers.retrieval.models import DocumentInput, IngestStatus, SearchQuery
-from servers.retrieval.store import SqliteFtsStore
+from servers.retrieval.stores.sqlite import SqliteFtsStore
 
 DATA = Path(os.environ.get("COPILOT_OBLIQA_DIR")
             or Path(__file__).resolve().parents[3] / "shared" / "data" / "obliqa-dev")

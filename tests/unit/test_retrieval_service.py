@@ -23,7 +23,7 @@ from servers.retrieval.config import RetrievalConfig
 from servers.retrieval.engine import RetrievalEngine
 from servers.retrieval.server import SERVICE_NAME, build, tenants_dir
 from servers.retrieval.service import RetrievalServiceServicer
-from servers.retrieval.store import SqliteFtsStore
+from servers.retrieval.stores.sqlite import SqliteFtsStore
 
 
 def who(tenant: str | None, roles: str = "member", user: str = "u1") -> tuple[tuple[str, str], ...]:

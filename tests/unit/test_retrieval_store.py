@@ -15,7 +15,7 @@ from servers.retrieval.chunker import ChunkingConfig
 from servers.retrieval.engine import RetrievalEngine
 from servers.retrieval.models import DocumentInput, IngestStatus, SearchMode, SearchQuery
 from servers.retrieval.query import query_terms
-from servers.retrieval.store import SqliteFtsStore, match_expression
+from servers.retrieval.stores.sqlite import SqliteFtsStore, match_expression
 
 A, B = "tenant-a", "tenant-b"
 

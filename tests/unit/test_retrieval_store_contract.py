@@ -15,8 +15,9 @@ import pytest
 from servers.common.errors import InvalidArgument
 from servers.retrieval.engine import RetrievalEngine
 from servers.retrieval.models import DocumentInput, IngestStatus, SearchMode, SearchQuery
-from servers.retrieval.store import DocumentStore, SqliteFtsStore
-from servers.retrieval.weaviate_store import WeaviateConfig, WeaviateStore
+from servers.retrieval.stores.base import DocumentStore
+from servers.retrieval.stores.sqlite import SqliteFtsStore
+from servers.retrieval.stores.weaviate import WeaviateConfig, WeaviateStore
 from tests.fakes.weaviate_server import FakeWeaviate
 from tests.unit.retrieval_support import hash_engine
 

@@ -26,8 +26,8 @@ from servers.retrieval.config import RetrievalConfig
 from servers.retrieval.engine import RetrievalEngine
 from servers.retrieval.models import DocumentInput, IngestStatus, SearchMode, SearchQuery
 from servers.retrieval.server import build
-from servers.retrieval.store import Bm25Params
-from servers.retrieval.weaviate_store import WeaviateConfig, WeaviateStore
+from servers.retrieval.stores.base import Bm25Params
+from servers.retrieval.stores.weaviate import WeaviateConfig, WeaviateStore
 from tests.fakes.weaviate_server import COLD, HOT, FakeWeaviate
 from tests.unit.retrieval_support import hash_engine
 

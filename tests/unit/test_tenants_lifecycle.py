@@ -28,7 +28,7 @@ from servers.common import identity
 from servers.common.errors import Unavailable
 from servers.common.interceptors import IdentityServerInterceptor
 from servers.common.settings import Settings
-from servers.metering import clickhouse
+from servers.metering.storage import clickhouse
 from tests.fakes.stripe_server import FakeStripe
 from tests.unit.test_metering_grpc import OPERATOR, _serve, _stop, member, service
 
@@ -176,7 +176,7 @@ async def test_a_failed_provisioning_creates_nothing(tmp_path: Path, retrieval: 
 
 
 def test_a_watcher_that_falls_behind_is_told_to_start_over() -> None:
-    from servers.metering.onboarding import TenantChange, TenantWatchers
+    from servers.metering.tenants.onboarding import TenantChange, TenantWatchers
 
     watchers = TenantWatchers(max_queue=3)
     slow, fast = watchers.subscribe(), watchers.subscribe()

@@ -9,17 +9,10 @@ from pathlib import Path
 import pytest
 
 from servers.common.errors import AlreadyExists, InvalidArgument, NotFound
-from servers.metering import plans
-from servers.metering.plans import Plan, RetrievalMode
-from servers.metering.tenants import (
-    CachedTenantStore,
-    SqliteTenantStore,
-    Tenant,
-    TenantState,
-    apply_changes,
-    decode_page_token,
-    new_tenant,
-)
+from servers.metering.tenants import plans
+from servers.metering.tenants.domain import Tenant, TenantState, apply_changes, decode_page_token, new_tenant
+from servers.metering.tenants.plans import Plan, RetrievalMode
+from servers.metering.tenants.store import CachedTenantStore, SqliteTenantStore
 
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
 T1 = T0 + timedelta(minutes=5)

@@ -1,6 +1,6 @@
-"""A durable local outbox: events for Metering (usage, audit) that must arrive exactly once.
+"""The outbox's delivery: `Outbox`, events for Metering (usage, audit) that must arrive exactly once.
 
-Every event is written here (fsync'd, directory fsync'd) and delivered to Metering; its file
+Every event is made durable in the journal (journal.py) and delivered to Metering; its file
 is removed once Metering has acknowledged it. Whatever is left — Metering unreachable, the
 process killed between the write and the acknowledgement — is delivered by a background
 loop, and again on the next start, always with the same event id, which Metering
@@ -8,9 +8,7 @@ deduplicates (redeliveries say so, so Metering checks for duplicates only then).
 
 Writes are group-committed: events that arrive while a write is being fsync'd are written
 together by the next one (one file, one fsync, one directory fsync), so under load the disk
-sees one fsync per group instead of one per event, with no added wait when idle. A lone
-event keeps its own file, named after its tenant and id; a group's file holds several events
-(any tenants) and is removed once every event in it has been acknowledged.
+sees one fsync per group instead of one per event, with no added wait when idle.
 
 Two ways in:
 - `record` (usage): delivery and the write start together and the caller waits for the
@@ -25,22 +23,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import os
 import random
 import time
-import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from servers.common import metrics, telemetry
+from servers.common.outbox.journal import Journal, Pending, event_id
 
 log = logging.getLogger("copilot.outbox")
 
@@ -53,15 +48,6 @@ M = TypeVar("M", bound=Message)
 # Sends a batch of one tenant's events (the flag: some may have been sent before); raises
 # when they were not acknowledged.
 Deliver = Callable[[str, list[Any], bool], Awaitable[None]]
-
-
-@dataclass(frozen=True)
-class Pending(Generic[M]):
-    tenant_id: str
-    event: M
-    path: Path
-    # The request's trace (W3C traceparent): a later delivery links back to it.
-    parent: str | None = None
 
 
 @dataclass
@@ -81,14 +67,6 @@ class _Group:
     undelivered: int = 0
 
 
-def _safe_name(event_id: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in event_id)
-
-
-def _event_id(event: Message) -> str:
-    return str(getattr(event, "event_id"))  # noqa: B009 - every outbox message has one
-
-
 class Outbox(Generic[M]):
     """Events of type `message` (each with an `event_id` field), delivered by `deliver`.
 
@@ -99,10 +77,8 @@ class Outbox(Generic[M]):
     def __init__(self, directory: Path, deliver: Deliver, message: type[M], *, name: str = "outbox",
                  actor: str = "service", interval_s: float = 1.0, batch: int = 100,
                  depth_metric: tuple[str, str] | None = None) -> None:
-        # Created by the first write (on a worker thread): building a server touches no disk.
-        self._dir = directory
+        self._journal = Journal(directory, message)
         self._deliver = deliver
-        self._message = message
         self._name = name
         self._actor = actor
         self._interval = interval_s
@@ -124,63 +100,6 @@ class Outbox(Generic[M]):
             # Read at scrape time, on the metrics thread (a directory listing, off the event loop).
             metrics.SOURCES.gauge(*depth_metric, self.pending_count)
 
-    # --- files (blocking; run in a thread) ---------------------------------------------
-
-    def _path(self, tenant_id: str, event_id: str) -> Path:
-        return self._dir / f"{tenant_id}~{_safe_name(event_id)}.json"
-
-    @staticmethod
-    def _entry(tenant_id: str, event: M, parent: str | None) -> dict[str, object]:
-        return {"tenant_id": tenant_id, "event": json_format.MessageToDict(event), "trace": parent}
-
-    def _write_group(self, path: Path, writes: list[_Write[M]]) -> None:
-        """One file for the group: a lone event in the single-event format, several as a list."""
-        if len(writes) == 1:
-            w = writes[0]
-            body = self._entry(w.tenant_id, w.event, w.parent)
-        else:
-            body = {"events": [self._entry(w.tenant_id, w.event, w.parent) for w in writes]}
-        self._write_body(path, json.dumps(body).encode())
-
-    def _write_body(self, path: Path, body: bytes) -> None:
-        self._dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, body)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        self._fsync_dir()
-
-    def _fsync_dir(self) -> None:
-        fd = os.open(self._dir, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def _remove(self, paths: list[Path]) -> None:
-        for path in paths:
-            path.unlink(missing_ok=True)
-
-    def _scan(self) -> list[Pending[M]]:
-        pending: list[Pending[M]] = []
-        for path in sorted(self._dir.glob("*.json")):
-            if path in self._inflight:
-                continue
-            try:
-                raw = json.loads(path.read_bytes())
-                entries = raw.get("events", [raw])
-                pending.extend(Pending(tenant_id=e["tenant_id"], path=path, parent=e.get("trace"),
-                                       event=json_format.ParseDict(e["event"], self._message()))
-                               for e in entries)
-            except (OSError, ValueError, KeyError, json_format.ParseError):
-                log.exception("unreadable outbox entry kept aside", extra={"path": str(path)})
-                path.rename(path.with_suffix(".bad"))
-        return pending
-
     # --- the request path ----------------------------------------------------------------
 
     async def record(self, tenant_id: str, event: M) -> bool:
@@ -190,7 +109,7 @@ class Outbox(Generic[M]):
         then it waits here for the background loop."""
         write = self._durable(tenant_id, event, telemetry.traceparent())
         send = asyncio.ensure_future(self._deliver(tenant_id, [event], False))
-        self._track(self._settle([_event_id(event)], [write], send))
+        self._track(self._settle([event_id(event)], [write], send))
         both: set[asyncio.Future[Any]] = {write, send}
         while True:
             done, _ = await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
@@ -221,7 +140,7 @@ class Outbox(Generic[M]):
             path = await write
         except Exception as exc:
             log.error(f"{self._name}: write failed; delivering without a local copy",
-                      extra={"event_id": _event_id(event), "error": repr(exc)})
+                      extra={"event_id": event_id(event), "error": repr(exc)})
             delivered = await self._send_unwritten(tenant_id, event)
             if not safe.done():
                 safe.set_result(delivered)
@@ -251,7 +170,7 @@ class Outbox(Generic[M]):
             send.set_result(None)
         except Exception as exc:
             send.set_exception(exc)
-        await self._settle([_event_id(e) for _, e in chunk], [_resolved(path) for path, _ in chunk], send)
+        await self._settle([event_id(e) for _, e in chunk], [_resolved(path) for path, _ in chunk], send)
 
     async def _send_unwritten(self, tenant_id: str, event: M) -> bool:
         try:
@@ -260,7 +179,7 @@ class Outbox(Generic[M]):
             return True
         except Exception as exc:
             log.error(f"{self._name}: event lost (neither written nor delivered)",
-                      extra={"event_id": _event_id(event), "error": repr(exc)})
+                      extra={"event_id": event_id(event), "error": repr(exc)})
             return False
 
     def _track(self, work: Awaitable[None]) -> None:
@@ -282,14 +201,14 @@ class Outbox(Generic[M]):
         while self._writes:
             group, self._writes = self._writes[:MAX_GROUP], self._writes[MAX_GROUP:]
             if len(group) == 1:
-                path = self._path(group[0].tenant_id, _event_id(group[0].event))
+                path = self._journal.path(group[0].tenant_id, event_id(group[0].event))
             else:
-                path = self._dir / f"group~{uuid.uuid4().hex}.json"
+                path = self._journal.group_path()
             # In flight before the file exists: the background scan leaves it to us.
             self._inflight.add(path)
             self._groups[path] = _Group(outstanding=len(group))
             try:
-                await asyncio.to_thread(self._write_group, path, group)
+                await asyncio.to_thread(self._journal.write_group, path, group)
             except BaseException as exc:
                 for w in group:
                     if not w.done.done():
@@ -342,7 +261,7 @@ class Outbox(Generic[M]):
         del self._groups[path]
         try:
             if group.undelivered == 0:
-                await asyncio.to_thread(self._remove, [path])
+                await asyncio.to_thread(self._journal.remove, [path])
         finally:
             self._inflight.discard(path)
 
@@ -350,11 +269,11 @@ class Outbox(Generic[M]):
 
     def pending_count(self) -> int:
         """Files waiting here (a group commit's file holds several events)."""
-        return sum(1 for _ in self._dir.glob("*.json"))
+        return self._journal.count()
 
     async def flush(self) -> int:
         """Delivers what is pending now; the number delivered."""
-        pending = await asyncio.to_thread(self._scan)
+        pending = await asyncio.to_thread(self._journal.scan, self._inflight)
         by_tenant: dict[str, list[Pending[M]]] = {}
         for item in pending:
             by_tenant.setdefault(item.tenant_id, []).append(item)
@@ -372,7 +291,7 @@ class Outbox(Generic[M]):
                         "copilot.outbox_events": len(chunk)}, links=links):
                     await self._deliver(tenant_id, [p.event for p in chunk], True)
                 left.subtract(p.path for p in chunk)
-                await asyncio.to_thread(self._remove, sorted({p.path for p in chunk if left[p.path] <= 0}))
+                await asyncio.to_thread(self._journal.remove, sorted({p.path for p in chunk if left[p.path] <= 0}))
                 done += len(chunk)
         self.delivered += done
         return done

@@ -24,7 +24,7 @@ from copilot.v1 import audit_pb2, audit_pb2_grpc
 from servers.common import identity
 from servers.common.errors import FieldViolation, InvalidArgument, NotFound, PermissionDenied
 from servers.metering import convert
-from servers.metering.audit_store import (
+from servers.metering.audit.chain import (
     DUPLICATE,
     FORK,
     HASH_MISMATCH,
@@ -32,12 +32,13 @@ from servers.metering.audit_store import (
     MISSING,
     PREV_HASH_MISMATCH,
     AuditRow,
-    AuditStore,
     Head,
     NewEvent,
 )
-from servers.metering.plans import Plan
-from servers.metering.tenants import Tenant, TenantStore, validate_tenant_id
+from servers.metering.audit.store import AuditStore
+from servers.metering.tenants.domain import Tenant, validate_tenant_id
+from servers.metering.tenants.plans import Plan
+from servers.metering.tenants.store import TenantStore
 
 log = logging.getLogger("copilot.metering.audit")
 

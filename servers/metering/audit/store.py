@@ -1,4 +1,4 @@
-"""The audit trail's storage: a per-tenant hash chain, durable log first, then ClickHouse.
+"""The audit trail's storage: a per-tenant hash chain (chain.py), durable log first, then ClickHouse.
 
     RecordAuditEvents ─► writer (group commit: dedupe, seq + hash chain) ─► log (fsync) ─► ack
                                                                               │
@@ -9,7 +9,7 @@
   previous one; hash = sha256 over a canonical JSON of the stored fields plus prev_hash. The
   log holds the chained rows, so a replay after a crash inserts exactly the same rows (rows
   whose seq and hash are already stored are skipped: the table is append-only, not deduplicating).
-* One writer per chain. Embedded chDB: the data directory is locked (servers/metering/dirlock.py),
+* One writer per chain. Embedded chDB: the data directory is locked (servers/metering/storage/dirlock.py),
   so a second metering process on it refuses to start. A shared ClickHouse server
   (CLICKHOUSE_URL) has no such lock: the writer re-reads each tenant's stored head before every
   batch it chains for that tenant, so instances that take turns continue each other's chain,
@@ -33,24 +33,22 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 
-from servers.metering.clickhouse import DATABASE, ChdbBackend, ClickHouseBackend
-from servers.metering.flusher import LogFlusher, WriteRequest
-from servers.metering.sqlite import from_micros, to_micros
-from servers.metering.usagelog import LogCodec, LogEntry, UsageLog
+from servers.metering.audit.chain import EMPTY_HEAD, AuditRow, Head, NewEvent, Verification, chain
+from servers.metering.storage.clickhouse import DATABASE, ChdbBackend, ClickHouseBackend
+from servers.metering.storage.flusher import LogFlusher, WriteRequest
+from servers.metering.storage.log import LogCodec, LogEntry, UsageLog
+from servers.metering.storage.sqlite import from_micros, to_micros
 
 log = logging.getLogger("copilot.metering.audit")
 
 TABLE = f"{DATABASE}.audit_events"
 HEADS = f"{DATABASE}.audit_heads"
-GENESIS = "0" * 64
 VERIFY_PAGE = 5_000
 
 COLUMNS = ("tenant_id", "seq", "event_id", "kind", "actor", "actor_roles", "service", "occur_time",
@@ -119,189 +117,6 @@ COUNT_SQL = f"SELECT count() FROM {TABLE} WHERE tenant_id = {{tenant:String}}"
 
 EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
 LATEST = datetime(2200, 1, 1, tzinfo=UTC)
-
-
-@dataclass(frozen=True)
-class NewEvent:
-    """An event as a service reported it, before it joins its tenant's chain."""
-
-    tenant_id: str
-    event_id: str
-    kind: str
-    actor: str
-    actor_roles: str
-    service: str
-    occur_time: datetime
-    # Canonical JSON of the kind's details (the oneof of AuditEvent).
-    details: str
-    retention_days: int
-
-
-@dataclass(frozen=True)
-class AuditRow:
-    """One stored event: exactly the fields the hash covers, plus the hash."""
-
-    tenant_id: str
-    seq: int
-    event_id: str
-    kind: str
-    actor: str
-    actor_roles: str
-    service: str
-    occur_us: int
-    record_us: int
-    details: str
-    expire_us: int
-    prev_expire_us: int
-    prev_hash: str
-    hash: str = ""
-
-    def canonical(self) -> bytes:
-        fields = [self.tenant_id, self.seq, self.event_id, self.kind, self.actor, self.actor_roles, self.service,
-                  self.occur_us, self.record_us, self.details, self.expire_us, self.prev_expire_us, self.prev_hash]
-        return json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode()
-
-    def computed_hash(self) -> str:
-        return hashlib.sha256(self.canonical()).hexdigest()
-
-    def sealed(self) -> AuditRow:
-        return replace(self, hash=self.computed_hash())
-
-    def to_db(self) -> tuple[Any, ...]:
-        return (self.tenant_id, self.seq, self.event_id, self.kind, self.actor, self.actor_roles, self.service,
-                from_micros(self.occur_us), from_micros(self.record_us), self.details, from_micros(self.expire_us),
-                self.prev_expire_us, self.prev_hash, self.hash)
-
-    @classmethod
-    def from_db(cls, row: Sequence[Any]) -> AuditRow:
-        return cls(tenant_id=row[0], seq=int(row[1]), event_id=row[2], kind=row[3], actor=row[4],
-                   actor_roles=row[5], service=row[6], occur_us=int(row[7]), record_us=int(row[8]),
-                   details=row[9], expire_us=int(row[10]), prev_expire_us=int(row[11]), prev_hash=row[12],
-                   hash=row[13])
-
-
-@dataclass(frozen=True)
-class Head:
-    seq: int
-    hash: str
-    expire_us: int
-
-
-EMPTY_HEAD = Head(0, GENESIS, 0)
-
-
-def chain(head: Head, event: NewEvent, record_time: datetime) -> AuditRow:
-    """The event as the next link after `head`."""
-    record_us = to_micros(record_time)
-    expire_us = max(to_micros(record_time + timedelta(days=event.retention_days)), head.expire_us)
-    return AuditRow(tenant_id=event.tenant_id, seq=head.seq + 1, event_id=event.event_id, kind=event.kind,
-                    actor=event.actor, actor_roles=event.actor_roles, service=event.service,
-                    occur_us=to_micros(event.occur_time), record_us=record_us, details=event.details,
-                    expire_us=expire_us, prev_expire_us=head.expire_us, prev_hash=head.hash).sealed()
-
-
-# --- Verification ------------------------------------------------------------------------
-
-HASH_MISMATCH = "hash_mismatch"
-MISSING = "missing"
-PREV_HASH_MISMATCH = "prev_hash_mismatch"
-DUPLICATE = "duplicate"
-FORK = "fork"
-HEAD_MISMATCH = "head_mismatch"
-
-
-@dataclass(frozen=True)
-class ChainBreak:
-    seq: int
-    problem: str
-    detail: str
-
-
-@dataclass
-class Verification:
-    tenant_id: str
-    checked: int = 0
-    first_seq: int = 0
-    last_seq: int = 0
-    head_hash: str = ""
-    first_break: ChainBreak | None = None
-    # The head anchor compared with (None: the store had none).
-    anchor: Head | None = None
-    _prev: AuditRow | None = None
-    # Hashes to remember while walking, by seq (the anchor's and the expected head's).
-    watch: frozenset[int] = frozenset()
-    _seen: dict[int, str] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return self.first_break is None
-
-    def feed(self, rows: Sequence[AuditRow], now_us: int) -> None:
-        """Checks the next rows (in seq order); stops at the first break."""
-        for row in rows:
-            if self.first_break is not None:
-                return
-            self.first_break = self._check(row, now_us)
-            self.checked += 1
-            if row.seq in self.watch:
-                self._seen.setdefault(row.seq, row.hash)
-            if self._prev is None:
-                self.first_seq = row.seq
-            self._prev = row
-            self.last_seq = row.seq
-            self.head_hash = row.hash
-
-    def _check(self, row: AuditRow, now_us: int) -> ChainBreak | None:
-        prev = self._prev
-        if prev is None:
-            if row.seq > 1 and row.prev_expire_us > now_us:
-                return ChainBreak(row.seq - 1, MISSING, f"events before seq {row.seq} are gone although their "
-                                  "retention has not ended: removed")
-            if row.seq == 1 and row.prev_hash != GENESIS:
-                return ChainBreak(row.seq, PREV_HASH_MISMATCH, "the first event does not start the chain")
-        elif row.seq == prev.seq:
-            if row.event_id != prev.event_id and row.prev_hash == prev.prev_hash \
-                    and row.computed_hash() == row.hash and prev.computed_hash() == prev.hash:
-                return ChainBreak(row.seq, FORK, f"two events claim seq {row.seq} ({prev.event_id} and "
-                                  f"{row.event_id}), both linking to seq {row.seq - 1}: the chain forked — two "
-                                  "writers appended to this tenant's trail at once (several metering instances "
-                                  "on one ClickHouse)")
-            return ChainBreak(row.seq, DUPLICATE, f"two events with seq {row.seq}: one was inserted")
-        elif row.seq > prev.seq + 1:
-            return ChainBreak(prev.seq + 1, MISSING, f"seq {prev.seq + 1} is missing (next present: {row.seq}): "
-                              "removed")
-        if row.computed_hash() != row.hash:
-            return ChainBreak(row.seq, HASH_MISMATCH, f"seq {row.seq} does not match its hash: edited")
-        if prev is not None and row.prev_hash != prev.hash:
-            return ChainBreak(row.seq, PREV_HASH_MISMATCH,
-                              f"seq {row.seq} does not link to seq {prev.seq}: replaced or reordered")
-        return None
-
-    def finish(self, anchor: Head | None, expected: Head | None, now_us: int) -> None:
-        """Compares the chain walked with the head anchor and with the head the caller
-        expects (an earlier verify's): each must still be in it, with its hash."""
-        self.anchor = anchor
-        if self.first_break is None and anchor is not None and anchor.expire_us > now_us:
-            # (An anchor whose retention has ended: its events expired, as did all before them.)
-            self.first_break = self._reaches(anchor, "the head anchor")
-        if self.first_break is None and expected is not None:
-            self.first_break = self._reaches(expected, "the expected head")
-
-    def _reaches(self, head: Head, what: str) -> ChainBreak | None:
-        if head.seq == 0:
-            return None
-        if head.seq > self.last_seq:
-            gone = self.last_seq + 1
-            events = f"event {gone} was" if gone == head.seq else f"events {gone}..{head.seq} were"
-            return ChainBreak(gone, MISSING, f"the chain ends at seq {self.last_seq} but {what} records seq "
-                              f"{head.seq}: {events} removed")
-        if head.seq < self.first_seq:
-            return None  # before the first event kept: expired (the walk checked that the prefix may go)
-        found = self._seen.get(head.seq, "")
-        if found != head.hash:
-            return ChainBreak(head.seq, HEAD_MISMATCH, f"seq {head.seq} has hash {found[:16] or '-'}… but {what} "
-                              f"records {head.hash[:16]}…: the chain was rewritten up to seq {head.seq}")
-        return None
 
 
 # --- The durable log's records -----------------------------------------------------------

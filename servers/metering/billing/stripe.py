@@ -33,11 +33,12 @@ import stripe
 
 from servers.common.errors import Unavailable
 from servers.common.settings import Settings
-from servers.metering import clickhouse
-from servers.metering.onboarding import TenantHook
-from servers.metering.sqlite import SqliteStore, SqliteWorker, to_micros, transaction
-from servers.metering.tenants import Tenant
-from servers.metering.usage import UsageStore, Window
+from servers.metering.storage import clickhouse
+from servers.metering.storage.sqlite import SqliteStore, SqliteWorker, to_micros, transaction
+from servers.metering.tenants.domain import Tenant
+from servers.metering.tenants.onboarding import TenantHook
+from servers.metering.usage.domain import Window
+from servers.metering.usage.store import UsageStore
 
 log = logging.getLogger("copilot.metering.billing")
 

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from servers.common.errors import Unavailable
-from servers.metering.dirlock import DirLock
+from servers.metering.storage.dirlock import DirLock
 
 log = logging.getLogger("copilot.metering.clickhouse")
 

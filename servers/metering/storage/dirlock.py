@@ -1,6 +1,6 @@
 """One process per embedded data directory: an exclusive lock, held while the store is open.
 
-The audit trail's hash chain is assigned by one writer (servers/metering/audit_store.py); two
+The audit trail's hash chain is assigned by one writer (servers/metering/audit/store.py); two
 metering processes on the same chDB directory would each extend every tenant's chain from
 their own idea of its head and fork it. chDB refuses a second process too, but only once
 usage has opened it and with an error that names neither the directory nor the holder;

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 from servers.common.errors import Unavailable
-from servers.metering.clickhouse import ClickHouseBackend
-from servers.metering.usagelog import LogEntry, UsageLog
+from servers.metering.storage.clickhouse import ClickHouseBackend
+from servers.metering.storage.log import LogEntry, UsageLog
 
 log = logging.getLogger("copilot.metering.flusher")
 

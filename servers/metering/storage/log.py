@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from servers.common.errors import Unavailable
-from servers.metering.sqlite import from_micros, to_micros
-from servers.metering.usage import UsageEvent, UsageKind
+from servers.metering.storage.sqlite import from_micros, to_micros
+from servers.metering.usage.domain import UsageEvent, UsageKind
 
 log = logging.getLogger("copilot.metering.usagelog")
 
@@ -62,7 +62,7 @@ def decode(payload: bytes) -> tuple[datetime, list[UsageEvent]]:
 @dataclass(frozen=True)
 class LogCodec:
     """How a log's records are written and read back: usage events by default; the audit
-    trail (servers/metering/audit_store.py) keeps its chained events in the same kind of log."""
+    trail (servers/metering/audit/store.py) keeps its chained events in the same kind of log."""
 
     encode: Callable[[Sequence[Any], datetime], bytes]
     decode: Callable[[bytes], tuple[datetime, list[Any]]]

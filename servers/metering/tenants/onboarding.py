@@ -19,7 +19,7 @@ import grpc
 from copilot.v1 import retrieval_pb2, retrieval_pb2_grpc
 from servers.common import identity
 from servers.common.errors import Unavailable
-from servers.metering.tenants import Tenant
+from servers.metering.tenants.domain import Tenant
 
 log = logging.getLogger("copilot.metering.onboarding")
 

@@ -28,21 +28,21 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from servers.metering import clickhouse
-from servers.metering.clickhouse import ClickHouseBackend
-from servers.metering.flusher import LogFlusher, WriteRequest
-from servers.metering.usage import (
+from servers.metering.storage import clickhouse
+from servers.metering.storage.clickhouse import ClickHouseBackend
+from servers.metering.storage.flusher import LogFlusher, WriteRequest
+from servers.metering.storage.log import LogEntry, UsageLog
+from servers.metering.usage.domain import (
     ModelUsage,
     QuotaUsage,
     RecordResult,
     UsageEvent,
-    UsageStore,
     UsageTotals,
     Window,
     month_start,
     next_month,
 )
-from servers.metering.usagelog import LogEntry, UsageLog
+from servers.metering.usage.store import UsageStore
 
 log = logging.getLogger("copilot.metering.usage")
 

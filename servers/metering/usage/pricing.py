@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from servers.metering.usage import ModelUsage
+from servers.metering.usage.domain import ModelUsage
 
 DEFAULT_TABLE = Path(__file__).with_name("prices.json")
 

@@ -16,9 +16,10 @@ from prometheus_client import Counter
 
 from servers.common import metrics, telemetry
 from servers.common.errors import InvalidArgument, QuotaViolation, ResourceExhausted
-from servers.metering.plans import Limits
-from servers.metering.tenants import Tenant
-from servers.metering.usage import QuotaUsage, UsageStore, hour_window, month_window
+from servers.metering.tenants.domain import Tenant
+from servers.metering.tenants.plans import Limits
+from servers.metering.usage.domain import QuotaUsage, hour_window, month_window
+from servers.metering.usage.store import UsageStore
 
 REQUESTS_PER_HOUR = "requests_per_hour"
 TOKENS_PER_MONTH = "tokens_per_month"

@@ -1,4 +1,4 @@
-"""Document stores: the interface every backend implements, and the embedded default.
+"""The embedded default document store (the interface it implements is in base.py).
 
 `SqliteFtsStore` keeps ONE SQLite file per tenant (`<root>/<tenant>.sqlite`): a tenant's
 query can only ever open its own file, so isolation does not depend on a WHERE clause
@@ -32,14 +32,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from servers.common.identity import TENANT_ID_RE
-from servers.retrieval.embedders import Vectors
-from servers.retrieval.fusion import Fusion
 from servers.retrieval.lexical import TOKENIZE, LexicalIndex, QueryTokenizer, Ranked
 from servers.retrieval.models import (
     DeleteResult,
@@ -48,114 +46,14 @@ from servers.retrieval.models import (
     IngestResult,
     IngestStatus,
     PreparedDocument,
+    Vectors,
 )
 from servers.retrieval.query import query_phrases, query_terms
+from servers.retrieval.stores.base import Bm25Params
 
 T = TypeVar("T")
 
 
-class DocumentStore(Protocol):
-    """A tenant-partitioned store of chunked documents.
-
-    Every method names the tenant explicitly; callers take it from the verified identity.
-    Implementations must make it impossible for one tenant's call to read or change
-    another tenant's data.
-    """
-
-    async def provision(self, tenant: str) -> None:
-        """Creates the tenant's (empty) index; idempotent."""
-
-    async def erase(self, tenant: str) -> None:
-        """Removes every trace of the tenant (index, files, caches); idempotent."""
-
-    async def indexed_versions(self, tenant: str, document_ids: Sequence[str]) -> dict[str, IndexedVersion]:
-        """What is indexed for those ids (missing ids are absent from the result)."""
-
-    async def upsert(self, tenant: str, documents: Sequence[PreparedDocument]) -> list[IngestResult]:
-        """Writes documents, one result per document in order. Each document is replaced
-        atomically; one whose hash and signature are already indexed is left alone
-        (UNCHANGED), and one without chunks is removed (EMPTY)."""
-
-    async def delete(self, tenant: str, document_ids: Sequence[str]) -> DeleteResult:
-        """Deletes documents and all their chunks."""
-
-    async def search_lexical(self, tenant: str, text: str, top_k: int,
-                             filters: Mapping[str, str]) -> list[Hit]:
-        """Keyword (BM25) search; any user text is safe. Best hit first, score higher = better."""
-
-    async def search_dense(self, tenant: str, vector: Vectors, top_k: int,
-                           filters: Mapping[str, str]) -> list[Hit]:
-        """Nearest chunks by cosine to a normalised query vector; score higher = better."""
-
-    async def unknown_metadata_keys(self, tenant: str, keys: Sequence[str]) -> set[str]:
-        """Those of `keys` that no document of the tenant has as a metadata key."""
-
-    async def get_settings(self, tenant: str) -> dict[str, str]:
-        """The tenant's stored search settings (empty when none or no index)."""
-
-    async def put_settings(self, tenant: str, values: Mapping[str, str | None]) -> dict[str, str]:
-        """Sets (None: removes) search settings of the tenant; returns them all."""
-
-    async def healthy(self) -> bool:
-        """Whether the store can currently serve reads and writes."""
-
-    async def close(self) -> None:
-        """Releases connections and threads; the store is unusable afterwards."""
-
-
-@runtime_checkable
-class RankingStore(Protocol):
-    """A store that ranks without reading the hits' bodies: hybrid search fuses two rankings
-    and reads only the rows it returns (`fetch`), instead of every candidate of both lists.
-    Row keys are the store's own (opaque); scores are those of the matching search_* call."""
-
-    async def rank_lexical(self, tenant: str, text: str, top_k: int, filters: Mapping[str, str]) -> Ranked:
-        """(row key, score), best first."""
-
-    async def rank_dense(self, tenant: str, vector: Vectors, top_k: int, filters: Mapping[str, str]) -> Ranked:
-        """(row key, score), best first."""
-
-    async def fetch(self, tenant: str, ranked: Ranked) -> list[Hit]:
-        """The hits of these rows, in this order, with these scores (rows gone since are left out)."""
-
-
-@runtime_checkable
-class NativeHybridStore(Protocol):
-    """A store that fuses BM25 and dense results itself, in one request (Weaviate's hybrid
-    query); the engine uses it instead of two searches and `fusion.fuse` when present."""
-
-    async def search_hybrid(self, tenant: str, text: str, vector: Vectors, top_k: int,
-                            filters: Mapping[str, str], *, alpha: float, fusion: Fusion) -> list[Hit]:
-        """Best first; `alpha` weighs dense (0: BM25 only, 1: dense only)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Bm25Params:
-    """BM25's per-column weights and its k1 and b.
-
-    k1 0.9 and b 0.4 are Anserini's defaults for short passages (FTS5's bm25() fixes k1 1.2,
-    b 0.75): weaker length normalisation suits rule passages, whose length says little about
-    relevance. On ObliQA dev, BM25 nDCG@10 0.684 -> 0.691 and hybrid 0.715 -> 0.723 (README).
-    The in-memory index (`lexical.LexicalIndex`) scores with these; FTS5's bm25(), which this
-    store falls back to while a tenant is being written, always uses its own 1.2 and 0.75.
-    """
-
-    title: float = 1.0
-    section: float = 1.0
-    text: float = 1.0
-    k1: float = 0.9
-    b: float = 0.4
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.k1 <= 10.0 or not 0.0 <= self.b <= 1.0:
-            raise ValueError(f"BM25 needs 0 <= k1 <= 10 and 0 <= b <= 1, got k1={self.k1} b={self.b}")
-
-    @property
-    def columns(self) -> tuple[float, float, float]:
-        return (self.title, self.section, self.text)
-
-
-DEFAULT_BM25 = Bm25Params()
 # FTS5's own bm25() parameters (fts5_aux.c): what `Bm25Params` must say for the two to agree.
 FTS5_BM25 = Bm25Params(k1=1.2, b=0.75)
 

@@ -45,7 +45,6 @@ from weaviate.util import generate_uuid5
 
 from servers.common.errors import Unavailable
 from servers.common.identity import TENANT_ID_RE
-from servers.retrieval.embedders import Vectors
 from servers.retrieval.fusion import Fusion
 from servers.retrieval.models import (
     DeleteResult,
@@ -54,9 +53,10 @@ from servers.retrieval.models import (
     IngestResult,
     IngestStatus,
     PreparedDocument,
+    Vectors,
 )
 from servers.retrieval.query import query_terms
-from servers.retrieval.store import Bm25Params
+from servers.retrieval.stores.base import Bm25Params
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The audit trail: its hash chain, its store (durable log, then ClickHouse) and AuditService."""

@@ -1,0 +1,1 @@
+"""Metered billing: usage reported to Stripe, and its reconciliation."""
