@@ -21,6 +21,7 @@ from copilot.v1 import retrieval_pb2_grpc as pb_grpc
 from servers.common.audit import AuditTrail
 from servers.common.errors import FieldViolation, InvalidArgument
 from servers.common.identity import ADMIN, INGEST, SERVICE, require_role, tenant_id
+from servers.retrieval.chunker import section_below_title
 from servers.retrieval.engine import (
     SETTING_ALPHA,
     SETTING_FUSION,
@@ -276,8 +277,8 @@ def result_to_proto(result: IngestResult) -> pb.DocumentResult:
 
 def hit_to_proto(hit: Hit) -> pb.SearchHit:
     return pb.SearchHit(document_id=hit.document_id, chunk_id=hit.chunk_id, title=hit.title,
-                        section=hit.section, text=hit.text, score=hit.score, source=hit.source,
-                        metadata=dict(hit.metadata))
+                        section=section_below_title(hit.title, hit.section), text=hit.text, score=hit.score,
+                        source=hit.source, metadata=dict(hit.metadata))
 
 
 def _results(results: Iterable[IngestResult]) -> list[pb.DocumentResult]:
