@@ -23,7 +23,7 @@ SERVICES = ("GenerationService", "RetrievalService", "MeteringService", "TenantS
 
 # Reachable without a token (probes, reflection, the console's files, dev sign-in).
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.", "/assets/", "/.well-known/", "/dev/")
-PUBLIC_PATHS = ("/",)
+PUBLIC_PATHS = ("/", "/favicon.ico")
 
 MEMBER_RPCS = (
     "/copilot.v1.GenerationService/Answer",

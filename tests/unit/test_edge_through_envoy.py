@@ -339,6 +339,11 @@ async def test_a_suspended_tenant_is_refused_as_permission_denied(edge: Edge) ->
 # -- routing, health, reflection, limits on size
 
 
+async def test_the_favicon_is_served_without_a_token(edge: Edge) -> None:
+    status, headers, body = await _http1(edge, "GET", "/favicon.ico", {})
+    assert status == 200 and headers["content-type"] == "image/svg+xml" and body.startswith(b"<svg")
+
+
 async def test_unknown_services_are_unimplemented(edge: Edge) -> None:
     call = edge.channel.unary_unary("/copilot.v1.NoSuchService/Do")
     with pytest.raises(grpc.aio.AioRpcError) as err:
