@@ -35,6 +35,14 @@ MEMBER_RPCS = (
     # Reading search defaults; changing them needs admin, which the retrieval service checks.
     "/copilot.v1.RetrievalService/ConfigureSearch",
 )
+# A tenant's read-only look at itself: its usage, its quota, its own record. Not counted
+# against its hourly request quota (a tenant that used it up must still be able to see
+# so), but rate limited on a counter of their own (servers/edge/service.py).
+INSPECTION_RPCS = (
+    "/copilot.v1.MeteringService/GetUsage",
+    "/copilot.v1.MeteringService/CheckQuota",
+    "/copilot.v1.TenantService/GetTenant",
+)
 ADMIN_RPCS = (
     "/copilot.v1.RetrievalService/IngestDocuments",
     "/copilot.v1.RetrievalService/StreamIngestDocuments",
