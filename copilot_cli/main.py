@@ -229,6 +229,7 @@ async def _status(args: argparse.Namespace, settings: Settings) -> int:
     channel = grpc.aio.insecure_channel(edge_address())
     stub = health_pb2_grpc.HealthStub(channel)
     worst = 0
+    not_serving: list[str] = []
     try:
         for name in ("", "copilot.v1.RetrievalService", "copilot.v1.GenerationService",
                      "copilot.v1.MeteringService", "copilot.v1.TenantService", "copilot.v1.AuditService"):
@@ -240,9 +241,14 @@ async def _status(args: argparse.Namespace, settings: Settings) -> int:
                 status = 0
             if status != health_pb2.HealthCheckResponse.SERVING:
                 worst = 1
+                not_serving.append(name)
             print(f"{name or 'edge':32} {label}")
     finally:
         await channel.close(None)
+    if not_serving == [""]:
+        # Every service answers, the mesh as a whole does not yet: `copilot up` is still
+        # provisioning the demo tenants (scripts should wait for this command to exit 0).
+        print("the mesh is still starting (demo tenants not provisioned yet)")
     return worst
 
 

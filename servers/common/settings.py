@@ -85,6 +85,10 @@ class Settings:
     # benchmark's comparison); deleting a tenant keeps its trail ("keep") or erases it ("erase").
     audit_enabled: bool = True
     audit_on_tenant_delete: str = "keep"
+    # Set by `copilot up`: the edge's overall health ("") is NOT_SERVING until this file
+    # exists, which `copilot up` writes once the demo tenants are provisioned, so scripts
+    # that wait for health do not start before them. Unset (production): no such gate.
+    ready_file: Path | None = None
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -121,6 +125,7 @@ class Settings:
             edge_bind=os.environ.get("COPILOT_EDGE_BIND") or None,
             audit_enabled=_bool("COPILOT_AUDIT", True),
             audit_on_tenant_delete=os.environ.get("COPILOT_AUDIT_ON_TENANT_DELETE", "keep").strip().lower(),
+            ready_file=Path(os.environ["COPILOT_READY_FILE"]) if os.environ.get("COPILOT_READY_FILE") else None,
         )
 
     def address(self, service: str) -> str:
