@@ -373,6 +373,8 @@ class RetrievalServiceServicer(pb_grpc.RetrievalServiceServicer):
                               context: grpc.aio.ServicerContext) -> pb.ProvisionTenantResponse:
         require_role(SERVICE)
         await self._engine.provision(tenant_id())
+        if self._registry is not None:
+            self._registry.provisioned(tenant_id())
         return pb.ProvisionTenantResponse()
 
     async def EraseTenant(self, request: pb.EraseTenantRequest,

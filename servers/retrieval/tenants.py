@@ -4,9 +4,11 @@ The edge refuses tokens for tenants that do not exist; this is the defence in de
 it: retrieval creates no index, settings or audit trail for a tenant the registry does not
 know, whoever calls (a token signed for a made-up tenant, a caller inside the network).
 Only writes are checked (reads of a tenant with no index find nothing and create nothing),
-so the search path pays nothing. A confirmed tenant is remembered for the tenant cache
-TTL; erasing it here forgets it at once (other replicas within that TTL, and the edge
-refuses a deleted tenant's tokens meanwhile).
+so the search path pays nothing. A tenant this process provisioned (ProvisionTenant, which
+only metering's onboarding calls, right after it registered the tenant) is known without
+asking; any other is confirmed with metering and remembered for the tenant cache TTL.
+Erasing a tenant here forgets it at once (other replicas within that TTL; the edge refuses
+a deleted tenant's tokens meanwhile).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class TenantRegistry:
         self._stub = stub
         self._ttl = ttl_s
         self._confirmed: dict[str, float] = {}
+        self._provisioned: set[str] = set()
 
     @classmethod
     def over(cls, channel: grpc.aio.Channel, ttl_s: float) -> TenantRegistry:
@@ -35,7 +38,7 @@ class TenantRegistry:
         """Returns when the registry knows the caller's tenant (asked as the caller, whose
         identity the channel forwards); FAILED_PRECONDITION when it does not."""
         now = time.monotonic()
-        if self._confirmed.get(tenant_id, 0.0) > now:
+        if tenant_id in self._provisioned or self._confirmed.get(tenant_id, 0.0) > now:
             return
         try:
             await self._stub.GetTenant(tenant_pb2.GetTenantRequest(), timeout=LOOKUP_TIMEOUT_S)
@@ -52,5 +55,9 @@ class TenantRegistry:
             self._confirmed.clear()
         self._confirmed[tenant_id] = now + self._ttl
 
+    def provisioned(self, tenant_id: str) -> None:
+        self._provisioned.add(tenant_id)
+
     def forget(self, tenant_id: str) -> None:
+        self._provisioned.discard(tenant_id)
         self._confirmed.pop(tenant_id, None)
