@@ -8,10 +8,11 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from google.protobuf import json_format, timestamp_pb2
+from google.protobuf import timestamp_pb2
 
 from copilot.v1 import metering_pb2
 from copilot_cli.client import Client, CliError, operator_token, token_for
+from copilot_cli.jsonout import message_dict
 from servers.common.settings import Settings
 
 
@@ -83,7 +84,7 @@ async def usage(args: argparse.Namespace, settings: Settings) -> int:
             "input_tokens": got.input_tokens, "output_tokens": got.output_tokens, "events": got.events,
             "cost_micros": got.cost_micros, "currency": got.currency,
             "start": got.start_time.ToJsonString(), "end": got.end_time.ToJsonString(),
-            "by_model": [json_format.MessageToDict(m) for m in got.by_model],
+            "by_model": [message_dict(m) for m in got.by_model],
         }))
     else:
         print(f"tenant {got.tenant_id}: {got.requests} requests, {got.total_tokens} tokens "
@@ -106,7 +107,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
         finally:
             await client.close()
         if args.json:
-            print(json_format.MessageToJson(got, indent=None))
+            print(json.dumps(message_dict(got)))
             return 0
         print(f"{got.tenant_id} {start:%Y-%m-%d %H:%M} → {end:%Y-%m-%d %H:%M} UTC")
         for m in got.by_model:
@@ -120,7 +121,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
         if command == "report":
             sent = await client.metering.ReportBilling(metering_pb2.ReportBillingRequest(
                 start_time=_ts(start), end_time=_ts(end)), metadata=client.metadata, timeout=300)
-            print(json_format.MessageToJson(sent, indent=None) if args.json else
+            print(json.dumps(message_dict(sent)) if args.json else
                   f"sent {sent.meter_events} meter events for {sent.tenants} tenants")
             return 0
         result = await client.metering.ReconcileBilling(metering_pb2.ReconcileBillingRequest(
@@ -129,7 +130,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
         await client.close()
     if args.json:
         print(json.dumps({"tenants": result.tenants, "differences": [
-            json_format.MessageToDict(d, always_print_fields_with_no_presence=True) for d in result.differences]}))
+            message_dict(d) for d in result.differences]}))
     else:
         for d in result.differences:
             print(f"{d.tenant_id:32} {d.meter:18} clickhouse={d.clickhouse} stripe={d.stripe} "

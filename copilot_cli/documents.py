@@ -80,6 +80,20 @@ def _document_id(path: Path, root: Path | None) -> str:
         return path.name
 
 
+def _source(path: Path, root: Path | None) -> str:
+    """Where a document came from, as the user named it, never as an absolute path of
+    this machine (citations show it to every reader of the tenant): a file of an ingested
+    folder as `folder/sub/file.md`, a file given by a relative path as given, else its name."""
+    if root is not None:
+        try:
+            return str(Path(root.resolve().name) / path.resolve().relative_to(root.resolve()))
+        except ValueError:
+            pass
+    if not path.is_absolute() and ".." not in path.parts:
+        return str(path)
+    return path.name
+
+
 def _title_from_name(path: Path) -> str:
     return path.stem.replace("-", " ").replace("_", " ")
 
@@ -94,7 +108,8 @@ def _text_file(path: Path, root: Path | None) -> retrieval_pb2.Document:
         if line.startswith("# "):
             title = line[2:].strip()
             break
-    return retrieval_pb2.Document(document_id=_document_id(path, root), title=title, text=text, source=str(path),
+    return retrieval_pb2.Document(document_id=_document_id(path, root), title=title, text=text,
+                                  source=_source(path, root),
                                   content_type=TEXT_SUFFIXES.get(path.suffix.lower(), "text/plain"))
 
 
@@ -124,7 +139,7 @@ def _pdf_file(path: Path, root: Path | None) -> retrieval_pb2.Document:
     if not text:
         raise DocumentError(f"{path}: the PDF has no text layer (a scanned PDF needs OCR before ingestion)")
     return retrieval_pb2.Document(document_id=_document_id(path, root), title=title or _title_from_name(path),
-                                  text=text, source=str(path), content_type="text/plain",
+                                  text=text, source=_source(path, root), content_type="text/plain",
                                   metadata={"pages": str(len(pages))})
 
 

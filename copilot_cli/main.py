@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
 
 from copilot.v1 import common_pb2, generation_pb2, retrieval_pb2
 from copilot_cli import audit as audit_cli
@@ -25,6 +24,7 @@ from copilot_cli import documents
 from copilot_cli import eval as eval_command
 from copilot_cli import tenants as tenants_cli
 from copilot_cli.client import Client, CliError, edge_address, token_for
+from copilot_cli.jsonout import message_dict
 from servers.common.errors import from_rpc_error
 from servers.common.settings import Settings
 
@@ -67,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     search = sub.add_parser("search", help="search the tenant's documents")
     search.add_argument("query")
     search.add_argument("--top-k", type=int, default=5)
+    search.add_argument("--json", action="store_true", help="print the whole response as one JSON object")
 
     billing_cli.add_parsers(sub)
     audit_cli.add_parser(sub)
@@ -182,8 +183,7 @@ async def _ask(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         await client.close()
     if args.json:
-        body = {"answer": "".join(text),
-                **(json_format.MessageToDict(details) if details is not None else {})}
+        body = {"answer": "".join(text), **(message_dict(details) if details is not None else {})}
         print(json.dumps(body))
         return 0
     print()
@@ -191,10 +191,7 @@ async def _ask(args: argparse.Namespace, settings: Settings) -> int:
         if details.citations:
             print("\nSources:")
         for c in details.citations:
-            # Sections carry their heading path, which often starts with the title.
-            section = c.section.removeprefix(c.title).lstrip(" >")
-            where = " › ".join(filter(None, [c.title, section]))
-            print(f"  [{c.index}] {where} ({c.document_id})")
+            print(f"  [{c.index}] {_where(c.title, c.section)} ({c.document_id})")
         if details.pii_masks:
             # Say what left the machine masked, so the user knows why the answer may not
             # mention a detail they typed.
@@ -212,10 +209,18 @@ async def _search(args: argparse.Namespace, settings: Settings) -> int:
             retrieval_pb2.SearchRequest(query=args.query, top_k=args.top_k), metadata=client.metadata, timeout=10)
     finally:
         await client.close()
+    if args.json:
+        print(json.dumps(message_dict(response)))
+        return 0
     for i, hit in enumerate(response.hits, start=1):
-        print(f"{i:2}. {hit.score:7.3f}  {hit.title} › {hit.section}  ({hit.document_id})")
+        print(f"{i:2}. {hit.score:7.3f}  {_where(hit.title, hit.section)}  ({hit.document_id})")
         print(f"    {' '.join(hit.text.split())[:160]}")
     return 0
+
+
+def _where(title: str, section: str) -> str:
+    # Retrieval already leaves the title out of the section (see section_below_title).
+    return " › ".join(filter(None, [title, section]))
 
 
 async def _status(args: argparse.Namespace, settings: Settings) -> int:
@@ -224,6 +229,7 @@ async def _status(args: argparse.Namespace, settings: Settings) -> int:
     channel = grpc.aio.insecure_channel(edge_address())
     stub = health_pb2_grpc.HealthStub(channel)
     worst = 0
+    not_serving: list[str] = []
     try:
         for name in ("", "copilot.v1.RetrievalService", "copilot.v1.GenerationService",
                      "copilot.v1.MeteringService", "copilot.v1.TenantService", "copilot.v1.AuditService"):
@@ -235,9 +241,14 @@ async def _status(args: argparse.Namespace, settings: Settings) -> int:
                 status = 0
             if status != health_pb2.HealthCheckResponse.SERVING:
                 worst = 1
+                not_serving.append(name)
             print(f"{name or 'edge':32} {label}")
     finally:
         await channel.close(None)
+    if not_serving == [""]:
+        # Every service answers, the mesh as a whole does not yet: `copilot up` is still
+        # provisioning the demo tenants (scripts should wait for this command to exit 0).
+        print("the mesh is still starting (demo tenants not provisioned yet)")
     return worst
 
 

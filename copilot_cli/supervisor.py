@@ -1,15 +1,23 @@
 """Starts and stops the whole mesh as local processes: the four Python servers, then
 Envoy in front of them. Used by `copilot up` and by the integration tests, so what the
-tests exercise is exactly what users run."""
+tests exercise is exactly what users run.
+
+No child outlives the process that started it: on Linux each child asks the kernel for
+SIGTERM when its parent dies (PR_SET_PDEATHSIG), so even a supervisor killed with SIGKILL
+leaves no service holding its port."""
 
 from __future__ import annotations
 
+import ctypes
+import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -19,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from servers.common.settings import METRICS_OFFSETS, Settings, environment, to_env
 from servers.edge import envoy_config
 from servers.edge.issuer import DevIssuer
+from servers.edge.service import SERVICE_NAME as RATELIMIT_SERVICE
 
 # Start order: what others depend on first. Envoy goes last, once its upstreams serve.
 SERVERS = ("metering", "retrieval", "generation", "edge")
@@ -26,8 +35,27 @@ HEALTH_NAMES = {
     "metering": "copilot.v1.MeteringService",
     "retrieval": "copilot.v1.RetrievalService",
     "generation": "copilot.v1.GenerationService",
-    "edge": "",
+    # Not "": under `copilot up` the overall status waits for the demo tenants (ready_file).
+    "edge": RATELIMIT_SERVICE,
 }
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn that makes the child get SIGTERM when the thread that spawns it ends
+    (Linux). Only from the main thread: the kernel ties the signal to the spawning thread,
+    and a worker thread (asyncio.to_thread in tests) ends long before the process does."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the line above: go now
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
 
 
 class MeshError(RuntimeError):
@@ -125,8 +153,12 @@ class Mesh:
                     raise MeshError(f"port {port} on {s.host} is in use (set {env} to another port, "
                                     "or stop what is using it)") from None
 
-    def start(self, timeout_s: float = 60.0) -> DevIssuer:
+    def start(self, timeout_s: float = 60.0, *, mark_ready: bool = True) -> DevIssuer:
+        """Starts everything and waits until it serves. With a `ready_file` in the settings,
+        the edge's overall health stays NOT_SERVING until `mark_ready` (here, unless the
+        caller has more to do first, e.g. `copilot up` provisioning the demo tenants)."""
         self.check_ports()
+        self._unready()
         issuer = self.prepare()
         env = environment(settings_env(self.settings), self.extra_env)
         try:
@@ -143,7 +175,18 @@ class Mesh:
         except BaseException:
             self.stop()
             raise
+        if mark_ready:
+            self.mark_ready()
         return issuer
+
+    def mark_ready(self) -> None:
+        if self.settings.ready_file is not None:
+            self.settings.ready_file.parent.mkdir(parents=True, exist_ok=True)
+            self.settings.ready_file.write_text(f"{os.getpid()}\n")
+
+    def _unready(self) -> None:
+        if self.settings.ready_file is not None:
+            self.settings.ready_file.unlink(missing_ok=True)
 
     def _address(self, name: str) -> str:
         return self.settings.address("edge_services" if name == "edge" else name)
@@ -151,7 +194,8 @@ class Mesh:
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         self.processes[name] = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                                preexec_fn=_die_with_parent())
         log.close()
 
     def _wait_serving(self, name: str, address: str, service: str, timeout_s: float) -> None:
@@ -183,6 +227,7 @@ class Mesh:
 
     def stop(self, grace_s: float = 10.0) -> dict[str, int | None]:
         """Envoy first (no new requests), then the servers in reverse start order."""
+        self._unready()
         codes: dict[str, int | None] = {}
         for name in ["envoy", *reversed(SERVERS)]:
             proc = self.processes.pop(name, None)

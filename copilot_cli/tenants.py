@@ -7,10 +7,11 @@ import asyncio
 import json
 from typing import Any
 
-from google.protobuf import field_mask_pb2, json_format
+from google.protobuf import field_mask_pb2
 
 from copilot.v1 import common_pb2, tenant_pb2
 from copilot_cli.client import Client, CliError, operator_token
+from copilot_cli.jsonout import message_dict
 from servers.common.settings import Settings
 
 PLANS = {"free": common_pb2.PLAN_FREE, "pro": common_pb2.PLAN_PRO, "enterprise": common_pb2.PLAN_ENTERPRISE}
@@ -76,10 +77,15 @@ def _changes(pairs: list[str]) -> tuple[tenant_pb2.Tenant, list[str]]:
     return tenant, paths
 
 
+# `tenants list`: the header names each column; CONFIG VERSION is the tenant's config
+# version, which every update bumps and the services' caches compare.
+HEADER = f"{'TENANT':32} {'PLAN':11} {'STATE':10} CONFIG VERSION"
+
+
 def _line(tenant: tenant_pb2.Tenant) -> str:
     plan = common_pb2.Plan.Name(tenant.plan).removeprefix("PLAN_").lower()
     state = tenant_pb2.TenantState.Name(tenant.state).removeprefix("TENANT_STATE_").lower()
-    return f"{tenant.tenant_id:32} {plan:11} {state:10} v{tenant.config_version}"
+    return f"{tenant.tenant_id:32} {plan:11} {state:10} {tenant.config_version}"
 
 
 async def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -95,7 +101,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
         elif command == "get":
             got = await client.tenants.GetTenant(tenant_pb2.GetTenantRequest(tenant_id=args.tenant_id),
                                                  metadata=md, timeout=10)
-            print(json_format.MessageToJson(got.tenant))
+            print(json.dumps(message_dict(got.tenant), indent=2))
         elif command == "update":
             tenant, paths = _changes(args.set)
             tenant.tenant_id = args.tenant_id
@@ -122,11 +128,13 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
             print(f"deleted {args.tenant_id}")
         else:
             token = ""
+            if not args.json:
+                print(HEADER)
             while True:
                 page = await client.tenants.ListTenants(tenant_pb2.ListTenantsRequest(page_token=token),
                                                         metadata=md, timeout=10)
                 for tenant in page.tenants:
-                    print(json.dumps(json_format.MessageToDict(tenant)) if args.json else _line(tenant))
+                    print(json.dumps(message_dict(tenant)) if args.json else _line(tenant))
                 token = page.next_page_token
                 if not token:
                     break

@@ -75,6 +75,13 @@ class AlreadyExists(CopilotError):
     default_reason = "ALREADY_EXISTS"
 
 
+class FailedPrecondition(CopilotError):
+    """The system is not in a state the call needs (e.g. a tenant that was never provisioned)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    default_reason = "FAILED_PRECONDITION"
+
+
 class Unavailable(CopilotError):
     code = grpc.StatusCode.UNAVAILABLE
     default_reason = "DEPENDENCY_UNAVAILABLE"

@@ -369,6 +369,12 @@ class Settings:
     audit_on_tenant_delete: str = setting("keep", env="COPILOT_AUDIT_ON_TENANT_DELETE", choices=("keep", "erase"),
                                           doc="Deleting a tenant keeps its audit trail or erases it.")
 
+    # `copilot up` writes it once the demo tenants are provisioned, so scripts that wait for
+    # health do not start before them.
+    ready_file: Path | None = setting(None, env="COPILOT_READY_FILE",
+                                      doc="Set by `copilot up`: the edge's overall health is NOT_SERVING until this "
+                                          "file exists; unset (production): no such gate.")
+
     def __post_init__(self) -> None:
         validate(self)
 

@@ -3,8 +3,10 @@
 The rate limit service looks limits up on every request, so the lookup is a dict read:
 the table is loaded in the background (every `tenant_cache_ttl_s`) with the edge's
 platform service account and swapped in whole; the request path never waits for it.
-Until the first load succeeds, and for tenants the table does not know, the free plan's
-limits apply; a suspended tenant gets none at all.
+A tenant the table does not know (created a moment ago, or never) is confirmed with the
+tenant service on its first call: one that exists is added with its own limits, one that
+does not is refused (PERMISSION_DENIED) and remembered as missing for a refresh period,
+unless the watch reports it created first. A suspended or deleted tenant gets no requests.
 """
 
 from __future__ import annotations
@@ -12,8 +14,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import cast
+
+import grpc
 
 from copilot.v1 import tenant_pb2, tenant_pb2_grpc
 from servers.common import identity, lifecycle
@@ -47,10 +52,19 @@ PAGE_SIZE = 1000
 # Bounds one load (a million tenants) even if the server kept returning page tokens.
 MAX_PAGES = 1000
 CALL_TIMEOUT_S = 5.0
+# A tenant the table does not know is confirmed with the tenant service while Envoy waits
+# for the rate limit answer: bounded well below a client's patience, and Envoy's own timeout
+# (its failure mode decides) covers a slower answer.
+LOOKUP_TIMEOUT_S = 1.0
 # How long start-up waits for the first load before serving with the defaults.
 STARTUP_WAIT_S = 2.0
 
 TenantSource = Callable[[], Awaitable[list[tenant_pb2.Tenant]]]
+# One tenant's record, or None when the tenant service does not know it (NOT_FOUND).
+TenantLookup = Callable[[str], Awaitable["tenant_pb2.Tenant | None"]]
+# Bounds the memory an unlucky or hostile stream of unknown tenant ids can take (each one
+# needs a verified token, so this is a safety net, not the defence).
+MAX_MISSING = 10_000
 # Changes pushed by the tenant service as they happen (WatchTenants).
 TenantWatch = Callable[[], AsyncIterator[tenant_pb2.WatchTenantsResponse]]
 
@@ -59,6 +73,19 @@ async def watch_tenants(stub: tenant_pb2_grpc.TenantServiceAsyncStub) -> AsyncIt
     with identity.acting_as(identity.service_account("edge")):
         async for message in stub.WatchTenants(tenant_pb2.WatchTenantsRequest()):
             yield message
+
+
+async def get_tenant(stub: tenant_pb2_grpc.TenantServiceAsyncStub, tenant_id: str) -> tenant_pb2.Tenant | None:
+    """The tenant's record as the edge's platform service account, or None when it does not exist."""
+    with identity.acting_as(identity.service_account("edge")):
+        try:
+            response = await stub.GetTenant(tenant_pb2.GetTenantRequest(tenant_id=tenant_id),
+                                            timeout=LOOKUP_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+    return response.tenant
 
 
 def tenant_limits(tenant: tenant_pb2.Tenant) -> Limits:
@@ -99,14 +126,26 @@ def _table(tenants: Iterable[tenant_pb2.Tenant]) -> dict[str, Limits]:
 # Why a tenant is refused outright (PERMISSION_DENIED at the edge, not a rate limit).
 SUSPENDED = "suspended"
 DELETED = "deleted"
+# A verified token for a tenant the tenant service has never heard of (never created, or
+# deleted before this edge started).
+UNKNOWN = "unknown"
 
 
 class TenantLimits:
     """Limits per tenant id, refreshed in the background."""
 
     def __init__(self, source: TenantSource, refresh_s: float, *,
-                 on_close: Callable[[], Awaitable[None]] | None = None, watch: TenantWatch | None = None) -> None:
+                 on_close: Callable[[], Awaitable[None]] | None = None, watch: TenantWatch | None = None,
+                 lookup: TenantLookup | None = None) -> None:
         self._source = source
+        # Without a lookup (tests of limits alone) a tenant the table does not know gets the
+        # free plan's limits; with one, it is confirmed before it is admitted or refused.
+        self._lookup = lookup
+        # Tenant id -> when its "does not exist" answer expires (monotonic): a negative cache,
+        # so a token for a missing tenant costs one lookup per refresh period, not one per call.
+        # A tenant created meanwhile leaves it at once through the watch (or the next listing).
+        self._missing: dict[str, float] = {}
+        self._inflight: dict[str, asyncio.Future[str | None]] = {}
         self._watch = watch
         self._watch_task: asyncio.Task[None] | None = None
         self._refresh_s = max(0.1, refresh_s)
@@ -133,10 +172,54 @@ class TenantLimits:
             await channel.close(None)
 
         return cls(lambda: list_all_tenants(stub), settings.tenant_cache_ttl_s, on_close=close,
-                   watch=lambda: watch_tenants(stub))
+                   watch=lambda: watch_tenants(stub), lookup=lambda tenant_id: get_tenant(stub, tenant_id))
 
     def get(self, tenant_id: str) -> Limits:
         return self._table.get(tenant_id, FREE_LIMITS)
+
+    def known(self, tenant_id: str) -> Limits | None:
+        """The tenant's limits if the table knows it; None: confirm it first (`confirm`)."""
+        limits = self._table.get(tenant_id)
+        if limits is None and self._lookup is None:
+            return FREE_LIMITS
+        return limits
+
+    async def confirm(self, tenant_id: str) -> str | None:
+        """For a tenant the table does not know: None when the tenant service has it (it is
+        added to the table, so the next call is a dict read again), else why it is refused.
+        Concurrent calls for one tenant share one lookup; errors propagate (the limiter's
+        failure mode decides)."""
+        expiry = self._missing.get(tenant_id)
+        if expiry is not None:
+            if expiry > time.monotonic():
+                return self.refused.get(tenant_id, UNKNOWN)
+            del self._missing[tenant_id]
+        pending = self._inflight.get(tenant_id)
+        if pending is None:
+            # Its own task: Envoy giving up on one call must not cancel the lookup others wait on.
+            pending = asyncio.ensure_future(self._confirm(tenant_id))
+            self._inflight[tenant_id] = pending
+            pending.add_done_callback(lambda _done: self._inflight.pop(tenant_id, None))
+        return await asyncio.shield(pending)
+
+    async def _confirm(self, tenant_id: str) -> str | None:
+        assert self._lookup is not None
+        tenant = await self._lookup(tenant_id)
+        if tenant is None:
+            if len(self._missing) >= MAX_MISSING:
+                self._missing.clear()
+            self._missing[tenant_id] = time.monotonic() + self._refresh_s
+            log.info("refusing a token for an unknown tenant", extra={"tenant_id": tenant_id})
+            return self.refused.get(tenant_id, UNKNOWN)
+        # Created since the last listing: known from now on, with its own limits.
+        self._table = {**self._table, tenant_id: tenant_limits(tenant)}
+        self._known.add(tenant_id)
+        if tenant.state == tenant_pb2.TENANT_STATE_SUSPENDED:
+            self.refused = {**self.refused, tenant_id: SUSPENDED}
+            return SUSPENDED
+        if tenant_id in self.refused:
+            self.refused = {k: v for k, v in self.refused.items() if k != tenant_id}
+        return None
 
     def active_tenants(self) -> list[tuple[str, str]]:
         """(tenant id, display name) of the active tenants, as last loaded."""
@@ -170,6 +253,8 @@ class TenantLimits:
             t for t, why in self.refused.items() if why == DELETED and t not in ids})
         self.refused = refused
         self._known = ids
+        for listed in ids & self._missing.keys():
+            del self._missing[listed]
         self._active = sorted((t.tenant_id, t.display_name or t.tenant_id) for t in tenants
                               if t.state != tenant_pb2.TENANT_STATE_SUSPENDED)
         if not self._healthy or not self._loaded:
@@ -202,6 +287,8 @@ class TenantLimits:
         for tenant in change.tenants:
             table[tenant.tenant_id] = tenant_limits(tenant)
             self._known.add(tenant.tenant_id)
+            # Created just now, perhaps after a token for it was refused: admitted at once.
+            self._missing.pop(tenant.tenant_id, None)
             if tenant.state == tenant_pb2.TENANT_STATE_SUSPENDED:
                 refused[tenant.tenant_id] = SUSPENDED
                 active.pop(tenant.tenant_id, None)

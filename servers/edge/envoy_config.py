@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from string import Template
@@ -132,6 +133,19 @@ def _url_cluster(name: str, host: str, port: int, tls: bool) -> dict[str, Any]:
     return cluster
 
 
+def rate_limits() -> list[dict[str, Any]]:
+    """The ratelimit filter's descriptors: the verified tenant, and whether the call is one
+    of its self-inspection reads (roles.INSPECTION_RPCS), which the rate limit service keeps
+    out of the hourly quota. Exactly one of the two matches a call that carries a tenant."""
+    tenant = {"request_headers": {"header_name": "x-tenant-id", "descriptor_key": "tenant_id",
+                                  "skip_if_absent": True}}
+    inspection = [{"name": ":path", "string_match": {"safe_regex": {
+        "regex": "|".join(re.escape(p) for p in roles.INSPECTION_RPCS)}}}]
+    return [{"actions": [tenant, {"header_value_match": {
+        "descriptor_key": "kind", "descriptor_value": value, "expect_match": expect, "headers": inspection}}]}
+        for value, expect in (("request", False), ("inspect", True))]
+
+
 def render(settings: Settings, *, allowed_origins: Sequence[str] | None = None,
            template_path: Path = TEMPLATE_PATH) -> str:
     """Envoy's YAML config for `settings`."""
@@ -154,6 +168,7 @@ def render(settings: Settings, *, allowed_origins: Sequence[str] | None = None,
         "EDGE_HTTP_PORT": settings.edge_http_port,
         "PUBLIC_PATHS": json.dumps(roles.public_path_rules()),
         "ROLE_POLICIES": json.dumps(roles.rbac_policies()),
+        "RATE_LIMITS": json.dumps(rate_limits()),
         "FAILURE_MODE_DENY": "false" if settings.ratelimit_fail_open else "true",
         "RATELIMIT_TIMEOUT": f"{RATELIMIT_TIMEOUT_S}s",
         "HEALTH_INTERVAL": f"{HEALTH_INTERVAL_S}s",

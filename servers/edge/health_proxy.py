@@ -4,7 +4,8 @@ Envoy routes /grpc.health.v1.Health/ here, so a client (or a load balancer in fr
 Envoy) can probe every public service through the one public port. A public service's
 name is answered by asking the service that owns it (its own Health, which reflects its
 dependencies), cached briefly so a burst of probes costs one call; a service that does
-not answer is NOT_SERVING. "" and the edge's own names are answered here.
+not answer is NOT_SERVING. "" and the edge's own names are answered here; under `copilot up`
+"" is NOT_SERVING until the mesh has finished starting (its demo tenants provisioned).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -43,8 +44,11 @@ PROBE_TIMEOUT_S = 0.5
 
 class HealthProxy(health_pb2_grpc.HealthServicer):
     def __init__(self, addresses: Mapping[str, str], local_names: Iterable[str], *,
-                 cache_ttl_s: float = CACHE_TTL_S, probe_timeout_s: float = PROBE_TIMEOUT_S) -> None:
-        """`addresses`: public service name -> address of the server that owns it."""
+                 cache_ttl_s: float = CACHE_TTL_S, probe_timeout_s: float = PROBE_TIMEOUT_S,
+                 ready: Callable[[], bool] | None = None) -> None:
+        """`addresses`: public service name -> address of the server that owns it; `ready`:
+        whether the mesh has finished starting (the overall status "" is NOT_SERVING until)."""
+        self._ready = ready
         self._addresses = dict(addresses)
         self._local = frozenset(("", *local_names))
         self._ttl = cache_ttl_s
@@ -58,7 +62,9 @@ class HealthProxy(health_pb2_grpc.HealthServicer):
 
     @classmethod
     def from_settings(cls, settings: Settings, local_names: Iterable[str]) -> HealthProxy:
-        return cls({name: settings.address(owner) for name, owner in OWNERS.items()}, local_names)
+        ready_file = settings.ready_file
+        return cls({name: settings.address(owner) for name, owner in OWNERS.items()}, local_names,
+                   ready=ready_file.exists if ready_file is not None else None)
 
     # -- lifecycle (the health provider protocol servers/common/lifecycle.py expects)
 
@@ -98,6 +104,8 @@ class HealthProxy(health_pb2_grpc.HealthServicer):
 
     async def status(self, name: str) -> Status | None:
         """The status of `name`, or None when no service has that name."""
+        if name == "" and self._ready is not None and not self._ready():
+            return NOT_SERVING
         if name in self._local:
             return SERVING if self._serving else NOT_SERVING
         if name not in self._addresses:

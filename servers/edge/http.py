@@ -1,6 +1,7 @@
 """The edge companion's small HTTP side, behind Envoy like everything else:
 
 - `GET /` and `GET /assets/*`: the browser console (web/, bundled into web/dist by setup);
+- `GET /favicon.ico`: a small icon, so browsers do not log a failed request;
 - `GET /.well-known/jwks.json`: the dev issuer's JWKS, which Envoy's jwt_authn fetches and
   refreshes (so rotating the dev key needs no restart). Read from the file again whenever it
   changes. In production Envoy fetches the identity provider's JWKS (`COPILOT_JWKS_URL`);
@@ -36,6 +37,13 @@ IDLE_TIMEOUT_S = 60.0
 # Roles the dev endpoint hands out; operator tokens come from the CLI (`copilot token`).
 DEV_ROLES = frozenset({identity.MEMBER, identity.ADMIN})
 DEV_TOKEN_MAX_TTL_S = 8 * 3600
+# Browsers ask for /favicon.ico on every page; without one the browser console logs an
+# error (it used to answer 401). A tiny SVG (every current browser takes SVG here) kept in
+# code, so it is there even before the console is built.
+FAVICON = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32">'
+           b'<rect width="32" height="32" rx="6" fill="#1f4e79"/>'
+           b'<path d="M9 17l5 5 9-11" fill="none" stroke="#fff" stroke-width="3.5" '
+           b'stroke-linecap="round" stroke-linejoin="round"/></svg>')
 _ASSET_RE = re.compile(r"^/assets/[A-Za-z0-9_.-]+$")
 _REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
             405: "Method Not Allowed", 413: "Payload Too Large", 500: "Internal Server Error",
@@ -113,6 +121,9 @@ class EdgeHttp:
             return self._dev(method, path, body)
         if method != "GET":
             return _error(405, "use GET")
+        if path == "/favicon.ico":
+            return Response(200, FAVICON, "image/svg+xml", (("cache-control", "max-age=86400"),
+                                                             ("x-content-type-options", "nosniff")))
         if path in ("/", "/index.html"):
             return self._file("index.html", "no-cache")
         if _ASSET_RE.match(path):

@@ -23,7 +23,7 @@ SERVICES = ("GenerationService", "RetrievalService", "MeteringService", "TenantS
 
 # Reachable without a token (probes, reflection, the console's files, dev sign-in).
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.", "/assets/", "/.well-known/", "/dev/")
-PUBLIC_PATHS = ("/",)
+PUBLIC_PATHS = ("/", "/favicon.ico")
 
 MEMBER_RPCS = (
     "/copilot.v1.GenerationService/Answer",
@@ -34,6 +34,14 @@ MEMBER_RPCS = (
     "/copilot.v1.TenantService/GetTenant",
     # Reading search defaults; changing them needs admin, which the retrieval service checks.
     "/copilot.v1.RetrievalService/ConfigureSearch",
+)
+# A tenant's read-only look at itself: its usage, its quota, its own record. Not counted
+# against its hourly request quota (a tenant that used it up must still be able to see
+# so), but rate limited on a counter of their own (servers/edge/service.py).
+INSPECTION_RPCS = (
+    "/copilot.v1.MeteringService/GetUsage",
+    "/copilot.v1.MeteringService/CheckQuota",
+    "/copilot.v1.TenantService/GetTenant",
 )
 ADMIN_RPCS = (
     "/copilot.v1.RetrievalService/IngestDocuments",

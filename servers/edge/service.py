@@ -23,22 +23,42 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from servers.common.errors import ERROR_DOMAIN
-from servers.edge.config import TenantLimits
-from servers.edge.limiter import UNIT_NAMES, Decision, InProcessLimiter, Limiter
+from servers.edge.config import FREE_PLAN_RPM, FREE_PLAN_RPS, UNKNOWN, TenantLimits, limits_of
+from servers.edge.limiter import HOUR, UNIT_NAMES, Decision, InProcessLimiter, Limiter, Limits
 
 log = logging.getLogger("copilot.edge.ratelimit")
 
 DOMAIN = "copilot"
 TENANT_KEY = "tenant_id"
+# Envoy marks a tenant's reads of its own usage, quota and record (envoy_config.INSPECTION_RPCS)
+# with this entry. They are not counted against the tenant's hourly request quota, which a
+# tenant that exhausted it must still be able to read about; they are rate limited on a
+# counter of their own, by the tenant's per-second and per-minute limits, so they cannot
+# be used to flood the mesh either.
+KIND_KEY = "kind"
+INSPECT = "inspect"
 SERVICE_NAME = rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name
 
 Response = rls_pb2.RateLimitResponse
 OK = Response.OK
 OVER_LIMIT = Response.OVER_LIMIT
 
+# The limiter key of a tenant's self-inspection calls ("/" is not in a tenant id).
+INSPECT_SUFFIX = "/inspect"
+
+
+def inspection_limits(limits: Limits) -> Limits:
+    """The tenant's limits without the hour window (its quota). A tenant whose record
+    limits only the hour gets generous shorter windows instead: never unlimited."""
+    short = tuple(w for w in limits if w.unit != HOUR)
+    return short or FREE_INSPECTION_LIMITS
+
+
 # Shared by every admitted call: never mutated, so reusing it is safe.
 _ALLOW = Response(overall_code=OK)
 _ERROR_LOG_EVERY_S = 10.0
+# Ten times the free plan's per-second and per-minute limits.
+FREE_INSPECTION_LIMITS: Limits = limits_of(FREE_PLAN_RPS * 10, FREE_PLAN_RPM * 10, 0)
 
 
 def over_limit_message(tenant_id: str, decision: Decision) -> str:
@@ -105,9 +125,18 @@ def over_limit_response(tenant_id: str, decision: Decision, n_descriptors: int,
 DENIED_HEADER = "x-copilot-denied"
 
 
+_DENIED_MESSAGES = {
+    UNKNOWN: "tenant {} does not exist (a platform operator creates tenants: `copilot tenants create`)",
+}
+
+
+def denied_message(tenant_id: str, why: str) -> str:
+    return _DENIED_MESSAGES.get(why, "tenant {} is " + why).format(tenant_id)
+
+
 def denied_response(tenant_id: str, why: str, n_descriptors: int, index: int) -> rls_pb2.RateLimitResponse:
-    """The answer for a suspended or deleted tenant: refused outright, not rate limited."""
-    message = f"tenant {tenant_id} is {why}"
+    """The answer for a suspended, deleted or unknown tenant: refused outright, not rate limited."""
+    message = denied_message(tenant_id, why)
     reason = f"TENANT_{why.upper()}"
     info = any_pb2.Any()
     info.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata={"tenant_id": tenant_id}))
@@ -145,10 +174,12 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
         descriptors = request.descriptors
         for index, descriptor in enumerate(descriptors):
             tenant_id = None
+            inspect = False
             for entry in descriptor.entries:
                 if entry.key == TENANT_KEY:
                     tenant_id = entry.value
-                    break
+                elif entry.key == KIND_KEY:
+                    inspect = entry.value == INSPECT
             if not tenant_id:
                 # No verified tenant (e.g. a token without the claim): nothing to count
                 # against; the services refuse such calls themselves.
@@ -156,12 +187,23 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
             refused = self._limits.refused.get(tenant_id)
             if refused is not None:
                 return denied_response(tenant_id, refused, len(descriptors), index)
-            limits = self._limits.get(tenant_id)
+            limits = self._limits.known(tenant_id)
+            if limits is None:
+                try:
+                    refused = await self._limits.confirm(tenant_id)
+                except Exception as exc:  # the tenant service unreachable: the failure mode decides
+                    return await self._on_error(exc, context)
+                if refused is not None:
+                    return denied_response(tenant_id, refused, len(descriptors), index)
+                limits = self._limits.get(tenant_id)
+            key = tenant_id
+            if inspect:
+                key, limits = tenant_id + INSPECT_SUFFIX, inspection_limits(limits)
             try:
                 if self._hit_now is not None:
-                    decision = self._hit_now(tenant_id, limits, hits)
+                    decision = self._hit_now(key, limits, hits)
                 else:
-                    decision = await self._limiter.hit(tenant_id, limits, hits)
+                    decision = await self._limiter.hit(key, limits, hits)
             except Exception as exc:  # LimiterError or a bug: either way the failure mode decides
                 return await self._on_error(exc, context)
             if decision.over_limit:

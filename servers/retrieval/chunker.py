@@ -60,6 +60,16 @@ class Chunk:
         return SECTION_SEPARATOR.join(self.section_path)
 
 
+def section_below_title(title: str, section: str) -> str:
+    """The heading path to show beside a document's title: a markdown document's first
+    heading is usually its title too, and "Policy › Policy > 6. Approvals" says it twice.
+    The stored section keeps it (it ranks the chunk); only what is shown drops it."""
+    head, sep, rest = section.partition(SECTION_SEPARATOR)
+    if title and " ".join(head.split()).casefold() == " ".join(title.split()).casefold():
+        return rest if sep else ""
+    return section
+
+
 def chunk_id(document_id: str, ordinal: int) -> str:
     # Unambiguous even when document ids contain '#': the ordinal is after the last one.
     return f"{document_id}#{ordinal}"

@@ -16,6 +16,7 @@ from servers.retrieval.engine import RetrievalEngine
 from servers.retrieval.service import RetrievalServiceServicer
 from servers.retrieval.stores.base import DocumentStore
 from servers.retrieval.stores.sqlite import SqliteFtsStore
+from servers.retrieval.tenants import TenantRegistry
 
 SERVICE_NAME = retrieval_pb2.DESCRIPTOR.services_by_name["RetrievalService"].full_name
 
@@ -60,11 +61,13 @@ def build(settings: Settings, config: RetrievalConfig | None = None) -> Service:
                              result_cache_entries=config.result_cache_entries,
                              embedding_cache_entries=config.embedding_cache_entries)
     # Ingests, deletes and search-setting changes go to metering's audit trail through a
-    # durable outbox (COPILOT_AUDIT=0 turns it off, for benchmarks only).
-    metering_channel = connect(settings.address("metering")) if settings.audit_enabled else None
+    # durable outbox (COPILOT_AUDIT=0 turns it off, for benchmarks only); writes are only for
+    # tenants metering's registry knows.
+    metering_channel = connect(settings.address("metering"))
     audit = AuditTrail("retrieval", metering_channel, settings.data_dir / "retrieval" / "audit-outbox") \
-        if metering_channel is not None else None
-    servicer = RetrievalServiceServicer(engine, audit)
+        if settings.audit_enabled else None
+    servicer = RetrievalServiceServicer(engine, audit, TenantRegistry.over(metering_channel,
+                                                                           settings.tenant_cache_ttl_s))
 
     async def start_embedder() -> None:
         # The model loads on its own thread; health is NOT_SERVING until it is ready
@@ -74,10 +77,10 @@ def build(settings: Settings, config: RetrievalConfig | None = None) -> Service:
     def register(server: grpc.aio.Server) -> None:
         retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server(servicer, server)
 
-    async def stop_audit() -> None:
-        if audit is not None and metering_channel is not None:
+    async def stop_metering() -> None:
+        if audit is not None:
             await audit.stop()
-            await metering_channel.close(None)
+        await metering_channel.close(None)
 
     return Service(
         name="retrieval",
@@ -86,6 +89,6 @@ def build(settings: Settings, config: RetrievalConfig | None = None) -> Service:
         register=register,
         dependencies={STORE_DEPENDENCY[config.store]: engine.healthy, "embedder_ready": engine.embedder_healthy},
         on_start=[start_embedder, *([audit.start] if audit is not None else [])],
-        on_stop=[engine.close, *([stop_audit] if audit is not None else [])],
+        on_stop=[engine.close, stop_metering],
         on_refusal=audit.refused if audit is not None else None,
     )

@@ -21,6 +21,7 @@ from copilot.v1 import retrieval_pb2_grpc as pb_grpc
 from servers.common.audit import AuditTrail
 from servers.common.errors import FieldViolation, InvalidArgument
 from servers.common.identity import ADMIN, INGEST, SERVICE, require_role, tenant_id
+from servers.retrieval.chunker import section_below_title
 from servers.retrieval.engine import (
     SETTING_ALPHA,
     SETTING_FUSION,
@@ -42,6 +43,7 @@ from servers.retrieval.models import (
     SearchQuery,
     SearchResult,
 )
+from servers.retrieval.tenants import TenantRegistry
 
 MAX_QUERY_CHARS = 2_000
 MAX_TOP_K = 100
@@ -276,8 +278,8 @@ def result_to_proto(result: IngestResult) -> pb.DocumentResult:
 
 def hit_to_proto(hit: Hit) -> pb.SearchHit:
     return pb.SearchHit(document_id=hit.document_id, chunk_id=hit.chunk_id, title=hit.title,
-                        section=hit.section, text=hit.text, score=hit.score, source=hit.source,
-                        metadata=dict(hit.metadata))
+                        section=section_below_title(hit.title, hit.section), text=hit.text, score=hit.score,
+                        source=hit.source, metadata=dict(hit.metadata))
 
 
 def _results(results: Iterable[IngestResult]) -> list[pb.DocumentResult]:
@@ -293,16 +295,27 @@ def _audit_ingested(audit: AuditTrail | None, results: Sequence[IngestResult]) -
 
 
 class RetrievalServiceServicer(pb_grpc.RetrievalServiceServicer):
-    def __init__(self, engine: RetrievalEngine, audit: AuditTrail | None = None) -> None:
+    def __init__(self, engine: RetrievalEngine, audit: AuditTrail | None = None,
+                 registry: TenantRegistry | None = None) -> None:
         self._engine = engine
         # Ingests, deletes and search-setting changes, recorded off the request path.
         self._audit = audit
+        # Writes (and their audit events) only for tenants metering's registry knows; checked
+        # before the role, so not even a refusal is recorded for a tenant that does not exist.
+        self._registry = registry
+
+    async def _require_tenant(self) -> str:
+        tenant = tenant_id()
+        if self._registry is not None:
+            await self._registry.require(tenant)
+        return tenant
 
     async def IngestDocuments(self, request: pb.IngestDocumentsRequest,
                               context: grpc.aio.ServicerContext) -> pb.IngestDocumentsResponse:
+        tenant = await self._require_tenant()
         require_role(ADMIN, INGEST)
         documents = documents_from_proto(request.documents)
-        results = await self._engine.ingest(tenant_id(), documents)
+        results = await self._engine.ingest(tenant, documents)
         if (audited := _audit_ingested(self._audit, results)) is not None:
             await audited  # an OK only once the audit event is durable (not stored: that comes later)
         return pb.IngestDocumentsResponse(results=_results(results))
@@ -312,8 +325,8 @@ class RetrievalServiceServicer(pb_grpc.RetrievalServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.StreamIngestDocumentsResponse]:
         # Checked before reading anything, so a caller without the role uploads nothing.
+        tenant = await self._require_tenant()
         require_role(ADMIN, INGEST)
-        tenant = tenant_id()
         done = 0
         batch = 0
         audited: list[Awaitable[bool]] = []
@@ -337,9 +350,9 @@ class RetrievalServiceServicer(pb_grpc.RetrievalServiceServicer):
 
     async def DeleteDocuments(self, request: pb.DeleteDocumentsRequest,
                               context: grpc.aio.ServicerContext) -> pb.DeleteDocumentsResponse:
+        tenant = await self._require_tenant()
         require_role(ADMIN, INGEST)
         document_ids = delete_ids_from_proto(request.document_ids)
-        tenant = tenant_id()
         # Read before deleting so the trail says which content was removed, not only its id.
         versions = (await self._engine.store.indexed_versions(tenant, document_ids)
                     if self._audit is not None else {})
@@ -360,12 +373,16 @@ class RetrievalServiceServicer(pb_grpc.RetrievalServiceServicer):
                               context: grpc.aio.ServicerContext) -> pb.ProvisionTenantResponse:
         require_role(SERVICE)
         await self._engine.provision(tenant_id())
+        if self._registry is not None:
+            self._registry.provisioned(tenant_id())
         return pb.ProvisionTenantResponse()
 
     async def EraseTenant(self, request: pb.EraseTenantRequest,
                           context: grpc.aio.ServicerContext) -> pb.EraseTenantResponse:
         require_role(SERVICE)
         await self._engine.erase(tenant_id())
+        if self._registry is not None:
+            self._registry.forget(tenant_id())
         return pb.EraseTenantResponse()
 
     async def ConfigureSearch(self, request: pb.ConfigureSearchRequest,
@@ -373,6 +390,7 @@ class RetrievalServiceServicer(pb_grpc.RetrievalServiceServicer):
         tenant = tenant_id()
         values = settings_from_proto(request)
         if values:
+            await self._require_tenant()
             require_role(ADMIN)
             before = await self._engine.defaults(tenant) if self._audit is not None else None
             defaults = await self._engine.configure(tenant, values)

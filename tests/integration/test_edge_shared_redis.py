@@ -20,7 +20,7 @@ import pytest_asyncio
 from google.protobuf import field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from copilot.v1 import common_pb2, tenant_pb2, tenant_pb2_grpc
+from copilot.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc, tenant_pb2, tenant_pb2_grpc
 from copilot_cli.supervisor import envoy_binary, free_port, settings_env
 from servers.common.settings import Settings
 from servers.edge import envoy_config
@@ -131,9 +131,10 @@ async def test_two_edges_share_limits_in_redis_and_fail_open_or_closed(
         metadata = mesh.auth(tenant)
         codes: list[grpc.StatusCode] = []
         for i in range(HOURLY_LIMIT + 10):
-            stub = tenant_pb2_grpc.TenantServiceStub(edges[i % 2].channel)
+            # A search counts against the hour (a tenant reading its own record does not).
+            stub = retrieval_pb2_grpc.RetrievalServiceStub(edges[i % 2].channel)
             try:
-                await stub.GetTenant(tenant_pb2.GetTenantRequest(), metadata=metadata, timeout=5)
+                await stub.Search(retrieval_pb2.SearchRequest(query="limits"), metadata=metadata, timeout=5)
                 codes.append(grpc.StatusCode.OK)
             except grpc.aio.AioRpcError as exc:
                 codes.append(exc.code())

@@ -38,7 +38,7 @@ async def test_tenant_lifecycle_from_the_cli(mesh: RunningMesh, channel: grpc.ai
                                       "--set", "limits.requests_per_hour=5000")
     assert "config version 2" in updated
     got = json.loads(await asyncio.to_thread(run, "tenants", "get", tenant))
-    assert got["config"]["topK"] == 7 and got["limits"]["requestsPerHour"] == 5000
+    assert got["config"]["top_k"] == 7 and got["limits"]["requests_per_hour"] == 5000
     bad = _copilot(mesh, "tenants", "update", tenant, "--set", "config.top_k=1000")
     assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr
 

@@ -208,3 +208,50 @@ async def test_a_live_watch_replaces_the_periodic_listing_and_its_loss_brings_it
         assert listings > quiet_from + 1
     finally:
         await limits.stop()
+
+
+async def test_a_missing_tenant_is_remembered_until_it_is_created() -> None:
+    created: set[str] = set()
+    lookups: list[str] = []
+
+    async def source() -> list[tenant_pb2.Tenant]:
+        return []
+
+    async def lookup(tenant_id: str) -> tenant_pb2.Tenant | None:
+        lookups.append(tenant_id)
+        await asyncio.sleep(0.01)
+        return tenant(tenant_id, rps=7) if tenant_id in created else None
+
+    limits = TenantLimits(source, refresh_s=60, lookup=lookup)
+    assert limits.known("ghost") is None
+    assert limits.known(identity.PLATFORM_TENANT) == config.PLATFORM_LIMITS
+    # Concurrent first calls share one lookup; later ones hit the negative cache.
+    assert await asyncio.gather(*(limits.confirm("ghost") for _ in range(5))) == [config.UNKNOWN] * 5
+    assert await limits.confirm("ghost") == config.UNKNOWN
+    assert lookups == ["ghost"]
+    # Created (and pushed by the watch): admitted at once, with its own limits.
+    created.add("ghost")
+    limits.apply(tenant_pb2.WatchTenantsResponse(tenants=[tenant("ghost", rps=7)]))
+    assert limits.known("ghost") == limits_of(7, 0, 0)
+    # Created with no push yet (the watch is down): the negative answer expires with the
+    # refresh period, and a lookup then finds it.
+    limits = TenantLimits(source, refresh_s=0.1, lookup=lookup)
+    assert await limits.confirm("late") == config.UNKNOWN
+    created.add("late")
+    assert await limits.confirm("late") == config.UNKNOWN
+    await asyncio.sleep(0.15)
+    assert await limits.confirm("late") is None and limits.known("late") == limits_of(7, 0, 0)
+    suspended = tenant("frozen", state=tenant_pb2.TENANT_STATE_SUSPENDED)
+
+    async def frozen(tenant_id: str) -> tenant_pb2.Tenant | None:
+        return suspended
+
+    limits = TenantLimits(source, refresh_s=60, lookup=frozen)
+    assert await limits.confirm("frozen") == config.SUSPENDED and limits.refused["frozen"] == config.SUSPENDED
+
+
+def test_without_a_lookup_unknown_tenants_get_the_free_plan() -> None:
+    async def source() -> list[tenant_pb2.Tenant]:
+        return []
+
+    assert TenantLimits(source, refresh_s=60).known("newco") == FREE_LIMITS

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -131,3 +132,16 @@ async def test_shutdown_turns_everything_not_serving(mesh: Mesh) -> None:
     assert (await watch.read()).status == NOT_SERVING
     assert await check(stub, "") == NOT_SERVING
     assert await check(stub, RETRIEVAL) == NOT_SERVING
+
+
+async def test_overall_health_waits_for_the_mesh_to_be_ready(tmp_path: Path) -> None:
+    marker = tmp_path / "ready"
+    proxy = HealthProxy({}, local_names=(RLS,), ready=marker.exists)
+    await proxy.start()
+    # Still starting (`copilot up` provisioning the demo tenants): the edge's own services
+    # serve, the mesh as a whole does not yet.
+    assert await proxy.status("") == NOT_SERVING and await proxy.status(RLS) == SERVING
+    marker.write_text("ready\n")
+    assert await proxy.status("") == SERVING
+    await proxy.shutdown()
+    assert await proxy.status("") == NOT_SERVING

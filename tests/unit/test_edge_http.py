@@ -40,6 +40,13 @@ def test_serves_the_console_and_nothing_outside_it(tmp_path: Path) -> None:
     assert http.handle("POST", "/", b"").status == 405
 
 
+def test_the_favicon_is_served_so_browsers_log_no_error(tmp_path: Path) -> None:
+    http, _ = make(tmp_path)
+    icon = http.handle("GET", "/favicon.ico", b"")
+    assert icon.status == 200 and icon.content_type == "image/svg+xml" and icon.body.startswith(b"<svg")
+    assert ("cache-control", "max-age=86400") in icon.headers
+
+
 def test_jwks_is_served_and_reread_after_rotation(tmp_path: Path) -> None:
     http, issuer = make(tmp_path)
     first = json.loads(http.handle("GET", "/.well-known/jwks.json", b"").body)

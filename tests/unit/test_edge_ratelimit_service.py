@@ -14,7 +14,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from copilot.v1 import tenant_pb2
-from servers.edge.config import TenantLimits
+from servers.edge.config import TenantLimits, TenantLookup
 from servers.edge.limiter import HOUR, SECOND, Decision, InProcessLimiter, Limiter, LimiterError, Limits
 from servers.edge.service import RateLimitServicer
 
@@ -57,11 +57,12 @@ async def start_rls() -> AsyncIterator[Start]:
     servers: list[grpc.aio.Server] = []
     channels: list[grpc.aio.Channel] = []
 
-    async def start(limiter: Limiter | None = None, fail_open: bool = True) -> rls_pb2_grpc.RateLimitServiceStub:
+    async def start(limiter: Limiter | None = None, fail_open: bool = True,
+                    lookup: TenantLookup | None = None) -> rls_pb2_grpc.RateLimitServiceStub:
         async def source() -> list[tenant_pb2.Tenant]:
             return list(TENANTS)
 
-        limits = TenantLimits(source, refresh_s=60)
+        limits = TenantLimits(source, refresh_s=60, lookup=lookup)
         assert await limits.refresh()
         servicer = RateLimitServicer(limits, limiter or InProcessLimiter(clock=lambda: T0), fail_open=fail_open)
         server = grpc.aio.server()
@@ -135,6 +136,63 @@ async def test_unknown_tenants_get_the_free_plan_and_suspended_ones_are_refused(
     headers = {h.key: h.value for h in suspended.response_headers_to_add}
     assert headers["x-copilot-denied"] == "suspended"
     assert "retry-after" not in headers
+
+
+async def test_a_tenant_the_tenant_service_does_not_know_is_refused_after_one_lookup(start_rls: Start) -> None:
+    # "newco" was created after the last listing; "ghost" was never created.
+    looked_up: list[str] = []
+
+    async def lookup(tenant_id: str) -> tenant_pb2.Tenant | None:
+        looked_up.append(tenant_id)
+        return tenant("newco", rps=2) if tenant_id == "newco" else None
+
+    rls = await start_rls(lookup=lookup)
+    for _ in range(3):
+        ghost = await rls.ShouldRateLimit(request("ghost"))
+        assert ghost.overall_code == Response.OVER_LIMIT
+        headers = {h.key: h.value for h in ghost.response_headers_to_add}
+        assert headers["x-copilot-denied"] == "unknown"
+        assert "does not exist" in headers["grpc-message"]
+        status = status_pb2.Status.FromString(base64.b64decode(headers["grpc-status-details-bin"]))
+        info = error_details_pb2.ErrorInfo()
+        assert status.details[0].Unpack(info) and info.reason == "TENANT_UNKNOWN"
+    codes = [(await rls.ShouldRateLimit(request("newco"))).overall_code for _ in range(3)]
+    assert codes == [Response.OK, Response.OK, Response.OVER_LIMIT]  # its own limits, not the free plan's
+    # Known tenants and the platform's own are never looked up; each unknown one once.
+    for known in ("acme", "platform"):
+        assert (await rls.ShouldRateLimit(request(known))).overall_code == Response.OK
+    assert sorted(looked_up) == ["ghost", "newco"]
+
+
+async def test_an_unreachable_tenant_service_leaves_unknown_tenants_to_the_failure_mode(start_rls: Start) -> None:
+    async def lookup(tenant_id: str) -> tenant_pb2.Tenant | None:
+        raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata())
+
+    assert (await (await start_rls(lookup=lookup)).ShouldRateLimit(request("ghost"))).overall_code == Response.OK
+    closed = await start_rls(lookup=lookup, fail_open=False)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await closed.ShouldRateLimit(request("ghost"))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert (await closed.ShouldRateLimit(request("acme"))).overall_code == Response.OK
+
+
+def inspect(tenant_id: str) -> rls_pb2.RateLimitRequest:
+    return rls_pb2.RateLimitRequest(domain="copilot", descriptors=[ratelimit_pb2.RateLimitDescriptor(entries=[
+        ratelimit_pb2.RateLimitDescriptor.Entry(key="tenant_id", value=tenant_id),
+        ratelimit_pb2.RateLimitDescriptor.Entry(key="kind", value="inspect")])])
+
+
+async def test_self_inspection_is_outside_the_hourly_quota_but_still_rate_limited(start_rls: Start) -> None:
+    rls = await start_rls()
+    # initech may make 2 requests an hour: reading its usage neither spends nor needs them.
+    assert [(await rls.ShouldRateLimit(inspect("initech"))).overall_code for _ in range(3)] == [Response.OK] * 3
+    codes = [(await rls.ShouldRateLimit(request("initech"))).overall_code for _ in range(3)]
+    assert codes == [Response.OK, Response.OK, Response.OVER_LIMIT]
+    assert (await rls.ShouldRateLimit(inspect("initech"))).overall_code == Response.OK
+    # acme's 3 a second hold for inspection too (on a counter of its own).
+    codes = [(await rls.ShouldRateLimit(inspect("acme"))).overall_code for _ in range(4)]
+    assert codes == [Response.OK] * 3 + [Response.OVER_LIMIT]
+    assert (await rls.ShouldRateLimit(inspect("umbrella"))).overall_code == Response.OVER_LIMIT  # suspended
 
 
 async def test_requests_without_a_tenant_or_for_another_domain_pass(start_rls: Start) -> None:

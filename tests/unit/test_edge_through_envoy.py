@@ -54,23 +54,31 @@ def unused_port() -> int:
         return int(sock.getsockname()[1])
 
 
+REGISTERED = frozenset({"acme", "globex", "tiny", "frozen", "fresh"})
+
+
 class Backend(tenant_pb2_grpc.TenantServiceServicer):
     """Lists tenants for the edge and echoes the identity headers each call arrives with."""
 
     async def ListTenants(self, request: tenant_pb2.ListTenantsRequest,
                           context: grpc.aio.ServicerContext) -> tenant_pb2.ListTenantsResponse:
-        def make(tenant_id: str, rph: int, state: int = tenant_pb2.TENANT_STATE_ACTIVE) -> tenant_pb2.Tenant:
+        def make(tenant_id: str, rph: int, state: int = tenant_pb2.TENANT_STATE_ACTIVE,
+                 rps: int = 0) -> tenant_pb2.Tenant:
             return tenant_pb2.Tenant(tenant_id=tenant_id, state=state,
-                                     limits=tenant_pb2.TenantLimits(requests_per_hour=rph))
+                                     limits=tenant_pb2.TenantLimits(requests_per_hour=rph, requests_per_second=rps))
 
         return tenant_pb2.ListTenantsResponse(tenants=[
-            make("acme", 100_000), make("globex", 100_000), make("tiny", 3),
+            make("acme", 100_000), make("globex", 100_000), make("tiny", 3, rps=5),
             make("frozen", 100_000, tenant_pb2.TENANT_STATE_SUSPENDED)])
 
     async def GetTenant(self, request: tenant_pb2.GetTenantRequest,
                         context: grpc.aio.ServicerContext) -> tenant_pb2.GetTenantResponse:
         if request.tenant_id == "slow":
             await asyncio.sleep(0.3)
+        elif request.tenant_id and request.tenant_id not in REGISTERED:
+            # The edge confirming a tenant its listing does not have: "fresh" was created
+            # after the listing, anything else never was.
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"tenant {request.tenant_id} not found")
         seen = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
         return tenant_pb2.GetTenantResponse(tenant=tenant_pb2.Tenant(
             tenant_id=seen.get("x-tenant-id", ""), display_name=json.dumps(seen)))
@@ -304,11 +312,16 @@ async def test_cors_preflight_is_answered_without_a_token(edge: Edge) -> None:
 async def test_over_the_limit_is_resource_exhausted_with_retry_info_and_others_unaffected(edge: Edge) -> None:
     if 3600 - time.time() % 3600 < 5:  # keep all the calls inside one hour window
         await asyncio.sleep(6)
-    tiny = edge.token("tiny")
+    # CreateTenant counts against the hour (GetTenant of one's own tenant does not: below).
+    tiny = (("authorization", f"Bearer {edge.token('tiny', roles=('operator',))}"),)
+
+    async def counted() -> None:
+        await edge.tenants.CreateTenant(tenant_pb2.CreateTenantRequest(tenant_id="x"), metadata=tiny, timeout=5)
+
     for _ in range(3):
-        await edge.seen_by_backend(tiny)
+        await counted()
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await edge.seen_by_backend(tiny)
+        await counted()
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     trailers = {k: v for k, v in err.value.trailing_metadata() or ()}  # type: ignore[union-attr]
     assert int(trailers["retry-after"]) > 0
@@ -322,6 +335,18 @@ async def test_over_the_limit_is_resource_exhausted_with_retry_info_and_others_u
     # Another tenant is unaffected.
     for _ in range(5):
         assert (await edge.seen_by_backend(edge.token("globex")))["x-tenant-id"] == "globex"
+    # Its hourly quota spent, the tenant still reads its own record (usage, quota alike),
+    # under a per-second limit of its own.
+    async def inspect() -> str:
+        try:
+            return (await edge.seen_by_backend(edge.token("tiny")))["x-tenant-id"]
+        except grpc.aio.AioRpcError as exc:
+            return exc.code().name
+
+    first = await inspect()
+    # A burst: tiny's own limit of 5 a second holds its self-inspection too.
+    burst = await asyncio.gather(*(inspect() for _ in range(12)))
+    assert first == "tiny" and "tiny" in burst and "RESOURCE_EXHAUSTED" in burst
 
 
 async def test_a_suspended_tenant_is_refused_as_permission_denied(edge: Edge) -> None:
@@ -336,7 +361,27 @@ async def test_a_suspended_tenant_is_refused_as_permission_denied(edge: Edge) ->
     assert info.reason == "TENANT_SUSPENDED"
 
 
+async def test_a_token_for_a_tenant_that_does_not_exist_is_refused_and_a_new_one_admitted(edge: Edge) -> None:
+    for _ in range(2):  # the second answer comes from the negative cache
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await edge.seen_by_backend(edge.token("ghost"))
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "tenant ghost does not exist" in (err.value.details() or "")
+        status = rpc_status.from_call(err.value)  # type: ignore[arg-type]
+        assert status is not None
+        info = error_details_pb2.ErrorInfo()
+        assert any(d.Unpack(info) for d in status.details if d.Is(info.DESCRIPTOR))
+        assert info.reason == "TENANT_UNKNOWN"
+    # Not in the edge's listing yet, but the tenant service has it: admitted on its first call.
+    assert (await edge.seen_by_backend(edge.token("fresh")))["x-tenant-id"] == "fresh"
+
+
 # -- routing, health, reflection, limits on size
+
+
+async def test_the_favicon_is_served_without_a_token(edge: Edge) -> None:
+    status, headers, body = await _http1(edge, "GET", "/favicon.ico", {})
+    assert status == 200 and headers["content-type"] == "image/svg+xml" and body.startswith(b"<svg")
 
 
 async def test_unknown_services_are_unimplemented(edge: Edge) -> None:

@@ -12,6 +12,7 @@ from servers.retrieval.chunker import (
     chunk_document,
     chunk_id,
     normalise,
+    section_below_title,
     sentences,
 )
 
@@ -218,3 +219,12 @@ def test_config_validation_and_signature() -> None:
     with pytest.raises(ValueError):
         ChunkingConfig(max_chars=300, overlap_chars=200)
     assert ChunkingConfig().signature != SMALL.signature
+
+
+def test_the_section_shown_beside_a_title_does_not_repeat_it() -> None:
+    chunks = chunk_document("p", "# Policy\n\n## 6. Approvals\n\nTwo signatures.", markdown=True)
+    assert chunks[0].section == "Policy > 6. Approvals"  # indexed with the title: it ranks
+    assert section_below_title("Policy", chunks[0].section) == "6. Approvals"
+    assert section_below_title(" policy ", "Policy") == ""
+    assert section_below_title("Policy manual", "Policy > 6. Approvals") == "Policy > 6. Approvals"
+    assert section_below_title("", "Policy > 6. Approvals") == "Policy > 6. Approvals"

@@ -15,15 +15,18 @@ from google.rpc import error_details_pb2
 
 from copilot.v1 import retrieval_pb2 as pb
 from copilot.v1 import retrieval_pb2_grpc as pb_grpc
-from servers.common.errors import PermissionDenied, from_rpc_error
+from copilot.v1 import tenant_pb2, tenant_pb2_grpc
+from servers.common import identity
+from servers.common.errors import NotFound, PermissionDenied, from_rpc_error
 from servers.common.interceptors import IdentityServerInterceptor
-from servers.common.lifecycle import CHANNEL_OPTIONS
+from servers.common.lifecycle import CHANNEL_OPTIONS, connect
 from servers.common.settings import Settings
 from servers.retrieval.config import RetrievalConfig
 from servers.retrieval.engine import RetrievalEngine
 from servers.retrieval.server import SERVICE_NAME, build, tenants_dir
 from servers.retrieval.service import RetrievalServiceServicer
 from servers.retrieval.stores.sqlite import SqliteFtsStore
+from servers.retrieval.tenants import TenantRegistry
 
 
 def who(tenant: str | None, roles: str = "member", user: str = "u1") -> tuple[tuple[str, str], ...]:
@@ -316,4 +319,67 @@ async def test_provision_and_erase_need_the_service_role(tmp_path: Path) -> None
             await servicer.EraseTenant(pb.EraseTenantRequest(), None)  # type: ignore[arg-type]
         assert not any(f.exists() for f in store.files("erase-me"))
     finally:
+        await store.close()
+
+
+class Registry(tenant_pb2_grpc.TenantServiceServicer):
+    """Metering's tenant registry, as retrieval asks it: GetTenant of the caller's own tenant."""
+
+    def __init__(self, tenants: set[str]) -> None:
+        self.tenants = tenants
+        self.asked: list[str] = []
+
+    async def GetTenant(self, request: tenant_pb2.GetTenantRequest,
+                        context: grpc.aio.ServicerContext) -> tenant_pb2.GetTenantResponse:
+        caller = identity.current()
+        self.asked.append(caller.tenant_id)
+        if caller.tenant_id not in self.tenants:
+            raise NotFound(f"tenant {caller.tenant_id} not found")
+        return tenant_pb2.GetTenantResponse(tenant=tenant_pb2.Tenant(tenant_id=caller.tenant_id))
+
+
+async def test_nothing_is_stored_for_a_tenant_the_registry_does_not_know(tmp_path: Path) -> None:
+    registry = Registry({"tenant-a"})
+    metering = grpc.aio.server(interceptors=[IdentityServerInterceptor(access_log=False)])
+    tenant_pb2_grpc.add_TenantServiceServicer_to_server(registry, metering)
+    metering_port = metering.add_insecure_port("127.0.0.1:0")
+    await metering.start()
+    store = SqliteFtsStore(tmp_path / "tenants")
+    to_metering = connect(f"127.0.0.1:{metering_port}")
+    servicer = RetrievalServiceServicer(RetrievalEngine(store), registry=TenantRegistry.over(to_metering, 60))
+    server = grpc.aio.server(interceptors=[IdentityServerInterceptor(access_log=False)], options=CHANNEL_OPTIONS)
+    pb_grpc.add_RetrievalServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
+    stub = pb_grpc.RetrievalServiceStub(channel)
+    docs = pb.IngestDocumentsRequest(documents=[document("p", "Two signatures are needed.")])
+    try:
+        for caller in (who("ghost", "admin"), who("ghost", "member")):  # refused before the role is checked
+            message, _ = await expect_error(stub.IngestDocuments(docs, metadata=caller),
+                                            grpc.StatusCode.FAILED_PRECONDITION)
+            assert "tenant ghost does not exist" in message
+        await expect_error(stub.ConfigureSearch(pb.ConfigureSearchRequest(default_top_k=3),
+                                                metadata=who("ghost", "admin")), grpc.StatusCode.FAILED_PRECONDITION)
+        await expect_error(stub.DeleteDocuments(pb.DeleteDocumentsRequest(document_ids=["p"]),
+                                                metadata=who("ghost", "admin")), grpc.StatusCode.FAILED_PRECONDITION)
+        assert not list((tmp_path / "tenants").glob("ghost*"))
+        # A registered tenant: asked once, then remembered.
+        for _ in range(2):
+            await stub.IngestDocuments(docs, metadata=ADMIN_A)
+        assert registry.asked.count("tenant-a") == 1
+        # A tenant provisioned here (by metering's onboarding) needs no question at all.
+        onboarding = who("tenant-b", "service", user="service:metering")
+        await stub.ProvisionTenant(pb.ProvisionTenantRequest(), metadata=onboarding)
+        await stub.IngestDocuments(docs, metadata=who("tenant-b", "admin"))
+        assert "tenant-b" not in registry.asked
+        # Erased: forgotten, so the registry is asked again (and no longer knows it).
+        await stub.EraseTenant(pb.EraseTenantRequest(), metadata=onboarding)
+        await expect_error(stub.IngestDocuments(docs, metadata=who("tenant-b", "admin")),
+                           grpc.StatusCode.FAILED_PRECONDITION)
+    finally:
+        await channel.close()
+        await server.stop(None)
+        await to_metering.close()
+        await metering.stop(None)
         await store.close()

@@ -265,6 +265,9 @@ async def test_service_on_weaviate_over_grpc(fake: FakeWeaviate, tmp_path: Path)
     admin_a = (("x-user-id", "u1"), ("x-roles", "admin"), ("x-tenant-id", "tenant-grpc-a"))
     member_b = (("x-user-id", "u2"), ("x-roles", "member"), ("x-tenant-id", "tenant-grpc-b"))
     try:
+        # Onboarding provisions a tenant before anything is stored for it (no metering here to ask).
+        await stub.ProvisionTenant(pb.ProvisionTenantRequest(), metadata=(
+            ("x-user-id", "service:metering"), ("x-roles", "service"), ("x-tenant-id", "tenant-grpc-a")))
         ingested = await stub.IngestDocuments(pb.IngestDocumentsRequest(documents=[
             pb.Document(document_id="d1", title="AML", text="Report suspicious transactions.",
                         metadata={"topic": "aml"})]), metadata=admin_a)
