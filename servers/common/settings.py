@@ -85,6 +85,10 @@ class Settings:
     # benchmark's comparison); deleting a tenant keeps its trail ("keep") or erases it ("erase").
     audit_enabled: bool = True
     audit_on_tenant_delete: str = "keep"
+    # Requests whose bytes are not a valid message are refused and counted every time, but
+    # logged (WARNING) at most once per tenant per this many seconds: garbage in a loop
+    # must not flood the logs.
+    malformed_log_interval_s: float = 10.0
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -121,6 +125,7 @@ class Settings:
             edge_bind=os.environ.get("COPILOT_EDGE_BIND") or None,
             audit_enabled=_bool("COPILOT_AUDIT", True),
             audit_on_tenant_delete=os.environ.get("COPILOT_AUDIT_ON_TENANT_DELETE", "keep").strip().lower(),
+            malformed_log_interval_s=float(os.environ.get("COPILOT_MALFORMED_LOG_INTERVAL_S", "10")),
         )
 
     def address(self, service: str) -> str:
