@@ -63,6 +63,7 @@ async def _serve(interceptor: grpc.aio.ServerInterceptor,
 def _register_services(server: grpc.aio.Server) -> None:
     tenant_pb2_grpc.add_TenantServiceServicer_to_server(Tenants(), server)
     retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server(Ingest(), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
 
 
 @pytest.fixture
@@ -142,6 +143,13 @@ async def test_no_identity_is_still_unauthenticated_not_malformed(services: str)
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await channel.unary_unary(GET_TENANT)(GARBAGE, timeout=5)
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_public_rpcs_without_identity_refuse_malformed_requests_too(services: str) -> None:
+    async with grpc.aio.insecure_channel(services) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await channel.unary_unary("/grpc.health.v1.Health/Check")(GARBAGE, timeout=5)
+    _assert_malformed(info.value, "grpc.health.v1.HealthCheckRequest")
 
 
 async def test_counted_every_time_logged_once_per_tenant_without_traceback(
