@@ -165,7 +165,7 @@ def _guard(handler: grpc.RpcMethodHandler, method: str, decoding: _Decoding) -> 
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 if isinstance(request, MalformedRequest):
                     await refuse(context, request)
-                async for item in inner_stream(request, context):
+                async for item in _responses(inner_stream(request, context)):
                     yield item
 
             behavior = unary_stream
@@ -184,7 +184,7 @@ def _guard(handler: grpc.RpcMethodHandler, method: str, decoding: _Decoding) -> 
 
         async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             try:
-                async for item in inner_bidi(requests, context):
+                async for item in _responses(inner_bidi(requests, context)):
                     yield item
             except MalformedRequest as refusal:
                 await refuse(context, refusal)
@@ -194,6 +194,16 @@ def _guard(handler: grpc.RpcMethodHandler, method: str, decoding: _Decoding) -> 
     factory = getattr(grpc, f"{kind}_rpc_method_handler")
     return factory(behavior, request_deserializer=decoding.deserializer(method, handler),
                    response_serializer=handler.response_serializer)
+
+
+async def _responses(result: Any) -> AsyncIterator[Any]:
+    """What a streaming handler yields: grpc.aio also accepts handlers that are coroutines
+    writing with `context.write()` (grpc_health's Watch), which yield nothing here."""
+    if hasattr(result, "__aiter__"):
+        async for item in result:
+            yield item
+    else:
+        await result
 
 
 def _enter(caller: ident.Identity | None, context: grpc.aio.ServicerContext) -> list[Callable[[], None]]:
@@ -286,7 +296,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, caller: ident.Identity | 
                 await _fail(context, request, started)
             resets = _enter(caller, context)
             try:
-                async for item in inner_stream(request, context):
+                async for item in _responses(inner_stream(request, context)):
                     yield item
             except grpc.aio.AbortError:
                 raise

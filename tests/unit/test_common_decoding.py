@@ -152,6 +152,23 @@ async def test_public_rpcs_without_identity_refuse_malformed_requests_too(servic
     _assert_malformed(info.value, "grpc.health.v1.HealthCheckRequest")
 
 
+async def test_health_watch_answers_behind_either_interceptor(caplog: pytest.LogCaptureFixture) -> None:
+    # grpc_health's Watch writes with context.write() (a coroutine, not an async generator):
+    # the wrapped handlers must run both kinds of streaming handler.
+    caplog.set_level(logging.DEBUG)
+    for interceptor in (IdentityServerInterceptor(access_log=False), DecodingServerInterceptor()):
+        server, address = await _serve(interceptor, _register_public)
+        try:
+            async with grpc.aio.insecure_channel(address) as channel:
+                watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=5)
+                first = await watch.read()
+                watch.cancel()
+            assert first.status == health_pb2.HealthCheckResponse.SERVING, type(interceptor).__name__
+        finally:
+            await server.stop(None)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 async def test_counted_every_time_logged_once_per_tenant_without_traceback(
         services: str, caplog: pytest.LogCaptureFixture) -> None:
     before = _malformed_count(GET_TENANT)
