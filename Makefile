@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV := .venv/bin
 export PATH := $(CURDIR)/.venv/bin:$(CURDIR)/node_modules/.bin:$(PATH)
 
-.PHONY: setup config-docs run test unit integration lint gen check-gen buf-lint buf-breaking bench-edge bench-fairness bench-retrieval bench-tenants bench-answer bench-audit bench-load clean
+.PHONY: setup config-docs run test unit integration lint gen check-gen buf-lint buf-breaking bench-edge bench-fairness bench-retrieval bench-tenants bench-answer bench-audit bench-load bench-fuzz clean
 
 setup:
 	@scripts/setup.sh
@@ -79,6 +79,11 @@ bench-audit: setup
 ## 10-minute soak; writes docs/benchmarks.md. ARGS="--quick" for a smoke run.
 bench-load: setup
 	$(VENV)/python -m bench.loadsuite $(ARGS)
+
+## Hostile input for the nightly run: the suite's fuzzer (every copilot.v1 RPC through the edge) with
+## many more examples on a mesh of its own. ARGS="--examples 5000 --seconds 1200".
+bench-fuzz: setup
+	$(VENV)/python -m bench.fuzz $(ARGS)
 
 clean:
 	rm -rf .stamps .copilot test-artifacts

@@ -107,6 +107,20 @@ class InvalidArgument(CopilotError):
         return [*super().details(), bad]
 
 
+class MalformedRequest(InvalidArgument):
+    """Bytes that do not decode as the RPC's request message (see servers/common/decoding.py).
+    The message names only the expected type: nothing of the decoder's error or the bytes."""
+
+    default_reason = "MALFORMED_REQUEST"
+
+    def __init__(self, type_name: str, size: int) -> None:
+        super().__init__(f"request is not a valid {type_name}",
+                         [FieldViolation("", f"the {size} bytes sent are not a valid {type_name}")],
+                         metadata={"message_type": type_name})
+        self.type_name = type_name
+        self.size = size
+
+
 class ResourceExhausted(CopilotError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     default_reason = "QUOTA_EXCEEDED"

@@ -22,7 +22,8 @@ from opentelemetry import context as otel_context
 
 from servers.common import identity as ident
 from servers.common import metrics
-from servers.common.errors import PASS_THROUGH, CopilotError, Unauthenticated
+from servers.common.decoding import MalformedReport, tolerant_deserializer
+from servers.common.errors import PASS_THROUGH, CopilotError, MalformedRequest, Unauthenticated
 
 log = logging.getLogger("copilot.access")
 
@@ -68,9 +69,11 @@ def _to_abort(exc: BaseException, method: str) -> _Abort:
 class IdentityServerInterceptor(grpc.aio.ServerInterceptor):
     """Runs each handler as the caller's verified identity; refuses calls without one."""
 
-    def __init__(self, access_log: bool = True, on_refusal: RefusalHook | None = None) -> None:
+    def __init__(self, access_log: bool = True, on_refusal: RefusalHook | None = None,
+                 malformed_log_interval_s: float = 10.0) -> None:
         self._access_log = access_log
         self._on_refusal = on_refusal
+        self._decoding = _Decoding(malformed_log_interval_s)
 
     async def intercept_service(
         self,
@@ -82,14 +85,125 @@ class IdentityServerInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method = details.method
         public = method.startswith(PUBLIC_PREFIXES)
+        decoding = self._decoding
         try:
             caller = ident.from_metadata(details.invocation_metadata)  # type: ignore[arg-type]
         except Unauthenticated as exc:
-            return _wrap(handler, method, None, exc, self._access_log)
+            return _wrap(handler, method, None, exc, self._access_log, decoding)
         if caller is None and not public:
             err = Unauthenticated("missing verified identity: call through the edge with a valid token")
-            return _wrap(handler, method, None, err, self._access_log)
-        return _wrap(handler, method, caller, None, self._access_log, self._on_refusal)
+            return _wrap(handler, method, None, err, self._access_log, decoding)
+        return _wrap(handler, method, caller, None, self._access_log, decoding, self._on_refusal)
+
+
+class _Decoding:
+    """A server's tolerant deserializers (made once per method: the hot path only looks one
+    up) and its report of malformed requests."""
+
+    def __init__(self, log_interval_s: float) -> None:
+        self.report = MalformedReport(log_interval_s)
+        self._deserializers: dict[str, Callable[[bytes], Any]] = {}
+
+    def deserializer(self, method: str, handler: grpc.RpcMethodHandler) -> Callable[[bytes], Any] | None:
+        original = handler.request_deserializer
+        if original is None:  # a handler of raw bytes decodes nothing
+            return None
+        decode = self._deserializers.get(method)
+        if decode is None:
+            decode = tolerant_deserializer(method, original, streaming=handler.request_streaming)
+            self._deserializers[method] = decode
+        return decode
+
+
+class DecodingServerInterceptor(grpc.aio.ServerInterceptor):
+    """Malformed requests refused as INVALID_ARGUMENT on a server without the identity
+    interceptor (the edge's companion, which Envoy calls): only the decoding, no identity,
+    no access log; each method's handler is wrapped once."""
+
+    def __init__(self, malformed_log_interval_s: float = 10.0) -> None:
+        self._decoding = _Decoding(malformed_log_interval_s)
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = details.method
+        wrapped = self._handlers.get(method)
+        if wrapped is not None:
+            return wrapped
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        wrapped = _guard(handler, method, self._decoding)
+        self._handlers[method] = wrapped
+        return wrapped
+
+
+def _guard(handler: grpc.RpcMethodHandler, method: str, decoding: _Decoding) -> grpc.RpcMethodHandler:
+    """`handler` with malformed requests refused, and nothing else changed."""
+
+    async def refuse(context: grpc.aio.ServicerContext, refusal: MalformedRequest) -> None:
+        decoding.report(method, None, refusal)
+        status = refusal.to_status()
+        await context.abort(status.code, status.details, trailing_metadata=tuple(status.trailing_metadata))
+
+    if handler.unary_unary or handler.unary_stream:
+        if handler.unary_unary:
+            inner: Any = handler.unary_unary
+
+            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                if isinstance(request, MalformedRequest):
+                    await refuse(context, request)
+                return await inner(request, context)
+
+            behavior: Any = unary_unary
+        else:
+            inner_stream: Any = handler.unary_stream
+
+            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                if isinstance(request, MalformedRequest):
+                    await refuse(context, request)
+                async for item in _responses(inner_stream(request, context)):
+                    yield item
+
+            behavior = unary_stream
+    elif handler.stream_unary:
+        inner_client: Any = handler.stream_unary
+
+        async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await inner_client(requests, context)
+            except MalformedRequest as refusal:
+                await refuse(context, refusal)
+
+        behavior = stream_unary
+    else:
+        inner_bidi: Any = handler.stream_stream
+
+        async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            try:
+                async for item in _responses(inner_bidi(requests, context)):
+                    yield item
+            except MalformedRequest as refusal:
+                await refuse(context, refusal)
+
+        behavior = stream_stream
+    kind = f"{'stream' if handler.request_streaming else 'unary'}_{'stream' if handler.response_streaming else 'unary'}"
+    factory = getattr(grpc, f"{kind}_rpc_method_handler")
+    return factory(behavior, request_deserializer=decoding.deserializer(method, handler),
+                   response_serializer=handler.response_serializer)
+
+
+async def _responses(result: Any) -> AsyncIterator[Any]:
+    """What a streaming handler yields: grpc.aio also accepts handlers that are coroutines
+    writing with `context.write()` (grpc_health's Watch), which yield nothing here."""
+    if hasattr(result, "__aiter__"):
+        async for item in result:
+            yield item
+    else:
+        await result
 
 
 def _enter(caller: ident.Identity | None, context: grpc.aio.ServicerContext) -> list[Callable[[], None]]:
@@ -130,11 +244,13 @@ def _finish(method: str, caller: ident.Identity | None, started: float, code: gr
 
 
 def _wrap(handler: grpc.RpcMethodHandler, method: str, caller: ident.Identity | None,
-          refusal: CopilotError | None, access_log: bool,
+          refusal: CopilotError | None, access_log: bool, decoding: _Decoding,
           on_refusal: RefusalHook | None = None) -> grpc.RpcMethodHandler:
     log_it = access_log and not method.startswith(PUBLIC_PREFIXES)
 
     async def _fail(context: grpc.aio.ServicerContext, exc: BaseException, started: float) -> None:
+        if isinstance(exc, MalformedRequest):
+            decoding.report(method, caller.tenant_id if caller else None, exc)
         abort = _to_abort(exc, method)
         if on_refusal is not None and caller is not None and isinstance(exc, CopilotError) \
                 and abort.code in AUDITED_REFUSALS:
@@ -154,6 +270,8 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, caller: ident.Identity | 
             started = time.perf_counter()
             if refusal is not None:
                 await _fail(context, refusal, started)
+            if isinstance(request, MalformedRequest):  # what the tolerant deserializer gives for bad bytes
+                await _fail(context, request, started)
             resets = _enter(caller, context)
             try:
                 response = await inner(request, context)
@@ -174,9 +292,11 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, caller: ident.Identity | 
             started = time.perf_counter()
             if refusal is not None:
                 await _fail(context, refusal, started)
+            if isinstance(request, MalformedRequest):
+                await _fail(context, request, started)
             resets = _enter(caller, context)
             try:
-                async for item in inner_stream(request, context):
+                async for item in _responses(inner_stream(request, context)):
                     yield item
             except grpc.aio.AbortError:
                 raise
@@ -190,7 +310,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, caller: ident.Identity | 
 
     factory = getattr(grpc, f"{kind}_rpc_method_handler")
     behavior = unary_out if kind in ("unary_unary", "stream_unary") else stream_out
-    return factory(behavior, request_deserializer=handler.request_deserializer,
+    return factory(behavior, request_deserializer=decoding.deserializer(method, handler),
                    response_serializer=handler.response_serializer)
 
 

@@ -15,7 +15,12 @@ import grpc
 
 from servers.common import logs, metrics, telemetry
 from servers.common.health import DependencyCheck, Health
-from servers.common.interceptors import IdentityServerInterceptor, RefusalHook, identity_client_interceptors
+from servers.common.interceptors import (
+    DecodingServerInterceptor,
+    IdentityServerInterceptor,
+    RefusalHook,
+    identity_client_interceptors,
+)
 from servers.common.reflection import add_reflection
 from servers.common.settings import Settings
 
@@ -79,7 +84,12 @@ async def serve(service: Service, settings: Settings) -> None:
     interceptors: list[grpc.aio.ServerInterceptor] = [*telemetry.server_interceptors()] if service.traced else []
     if service.identity_required:
         interceptors.append(IdentityServerInterceptor(access_log=settings.access_log,
-                                                      on_refusal=service.on_refusal))
+                                                      on_refusal=service.on_refusal,
+                                                      malformed_log_interval_s=settings.malformed_log_interval_s))
+    else:
+        # Malformed requests are refused (INVALID_ARGUMENT) by the identity interceptor; a
+        # server without it still needs that, and only that.
+        interceptors.append(DecodingServerInterceptor(settings.malformed_log_interval_s))
     server = grpc.aio.server(interceptors=interceptors, options=CHANNEL_OPTIONS)
     health: HealthProvider
     if service.health is not None:

@@ -369,6 +369,11 @@ class Settings:
     audit_on_tenant_delete: str = setting("keep", env="COPILOT_AUDIT_ON_TENANT_DELETE", choices=("keep", "erase"),
                                           doc="Deleting a tenant keeps its audit trail or erases it.")
 
+    # Garbage in a loop must not flood the logs: every malformed request is refused and
+    # counted, but logged at most this often per tenant.
+    malformed_log_interval_s: float = setting(10.0, env="COPILOT_MALFORMED_LOG_INTERVAL_S", low=0, high=86_400,
+                                              doc="Seconds between WARNING lines about malformed requests, per "
+                                                  "tenant (each one is still refused and counted).")
     # `copilot up` writes it once the demo tenants are provisioned, so scripts that wait for
     # health do not start before them.
     ready_file: Path | None = setting(None, env="COPILOT_READY_FILE",
