@@ -11,12 +11,10 @@ import pytest
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2
+from grpc_reflection.v1alpha.reflection_pb2 import ServerReflectionRequest as Request
+from grpc_reflection.v1alpha.reflection_pb2 import ServerReflectionResponse as Response
 
 from servers.common.reflection import V1, V1ALPHA, add_reflection
-
-Request = reflection_pb2.ServerReflectionRequest
-Response = reflection_pb2.ServerReflectionResponse
 
 
 @pytest.fixture
