@@ -47,6 +47,7 @@ from grpc_health.v1 import health_pb2
 
 from bench.answer import ACTIONS, SUBJECTS, corpus
 from bench.load import Call, MixResult, MixSpec, Stats, run_mix
+from bench.procs import ProcSample, snapshot
 from copilot.v1 import (
     common_pb2,
     generation_pb2,
@@ -72,7 +73,6 @@ PROCESS_NAMES = ("envoy", "edge", "generation", "retrieval", "metering")
 PROVISION_CONCURRENCY = 4
 NOTES_MARKER = "<!-- notes below this line are kept when the suite rewrites this file -->"
 IDLE_S = 5.0  # seconds of no load over which background CPU is measured
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # --- machine and processes --------------------------------------------------------------
@@ -105,38 +105,8 @@ def machine_details() -> dict[str, str]:
     }
 
 
-@dataclass(frozen=True)
-class ProcSample:
-    rss_kb: int
-    fds: int
-    cpu_s: float
-
-
-def sample_process(pid: int) -> ProcSample | None:
-    try:
-        rss = 0
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    rss = int(line.split()[1])
-                    break
-        fds = len(os.listdir(f"/proc/{pid}/fd"))
-        with open(f"/proc/{pid}/stat") as f:
-            # Fields after the command (which may hold spaces), utime and stime are 14th and 15th.
-            fields = f.read().rsplit(")", 1)[1].split()
-        cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK
-        return ProcSample(rss_kb=rss, fds=fds, cpu_s=cpu)
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 def mesh_pids(mesh: Mesh) -> dict[str, int]:
     return {name: mesh.processes[name].pid for name in PROCESS_NAMES if name in mesh.processes}
-
-
-def snapshot(pids: dict[str, int]) -> dict[str, ProcSample]:
-    found = {name: sample_process(pid) for name, pid in pids.items()}
-    return {name: s for name, s in found.items() if s is not None}
 
 
 class Sampler:
