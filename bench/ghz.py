@@ -82,7 +82,7 @@ def run(args: Sequence[str], *, duration_s: float, cwd: Path | None = None, ghz:
     binary = ghz or find_ghz()
     if binary is None:
         raise GhzError(absent_reason())
-    argv = [binary, "--format", "json", "--duration-stop", "wait", "--skipFirst", "0", *args]
+    argv = [binary, "--format", "json", "--duration-stop", "wait", *args]
     try:
         proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=duration_s + SLACK_S)
     except subprocess.TimeoutExpired as exc:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -136,7 +137,7 @@ def run_rows(args: argparse.Namespace, mesh: Mesh, settings: Settings,
     token = ghz.metadata(member)
     direct = ghz.metadata(Identity(TENANT, "ghz", frozenset({MEMBER})).metadata())
     search = ["--call", "copilot.v1.RetrievalService.Search",
-              "-d", ghz.json.dumps({"query": question, "top_k": 10, "mode": "SEARCH_MODE_BM25"})]
+              "-d", json.dumps({"query": question, "top_k": 10, "mode": "SEARCH_MODE_BM25"})]
     rows: list[tuple[str, list[str]]] = [
         ("Health through the edge", ghz.health_args(edge, args.concurrency, proto=False)),
         ("BM25 Search through the edge (token)", ["--insecure", *search, "-m", token, "-c", c, edge]),
@@ -146,7 +147,7 @@ def run_rows(args: argparse.Namespace, mesh: Mesh, settings: Settings,
                                                "-d", "{}", "-m", token, "-c", c, edge]),
         ("Answer through the edge (extractive, basic retrieval)",
          ["--insecure", "--call", "copilot.v1.GenerationService.Answer",
-          "-d", ghz.json.dumps({"question": question, "mode": "RETRIEVAL_MODE_BASIC"}), "-m", token, "-c", c, edge]),
+          "-d", json.dumps({"question": question, "mode": "RETRIEVAL_MODE_BASIC"}), "-m", token, "-c", c, edge]),
     ]
     bare = ghz.bare_ceiling(f"{settings.host}:{free_port(settings.host)}", args.concurrency,
                             duration_s=args.duration, warmup_s=args.warmup)
