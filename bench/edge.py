@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shutil
 import tempfile
 import time
 from dataclasses import replace
@@ -19,6 +18,7 @@ from pathlib import Path
 import grpc
 from google.protobuf import field_mask_pb2
 
+from bench import ghz
 from bench.load import LoadSpec, run
 from copilot.v1 import common_pb2, tenant_pb2, tenant_pb2_grpc
 from copilot_cli.supervisor import Mesh, settings_on_free_ports
@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--processes", type=int, default=1, help="load generator processes")
     args = parser.parse_args()
-    if shutil.which("ghz"):
+    if ghz.find_ghz():
         print("note: ghz is installed; this benchmark uses the project's generator for both targets "
               "so the ratio compares like with like")
 

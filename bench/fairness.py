@@ -21,9 +21,7 @@ import asyncio
 import json
 import multiprocessing as mp
 import platform
-import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -34,6 +32,7 @@ from typing import Any
 import grpc
 from google.protobuf import field_mask_pb2
 
+from bench import ghz
 from copilot.v1 import common_pb2, tenant_pb2, tenant_pb2_grpc
 from copilot_cli.supervisor import Mesh, settings_on_free_ports
 from servers.common.identity import IDENTITY_HEADERS
@@ -140,19 +139,15 @@ def run_paced(streams: list[Stream], duration_s: float, warmup_s: float, process
 
 
 def _ghz(target: str, metadata: dict[str, str], rps: int, duration_s: float) -> dict[str, Any] | None:
-    ghz = shutil.which("ghz")
-    if ghz is None:
+    if ghz.find_ghz() is None:
         return None
-    proc = subprocess.run(
-        [ghz, "--insecure", "--call", METHOD.lstrip("/").replace("/", "."), "-d", "{}", "-m", json.dumps(metadata),
-         "--rps", str(rps), "-c", "16", "-z", f"{duration_s:.0f}s", "--format", "json", target],
-        capture_output=True, text=True, timeout=duration_s + 60)
-    if proc.returncode != 0:
-        return {"error": proc.stderr.strip()[-300:]}
-    report = json.loads(proc.stdout)
-    lat = {d["percentage"]: d["latency"] / 1e6 for d in report.get("latencyDistribution") or []}
-    return {"rps": round(report.get("rps", 0), 1), "p50_ms": lat.get(50), "p99_ms": lat.get(99),
-            "errors": report.get("errorDistribution") or {}}
+    try:
+        r = ghz.run(["--insecure", "--call", METHOD.lstrip("/").replace("/", "."), "-d", "{}",
+                     "-m", json.dumps(metadata), "--rps", str(rps), "-c", "16", "-z", f"{duration_s:.0f}s", target],
+                    duration_s=duration_s)
+    except ghz.GhzError as exc:
+        return {"error": str(exc)[-300:]}
+    return {"rps": round(r.rps, 1), "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "errors": r.errors}
 
 
 def _set_limits(stub: tenant_pb2_grpc.TenantServiceStub, operator: Any, tenant: str, rps: int) -> None:
@@ -181,10 +176,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--latency-rps", type=int, default=200, help="paced load for the added-latency phase")
     args = parser.parse_args()
-    if shutil.which("ghz") is None:
-        print("note: ghz is not installed, so only the project's own generator runs. To add ghz's figures, "
-              "install it (https://ghz.sh: a release binary on PATH, or `go install "
-              "github.com/bojand/ghz/cmd/ghz@latest`).")
+    if ghz.find_ghz() is None:
+        print(f"note: {ghz.absent_reason()}, so only the project's own generator runs.")
     with tempfile.TemporaryDirectory(prefix="copilot-fairness-") as tmp:
         settings = replace(settings_on_free_ports(Settings.from_env(), Path(tmp)), tenant_cache_ttl_s=1.0)
         mesh = Mesh(settings, extra_env={"COPILOT_ACCESS_LOG": "0"})

@@ -4,14 +4,18 @@ Starts the mesh (embedded profile, extractive provider, access logs off) on free
 creates tenants each with its own small corpus (ingested through the edge), and measures,
 all in the same run:
 
-1. the bare gRPC ceiling: grpc.health.v1 Check against a Python grpc.aio server (the edge
-   companion) directly, through Envoy, and against the generation server (with the mesh's
-   interceptors);
+1. the bare gRPC ceiling H: grpc.health.v1 Check against a grpc.aio server with nothing
+   else (bench/bare_health.py), by ghz at concurrency 32 (the project's generator when ghz
+   is absent); then the same Check against the edge companion directly, through Envoy, and
+   against the generation server (with the mesh's interceptors). Every figure of the
+   report is also given as a fraction of H;
 2. closed loop at several concurrencies: a mix of Answer, StreamAnswer, Search and GetUsage
    over every tenant, and Answer alone;
 3. open loop (fixed arrival rate, latency from the scheduled send time, so a slow answer
    cannot hide the queue behind it): Answer at increasing rates, to find the highest rate
-   sustained with p99 <= 150 ms and no error (ghz runs this stage when it is on PATH);
+   sustained with p99 <= 150 ms and no error; then ghz runs bench/ghz/answer.json at the
+   sustained rate (one tenant's token), when ghz is found (bench/ghz.py: ../shared/tools/ghz
+   beside the repository, else PATH);
 4. the tenant-count cost curve (10 -> 100 -> 1,000 tenants): provisioning time, RSS of each
    process, CPU per answer, p50/p99 and the highest sustained rate;
 5. a bounded soak: the mix at a fixed rate for --soak-minutes, sampling RSS and open file
@@ -30,7 +34,6 @@ import json
 import os
 import platform
 import random
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,8 +48,11 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2
 
+from bench import ghz
 from bench.answer import ACTIONS, SUBJECTS, corpus
+from bench.bare_health import BareHealthServer
 from bench.load import Call, MixResult, MixSpec, Stats, run_mix
+from bench.procs import ProcSample, load_average, snapshot
 from copilot.v1 import (
     common_pb2,
     generation_pb2,
@@ -56,7 +62,7 @@ from copilot.v1 import (
     tenant_pb2,
     tenant_pb2_grpc,
 )
-from copilot_cli.supervisor import Mesh, envoy_binary, settings_on_free_ports
+from copilot_cli.supervisor import Mesh, envoy_binary, free_port, settings_on_free_ports
 from servers.common.settings import Settings
 
 P99_TARGET_MS = 150.0
@@ -72,7 +78,6 @@ PROCESS_NAMES = ("envoy", "edge", "generation", "retrieval", "metering")
 PROVISION_CONCURRENCY = 4
 NOTES_MARKER = "<!-- notes below this line are kept when the suite rewrites this file -->"
 IDLE_S = 5.0  # seconds of no load over which background CPU is measured
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # --- machine and processes --------------------------------------------------------------
@@ -94,49 +99,18 @@ def machine_details() -> dict[str, str]:
         envoy_version = envoy.strip().split("version:", 1)[-1].strip().split("/")[1] if "/" in envoy else envoy.strip()
     except Exception as exc:  # reported, not fatal
         envoy_version = f"unknown ({exc})"
-    load = os.getloadavg()
     return {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu, "cores": str(os.cpu_count()), "ram": f"{mem_kb / 1024 / 1024:.1f} GiB",
         "kernel": platform.release(), "python": platform.python_version(), "envoy": envoy_version,
         "grpcio": grpc.__version__,
-        "load_average_at_start": f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min)",
-        "ghz": shutil.which("ghz") or "not installed (the project's generator ran every stage)",
+        "load_average_at_start": load_average(),
+        "ghz": ghz.find_ghz() or "not found (the project's generator ran every stage)",
     }
-
-
-@dataclass(frozen=True)
-class ProcSample:
-    rss_kb: int
-    fds: int
-    cpu_s: float
-
-
-def sample_process(pid: int) -> ProcSample | None:
-    try:
-        rss = 0
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    rss = int(line.split()[1])
-                    break
-        fds = len(os.listdir(f"/proc/{pid}/fd"))
-        with open(f"/proc/{pid}/stat") as f:
-            # Fields after the command (which may hold spaces), utime and stime are 14th and 15th.
-            fields = f.read().rsplit(")", 1)[1].split()
-        cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK
-        return ProcSample(rss_kb=rss, fds=fds, cpu_s=cpu)
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def mesh_pids(mesh: Mesh) -> dict[str, int]:
     return {name: mesh.processes[name].pid for name in PROCESS_NAMES if name in mesh.processes}
-
-
-def snapshot(pids: dict[str, int]) -> dict[str, ProcSample]:
-    found = {name: sample_process(pid) for name, pid in pids.items()}
-    return {name: s for name, s in found.items() if s is not None}
 
 
 class Sampler:
@@ -352,25 +326,46 @@ def run_closed(target: str, calls: tuple[Call, ...], concurrency: int, duration_
                            warmup_s=warmup_s), processes)
 
 
-def ghz_open_loop(edge: str, token: str, question: str, rate: int, duration_s: float) -> dict[str, Any] | None:
-    """Answer at a fixed rate with ghz (when installed), one tenant's token."""
-    ghz = shutil.which("ghz")
-    if ghz is None:
-        return None
-    root = Path(__file__).resolve().parent.parent
-    data = json.dumps({"question": question, "mode": "RETRIEVAL_MODE_BASIC"})
-    proc = subprocess.run(
-        [ghz, "--insecure", "--proto", str(root / "proto/copilot/v1/generation.proto"), "-i", str(root / "proto"),
-         "--call", "copilot.v1.GenerationService.Answer", "-d", data,
-         "-m", json.dumps({"authorization": f"Bearer {token}"}), "--rps", str(rate), "-c", "64",
-         "-z", f"{duration_s:.0f}s", "--format", "json", edge],
-        capture_output=True, text=True, timeout=duration_s + 120)
-    if proc.returncode != 0:
-        return {"rate": rate, "error": proc.stderr.strip()[-300:]}
-    report = json.loads(proc.stdout)
-    lat = {d["percentage"]: d["latency"] / 1e6 for d in report.get("latencyDistribution") or []}
-    return {"rate": rate, "rps": round(report.get("rps", 0), 1), "p50_ms": lat.get(50), "p99_ms": lat.get(99),
-            "errors": report.get("errorDistribution") or {}}
+def ghz_open_loop(edge: str, token: str, question: str, rate: int, duration_s: float) -> ghz.GhzResult | str:
+    """bench/ghz/answer.json (Answer, open loop) at `rate` for `duration_s` with one tenant's
+    token: the shipped config as a user runs it, with the target and load given here. What
+    went wrong instead of a result when ghz fails."""
+    args = ["--config", "answer.json", "-m", ghz.metadata((("authorization", f"Bearer {token}"),)),
+            "-d", json.dumps({"question": question, "mode": "RETRIEVAL_MODE_BASIC"}), "--rps", str(rate),
+            "-z", f"{duration_s:g}s", edge]
+    try:
+        return ghz.run(args, duration_s=duration_s, cwd=ghz.CONFIGS)
+    except ghz.GhzError as exc:
+        return str(exc)
+
+
+@dataclass(frozen=True)
+class CeilingRow:
+    label: str
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: str
+
+
+def health_ceiling(label: str, target: str, opts: Options, *, bare: bool) -> CeilingRow:
+    """grpc.health.v1 Check at `target`, closed loop: by ghz when found (by reflection, or
+    from bench/ghz/health.proto for the bare server, which has none), else by the project's
+    generator."""
+    if ghz.find_ghz():
+        r = ghz.measure(label, ghz.health_args(target, opts.ceiling_concurrency, proto=bare), {},
+                        duration_s=opts.duration_s, warmup_s=opts.warmup_s).result
+        return CeilingRow(label, r.ok_rps, r.p50_ms, r.p99_ms, ghz_errors_cell(r))
+    m = run_closed(target, health_calls(label), opts.ceiling_concurrency, opts.duration_s, opts.warmup_s,
+                   opts.processes).total
+    return CeilingRow(label, m.rps, m.p50_ms, m.p99_ms, errors_cell(m))
+
+
+def bare_ceiling(host: str, opts: Options) -> CeilingRow:
+    """H: the bare grpc.aio server (grpc.health.v1 only, no interceptors), in its own process."""
+    address = f"{host}:{free_port(host)}"
+    with BareHealthServer(address):
+        return health_ceiling("bare grpc.aio server, grpc.health.v1 only (H)", address, opts, bare=True)
 
 
 def cpu_per_call(before: dict[str, ProcSample], after: dict[str, ProcSample], calls: int) -> dict[str, float]:
@@ -409,6 +404,17 @@ def mib(kb: int) -> str:
 def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
             *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)]
+
+
+def of_h(rps: float, h: float) -> str:
+    """A rate as a fraction of the bare ceiling H."""
+    return f"{rps / h:.3f}" if h > 0 and rps == rps else "–"
+
+
+def ghz_errors_cell(r: ghz.GhzResult) -> str:
+    if not r.error_count:
+        return "0"
+    return f"{r.error_count} ({', '.join(f'{k} {v}' for k, v in sorted(r.errors.items()))})"
 
 
 def errors_cell(s: Stats) -> str:
@@ -509,9 +515,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(text, file=sys.stderr, flush=True)
 
     log(f"machine: {json.dumps(machine)}")
-    if shutil.which("ghz") is None:
-        log("note: ghz is not installed; the project's generator runs the open-loop stage "
-            "(bench/ghz/ has configs for ghz users)")
+    if ghz.find_ghz() is None:
+        log(f"note: {ghz.absent_reason()}; the project's generator measures the ceiling instead, "
+            "and the ghz run of bench/ghz/answer.json is skipped")
     counts = sorted({*opts.curve, opts.tenants})
     with tempfile.TemporaryDirectory(prefix="copilot-loadsuite-") as tmp:
         settings = settings_on_free_ports(Settings.from_env(), Path(tmp))
@@ -534,19 +540,23 @@ def run_suite(mesh: Mesh, settings: Settings, issuer: Any, opts: Options, counts
     idle = snapshot(pids)
     sections: dict[str, list[str]] = {}
 
-    # 1. The bare ceiling.
-    log("bare gRPC ceiling (grpc.health.v1 Check, closed loop)")
-    ceiling_rows = []
+    # 1. The bare ceiling H, and what the mesh's own servers and Envoy make of the same call.
+    generator = "ghz" if ghz.find_ghz() else "the project's generator"
+    log(f"bare gRPC ceiling (grpc.health.v1 Check, closed loop, {generator})")
+    bare = bare_ceiling(settings.host, opts)
+    h = bare.rps
+    log(f"  {bare.label}: {h:,.0f}/s  p50 {bare.p50_ms:.2f}  p99 {bare.p99_ms:.2f} ms  errors {bare.errors}")
+    ceiling = [bare]
     for label, target in (("Python grpc.aio server (edge companion), direct", settings.address("edge_services")),
                           ("the same through Envoy", edge),
                           ("generation server, direct (OTel + identity interceptors)",
                            settings.address("generation"))):
-        r = run_closed(target, health_calls(label), opts.ceiling_concurrency, opts.duration_s, opts.warmup_s,
-                       opts.processes)
-        log(f"  {label}: {fmt_stats(r.total)}")
-        ceiling_rows.append((label, f"{r.total.rps:,.0f}", ms(r.total.p50_ms), ms(r.total.p99_ms),
-                             errors_cell(r.total)))
-    sections["ceiling"] = table(("target", "RPS", "p50 ms", "p99 ms", "errors"), ceiling_rows)
+        row = health_ceiling(label, target, opts, bare=False)
+        log(f"  {label}: {row.rps:,.0f}/s ({of_h(row.rps, h)} H)  p50 {row.p50_ms:.2f}  p99 {row.p99_ms:.2f} ms  "
+            f"errors {row.errors}")
+        ceiling.append(row)
+    sections["ceiling"] = table(("target", "RPS", "× H", "p50 ms", "p99 ms", "errors"), [
+        (r.label, f"{r.rps:,.0f}", of_h(r.rps, h), ms(r.p50_ms), ms(r.p99_ms), r.errors) for r in ceiling])
 
     # 2.-4. Tenants in steps; the main stages at opts.tenants, a curve row at every count.
     provisioned = 0
@@ -577,7 +587,7 @@ def run_suite(mesh: Mesh, settings: Settings, issuer: Any, opts: Options, counts
         if count == opts.tenants:
             main_calls = answers
             mix = build_calls(issuer, everyone, MIX)
-            sections["closed"] = closed_loop_stage(edge, mix, answers, opts, pids, log)
+            sections["closed"] = closed_loop_stage(edge, mix, answers, opts, pids, log, h)
         closed, cpu = closed_with_cpu(edge, answers, 8, opts, pids)
         log(f"  Answer closed loop c=8 over {count} tenants: {fmt_stats(closed.total)}")
         log(f"  Answer open loop over {count} tenants:")
@@ -586,13 +596,13 @@ def run_suite(mesh: Mesh, settings: Settings, issuer: Any, opts: Options, counts
         best = found.sustained
         if count == opts.tenants:
             main_sustained = best
-            sections["open"] = open_loop_table(found)
+            sections["open"] = open_loop_table(found, h)
         rss = snapshot(pids)
         curve_rows.append([
             f"{count:,}", f"{prov.seconds:.1f} s ({prov.tenants} new)",
             f"{prov.create_s / max(1, prov.tenants) * 1000:.0f} / {prov.ingest_s / max(1, prov.tenants) * 1000:.0f}",
             ms(closed.total.p50_ms), ms(closed.total.p99_ms), f"{closed.total.rps:.0f}",
-            f"{best.rate:.0f}" if best else f"< {opts.start_rate:.0f}",
+            f"{best.rate:.0f} ({of_h(best.rate, h)} H)" if best else f"< {opts.start_rate:.0f}",
             f"{sum(cpu.values()):.1f}", f"{sum(idle_cpu.values()):.0f}", errors_cell(closed.total)])
         rss_rows.append([f"{count:,}", *(mib(rss[n].rss_kb) if n in rss else "–" for n in PROCESS_NAMES),
                          mib(sum(s.rss_kb for s in rss.values()))])
@@ -601,44 +611,55 @@ def run_suite(mesh: Mesh, settings: Settings, issuer: Any, opts: Options, counts
             sections["soak"] = soak_stage(edge, build_calls(issuer, everyone, MIX), rate, opts, pids, log)
     sections["curve"] = table(
         ("tenants", "provisioning (wall)", "create / ingest ms per tenant", "Answer c=8 p50 ms", "p99 ms",
-         "c=8 ok/s", "sustained Answer/s (p99 ≤ 150 ms)", "CPU ms per Answer (all processes)",
+         "c=8 ok/s", "sustained Answer/s (p99 ≤ 150 ms; × H)", "CPU ms per Answer (all processes)",
          "idle CPU ms/s (no load)", "errors"),
         curve_rows)
     sections["rss"] = table(("tenants", *(f"{n} MiB" for n in PROCESS_NAMES), "total MiB"),
                             [["idle, no tenant", *(mib(idle[n].rss_kb) if n in idle else "–" for n in PROCESS_NAMES),
                               mib(sum(s.rss_kb for s in idle.values()))], *rss_rows])
-    ghz = None
-    if main_calls and shutil.which("ghz"):
+    by_ghz: ghz.GhzResult | str | None = None
+    if main_calls and ghz.find_ghz():
         tenant = tenant_ids(0, 1)[0]
         rate = int(main_sustained.rate) if main_sustained else int(opts.start_rate)
-        ghz = ghz_open_loop(edge, issuer.mint(tenant, "ghz", ["member"]), tenant_questions(tenant)[0], rate,
-                            opts.step_duration_s)
-    headline(report, opts, main_sustained, sections, ghz)
+        log(f"ghz: bench/ghz/answer.json at {rate}/s for {opts.step_duration_s:g} s, one tenant")
+        by_ghz = ghz_open_loop(edge, issuer.mint(tenant, "ghz", ["member"]), tenant_questions(tenant)[0], rate,
+                               opts.step_duration_s)
+        sections["ghz"] = ghz_section(by_ghz, rate, h)
+        log("  " + sections["ghz"][-1])
+    headline(report, opts, main_sustained, sections, h, generator)
+
+
+def ghz_section(result: ghz.GhzResult | str, rate: int, h: float) -> list[str]:
+    if isinstance(result, str):
+        return [f"ghz failed: {result}"]
+    return table(("offered Answer/s (ghz, one tenant)", "calls", "ok/s", "× H", "p50 ms", "p99 ms", "errors"), [
+        (rate, f"{result.count:,}", f"{result.ok_rps:.1f}", of_h(result.ok_rps, h), ms(result.p50_ms),
+         ms(result.p99_ms), ghz_errors_cell(result))])
 
 
 def closed_loop_stage(edge: str, mix: tuple[Call, ...], answers: tuple[Call, ...], opts: Options,
-                      pids: dict[str, int], log: Callable[[str], None]) -> list[str]:
+                      pids: dict[str, int], log: Callable[[str], None], h: float) -> list[str]:
     rows: list[list[object]] = []
     for name, calls in (("mix", mix), ("Answer only", answers)):
         for c in opts.concurrency:
             r, cpu = closed_with_cpu(edge, calls, c, opts, pids)
             log(f"  closed loop {name} c={c}: {fmt_stats(r.total)}")
-            rows.append([name, c, "**all**", f"{r.total.rps:.1f}", ms(r.total.p50_ms), ms(r.total.p99_ms),
-                         ms(r.total.max_ms), errors_cell(r.total), f"{sum(cpu.values()):.2f}"])
+            rows.append([name, c, "**all**", f"{r.total.rps:.1f}", of_h(r.total.rps, h), ms(r.total.p50_ms),
+                         ms(r.total.p99_ms), ms(r.total.max_ms), errors_cell(r.total), f"{sum(cpu.values()):.2f}"])
             if name == "mix":
                 for label, s in sorted(r.by_label.items()):
-                    rows.append(["", "", label, f"{s.rps:.1f}", ms(s.p50_ms), ms(s.p99_ms), ms(s.max_ms),
-                                 errors_cell(s), ""])
-    return table(("load", "concurrency", "RPC", "ok/s", "p50 ms", "p99 ms", "max ms", "errors",
+                    rows.append(["", "", label, f"{s.rps:.1f}", of_h(s.rps, h), ms(s.p50_ms), ms(s.p99_ms),
+                                 ms(s.max_ms), errors_cell(s), ""])
+    return table(("load", "concurrency", "RPC", "ok/s", "× H", "p50 ms", "p99 ms", "max ms", "errors",
                   "CPU ms per call (all processes)"), rows)
 
 
-def open_loop_table(found: Search) -> list[str]:
-    rows = [[f"{s.rate:.0f}", f"{s.result.total.rps:.1f}", ms(s.result.total.p50_ms), ms(s.result.total.p90_ms),
-             ms(s.result.total.p99_ms), ms(s.result.total.max_ms), errors_cell(s.result.total),
-             f"{s.result.max_send_lag_s * 1000:.1f}", "yes" if s.ok else "no"]
+def open_loop_table(found: Search, h: float) -> list[str]:
+    rows = [[f"{s.rate:.0f}", f"{s.result.total.rps:.1f}", of_h(s.result.total.rps, h), ms(s.result.total.p50_ms),
+             ms(s.result.total.p90_ms), ms(s.result.total.p99_ms), ms(s.result.total.max_ms),
+             errors_cell(s.result.total), f"{s.result.max_send_lag_s * 1000:.1f}", "yes" if s.ok else "no"]
             for s in sorted(found.steps, key=lambda s: s.rate)]
-    return table(("offered Answer/s", "ok/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors",
+    return table(("offered Answer/s", "ok/s", "× H", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors",
                   "generator lag max ms", "sustained"), rows)
 
 
@@ -677,8 +698,8 @@ def soak_stage(edge: str, calls: tuple[Call, ...], rate: float, opts: Options, p
                             "max", "growth"), rows) + ["", "Over time:", "", *trajectory]
 
 
-def headline(report: Report, opts: Options, sustained: Step | None, sections: dict[str, list[str]],
-             ghz: dict[str, Any] | None) -> None:
+def headline(report: Report, opts: Options, sustained: Step | None, sections: dict[str, list[str]], h: float,
+             generator: str) -> None:
     m = report.machine
     busy = float(m["load_average_at_start"].split("/")[0]) > 0.5
     report.add(
@@ -702,10 +723,17 @@ def headline(report: Report, opts: Options, sustained: Step | None, sections: di
     hour = f" (≈ {sustained.rate * 3600:,.0f} an hour)" if sustained else ""
     report.add("## Headline", "",
                f"- Full Answer path sustained at p99 ≤ {P99_TARGET_MS:.0f} ms with zero errors, "
-               f"{opts.tenants} tenants, open loop: **{best}**{hour}.", "")
+               f"{opts.tenants} tenants, open loop: **{best}**{hour}"
+               + (f", {of_h(sustained.rate, h)} of the bare ceiling H" if sustained else "") + ".",
+               f"- H, the bare ceiling: {h:,.0f} calls/s (grpc.health.v1 Check against a grpc.aio server with "
+               f"nothing else, {generator}, concurrency {opts.ceiling_concurrency}); every \"× H\" below is a "
+               "rate divided by it.", "")
     report.add("## Bare gRPC ceiling (same run)", "",
                f"grpc.health.v1 Check, closed loop, concurrency {opts.ceiling_concurrency}, "
-               f"{opts.duration_s:g} s measured.", "", *sections["ceiling"], "")
+               f"{opts.duration_s:g} s measured after {opts.warmup_s:g} s warm-up, driven by {generator}. "
+               "The first row is H: a grpc.aio server with grpc.health.v1 only (bench/bare_health.py: no "
+               "interceptors, no reflection), started by the suite in its own process.", "",
+               *sections["ceiling"], "")
     if "closed" in sections:
         report.add(f"## Closed loop, {opts.tenants} tenants", "",
                    "Mix per 20 calls: " + ", ".join(f"{k} {v}" for k, v in MIX)
@@ -717,8 +745,9 @@ def headline(report: Report, opts: Options, sustained: Step | None, sections: di
                    f"Constant arrival rate, {opts.step_duration_s:g} s measured per rate after {opts.warmup_s:g} s "
                    "warm-up; latency from each call's scheduled send time. Sustained = p99 ≤ 150 ms, no error, "
                    "≥ 97 % of the scheduled calls answered in the window.", "", *sections["open"], "")
-    if ghz:
-        report.add(f"ghz at the sustained rate (one tenant): {ghz}", "")
+    if "ghz" in sections:
+        report.add("ghz at the sustained rate: `bench/ghz/answer.json` with one tenant's token (a single ghz run "
+                   "sends one token, so one tenant), open loop, same duration:", "", *sections["ghz"], "")
     report.add("## Cost of tenants", "",
                "Tenants added in steps to the same mesh (each: CreateTenant on the enterprise plan, then its own "
                f"corpus of 8 passages ingested through the edge, {PROVISION_CONCURRENCY} tenants at a time); at each "
