@@ -39,6 +39,7 @@ buf-breaking: setup
 lint: setup buf-lint buf-breaking
 	$(VENV)/ruff check .
 	$(VENV)/mypy
+	$(VENV)/lint-imports --no-cache --no-logo
 	$(VENV)/python scripts/config_docs.py --check
 	tsc -p web
 

@@ -11,8 +11,8 @@ import grpc
 from copilot.v1 import audit_pb2_grpc, generation_pb2_grpc, metering_pb2_grpc, retrieval_pb2_grpc, tenant_pb2_grpc
 from copilot_cli.config import cli_config
 from servers.common.identity import PLATFORM_TENANT
+from servers.common.issuer import DevIssuer
 from servers.common.settings import Settings
-from servers.edge.issuer import DevIssuer
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 

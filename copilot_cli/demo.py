@@ -8,7 +8,7 @@ import grpc
 
 from copilot.v1 import common_pb2, tenant_pb2
 from copilot_cli.client import Client
-from servers.edge.issuer import DevIssuer
+from servers.common.issuer import DevIssuer
 
 CORPUS_DIR = Path(__file__).resolve().parent.parent / "demo" / "corpus"
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from copilot.v1 import retrieval_pb2
-from servers.retrieval.chunker import SECTION_SEPARATOR, is_bare_heading, normalise
+from servers.common.text import SECTION_SEPARATOR, is_bare_heading, normalise
 
 RESERVED_METADATA = frozenset({"source", "document_id"})
 TEXT_SUFFIXES = {".txt": "text/plain", ".md": "text/markdown", ".markdown": "text/markdown"}

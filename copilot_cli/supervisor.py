@@ -22,12 +22,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
+from envoy.service.ratelimit.v3 import rls_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from servers.common.issuer import DevIssuer
 from servers.common.settings import METRICS_OFFSETS, Settings, environment, to_env
-from servers.edge import envoy_config
-from servers.edge.issuer import DevIssuer
-from servers.edge.service import SERVICE_NAME as RATELIMIT_SERVICE
+
+RATELIMIT_SERVICE = rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name
 
 # Start order: what others depend on first. Envoy goes last, once its upstreams serve.
 SERVERS = ("metering", "retrieval", "generation", "edge")
@@ -135,7 +136,14 @@ class Mesh:
         self.log_dir.mkdir(exist_ok=True)
         keys_dir = self.settings.data_dir / "keys"
         issuer = DevIssuer.load_or_create(keys_dir, self.settings.jwt_issuer, self.settings.jwt_audience)
-        envoy_config.write(self.settings, self.settings.data_dir / "envoy.yaml")
+        # The edge renders its own config from the same settings (as compose does): the CLI
+        # knows nothing of Envoy's config.
+        target = self.settings.data_dir / "envoy.yaml"
+        rendered = subprocess.run([sys.executable, "-m", "servers.edge.envoy_config", str(target)],
+                                  env=environment(settings_env(self.settings), self.extra_env),
+                                  capture_output=True, text=True, check=False)
+        if rendered.returncode != 0:
+            raise MeshError(f"rendering the Envoy config failed:\n{rendered.stderr.strip()}")
         return issuer
 
     def check_ports(self) -> None:

@@ -205,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = Settings.from_env()
     if args.dev_keys and not settings.jwks_url:
-        from servers.edge.issuer import DevIssuer
+        from servers.common.issuer import DevIssuer
 
         DevIssuer.load_or_create(settings.data_dir / "keys", settings.jwt_issuer, settings.jwt_audience)
     write(settings, args.out, allowed_origins=args.allowed_origin)

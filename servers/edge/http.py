@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from servers.common import identity
-from servers.edge.issuer import JWKS_FILE, DevIssuer
+from servers.common.issuer import JWKS_FILE, DevIssuer
 
 log = logging.getLogger("copilot.edge.http")
 

@@ -18,10 +18,11 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
+from servers.common.text import SECTION_SEPARATOR, SENTENCE_END, has_content, is_bare_heading, normalise
+
 # Bumped whenever chunk boundaries change, so stored documents are re-indexed.
 CHUNKER_VERSION = 1
 
-SECTION_SEPARATOR = " > "
 MAX_LABEL_CHARS = 200
 
 
@@ -91,46 +92,6 @@ def chunk_document(document_id: str, text: str, *, markdown: bool = False,
     return chunks
 
 
-_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
-_LINE_BREAKS = str.maketrans({"\r": "\n", "\x0b": "\n", "\x0c": "\n\n", "\u2028": "\n",
-                              "\u2029": "\n\n", "\x85": "\n"})
-
-
-def normalise(text: str) -> str:
-    """NFC, '\\n' line ends, no control characters, no lone surrogates."""
-    if any("\ud800" <= ch <= "\udfff" for ch in text):
-        text = text.encode("utf-8", "replace").decode("utf-8")
-    text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").translate(_LINE_BREAKS))
-    return _CONTROL.sub("", text)
-
-
-def has_content(text: str) -> bool:
-    return any(ch.isalnum() for ch in text)
-
-
-# Finite verbs that make a short line a statement ("Staff must report breaches") rather
-# than a heading ("Reporting of breaches").
-_STATEMENT_WORDS = frozenset(
-    "must shall should may might will would can cannot could is are was were be has have had do does"
-    " means applies".split()
-)
-
-
-def is_bare_heading(paragraphs: list[str]) -> bool:
-    """Whether a whole document is one heading line and nothing else.
-
-    Corpora split into passages (BEIR, rulebook exports) carry headings as passages of
-    their own ("Application", "PART 4 - Capital Resources"); indexed, such one-liners
-    outrank real rules for any query that shares a word with them.
-    """
-    if len(paragraphs) != 1 or "\n" in paragraphs[0]:
-        return False
-    line = paragraphs[0].strip()
-    words = line.lower().split()
-    return (0 < len(words) <= 12 and len(line) <= 120 and not line.endswith(_SENTENCE_END)
-            and _STATEMENT_WORDS.isdisjoint(words))
-
-
 # --- structure ----------------------------------------------------------------------------
 
 _MD_HEADING = re.compile(r"^ {0,3}(#{1,6})(?:[ \t]+(.*?))?(?:[ \t]+#+)?[ \t]*$")
@@ -151,7 +112,6 @@ _KEYWORD_MARKER = re.compile(
 _SECTION_SIGN = re.compile(r"^(?P<kw>§{1,2})[ \t]*(?P<num>" + _NUMBER + r")\.?(?:[ \t]+|$)(?P<rest>.*)$")
 # "1." needs its dot (a bare "1" starts too many ordinary lines); "1.2" and deeper need not.
 _NUMERIC_MARKER = re.compile(r"^(?P<num>\d{1,3}\.|\d{1,3}(?:\.\d{1,3})+\.?)(?:[ \t]+|$)(?P<rest>.*)$")
-_SENTENCE_END = (".", ";", ":", ",", "?", "!", "\u3002")
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +127,7 @@ class _Marker:
     @property
     def title_like(self) -> bool:
         rest = self.rest
-        return not rest or (len(rest) <= 100 and len(rest.split()) <= 12 and not rest.endswith(_SENTENCE_END))
+        return not rest or (len(rest) <= 100 and len(rest.split()) <= 12 and not rest.endswith(SENTENCE_END))
 
 
 def _depth(number: str) -> int:

@@ -14,8 +14,8 @@ import pytest
 
 from copilot.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc, tenant_pb2, tenant_pb2_grpc
 from copilot_cli.supervisor import Mesh, settings_on_free_ports
+from servers.common.issuer import DevIssuer
 from servers.common.settings import Settings
-from servers.edge.issuer import DevIssuer
 from tests.fakes.llm_server import FakeLLMServer
 
 pytestmark = pytest.mark.integration

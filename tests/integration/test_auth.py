@@ -7,7 +7,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from copilot.v1 import metering_pb2, metering_pb2_grpc, tenant_pb2, tenant_pb2_grpc
-from servers.edge.issuer import DevIssuer
+from servers.common.issuer import DevIssuer
 from tests.integration.conftest import RunningMesh, create_tenant
 
 pytestmark = pytest.mark.integration

@@ -27,7 +27,7 @@ from copilot.v1 import (
     tenant_pb2,
     tenant_pb2_grpc,
 )
-from servers.edge.issuer import DevIssuer
+from servers.common.issuer import DevIssuer
 from tests.integration.conftest import RunningMesh, create_tenant
 from tests.integration.test_edge_protocols import _grpc_web_call
 

@@ -11,9 +11,9 @@ import jwt
 import pytest
 
 from copilot.v1 import tenant_pb2
+from servers.common.issuer import JWKS_FILE, DevIssuer
 from servers.edge.config import DELETED, SUSPENDED, TenantLimits
 from servers.edge.http import EdgeHttp
-from servers.edge.issuer import JWKS_FILE, DevIssuer
 
 ISSUER, AUDIENCE = "https://issuer.test", "copilot-test"
 
