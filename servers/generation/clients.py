@@ -62,9 +62,10 @@ class MeteringClient:
     """Quota decisions for the calling tenant, and usage written for a given tenant."""
 
     def __init__(self, channel: grpc.aio.Channel, *, quota_timeout_s: float = QUOTA_TIMEOUT_S,
-                 quota_grace_s: float = QUOTA_GRACE_S) -> None:
+                 quota_grace_s: float = QUOTA_GRACE_S, usage_timeout_s: float = USAGE_TIMEOUT_S) -> None:
         self._stub = metering_pb2_grpc.MeteringServiceStub(channel)
         self._quota_timeout_s = quota_timeout_s
+        self._usage_timeout_s = usage_timeout_s
         self._grace_s = quota_grace_s
         self._last_allowed: dict[str, float] = {}
 
@@ -107,7 +108,7 @@ class MeteringClient:
         with identity.acting_as(writer), detached_deadline():
             for attempt in range(USAGE_ATTEMPTS):
                 try:
-                    await self._stub.RecordUsage(request, timeout=USAGE_TIMEOUT_S)
+                    await self._stub.RecordUsage(request, timeout=self._usage_timeout_s)
                     return
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() not in RETRYABLE or attempt == USAGE_ATTEMPTS - 1:
