@@ -257,42 +257,25 @@ def _closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def test_a_tenant_allowed_recently_is_answered_while_metering_is_unreachable(tmp_path: Path) -> None:
-    tenant_store = CachedTenantStore(SqliteTenantStore(tmp_path / "tenants.sqlite"), ttl_s=0.0)
-    usage_store = SqliteUsageStore(tmp_path / "usage.sqlite")
-    await tenant_store.open()
-    await usage_store.open()
-    server = grpc.aio.server(interceptors=[IdentityServerInterceptor(access_log=False)])
-    metering_pb2_grpc.add_MeteringServiceServicer_to_server(MeteringServiceServicer(tenant_store, usage_store), server)
-    tenant_pb2_grpc.add_TenantServiceServicer_to_server(TenantServiceServicer(tenant_store), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    channel = connect(f"127.0.0.1:{port}")
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as plain:
-            tenants = tenant_pb2_grpc.TenantServiceStub(plain)
-            for tenant in ("acme", "globex"):
-                await tenants.CreateTenant(tenant_pb2.CreateTenantRequest(tenant_id=tenant), metadata=OPERATOR)
-        metering = MeteringClient(channel, quota_timeout_s=0.5)
-        with as_member("acme"):
-            assert (await metering.check_quota(10)).allowed
-        await server.stop(None)
-        with as_member("acme"):
-            stale = await metering.check_quota(10)
-        assert stale.allowed and stale.stale
-        # A tenant metering never allowed is not answered on a guess: the RPC's error stands.
-        with as_member("globex"), pytest.raises(grpc.aio.AioRpcError) as info:
-            await metering.check_quota(10)
-        assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-        # Past the grace period, nobody is.
-        expired = MeteringClient(channel, quota_timeout_s=0.5, quota_grace_s=0.0)
-        with as_member("acme"), pytest.raises(grpc.aio.AioRpcError):
-            await expired.check_quota(10)
-    finally:
-        await channel.close(None)
-        await server.stop(None)
-        await usage_store.close()
-        await tenant_store.close()
+async def test_a_tenant_allowed_recently_is_answered_while_metering_is_unreachable(peers: Peers) -> None:
+    for tenant in ("acme", "globex"):
+        await peers.create(tenant)
+    metering = MeteringClient(peers.channel, quota_timeout_s=0.5)
+    expired = MeteringClient(peers.channel, quota_timeout_s=0.5, quota_grace_s=0.0)
+    with as_member("acme"):
+        assert (await metering.check_quota(10)).allowed
+        assert (await expired.check_quota(10)).allowed
+    await peers.server.stop(None)
+    with as_member("acme"):
+        stale = await metering.check_quota(10)
+    assert stale.allowed and stale.stale
+    # A tenant metering never allowed is not answered on a guess: the RPC's error stands.
+    with as_member("globex"), pytest.raises(grpc.aio.AioRpcError) as info:
+        await metering.check_quota(10)
+    assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    # Past the grace period, nobody is.
+    with as_member("acme"), pytest.raises(grpc.aio.AioRpcError):
+        await expired.check_quota(10)
 
 
 async def test_a_refusal_of_metering_reaches_the_caller_unchanged(peers: Peers) -> None:
