@@ -10,41 +10,36 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-import grpc
-from google.protobuf import duration_pb2, timestamp_pb2
 from opentelemetry import trace
 
-from copilot.v1 import audit_pb2, common_pb2, metering_pb2, metering_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
-from servers.common import identity, telemetry
-from servers.common.audit import AuditTrail
+from servers.common import identity
 from servers.common.errors import QuotaViolation, ResourceExhausted
-from servers.common.interceptors import detached_deadline
-from servers.common.outbox import Outbox
 from servers.generation import decompose, pii
+from servers.generation.clients import MeteringClient, QuestionAuditor, RetrievalClient, UsageRecorder
 from servers.generation.llm import ProviderFailure, SearchFn, provider_call
+from servers.generation.models import (
+    AnsweredQuestion,
+    AuditCitation,
+    QuotaDecision,
+    RetrievalMode,
+    SearchMode,
+    TenantConfig,
+    Usage,
+    allowed_modes,
+)
 from servers.generation.providers import Generation, Passage, Prompt, Provider
 from servers.generation.resilience import Breakers
-from servers.generation.tenant_config import TenantConfig, TenantConfigCache, allowed_modes
+from servers.generation.tenant_config import TenantConfigCache
 
 log = logging.getLogger("copilot.generation")
 
-USAGE_ATTEMPTS = 3
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
-# While Metering is unreachable, a tenant it allowed this recently is still answered (and
-# its usage kept in the outbox): a metering restart must not take answers down.
-QUOTA_GRACE_S = 120.0
 AGENTIC_MAX_STEPS = 3
-# A cap; the caller's remaining deadline (forwarded by the client interceptor) is shorter.
-SEARCH_TIMEOUT_S = 10.0
-MODE_NAMES: dict[int, str] = {common_pb2.RETRIEVAL_MODE_BASIC: "basic", common_pb2.RETRIEVAL_MODE_HYBRID: "hybrid",
-              common_pb2.RETRIEVAL_MODE_DECOMPOSED: "decomposed", common_pb2.RETRIEVAL_MODE_AGENTIC: "agentic"}
 
 
 class Agentic(Protocol):
@@ -57,7 +52,8 @@ class Agentic(Protocol):
 class Question:
     text: str
     top_k: int
-    mode: int
+    # None: the tenant's own mode.
+    mode: RetrievalMode | None
     filters: Mapping[str, str]
     request_id: str
 
@@ -77,7 +73,7 @@ class AnswerDetails:
     output_tokens: int = 0
     estimated: bool = True
     latency_s: float = 0.0
-    mode_used: int = common_pb2.RETRIEVAL_MODE_BASIC
+    mode_used: RetrievalMode = RetrievalMode.BASIC
     degraded: bool = False
     degraded_reason: str = ""
     provider: str = ""
@@ -94,44 +90,42 @@ class AnswerDetails:
 
 
 class Pipeline:
-    def __init__(self, retrieval: retrieval_pb2_grpc.RetrievalServiceAsyncStub,
-                 metering: metering_pb2_grpc.MeteringServiceAsyncStub, configs: TenantConfigCache,
-                 providers: Mapping[str, Provider], outbox: Outbox[metering_pb2.UsageEvent] | None = None,
-                 breakers: Breakers | None = None) -> None:
+    """Everything it talks to is built first and handed in; `audit` is None only where the
+    audit trail is off (the benchmark's comparison)."""
+
+    def __init__(self, retrieval: RetrievalClient, metering: MeteringClient, usage: UsageRecorder,
+                 configs: TenantConfigCache, providers: Mapping[str, Provider], breakers: Breakers | None = None,
+                 audit: QuestionAuditor | None = None) -> None:
         self._retrieval = retrieval
         self._metering = metering
+        self._usage = usage
         self._configs = configs
         self._providers = providers
-        self._outbox = outbox
         self._breakers = breakers or Breakers()
-        self._last_allowed: dict[str, float] = {}
-        self._audit: AuditTrail | None = None
+        self._audit = audit
         for name in providers:
             if name != "extractive":
                 self._breakers.track(name)
 
-    def attach_outbox(self, outbox: Outbox[metering_pb2.UsageEvent]) -> None:
-        self._outbox = outbox
-
-    def attach_audit(self, audit: AuditTrail) -> None:
-        self._audit = audit
-
     async def run(self, question: Question) -> AsyncIterator[str | AnswerDetails]:
         started = time.perf_counter()
+        # Read once: the caller is handed on explicitly from here (its usage is written for it
+        # after the answer, and by the outbox after a restart, outside this call's context).
+        caller = identity.current()
+        tenant = caller.tenant_id
         config = await self._configs.get()
         request_id = question.request_id or uuid.uuid4().hex
         details = AnswerDetails(request_id=request_id)
         # Quota first: nothing reaches a provider before it allows the answer. Retrieval that
         # needs no model overlaps with the check; agentic retrieval and LLM decomposition call
         # the model, so they wait for it.
-        quota = asyncio.ensure_future(self._check_quota(config.max_tokens))
+        quota = asyncio.ensure_future(self._check_quota(tenant, config.max_tokens))
         if config.provider != "extractive" and (question.mode or config.retrieval_mode) in (
-                common_pb2.RETRIEVAL_MODE_AGENTIC, common_pb2.RETRIEVAL_MODE_DECOMPOSED):
+                RetrievalMode.AGENTIC, RetrievalMode.DECOMPOSED):
             await quota
         # The billing key is ours, one per run: a client reusing its request id gets (and pays
         # for) every answer it is given.
         event_id = f"answer:{uuid.uuid4().hex}"
-        tenant = identity.tenant_id()
 
         # PII never leaves this service: not to retrieval, a provider, logs or traces.
         text = question.text
@@ -211,7 +205,10 @@ class Pipeline:
             details.input_tokens = sum(g.input_tokens for g in spent)
             details.output_tokens = sum(g.output_tokens for g in spent)
             details.estimated = any(g.estimated for g in spent)
-            details.usage_pending = not await asyncio.shield(self._record_usage(details, event_id))
+            details.usage_pending = not await asyncio.shield(self._usage.record(Usage(
+                event_id=event_id, tenant_id=tenant, user=caller.subject, provider=details.provider,
+                model=details.model, input_tokens=details.input_tokens, output_tokens=details.output_tokens,
+                occurred_at_s=int(time.time()))))
             if not finished and self._audit is not None:
                 # The caller went away (or the provider broke) mid-answer: the question was still
                 # asked and partly answered, so it is audited, with the digest of what was sent.
@@ -234,14 +231,13 @@ class Pipeline:
     def _audit_question(self, masked_question: str, details: AnswerDetails, answer_sha256: str) -> Awaitable[bool]:
         """Handed to the audit outbox; the result resolves once the event is durable there."""
         assert self._audit is not None
-        latency = duration_pb2.Duration()
-        latency.FromNanoseconds(int(details.latency_s * 1e9))
-        return self._audit.record(audit_pb2.AUDIT_EVENT_KIND_QUESTION, question=audit_pb2.QuestionAudit(
-            question=masked_question, mode_used=details.mode_used, answer_sha256=answer_sha256,  # type: ignore[arg-type]
-            citations=[audit_pb2.AuditCitation(document_id=c.passage.document_id, chunk_id=c.passage.chunk_id)
+        return self._audit.record(AnsweredQuestion(
+            request_id=details.request_id, question=masked_question, answer_sha256=answer_sha256,
+            mode_used=details.mode_used,
+            citations=[AuditCitation(document_id=c.passage.document_id, chunk_id=c.passage.chunk_id)
                        for c in details.citations],
             provider=details.provider, model=details.model, degraded=details.degraded,
-            degraded_reason=details.degraded_reason, latency=latency, request_id=details.request_id,
+            degraded_reason=details.degraded_reason, latency_s=details.latency_s,
             pii_placeholders=[m.placeholder for m in details.pii_masks], input_tokens=details.input_tokens,
             output_tokens=details.output_tokens))
 
@@ -251,10 +247,9 @@ class Pipeline:
                         prompt: Prompt, result: Generation, details: AnswerDetails) -> list[Passage]:
         wanted = question.mode or config.retrieval_mode
         if wanted not in allowed_modes(config):
-            details.degrade(f"retrieval mode {MODE_NAMES.get(wanted, wanted)} is not in the tenant's plan; "
-                            f"ran {MODE_NAMES.get(config.retrieval_mode)}")
+            details.degrade(f"retrieval mode {wanted} is not in the tenant's plan; ran {config.retrieval_mode}")
             wanted = config.retrieval_mode
-        if wanted == common_pb2.RETRIEVAL_MODE_AGENTIC:
+        if wanted == RetrievalMode.AGENTIC:
             reason = None
             if not config.agentic_tools:
                 reason = "agentic tools are off for this tenant"
@@ -267,20 +262,20 @@ class Pipeline:
                     self._breakers.record(provider.name, identity.tenant_id(), ok=False)
                     reason = exc.reason
             details.degrade(f"agentic retrieval unavailable ({reason}); ran hybrid")
-            wanted = common_pb2.RETRIEVAL_MODE_HYBRID
-        if wanted == common_pb2.RETRIEVAL_MODE_DECOMPOSED:
+            wanted = RetrievalMode.HYBRID
+        if wanted == RetrievalMode.DECOMPOSED:
             subs = await self._sub_questions(question, provider, prompt, result, details)
             details.sub_questions = subs
             results = await asyncio.gather(*(self._search(
-                replace(question, text=s), top_k, retrieval_pb2.SEARCH_MODE_HYBRID, None) for s in subs))
-            details.mode_used = common_pb2.RETRIEVAL_MODE_DECOMPOSED
+                replace(question, text=s), top_k, SearchMode.HYBRID, None) for s in subs))
+            details.mode_used = RetrievalMode.DECOMPOSED
             return decompose.fuse(results, top_k)
-        if wanted == common_pb2.RETRIEVAL_MODE_HYBRID:
-            passages = await self._search(question, top_k, retrieval_pb2.SEARCH_MODE_HYBRID, details)
+        if wanted == RetrievalMode.HYBRID:
+            passages = await self._search(question, top_k, SearchMode.HYBRID, details)
             return passages
-        details.mode_used = common_pb2.RETRIEVAL_MODE_BASIC
+        details.mode_used = RetrievalMode.BASIC
         # Basic is one lexical search: no query embedding on the answer path.
-        return await self._search(question, top_k, retrieval_pb2.SEARCH_MODE_BM25, details)
+        return await self._search(question, top_k, SearchMode.BM25, details)
 
     async def _sub_questions(self, question: Question, provider: Provider, prompt: Prompt, result: Generation,
                              details: AnswerDetails) -> list[str]:
@@ -307,7 +302,7 @@ class Pipeline:
 
         async def search(query: str) -> list[Passage]:
             hits = await self._search(replace(question, text=pii.mask(query).text), top_k,
-                                      retrieval_pb2.SEARCH_MODE_HYBRID, None)
+                                      SearchMode.HYBRID, None)
             found.append(hits)
             return hits
 
@@ -318,101 +313,39 @@ class Pipeline:
         if not found:  # the model answered without searching: ground it anyway
             found.append(await search(question.text))
         details.sub_questions = queries
-        details.mode_used = common_pb2.RETRIEVAL_MODE_AGENTIC
+        details.mode_used = RetrievalMode.AGENTIC
         return decompose.fuse(found, top_k)
 
-    async def _search(self, question: Question, top_k: int, mode: int,
+    async def _search(self, question: Question, top_k: int, mode: SearchMode,
                       details: AnswerDetails | None) -> list[Passage]:
-        with telemetry.span("retrieval.search", {"copilot.search_mode": retrieval_pb2.SearchMode.Name(mode)}):
-            response = await self._retrieval.Search(retrieval_pb2.SearchRequest(
-                query=question.text, top_k=top_k, filters=dict(question.filters), mode=mode),  # type: ignore[arg-type]
-                timeout=SEARCH_TIMEOUT_S)
-        if details is not None:
-            if mode == retrieval_pb2.SEARCH_MODE_HYBRID and response.mode not in (
-                    retrieval_pb2.SEARCH_MODE_HYBRID, retrieval_pb2.SEARCH_MODE_UNSPECIFIED):
-                details.mode_used = common_pb2.RETRIEVAL_MODE_BASIC
-                details.degrade(f"hybrid search unavailable (retrieval ran "
-                                f"{retrieval_pb2.SearchMode.Name(response.mode)}); ran basic")
-            elif mode == retrieval_pb2.SEARCH_MODE_HYBRID:
-                details.mode_used = (common_pb2.RETRIEVAL_MODE_HYBRID
-                                     if response.mode == retrieval_pb2.SEARCH_MODE_HYBRID
-                                     else common_pb2.RETRIEVAL_MODE_BASIC)
-                if response.mode != retrieval_pb2.SEARCH_MODE_HYBRID:
-                    details.degrade("hybrid search unavailable; ran basic")
-        return [Passage(document_id=h.document_id, chunk_id=h.chunk_id, title=h.title, section=h.section,
-                        text=h.text, score=h.score, source=h.source) for h in response.hits]
+        found = await self._retrieval.search(question.text, top_k, question.filters, mode)
+        if details is not None and mode == SearchMode.HYBRID:
+            if found.mode is not None and found.mode != SearchMode.HYBRID:
+                details.mode_used = RetrievalMode.BASIC
+                details.degrade(f"hybrid search unavailable (retrieval ran {found.mode}); ran basic")
+            elif found.mode == SearchMode.HYBRID:
+                details.mode_used = RetrievalMode.HYBRID
+            else:
+                details.mode_used = RetrievalMode.BASIC
+                details.degrade("hybrid search unavailable; ran basic")
+        return found.passages
 
-    # --- quota and usage -----------------------------------------------------------------
+    # --- quota ---------------------------------------------------------------------------
 
-    async def _check_quota(self, estimated_tokens: int) -> None:
-        with telemetry.span("quota.check", {"copilot.estimated_tokens": estimated_tokens}):
-            await self._check_quota_now(estimated_tokens)
+    async def _check_quota(self, tenant: str, estimated_tokens: int) -> None:
+        decision = await self._metering.check_quota(estimated_tokens)
+        if not decision.allowed:
+            raise quota_refusal(tenant, decision, estimated_tokens)
 
-    async def _check_quota_now(self, estimated_tokens: int) -> None:
-        tenant = identity.tenant_id()
-        try:
-            response = await self._metering.CheckQuota(
-                metering_pb2.CheckQuotaRequest(estimated_tokens=estimated_tokens), timeout=2)
-        except grpc.aio.AioRpcError as exc:
-            allowed_at = self._last_allowed.get(tenant)
-            if exc.code() in RETRYABLE and allowed_at is not None and time.monotonic() - allowed_at < QUOTA_GRACE_S:
-                log.warning("metering unreachable; answering on the last quota decision",
-                            extra={"code": exc.code().name})
-                return
-            raise
-        if response.allowed:
-            self._last_allowed[tenant] = time.monotonic()
-            return
-        self._last_allowed.pop(tenant, None)
-        # A token quota can refuse before it is used up: the estimate would cross it.
-        exhausted = [q for q in response.quotas if q.limit and (
-            q.used >= q.limit or (q.name == "tokens_per_month" and q.used + estimated_tokens > q.limit))]
-        raise ResourceExhausted(
-            "quota exhausted: " + ", ".join(f"{q.name} {q.used}/{q.limit}" for q in exhausted),
-            [QuotaViolation(subject=f"tenant:{tenant}:{q.name}",
-                            description=f"{q.used} of {q.limit} used") for q in exhausted],
-            retry_after_s=response.retry_after.seconds + response.retry_after.nanos / 1e9,
-        )
 
-    async def deliver(self, tenant_id: str, events: list[metering_pb2.UsageEvent], redelivery: bool = False) -> None:
-        """Sends usage events for `tenant_id` (retrying transient failures); raises when
-        Metering did not take them. Metering deduplicates every usage event by its id, so
-        `redelivery` changes nothing here."""
-        # Usage is written by the platform for the caller's tenant: end users hold no write role.
-        writer = identity.Identity(tenant_id=tenant_id, subject="service:generation",
-                                   roles=frozenset({identity.SERVICE}))
-        request = metering_pb2.RecordUsageRequest(events=events)
-        # Not bounded by the caller's deadline: the answer was given, so its usage must be
-        # written even when the caller's time ran out. Retries reuse the event id.
-        with identity.acting_as(writer), detached_deadline():
-            for attempt in range(USAGE_ATTEMPTS):
-                try:
-                    await self._metering.RecordUsage(request, timeout=3)
-                    return
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() not in RETRYABLE or attempt == USAGE_ATTEMPTS - 1:
-                        raise
-                await asyncio.sleep(0.05 * 2**attempt * random.uniform(0.5, 1.5))
-
-    async def _record_usage(self, details: AnswerDetails, event_id: str) -> bool:
-        with telemetry.span("usage.write", {"copilot.usage_event_id": event_id}) as current:
-            written = await self._record_usage_now(details, event_id)
-            current.set_attribute("copilot.usage_pending", not written)
-            return written
-
-    async def _record_usage_now(self, details: AnswerDetails, event_id: str) -> bool:
-        caller = identity.current()
-        event = metering_pb2.UsageEvent(
-            event_id=event_id, kind=metering_pb2.USAGE_KIND_QUERY,
-            model=details.model, requests=1, input_tokens=details.input_tokens,
-            output_tokens=details.output_tokens, occur_time=timestamp_pb2.Timestamp(seconds=int(time.time())),
-            attributes={"user": caller.subject, "provider": details.provider},
-        )
-        if self._outbox is not None:
-            return await self._outbox.record(caller.tenant_id, event)
-        try:
-            await self.deliver(caller.tenant_id, [event])
-            return True
-        except grpc.aio.AioRpcError as exc:
-            log.error("usage not recorded", extra={"event_id": event_id, "code": exc.code().name})
-            return False
+def quota_refusal(tenant: str, decision: QuotaDecision, estimated_tokens: int) -> ResourceExhausted:
+    """RESOURCE_EXHAUSTED with a QuotaFailure naming each quota that refused."""
+    # A token quota can refuse before it is used up: the estimate would cross it.
+    exhausted = [q for q in decision.quotas if q.limit and (
+        q.used >= q.limit or (q.name == "tokens_per_month" and q.used + estimated_tokens > q.limit))]
+    return ResourceExhausted(
+        "quota exhausted: " + ", ".join(f"{q.name} {q.used}/{q.limit}" for q in exhausted),
+        [QuotaViolation(subject=f"tenant:{tenant}:{q.name}", description=f"{q.used} of {q.limit} used")
+         for q in exhausted],
+        retry_after_s=decision.retry_after_s,
+    )

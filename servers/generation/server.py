@@ -6,12 +6,11 @@ import logging
 
 import grpc
 
-from copilot.v1 import generation_pb2_grpc, metering_pb2, metering_pb2_grpc, retrieval_pb2_grpc, tenant_pb2_grpc
-from servers.common import metrics
+from copilot.v1 import generation_pb2_grpc, tenant_pb2_grpc
 from servers.common.audit import AuditTrail
 from servers.common.lifecycle import Service, connect
-from servers.common.outbox import Outbox
 from servers.common.settings import Settings
+from servers.generation.clients import MeteringClient, QuestionAuditor, RetrievalClient, UsageRecorder
 from servers.generation.config import GenerationConfig
 from servers.generation.llm import AnthropicProvider, OpenAIProvider
 from servers.generation.pipeline import Pipeline
@@ -38,28 +37,27 @@ def build(settings: Settings, config: GenerationConfig | None = None) -> Service
     for llm in llms:
         providers[llm.name] = llm
     configs = TenantConfigCache(tenant_pb2_grpc.TenantServiceStub(metering_channel), ttl_s=settings.tenant_cache_ttl_s)
-    pipeline = Pipeline(
-        retrieval=retrieval_pb2_grpc.RetrievalServiceStub(retrieval_channel),
-        metering=metering_pb2_grpc.MeteringServiceStub(metering_channel),
-        configs=configs,
-        providers=providers,
-        breakers=Breakers(),
-    )
-    outbox = Outbox(settings.service_dir("generation") / "usage-outbox", pipeline.deliver, metering_pb2.UsageEvent,
-                    name="usage.outbox", actor="service:generation", depth_metric=metrics.USAGE_OUTBOX_DEPTH)
-    pipeline.attach_outbox(outbox)
+    metering = MeteringClient(metering_channel)
+    usage = UsageRecorder(metering, settings.service_dir("generation") / "usage-outbox")
     # COPILOT_AUDIT=0 only for the benchmark's comparison: the audit trail is on in any deployment.
     audit = AuditTrail("generation", metering_channel, settings.service_dir("generation") / "audit-outbox") \
         if settings.audit_enabled else None
-    if audit is not None:
-        pipeline.attach_audit(audit)
+    pipeline = Pipeline(
+        retrieval=RetrievalClient(retrieval_channel),
+        metering=metering,
+        usage=usage,
+        configs=configs,
+        providers=providers,
+        breakers=Breakers(),
+        audit=QuestionAuditor(audit) if audit is not None else None,
+    )
 
     def register(server: grpc.aio.Server) -> None:
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(pipeline), server)
 
     async def close() -> None:
         await configs.stop()
-        await outbox.stop()
+        await usage.stop()
         if audit is not None:
             await audit.stop()
         for llm in llms:
@@ -76,7 +74,7 @@ def build(settings: Settings, config: GenerationConfig | None = None) -> Service
             "retrieval": _channel_ready(retrieval_channel),
             "metering": _channel_ready(metering_channel),
         },
-        on_start=[outbox.start, configs.start, *([audit.start] if audit is not None else [])],
+        on_start=[usage.start, configs.start, *([audit.start] if audit is not None else [])],
         on_refusal=audit.refused if audit is not None else None,
         on_stop=[close],
     )

@@ -9,6 +9,7 @@ from google.protobuf import duration_pb2
 
 from copilot.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from servers.common.errors import InvalidArgument
+from servers.generation.convert import mode_from_proto, mode_to_proto
 from servers.generation.pipeline import AnswerDetails, Pipeline, Question
 
 MAX_QUESTION_CHARS = 4000
@@ -30,7 +31,7 @@ def to_question(request: generation_pb2.AnswerRequest | generation_pb2.StreamAns
         raise InvalidArgument.field("filters", f"at most {MAX_FILTERS} filters")
     if len(request.request_id) > 128:
         raise InvalidArgument.field("request_id", "must be at most 128 characters")
-    return Question(text=text, top_k=request.top_k, mode=request.mode, filters=dict(request.filters),
+    return Question(text=text, top_k=request.top_k, mode=mode_from_proto(request.mode), filters=dict(request.filters),
                     request_id=request.request_id)
 
 
@@ -52,7 +53,7 @@ def to_proto(details: AnswerDetails) -> generation_pb2.AnswerDetails:
         usage=common_pb2.TokenUsage(input_tokens=details.input_tokens, output_tokens=details.output_tokens,
                                     total_tokens=details.input_tokens + details.output_tokens,
                                     estimated=details.estimated),
-        latency=latency, mode_used=details.mode_used,  # type: ignore[arg-type]
+        latency=latency, mode_used=mode_to_proto(details.mode_used),
         degraded=details.degraded, degraded_reason=details.degraded_reason, provider=details.provider,
         model=details.model, request_id=details.request_id,
         pii_masks=[generation_pb2.PiiMask(kind=m.kind, placeholder=m.placeholder) for m in details.pii_masks],

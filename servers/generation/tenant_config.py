@@ -7,9 +7,9 @@ nothing expires, so a mesh serving a thousand tenants does not refetch each of t
 TTL (measured before: most answers at 1,000 tenants paid a GetTenant). While the watch is
 down (metering restarting, the watch reset), entries expire after the TTL as before.
 
-The cascade: system defaults (`TenantConfig.from_proto` fills what a tenant left unset) →
+The cascade: system defaults (`config_from_proto` fills what a tenant left unset) →
 the tenant's config (this cache) → per-request overrides its plan allows
-(`allowed_modes`, applied by the pipeline)."""
+(`models.allowed_modes`, applied by the pipeline)."""
 
 from __future__ import annotations
 
@@ -17,51 +17,36 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
 
-from copilot.v1 import common_pb2, tenant_pb2, tenant_pb2_grpc
+from copilot.v1 import tenant_pb2, tenant_pb2_grpc
 from servers.common import identity
 from servers.common.errors import PermissionDenied
+from servers.generation.convert import mode_from_proto, plan_from_proto
+from servers.generation.models import Plan, RetrievalMode, TenantConfig
 
 log = logging.getLogger("copilot.generation.tenants")
 
 WATCH_RETRY_S = (0.5, 10.0)
 
 
-@dataclass(frozen=True)
-class TenantConfig:
-    tenant_id: str
-    version: int
-    suspended: bool
-    provider: str
-    model: str
-    temperature: float
-    max_tokens: int
-    system_prompt: str
-    retrieval_mode: int
-    top_k: int
-    pii_masking: bool = True
-    agentic_tools: bool = False
-    plan: int = common_pb2.PLAN_FREE
-
-    @classmethod
-    def from_proto(cls, tenant: tenant_pb2.Tenant) -> TenantConfig:
-        cfg = tenant.config
-        return cls(
-            tenant_id=tenant.tenant_id,
-            version=tenant.config_version,
-            suspended=tenant.state == tenant_pb2.TENANT_STATE_SUSPENDED,
-            provider=cfg.provider or "extractive",
-            model=cfg.model,
-            temperature=cfg.temperature,
-            max_tokens=cfg.max_tokens or 512,
-            system_prompt=cfg.system_prompt,
-            retrieval_mode=cfg.retrieval_mode or common_pb2.RETRIEVAL_MODE_BASIC,
-            top_k=cfg.top_k or 5,
-            pii_masking=cfg.pii_masking,
-            agentic_tools=cfg.agentic_tools,
-            plan=tenant.plan or common_pb2.PLAN_FREE,
-        )
+def config_from_proto(tenant: tenant_pb2.Tenant) -> TenantConfig:
+    """The tenant's config with the system defaults filled in where it left a field unset."""
+    cfg = tenant.config
+    return TenantConfig(
+        tenant_id=tenant.tenant_id,
+        version=tenant.config_version,
+        suspended=tenant.state == tenant_pb2.TENANT_STATE_SUSPENDED,
+        provider=cfg.provider or "extractive",
+        model=cfg.model,
+        temperature=cfg.temperature,
+        max_tokens=cfg.max_tokens or 512,
+        system_prompt=cfg.system_prompt,
+        retrieval_mode=mode_from_proto(cfg.retrieval_mode) or RetrievalMode.BASIC,
+        top_k=cfg.top_k or 5,
+        pii_masking=cfg.pii_masking,
+        agentic_tools=cfg.agentic_tools,
+        plan=plan_from_proto(tenant.plan) or Plan.FREE,
+    )
 
 
 class TenantConfigCache:
@@ -118,7 +103,7 @@ class TenantConfigCache:
     def _store(self, tenant: tenant_pb2.Tenant, *, authoritative: bool = False) -> TenantConfig:
         """Keeps the newer of the cached and the given config (a fetch that started before a
         push may answer after it); a watch's snapshot replaces whatever is cached."""
-        config = TenantConfig.from_proto(tenant)
+        config = config_from_proto(tenant)
         current = self._entries.get(config.tenant_id)
         if not authoritative and current is not None and current[1].version > config.version:
             return current[1]
@@ -167,19 +152,3 @@ class TenantConfigCache:
                 self.live = False
             await asyncio.sleep(delay)
             delay = min(delay * 2, WATCH_RETRY_S[1])
-
-
-# Retrieval modes each plan may ask for per request (and run at all).
-PLAN_MODES: dict[int, frozenset[int]] = {
-    common_pb2.PLAN_FREE: frozenset({common_pb2.RETRIEVAL_MODE_BASIC, common_pb2.RETRIEVAL_MODE_HYBRID}),
-    common_pb2.PLAN_PRO: frozenset({common_pb2.RETRIEVAL_MODE_BASIC, common_pb2.RETRIEVAL_MODE_HYBRID,
-                                    common_pb2.RETRIEVAL_MODE_DECOMPOSED}),
-    common_pb2.PLAN_ENTERPRISE: frozenset({common_pb2.RETRIEVAL_MODE_BASIC, common_pb2.RETRIEVAL_MODE_HYBRID,
-                                           common_pb2.RETRIEVAL_MODE_DECOMPOSED,
-                                           common_pb2.RETRIEVAL_MODE_AGENTIC}),
-}
-
-
-def allowed_modes(config: TenantConfig) -> frozenset[int]:
-    """The plan's modes, plus whatever mode the tenant itself was configured with."""
-    return PLAN_MODES.get(config.plan, PLAN_MODES[common_pb2.PLAN_FREE]) | {config.retrieval_mode}

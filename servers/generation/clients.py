@@ -1,0 +1,188 @@
+"""The generation service's calls to other services, in domain types (models.py).
+
+Each client converts protobuf ↔ domain at this edge, so the pipeline never sees a stub or a
+message. Errors a peer returns are not translated: a `grpc.aio.AioRpcError` propagates
+unchanged, so the server interceptor passes its status and rich details (e.g. a refused
+CheckQuota's QuotaFailure) through to the caller as before (`errors.PASS_THROUGH`).
+
+Identity: an outgoing call carries whatever identity is in the context (the client
+interceptor forwards it). Calls made for a request (quota, search, audit) run as its caller.
+Usage is written by this service for a tenant given explicitly (`Usage.tenant_id`), because
+its delivery may happen later, outside any request: after a restart the outbox replays its
+events with the tenant stored next to each, and `MeteringClient.record_usage` is the one
+place that acts as that tenant's service account for the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Mapping
+from pathlib import Path
+
+import grpc
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from copilot.v1 import audit_pb2, metering_pb2, metering_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
+from servers.common import identity, metrics, telemetry
+from servers.common.audit import AuditTrail
+from servers.common.interceptors import detached_deadline
+from servers.common.outbox import Outbox
+from servers.generation.convert import mode_to_proto, search_mode_from_proto, search_mode_to_proto
+from servers.generation.models import (
+    AnsweredQuestion,
+    QuotaDecision,
+    QuotaStatus,
+    SearchMode,
+    SearchResult,
+    Usage,
+)
+from servers.generation.providers import Passage
+
+log = logging.getLogger("copilot.generation")
+
+# Failures worth retrying (usage) or bridging with an earlier decision (quota): the peer is
+# restarting or slow, not refusing.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# While Metering is unreachable, a tenant it allowed this recently is still answered (and
+# its usage kept in the outbox): a metering restart must not take answers down.
+QUOTA_GRACE_S = 120.0
+QUOTA_TIMEOUT_S = 2.0
+USAGE_ATTEMPTS = 3
+USAGE_TIMEOUT_S = 3.0
+# A cap; the caller's remaining deadline (forwarded by the client interceptor) is shorter.
+SEARCH_TIMEOUT_S = 10.0
+# Usage is written by the platform for the caller's tenant: end users hold no write role.
+SERVICE_SUBJECT = "service:generation"
+
+
+class MeteringClient:
+    """Quota decisions for the calling tenant, and usage written for a given tenant."""
+
+    def __init__(self, channel: grpc.aio.Channel, *, quota_timeout_s: float = QUOTA_TIMEOUT_S,
+                 quota_grace_s: float = QUOTA_GRACE_S, usage_timeout_s: float = USAGE_TIMEOUT_S) -> None:
+        self._stub = metering_pb2_grpc.MeteringServiceStub(channel)
+        self._quota_timeout_s = quota_timeout_s
+        self._usage_timeout_s = usage_timeout_s
+        self._grace_s = quota_grace_s
+        self._last_allowed: dict[str, float] = {}
+
+    async def check_quota(self, estimated_tokens: int) -> QuotaDecision:
+        """Whether the calling tenant may spend about `estimated_tokens` now. While Metering
+        cannot be reached, a tenant allowed within the grace period is allowed again (`stale`);
+        otherwise the RPC's error propagates."""
+        with telemetry.span("quota.check", {"copilot.estimated_tokens": estimated_tokens}):
+            tenant = identity.tenant_id()
+            try:
+                response = await self._stub.CheckQuota(
+                    metering_pb2.CheckQuotaRequest(estimated_tokens=estimated_tokens), timeout=self._quota_timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                allowed_at = self._last_allowed.get(tenant)
+                if exc.code() in RETRYABLE and allowed_at is not None \
+                        and time.monotonic() - allowed_at < self._grace_s:
+                    log.warning("metering unreachable; answering on the last quota decision",
+                                extra={"code": exc.code().name})
+                    return QuotaDecision(allowed=True, stale=True)
+                raise
+        if response.allowed:
+            self._last_allowed[tenant] = time.monotonic()
+        else:
+            self._last_allowed.pop(tenant, None)
+        return QuotaDecision(
+            allowed=response.allowed,
+            quotas=[QuotaStatus(name=q.name, used=q.used, limit=q.limit) for q in response.quotas],
+            retry_after_s=response.retry_after.seconds + response.retry_after.nanos / 1e9)
+
+    async def record_usage(self, tenant_id: str, events: list[metering_pb2.UsageEvent],
+                           redelivery: bool = False) -> None:
+        """Writes `tenant_id`'s usage events (the outbox's stored form), retrying transient
+        failures with the same event ids; raises when Metering did not take them. Metering
+        deduplicates every usage event by its id, so `redelivery` changes nothing here."""
+        writer = identity.Identity(tenant_id=tenant_id, subject=SERVICE_SUBJECT,
+                                   roles=frozenset({identity.SERVICE}))
+        request = metering_pb2.RecordUsageRequest(events=events)
+        # Not bounded by the caller's deadline: the answer was given, so its usage must be
+        # written even when the caller's time ran out.
+        with identity.acting_as(writer), detached_deadline():
+            for attempt in range(USAGE_ATTEMPTS):
+                try:
+                    await self._stub.RecordUsage(request, timeout=self._usage_timeout_s)
+                    return
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() not in RETRYABLE or attempt == USAGE_ATTEMPTS - 1:
+                        raise
+                await asyncio.sleep(0.05 * 2**attempt * random.uniform(0.5, 1.5))
+
+
+def usage_event(usage: Usage) -> metering_pb2.UsageEvent:
+    return metering_pb2.UsageEvent(
+        event_id=usage.event_id, kind=metering_pb2.USAGE_KIND_QUERY, model=usage.model, requests=1,
+        input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
+        occur_time=timestamp_pb2.Timestamp(seconds=usage.occurred_at_s),
+        attributes={"user": usage.user, "provider": usage.provider})
+
+
+class UsageRecorder:
+    """Answers' usage, exactly once: each event goes to Metering and into a durable local
+    outbox at once (servers/common/outbox.py, `record`); what Metering did not take is
+    redelivered from the outbox, after a restart too, with the same event id."""
+
+    def __init__(self, metering: MeteringClient, directory: Path) -> None:
+        self.outbox: Outbox[metering_pb2.UsageEvent] = Outbox(
+            directory, metering.record_usage, metering_pb2.UsageEvent, name="usage.outbox", actor=SERVICE_SUBJECT,
+            depth_metric=metrics.USAGE_OUTBOX_DEPTH)
+
+    async def record(self, usage: Usage) -> bool:
+        """Returns once the usage is safe (acknowledged by Metering or durable here); False
+        when only the outbox has it (the answer reports its usage as pending)."""
+        with telemetry.span("usage.write", {"copilot.usage_event_id": usage.event_id}) as current:
+            written = await self.outbox.record(usage.tenant_id, usage_event(usage))
+            current.set_attribute("copilot.usage_pending", not written)
+            return written
+
+    async def start(self) -> None:
+        await self.outbox.start()
+
+    async def stop(self) -> None:
+        await self.outbox.stop()
+
+
+class RetrievalClient:
+    def __init__(self, channel: grpc.aio.Channel, *, timeout_s: float = SEARCH_TIMEOUT_S) -> None:
+        self._stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+        self._timeout_s = timeout_s
+
+    async def search(self, query: str, top_k: int, filters: Mapping[str, str], mode: SearchMode) -> SearchResult:
+        """The calling tenant's passages for `query`, best first, and the mode retrieval ran
+        (it may run another than asked, e.g. BM25 without an embedder)."""
+        wanted = search_mode_to_proto(mode)
+        with telemetry.span("retrieval.search", {"copilot.search_mode": retrieval_pb2.SearchMode.Name(wanted)}):
+            response = await self._stub.Search(retrieval_pb2.SearchRequest(
+                query=query, top_k=top_k, filters=dict(filters), mode=wanted), timeout=self._timeout_s)
+        return SearchResult(
+            passages=[Passage(document_id=h.document_id, chunk_id=h.chunk_id, title=h.title, section=h.section,
+                              text=h.text, score=h.score, source=h.source) for h in response.hits],
+            mode=search_mode_from_proto(response.mode))
+
+
+class QuestionAuditor:
+    """Questions into the audit trail (servers/common/audit.py), as the calling user."""
+
+    def __init__(self, trail: AuditTrail) -> None:
+        self._trail = trail
+
+    def record(self, answered: AnsweredQuestion) -> Awaitable[bool]:
+        """Resolves once the event is durable in the audit outbox (see `AuditTrail.record`)."""
+        latency = duration_pb2.Duration()
+        latency.FromNanoseconds(int(answered.latency_s * 1e9))
+        return self._trail.record(audit_pb2.AUDIT_EVENT_KIND_QUESTION, question=audit_pb2.QuestionAudit(
+            question=answered.question, mode_used=mode_to_proto(answered.mode_used),
+            answer_sha256=answered.answer_sha256,
+            citations=[audit_pb2.AuditCitation(document_id=c.document_id, chunk_id=c.chunk_id)
+                       for c in answered.citations],
+            provider=answered.provider, model=answered.model, degraded=answered.degraded,
+            degraded_reason=answered.degraded_reason, latency=latency, request_id=answered.request_id,
+            pii_placeholders=list(answered.pii_placeholders), input_tokens=answered.input_tokens,
+            output_tokens=answered.output_tokens))
