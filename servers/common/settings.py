@@ -330,8 +330,9 @@ class Settings:
                                     doc="Envoy's public listener address; unset: COPILOT_HOST (a container sets "
                                         "0.0.0.0).")
     redis_url: str | None = setting(None, env="REDIS_URL",
-                                    doc="Redis for the edge's per-tenant rate limits, shared by every edge; unset: "
-                                        "in-process counters.")
+                                    doc="Redis for the edge's per-tenant rate limits, shared by every edge, and for "
+                                        "metering's usage log and quota reservations, shared by every metering "
+                                        "replica; unset: in-process counters, a local log and ledger.")
     ratelimit_fail_open: bool = setting(True, env="COPILOT_RATELIMIT_FAIL_OPEN",
                                         doc="Admit requests when the rate limit backend (Redis) is down (0: refuse "
                                             "them).")
@@ -354,6 +355,15 @@ class Settings:
                                      "SQLite store.")
     usage_flush_interval_s: float = setting(0.2, env="COPILOT_USAGE_FLUSH_INTERVAL_S", low=0.001, high=60,
                                             doc="How often the durable usage log is flushed into ClickHouse.")
+    # A holder that died (crashed generation replica, lost connection) must not keep a tenant's
+    # budget for long, yet the hold must outlive the slowest answer (a long LLM stream).
+    quota_reservation_ttl_s: float = setting(120.0, env="COPILOT_QUOTA_RESERVATION_TTL_S", low=1, high=3600,
+                                             doc="How long a ReserveQuota hold lives unless settled or released "
+                                                 "(when the request names no ttl).")
+    quota_reservation_max_ttl_s: float = setting(900.0, env="COPILOT_QUOTA_RESERVATION_MAX_TTL_S", low=1,
+                                                 high=86400,
+                                                 doc="Cap on the ttl a ReserveQuota request may ask for, so no "
+                                                     "caller can pin a tenant's budget for long.")
     price_table: str | None = setting(None, env="COPILOT_PRICE_TABLE",
                                       doc="JSON price table for usage cost; unset: servers/metering/usage/prices.json.")
     usage_on_delete: str = setting("anonymise", env="COPILOT_USAGE_ON_DELETE", choices=("anonymise", "keep", "erase"),

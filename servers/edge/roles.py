@@ -70,6 +70,10 @@ OPERATOR_RPCS = (
 # job recording usage) may call them through the edge; no end-user role may, operators included.
 SERVICE_RPCS = (
     "/copilot.v1.MeteringService/RecordUsage",
+    # Admission holds a share of the tenant's budget: a member able to hold it could lock
+    # its own tenant out; the generation service reserves for the member's request.
+    "/copilot.v1.MeteringService/ReserveQuota",
+    "/copilot.v1.MeteringService/ReleaseQuota",
     "/copilot.v1.AuditService/RecordAuditEvents",
     "/copilot.v1.RetrievalService/ProvisionTenant",
     "/copilot.v1.RetrievalService/EraseTenant",

@@ -7,16 +7,17 @@ become None, and the domain's validation reports them as invalid arguments.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from google.protobuf import timestamp_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 
 from copilot.v1 import common_pb2, metering_pb2, tenant_pb2
 from servers.common.errors import InvalidArgument
 from servers.metering.tenants.domain import CONFIG_FIELDS, LIMIT_FIELDS, UPDATABLE_PATHS, Tenant, TenantState
 from servers.metering.tenants.plans import Plan, RetrievalMode
 from servers.metering.usage.domain import UsageEvent, UsageKind, UsageTotals
+from servers.metering.usage.ledger import Reservation
 from servers.metering.usage.pricing import PriceTable
 from servers.metering.usage.quota import QuotaDecision
 
@@ -63,6 +64,12 @@ def moment(ts: timestamp_pb2.Timestamp, field: str) -> datetime:
         return ts.ToDatetime(tzinfo=UTC)
     except (ValueError, OverflowError) as exc:
         raise InvalidArgument.field(field, "not a valid timestamp") from exc
+
+
+def duration(value: duration_pb2.Duration, field: str) -> timedelta:
+    if value.seconds < 0 or value.nanos < 0:
+        raise InvalidArgument.field(field, "must not be negative")
+    return value.ToTimedelta()
 
 
 # --- Tenants -----------------------------------------------------------------------------
@@ -148,6 +155,7 @@ def usage_event(tenant_id: str, index: int, message: metering_pb2.UsageEvent, no
         output_tokens=message.output_tokens,
         occur_time=occurred,
         attributes=dict(message.attributes),
+        reservation_id=message.reservation_id,
     )
 
 
@@ -170,12 +178,19 @@ def usage_response(totals: UsageTotals, prices: PriceTable | None = None) -> met
     )
 
 
+def _quota_statuses(decision: QuotaDecision) -> list[metering_pb2.QuotaStatus]:
+    return [metering_pb2.QuotaStatus(name=q.name, limit=q.limit, used=q.used, reset_time=timestamp(q.reset_time))
+            for q in decision.quotas]
+
+
+def reserve_response(decision: QuotaDecision, reservation: Reservation) -> metering_pb2.ReserveQuotaResponse:
+    return metering_pb2.ReserveQuotaResponse(
+        allowed=decision.allowed, quotas=_quota_statuses(decision), expire_time=timestamp(reservation.expire_time),
+        reservation_id=reservation.reservation_id, tokens=reservation.tokens)
+
+
 def quota_response(decision: QuotaDecision) -> metering_pb2.CheckQuotaResponse:
-    response = metering_pb2.CheckQuotaResponse(
-        allowed=decision.allowed,
-        quotas=[metering_pb2.QuotaStatus(name=q.name, limit=q.limit, used=q.used,
-                                         reset_time=timestamp(q.reset_time)) for q in decision.quotas],
-    )
+    response = metering_pb2.CheckQuotaResponse(allowed=decision.allowed, quotas=_quota_statuses(decision))
     if decision.retry_after is not None:
         response.retry_after.FromTimedelta(decision.retry_after)
     return response

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import grpc
 
 from copilot.v1 import audit_pb2_grpc, metering_pb2_grpc, tenant_pb2_grpc
@@ -16,7 +18,9 @@ from servers.metering.tenants.onboarding import Onboarding, RetrievalHook, Tenan
 from servers.metering.tenants.service import TenantServiceServicer
 from servers.metering.tenants.store import CachedTenantStore, SqliteTenantStore, TenantStore
 from servers.metering.usage.clickhouse_store import ClickHouseUsageStore
+from servers.metering.usage.ledger import LocalLedger, QuotaLedger
 from servers.metering.usage.pricing import PriceTable
+from servers.metering.usage.redis_ledger import RedisLedger
 from servers.metering.usage.service import MeteringServiceServicer
 from servers.metering.usage.store import SqliteUsageStore, UsageStore
 
@@ -56,6 +60,15 @@ def audit_store(settings: Settings, usage: UsageStore) -> AuditStore:
                       flush_interval_s=AUDIT_FLUSH_INTERVAL_S)
 
 
+def quota_ledger(settings: Settings, usage: UsageStore) -> QuotaLedger:
+    """Reservations in Redis when REDIS_URL is set (shared by every metering replica), else
+    in this process (docs/admission.md)."""
+    if settings.redis_url:
+        return RedisLedger.from_url(settings.redis_url, usage,
+                                    max_ttl=timedelta(seconds=settings.quota_reservation_max_ttl_s))
+    return LocalLedger(usage)
+
+
 def build(settings: Settings) -> lifecycle.Service:
     tenants = CachedTenantStore(tenant_store(settings), settings.tenant_cache_ttl_s)
     usage = usage_store(settings)
@@ -66,7 +79,13 @@ def build(settings: Settings) -> lifecycle.Service:
     if billing is not None:
         hooks.append(billing.customers)
     prices = PriceTable.load(settings.price_table)
-    metering = MeteringServiceServicer(tenants, usage, prices=prices, billing=billing)
+    # Not among health's dependencies: with Redis down, reservations answer UNAVAILABLE by
+    # themselves (as RecordUsage does) while usage queries and tenants keep serving.
+    ledger = quota_ledger(settings, usage)
+    metering = MeteringServiceServicer(
+        tenants, usage, prices=prices, billing=billing, ledger=ledger,
+        reservation_ttl=timedelta(seconds=settings.quota_reservation_ttl_s),
+        max_reservation_ttl=timedelta(seconds=settings.quota_reservation_max_ttl_s))
     tenant_service = TenantServiceServicer(tenants, onboarding=Onboarding(hooks), usage=usage,
                                            usage_on_delete=settings.usage_on_delete, audit=audit,
                                            audit_on_delete=settings.audit_on_tenant_delete)
@@ -74,6 +93,7 @@ def build(settings: Settings) -> lifecycle.Service:
     async def close_channels() -> None:
         tenant_service.watchers.close()
         await retrieval_channel.close(None)
+        await ledger.close()
         if billing is not None:
             await billing.close()
 

@@ -46,6 +46,8 @@ class UsageEvent:
     output_tokens: int
     occur_time: datetime
     attributes: Mapping[str, str] = field(default_factory=dict)
+    # The quota reservation this usage settles (servers/metering/usage/admission.py); "" for none.
+    reservation_id: str = ""
 
     @property
     def tokens(self) -> int:
@@ -124,6 +126,8 @@ def validate_batch(events: Sequence[UsageEvent], now: datetime) -> None:
 
         if not 1 <= len(event.event_id) <= MAX_EVENT_ID:
             bad("event_id", f"required, 1..{MAX_EVENT_ID} characters")
+        if len(event.reservation_id) > MAX_EVENT_ID:
+            bad("reservation_id", f"at most {MAX_EVENT_ID} characters")
         if len(event.model) > MAX_MODEL:
             bad("model", f"at most {MAX_MODEL} characters")
         for name in ("requests", "input_tokens", "output_tokens"):

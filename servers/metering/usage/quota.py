@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 from prometheus_client import Counter
@@ -18,7 +18,16 @@ from servers.common import metrics, telemetry
 from servers.common.errors import InvalidArgument, QuotaViolation, ResourceExhausted
 from servers.metering.tenants.domain import Tenant
 from servers.metering.tenants.plans import Limits
-from servers.metering.usage.domain import QuotaUsage, hour_window, month_window
+from servers.metering.usage.domain import (
+    MAX_EVENT_ID,
+    MAX_QUANTITY,
+    QuotaUsage,
+    RecordResult,
+    UsageEvent,
+    hour_window,
+    month_window,
+)
+from servers.metering.usage.ledger import LocalLedger, QuotaLedger, Reservation, Write
 from servers.metering.usage.store import UsageStore
 
 REQUESTS_PER_HOUR = "requests_per_hour"
@@ -65,6 +74,22 @@ class QuotaDecision:
             violations, retry_after_s=retry, metadata={"tenant_id": self.tenant_id})
 
 
+@dataclass(frozen=True)
+class Admission:
+    """A ReserveQuota's outcome: the decision (as CheckQuota's, `used` before this request)
+    and, when allowed, the reservation."""
+
+    decision: QuotaDecision
+    reservation: Reservation | None
+
+    def refusal(self) -> ResourceExhausted:
+        """The error of a refused reservation (CheckQuota's refusal, one way for both)."""
+        error = self.decision.refusal()
+        if error is None:
+            raise RuntimeError("a refused reservation whose decision allows it")
+        return error
+
+
 def evaluate(tenant_id: str, limits: Limits, usage: QuotaUsage, now: datetime,
              estimated_tokens: int = 0) -> QuotaDecision:
     if estimated_tokens < 0:
@@ -82,11 +107,17 @@ def evaluate(tenant_id: str, limits: Limits, usage: QuotaUsage, now: datetime,
 
 
 class QuotaChecker:
-    """Answers CheckQuota from the usage store; reads usage fresh on every check."""
+    """Answers CheckQuota, ReserveQuota and ReleaseQuota from the quota ledger (recorded usage
+    plus live reservations; by default the usage store's counters and in-process holds)."""
 
-    def __init__(self, usage: UsageStore, clock: Callable[[], datetime] | None = None) -> None:
+    def __init__(self, usage: UsageStore, clock: Callable[[], datetime] | None = None,
+                 ledger: QuotaLedger | None = None, reservation_ttl: timedelta = timedelta(seconds=120),
+                 max_reservation_ttl: timedelta = timedelta(seconds=900)) -> None:
         self._usage = usage
         self._clock = clock or (lambda: datetime.now(UTC))
+        self.ledger = ledger or LocalLedger(usage)
+        self._ttl = reservation_ttl
+        self._max_ttl = max_reservation_ttl
         # (tenant, quota, threshold) → start of the window it was last reported for.
         self._emitted: dict[tuple[str, str, int], datetime] = {}
 
@@ -95,12 +126,50 @@ class QuotaChecker:
             raise InvalidArgument.field("estimated_tokens", "must not be negative")
         now = self._clock()
         with telemetry.span("quota.evaluate", {"copilot.estimated_tokens": estimated_tokens}) as current:
-            usage = await self._usage.quota_usage(tenant.tenant_id, hour_window(now), month_window(now))
+            usage = await self.ledger.usage(tenant.tenant_id, now)
             decision = evaluate(tenant.tenant_id, tenant.limits, usage, now, estimated_tokens)
             current.set_attribute("copilot.quota_allowed", decision.allowed)
         for q in decision.quotas:
             metrics.QUOTA_LEVELS.observe(tenant.tenant_id, q.name, q.used, q.limit, q.reset_time)
         return decision
+
+    async def reserve(self, tenant: Tenant, reservation_id: str, tokens: int,
+                      ttl: timedelta | None = None) -> Admission:
+        """Holds 1 request and `tokens` for the tenant if they fit, atomically (see ledger.py).
+        `ttl` None: the default; longer than the cap: the cap."""
+        if not 1 <= len(reservation_id) <= MAX_EVENT_ID:
+            raise InvalidArgument.field("reservation_id", f"required, 1..{MAX_EVENT_ID} characters")
+        if not 0 <= tokens <= MAX_QUANTITY:
+            raise InvalidArgument.field("tokens", f"must be between 0 and {MAX_QUANTITY}")
+        if ttl is not None and ttl <= timedelta(0):
+            raise InvalidArgument.field("ttl", "must be positive (or unset for the default)")
+        ttl = min(ttl or self._ttl, self._max_ttl)
+        now = self._clock()
+        with telemetry.span("quota.reserve", {"copilot.reserved_tokens": tokens}) as current:
+            hold = await self.ledger.reserve(tenant.tenant_id, tenant.limits, reservation_id, tokens, ttl, now)
+            decision = evaluate(tenant.tenant_id, tenant.limits, hold.usage, now,
+                                hold.reservation.tokens if hold.reservation else tokens)
+            if hold.reservation is not None and not decision.allowed:
+                # A retried reserve of a live reservation stands, even if the limits were
+                # lowered since it was made.
+                decision = replace(decision, allowed=True, retry_after=None,
+                                   quotas=tuple(replace(q, exceeded=False) for q in decision.quotas))
+            current.set_attribute("copilot.quota_allowed", decision.allowed)
+            current.set_attribute("copilot.reservation_existing", hold.existing)
+        for q in decision.quotas:
+            metrics.QUOTA_LEVELS.observe(tenant.tenant_id, q.name, q.used, q.limit, q.reset_time)
+        return Admission(decision, hold.reservation)
+
+    async def release(self, tenant_id: str, reservation_id: str) -> bool:
+        if len(reservation_id) > MAX_EVENT_ID:
+            raise InvalidArgument.field("reservation_id", f"at most {MAX_EVENT_ID} characters")
+        if not reservation_id:
+            return False
+        return await self.ledger.release(tenant_id, reservation_id, self._clock())
+
+    async def record(self, events: list[UsageEvent], write: Write) -> RecordResult:
+        """Records usage through `write`, settling the reservations its events name."""
+        return await self.ledger.record(events, write, self._clock())
 
     async def observe(self, tenant: Tenant) -> list[tuple[str, int]]:
         """After usage was recorded: emits a threshold event (log line + metric) for every

@@ -21,6 +21,7 @@ from servers.metering.tenants.domain import Tenant
 from servers.metering.tenants.service import Clock, target_tenant, utcnow
 from servers.metering.tenants.store import TenantStore
 from servers.metering.usage.domain import MAX_BATCH, Window, month_start, validate_batch
+from servers.metering.usage.ledger import QuotaLedger
 from servers.metering.usage.pricing import PriceTable
 from servers.metering.usage.quota import QuotaChecker
 from servers.metering.usage.store import UsageStore
@@ -40,11 +41,14 @@ def _ensure_active(tenant: Tenant) -> Tenant:
 
 class MeteringServiceServicer(metering_pb2_grpc.MeteringServiceServicer):
     def __init__(self, tenants: TenantStore, usage: UsageStore, clock: Clock = utcnow,
-                 prices: PriceTable | None = None, billing: Billing | None = None) -> None:
+                 prices: PriceTable | None = None, billing: Billing | None = None,
+                 ledger: QuotaLedger | None = None, reservation_ttl: timedelta = timedelta(seconds=120),
+                 max_reservation_ttl: timedelta = timedelta(seconds=900)) -> None:
         self._tenants = tenants
         self._usage = usage
         self._clock = clock
-        self._quota = QuotaChecker(usage, clock)
+        self._quota = QuotaChecker(usage, clock, ledger=ledger, reservation_ttl=reservation_ttl,
+                                   max_reservation_ttl=max_reservation_ttl)
         self._prices = prices
         self._billing = billing
         # The durable log's backlog (events acknowledged, not yet in ClickHouse), read at
@@ -69,7 +73,7 @@ class MeteringServiceServicer(metering_pb2_grpc.MeteringServiceServicer):
                                   [FieldViolation("tenant", "the caller's tenant does not exist")],
                                   reason="UNKNOWN_TENANT", metadata={"tenant_id": caller.tenant_id}) from None
         with telemetry.span("usage.record", {"copilot.usage_events": len(events)}) as current:
-            result = await self._usage.record(events)
+            result = await self._quota.record(events, self._usage.record)
             current.set_attribute("copilot.usage_duplicates", result.duplicates)
         if result.recorded:
             await self._quota.observe(tenant)
@@ -127,3 +131,23 @@ class MeteringServiceServicer(metering_pb2_grpc.MeteringServiceServicer):
             # The log formatter adds the caller's tenant.
             log.info("quota refused", extra={"quotas": [q.name for q in decision.quotas if q.exceeded]})
         return convert.quota_response(decision)
+
+    async def ReserveQuota(self, request: metering_pb2.ReserveQuotaRequest,
+                           context: grpc.aio.ServicerContext) -> metering_pb2.ReserveQuotaResponse:
+        # Only the platform's services admit requests: a member holding reservations could
+        # lock its own tenant out for their TTL.
+        caller = identity.require_role(identity.SERVICE)
+        tenant = _ensure_active(await self._tenants.get(caller.tenant_id))
+        ttl = convert.duration(request.ttl, "ttl") if request.HasField("ttl") else None
+        admission = await self._quota.reserve(tenant, request.reservation_id, request.tokens, ttl)
+        if admission.reservation is None:
+            log.info("quota refused", extra={"quotas": [q.name for q in admission.decision.quotas if q.exceeded],
+                                             "reservation_id": request.reservation_id})
+            raise admission.refusal()
+        return convert.reserve_response(admission.decision, admission.reservation)
+
+    async def ReleaseQuota(self, request: metering_pb2.ReleaseQuotaRequest,
+                           context: grpc.aio.ServicerContext) -> metering_pb2.ReleaseQuotaResponse:
+        caller = identity.require_role(identity.SERVICE)
+        released = await self._quota.release(caller.tenant_id, request.reservation_id)
+        return metering_pb2.ReleaseQuotaResponse(released=released)

@@ -23,7 +23,7 @@ USAGE_KIND_INGEST: UsageKind
 USAGE_KIND_SEARCH: UsageKind
 
 class UsageEvent(_message.Message):
-    __slots__ = ("event_id", "kind", "model", "requests", "input_tokens", "output_tokens", "occur_time", "attributes")
+    __slots__ = ("event_id", "kind", "model", "requests", "input_tokens", "output_tokens", "occur_time", "attributes", "reservation_id")
     class AttributesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,7 @@ class UsageEvent(_message.Message):
     OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     OCCUR_TIME_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     kind: UsageKind
     model: str
@@ -47,7 +48,8 @@ class UsageEvent(_message.Message):
     output_tokens: int
     occur_time: _timestamp_pb2.Timestamp
     attributes: _containers.ScalarMap[str, str]
-    def __init__(self, event_id: _Optional[str] = ..., kind: _Optional[_Union[UsageKind, str]] = ..., model: _Optional[str] = ..., requests: _Optional[int] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., occur_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    reservation_id: str
+    def __init__(self, event_id: _Optional[str] = ..., kind: _Optional[_Union[UsageKind, str]] = ..., model: _Optional[str] = ..., requests: _Optional[int] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., occur_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attributes: _Optional[_Mapping[str, str]] = ..., reservation_id: _Optional[str] = ...) -> None: ...
 
 class RecordUsageRequest(_message.Message):
     __slots__ = ("events",)
@@ -140,6 +142,42 @@ class CheckQuotaResponse(_message.Message):
     quotas: _containers.RepeatedCompositeFieldContainer[QuotaStatus]
     retry_after: _duration_pb2.Duration
     def __init__(self, allowed: bool = ..., quotas: _Optional[_Iterable[_Union[QuotaStatus, _Mapping]]] = ..., retry_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class ReserveQuotaRequest(_message.Message):
+    __slots__ = ("reservation_id", "tokens", "ttl")
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TTL_FIELD_NUMBER: _ClassVar[int]
+    reservation_id: str
+    tokens: int
+    ttl: _duration_pb2.Duration
+    def __init__(self, reservation_id: _Optional[str] = ..., tokens: _Optional[int] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class ReserveQuotaResponse(_message.Message):
+    __slots__ = ("allowed", "quotas", "expire_time", "reservation_id", "tokens")
+    ALLOWED_FIELD_NUMBER: _ClassVar[int]
+    QUOTAS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    allowed: bool
+    quotas: _containers.RepeatedCompositeFieldContainer[QuotaStatus]
+    expire_time: _timestamp_pb2.Timestamp
+    reservation_id: str
+    tokens: int
+    def __init__(self, allowed: bool = ..., quotas: _Optional[_Iterable[_Union[QuotaStatus, _Mapping]]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reservation_id: _Optional[str] = ..., tokens: _Optional[int] = ...) -> None: ...
+
+class ReleaseQuotaRequest(_message.Message):
+    __slots__ = ("reservation_id",)
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    reservation_id: str
+    def __init__(self, reservation_id: _Optional[str] = ...) -> None: ...
+
+class ReleaseQuotaResponse(_message.Message):
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: bool
+    def __init__(self, released: bool = ...) -> None: ...
 
 class ReportBillingRequest(_message.Message):
     __slots__ = ("start_time", "end_time")

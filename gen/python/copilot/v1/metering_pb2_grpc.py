@@ -50,6 +50,16 @@ class MeteringServiceStub(object):
                 request_serializer=copilot_dot_v1_dot_metering__pb2.CheckQuotaRequest.SerializeToString,
                 response_deserializer=copilot_dot_v1_dot_metering__pb2.CheckQuotaResponse.FromString,
                 _registered_method=True)
+        self.ReserveQuota = channel.unary_unary(
+                '/copilot.v1.MeteringService/ReserveQuota',
+                request_serializer=copilot_dot_v1_dot_metering__pb2.ReserveQuotaRequest.SerializeToString,
+                response_deserializer=copilot_dot_v1_dot_metering__pb2.ReserveQuotaResponse.FromString,
+                _registered_method=True)
+        self.ReleaseQuota = channel.unary_unary(
+                '/copilot.v1.MeteringService/ReleaseQuota',
+                request_serializer=copilot_dot_v1_dot_metering__pb2.ReleaseQuotaRequest.SerializeToString,
+                response_deserializer=copilot_dot_v1_dot_metering__pb2.ReleaseQuotaResponse.FromString,
+                _registered_method=True)
         self.ReportBilling = channel.unary_unary(
                 '/copilot.v1.MeteringService/ReportBilling',
                 request_serializer=copilot_dot_v1_dot_metering__pb2.ReportBillingRequest.SerializeToString,
@@ -88,6 +98,25 @@ class MeteringServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReserveQuota(self, request, context):
+        """Admits one request of the caller's tenant by holding 1 request of the hourly quota and
+        `tokens` of the monthly token quota until the hold is settled (a usage event carrying
+        the reservation id), released, or expires. Checked and held atomically, across every
+        metering replica. Refused: RESOURCE_EXHAUSTED with QuotaFailure and RetryInfo details.
+        Idempotent per (tenant, reservation_id). Platform services only (role `service`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseQuota(self, request, context):
+        """Drops a reservation's hold (the request failed or was cancelled). Idempotent: an
+        unknown, expired, released or settled id is acknowledged. Platform services only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReportBilling(self, request, context):
         """Sends the usage of a period to Stripe as Billing Meter Events, aggregated per tenant
         and interval, each with an idempotent identifier (operator only).
@@ -120,6 +149,16 @@ def add_MeteringServiceServicer_to_server(servicer, server):
                     servicer.CheckQuota,
                     request_deserializer=copilot_dot_v1_dot_metering__pb2.CheckQuotaRequest.FromString,
                     response_serializer=copilot_dot_v1_dot_metering__pb2.CheckQuotaResponse.SerializeToString,
+            ),
+            'ReserveQuota': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReserveQuota,
+                    request_deserializer=copilot_dot_v1_dot_metering__pb2.ReserveQuotaRequest.FromString,
+                    response_serializer=copilot_dot_v1_dot_metering__pb2.ReserveQuotaResponse.SerializeToString,
+            ),
+            'ReleaseQuota': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseQuota,
+                    request_deserializer=copilot_dot_v1_dot_metering__pb2.ReleaseQuotaRequest.FromString,
+                    response_serializer=copilot_dot_v1_dot_metering__pb2.ReleaseQuotaResponse.SerializeToString,
             ),
             'ReportBilling': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportBilling,
@@ -214,6 +253,60 @@ class MeteringService(object):
             '/copilot.v1.MeteringService/CheckQuota',
             copilot_dot_v1_dot_metering__pb2.CheckQuotaRequest.SerializeToString,
             copilot_dot_v1_dot_metering__pb2.CheckQuotaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReserveQuota(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/copilot.v1.MeteringService/ReserveQuota',
+            copilot_dot_v1_dot_metering__pb2.ReserveQuotaRequest.SerializeToString,
+            copilot_dot_v1_dot_metering__pb2.ReserveQuotaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseQuota(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/copilot.v1.MeteringService/ReleaseQuota',
+            copilot_dot_v1_dot_metering__pb2.ReleaseQuotaRequest.SerializeToString,
+            copilot_dot_v1_dot_metering__pb2.ReleaseQuotaResponse.FromString,
             options,
             channel_credentials,
             insecure,

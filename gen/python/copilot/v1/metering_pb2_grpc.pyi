@@ -41,6 +41,17 @@ class MeteringServiceStub:
     """Usage totals of the caller's tenant (or, for an operator, any tenant) over a period."""
     CheckQuota: _grpc.UnaryUnaryMultiCallable[_metering_pb2.CheckQuotaRequest, _metering_pb2.CheckQuotaResponse]
     """Whether the caller's tenant may make another request now."""
+    ReserveQuota: _grpc.UnaryUnaryMultiCallable[_metering_pb2.ReserveQuotaRequest, _metering_pb2.ReserveQuotaResponse]
+    """Admits one request of the caller's tenant by holding 1 request of the hourly quota and
+    `tokens` of the monthly token quota until the hold is settled (a usage event carrying
+    the reservation id), released, or expires. Checked and held atomically, across every
+    metering replica. Refused: RESOURCE_EXHAUSTED with QuotaFailure and RetryInfo details.
+    Idempotent per (tenant, reservation_id). Platform services only (role `service`).
+    """
+    ReleaseQuota: _grpc.UnaryUnaryMultiCallable[_metering_pb2.ReleaseQuotaRequest, _metering_pb2.ReleaseQuotaResponse]
+    """Drops a reservation's hold (the request failed or was cancelled). Idempotent: an
+    unknown, expired, released or settled id is acknowledged. Platform services only.
+    """
     ReportBilling: _grpc.UnaryUnaryMultiCallable[_metering_pb2.ReportBillingRequest, _metering_pb2.ReportBillingResponse]
     """Sends the usage of a period to Stripe as Billing Meter Events, aggregated per tenant
     and interval, each with an idempotent identifier (operator only).
@@ -61,6 +72,17 @@ class MeteringServiceAsyncStub(MeteringServiceStub):
     """Usage totals of the caller's tenant (or, for an operator, any tenant) over a period."""
     CheckQuota: _aio.UnaryUnaryMultiCallable[_metering_pb2.CheckQuotaRequest, _metering_pb2.CheckQuotaResponse]  # type: ignore[assignment]
     """Whether the caller's tenant may make another request now."""
+    ReserveQuota: _aio.UnaryUnaryMultiCallable[_metering_pb2.ReserveQuotaRequest, _metering_pb2.ReserveQuotaResponse]  # type: ignore[assignment]
+    """Admits one request of the caller's tenant by holding 1 request of the hourly quota and
+    `tokens` of the monthly token quota until the hold is settled (a usage event carrying
+    the reservation id), released, or expires. Checked and held atomically, across every
+    metering replica. Refused: RESOURCE_EXHAUSTED with QuotaFailure and RetryInfo details.
+    Idempotent per (tenant, reservation_id). Platform services only (role `service`).
+    """
+    ReleaseQuota: _aio.UnaryUnaryMultiCallable[_metering_pb2.ReleaseQuotaRequest, _metering_pb2.ReleaseQuotaResponse]  # type: ignore[assignment]
+    """Drops a reservation's hold (the request failed or was cancelled). Idempotent: an
+    unknown, expired, released or settled id is acknowledged. Platform services only.
+    """
     ReportBilling: _aio.UnaryUnaryMultiCallable[_metering_pb2.ReportBillingRequest, _metering_pb2.ReportBillingResponse]  # type: ignore[assignment]
     """Sends the usage of a period to Stripe as Billing Meter Events, aggregated per tenant
     and interval, each with an idempotent identifier (operator only).
@@ -96,6 +118,29 @@ class MeteringServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_metering_pb2.CheckQuotaResponse, _abc.Awaitable[_metering_pb2.CheckQuotaResponse]]:
         """Whether the caller's tenant may make another request now."""
+
+    @_abc_1.abstractmethod
+    def ReserveQuota(
+        self,
+        request: _metering_pb2.ReserveQuotaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_metering_pb2.ReserveQuotaResponse, _abc.Awaitable[_metering_pb2.ReserveQuotaResponse]]:
+        """Admits one request of the caller's tenant by holding 1 request of the hourly quota and
+        `tokens` of the monthly token quota until the hold is settled (a usage event carrying
+        the reservation id), released, or expires. Checked and held atomically, across every
+        metering replica. Refused: RESOURCE_EXHAUSTED with QuotaFailure and RetryInfo details.
+        Idempotent per (tenant, reservation_id). Platform services only (role `service`).
+        """
+
+    @_abc_1.abstractmethod
+    def ReleaseQuota(
+        self,
+        request: _metering_pb2.ReleaseQuotaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_metering_pb2.ReleaseQuotaResponse, _abc.Awaitable[_metering_pb2.ReleaseQuotaResponse]]:
+        """Drops a reservation's hold (the request failed or was cancelled). Idempotent: an
+        unknown, expired, released or settled id is acknowledged. Platform services only.
+        """
 
     @_abc_1.abstractmethod
     def ReportBilling(

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file copilot/v1/metering.proto.
  */
 export const file_copilot_v1_metering: GenFile = /*@__PURE__*/
-  fileDesc("Chljb3BpbG90L3YxL21ldGVyaW5nLnByb3RvEgpjb3BpbG90LnYxIrACCgpVc2FnZUV2ZW50EhAKCGV2ZW50X2lkGAEgASgJEiMKBGtpbmQYAiABKA4yFS5jb3BpbG90LnYxLlVzYWdlS2luZBINCgVtb2RlbBgDIAEoCRIQCghyZXF1ZXN0cxgEIAEoAxIUCgxpbnB1dF90b2tlbnMYBSABKAMSFQoNb3V0cHV0X3Rva2VucxgGIAEoAxIuCgpvY2N1cl90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI6CgphdHRyaWJ1dGVzGAggAygLMiYuY29waWxvdC52MS5Vc2FnZUV2ZW50LkF0dHJpYnV0ZXNFbnRyeRoxCg9BdHRyaWJ1dGVzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASI8ChJSZWNvcmRVc2FnZVJlcXVlc3QSJgoGZXZlbnRzGAEgAygLMhYuY29waWxvdC52MS5Vc2FnZUV2ZW50IjsKE1JlY29yZFVzYWdlUmVzcG9uc2USEAoIcmVjb3JkZWQYASABKAUSEgoKZHVwbGljYXRlcxgCIAEoBSKCAQoPR2V0VXNhZ2VSZXF1ZXN0Ei4KCnN0YXJ0X3RpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIRCgl0ZW5hbnRfaWQYAyABKAkibwoKTW9kZWxVc2FnZRINCgVtb2RlbBgBIAEoCRIQCghyZXF1ZXN0cxgCIAEoAxIUCgxpbnB1dF90b2tlbnMYAyABKAMSFQoNb3V0cHV0X3Rva2VucxgEIAEoAxITCgtjb3N0X21pY3JvcxgFIAEoAyK5AgoQR2V0VXNhZ2VSZXNwb25zZRIRCgl0ZW5hbnRfaWQYASABKAkSLgoKc3RhcnRfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCHJlcXVlc3RzGAQgASgDEhQKDGlucHV0X3Rva2VucxgFIAEoAxIVCg1vdXRwdXRfdG9rZW5zGAYgASgDEhQKDHRvdGFsX3Rva2VucxgHIAEoAxIOCgZldmVudHMYCCABKAMSKAoIYnlfbW9kZWwYCSADKAsyFi5jb3BpbG90LnYxLk1vZGVsVXNhZ2USEwoLY29zdF9taWNyb3MYCiABKAMSEAoIY3VycmVuY3kYCyABKAkiLQoRQ2hlY2tRdW90YVJlcXVlc3QSGAoQZXN0aW1hdGVkX3Rva2VucxgBIAEoAyJoCgtRdW90YVN0YXR1cxIMCgRuYW1lGAEgASgJEg0KBWxpbWl0GAIgASgDEgwKBHVzZWQYAyABKAMSLgoKcmVzZXRfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAifgoSQ2hlY2tRdW90YVJlc3BvbnNlEg8KB2FsbG93ZWQYASABKAgSJwoGcXVvdGFzGAIgAygLMhcuY29waWxvdC52MS5RdW90YVN0YXR1cxIuCgtyZXRyeV9hZnRlchgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiJ0ChRSZXBvcnRCaWxsaW5nUmVxdWVzdBIuCgpzdGFydF90aW1lGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiPgoVUmVwb3J0QmlsbGluZ1Jlc3BvbnNlEhQKDG1ldGVyX2V2ZW50cxgBIAEoBRIPCgd0ZW5hbnRzGAIgASgFIncKF1JlY29uY2lsZUJpbGxpbmdSZXF1ZXN0Ei4KCnN0YXJ0X3RpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJZChFCaWxsaW5nRGlmZmVyZW5jZRIRCgl0ZW5hbnRfaWQYASABKAkSDQoFbWV0ZXIYAiABKAkSEgoKY2xpY2tob3VzZRgDIAEoAxIOCgZzdHJpcGUYBCABKAMiXwoYUmVjb25jaWxlQmlsbGluZ1Jlc3BvbnNlEg8KB3RlbmFudHMYASABKAUSMgoLZGlmZmVyZW5jZXMYAiADKAsyHS5jb3BpbG90LnYxLkJpbGxpbmdEaWZmZXJlbmNlKmsKCVVzYWdlS2luZBIaChZVU0FHRV9LSU5EX1VOU1BFQ0lGSUVEEAASFAoQVVNBR0VfS0lORF9RVUVSWRABEhUKEVVTQUdFX0tJTkRfSU5HRVNUEAISFQoRVVNBR0VfS0lORF9TRUFSQ0gQAzKqAwoPTWV0ZXJpbmdTZXJ2aWNlEk4KC1JlY29yZFVzYWdlEh4uY29waWxvdC52MS5SZWNvcmRVc2FnZVJlcXVlc3QaHy5jb3BpbG90LnYxLlJlY29yZFVzYWdlUmVzcG9uc2USRQoIR2V0VXNhZ2USGy5jb3BpbG90LnYxLkdldFVzYWdlUmVxdWVzdBocLmNvcGlsb3QudjEuR2V0VXNhZ2VSZXNwb25zZRJLCgpDaGVja1F1b3RhEh0uY29waWxvdC52MS5DaGVja1F1b3RhUmVxdWVzdBoeLmNvcGlsb3QudjEuQ2hlY2tRdW90YVJlc3BvbnNlElQKDVJlcG9ydEJpbGxpbmcSIC5jb3BpbG90LnYxLlJlcG9ydEJpbGxpbmdSZXF1ZXN0GiEuY29waWxvdC52MS5SZXBvcnRCaWxsaW5nUmVzcG9uc2USXQoQUmVjb25jaWxlQmlsbGluZxIjLmNvcGlsb3QudjEuUmVjb25jaWxlQmlsbGluZ1JlcXVlc3QaJC5jb3BpbG90LnYxLlJlY29uY2lsZUJpbGxpbmdSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("Chljb3BpbG90L3YxL21ldGVyaW5nLnByb3RvEgpjb3BpbG90LnYxIsgCCgpVc2FnZUV2ZW50EhAKCGV2ZW50X2lkGAEgASgJEiMKBGtpbmQYAiABKA4yFS5jb3BpbG90LnYxLlVzYWdlS2luZBINCgVtb2RlbBgDIAEoCRIQCghyZXF1ZXN0cxgEIAEoAxIUCgxpbnB1dF90b2tlbnMYBSABKAMSFQoNb3V0cHV0X3Rva2VucxgGIAEoAxIuCgpvY2N1cl90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI6CgphdHRyaWJ1dGVzGAggAygLMiYuY29waWxvdC52MS5Vc2FnZUV2ZW50LkF0dHJpYnV0ZXNFbnRyeRIWCg5yZXNlcnZhdGlvbl9pZBgJIAEoCRoxCg9BdHRyaWJ1dGVzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASI8ChJSZWNvcmRVc2FnZVJlcXVlc3QSJgoGZXZlbnRzGAEgAygLMhYuY29waWxvdC52MS5Vc2FnZUV2ZW50IjsKE1JlY29yZFVzYWdlUmVzcG9uc2USEAoIcmVjb3JkZWQYASABKAUSEgoKZHVwbGljYXRlcxgCIAEoBSKCAQoPR2V0VXNhZ2VSZXF1ZXN0Ei4KCnN0YXJ0X3RpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIRCgl0ZW5hbnRfaWQYAyABKAkibwoKTW9kZWxVc2FnZRINCgVtb2RlbBgBIAEoCRIQCghyZXF1ZXN0cxgCIAEoAxIUCgxpbnB1dF90b2tlbnMYAyABKAMSFQoNb3V0cHV0X3Rva2VucxgEIAEoAxITCgtjb3N0X21pY3JvcxgFIAEoAyK5AgoQR2V0VXNhZ2VSZXNwb25zZRIRCgl0ZW5hbnRfaWQYASABKAkSLgoKc3RhcnRfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCHJlcXVlc3RzGAQgASgDEhQKDGlucHV0X3Rva2VucxgFIAEoAxIVCg1vdXRwdXRfdG9rZW5zGAYgASgDEhQKDHRvdGFsX3Rva2VucxgHIAEoAxIOCgZldmVudHMYCCABKAMSKAoIYnlfbW9kZWwYCSADKAsyFi5jb3BpbG90LnYxLk1vZGVsVXNhZ2USEwoLY29zdF9taWNyb3MYCiABKAMSEAoIY3VycmVuY3kYCyABKAkiLQoRQ2hlY2tRdW90YVJlcXVlc3QSGAoQZXN0aW1hdGVkX3Rva2VucxgBIAEoAyJoCgtRdW90YVN0YXR1cxIMCgRuYW1lGAEgASgJEg0KBWxpbWl0GAIgASgDEgwKBHVzZWQYAyABKAMSLgoKcmVzZXRfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAifgoSQ2hlY2tRdW90YVJlc3BvbnNlEg8KB2FsbG93ZWQYASABKAgSJwoGcXVvdGFzGAIgAygLMhcuY29waWxvdC52MS5RdW90YVN0YXR1cxIuCgtyZXRyeV9hZnRlchgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiJlChNSZXNlcnZlUXVvdGFSZXF1ZXN0EhYKDnJlc2VydmF0aW9uX2lkGAEgASgJEg4KBnRva2VucxgCIAEoAxImCgN0dGwYAyABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24iqQEKFFJlc2VydmVRdW90YVJlc3BvbnNlEg8KB2FsbG93ZWQYASABKAgSJwoGcXVvdGFzGAIgAygLMhcuY29waWxvdC52MS5RdW90YVN0YXR1cxIvCgtleHBpcmVfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFgoOcmVzZXJ2YXRpb25faWQYBCABKAkSDgoGdG9rZW5zGAUgASgDIi0KE1JlbGVhc2VRdW90YVJlcXVlc3QSFgoOcmVzZXJ2YXRpb25faWQYASABKAkiKAoUUmVsZWFzZVF1b3RhUmVzcG9uc2USEAoIcmVsZWFzZWQYASABKAgidAoUUmVwb3J0QmlsbGluZ1JlcXVlc3QSLgoKc3RhcnRfdGltZRgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIj4KFVJlcG9ydEJpbGxpbmdSZXNwb25zZRIUCgxtZXRlcl9ldmVudHMYASABKAUSDwoHdGVuYW50cxgCIAEoBSJ3ChdSZWNvbmNpbGVCaWxsaW5nUmVxdWVzdBIuCgpzdGFydF90aW1lGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiWQoRQmlsbGluZ0RpZmZlcmVuY2USEQoJdGVuYW50X2lkGAEgASgJEg0KBW1ldGVyGAIgASgJEhIKCmNsaWNraG91c2UYAyABKAMSDgoGc3RyaXBlGAQgASgDIl8KGFJlY29uY2lsZUJpbGxpbmdSZXNwb25zZRIPCgd0ZW5hbnRzGAEgASgFEjIKC2RpZmZlcmVuY2VzGAIgAygLMh0uY29waWxvdC52MS5CaWxsaW5nRGlmZmVyZW5jZSprCglVc2FnZUtpbmQSGgoWVVNBR0VfS0lORF9VTlNQRUNJRklFRBAAEhQKEFVTQUdFX0tJTkRfUVVFUlkQARIVChFVU0FHRV9LSU5EX0lOR0VTVBACEhUKEVVTQUdFX0tJTkRfU0VBUkNIEAMy0AQKD01ldGVyaW5nU2VydmljZRJOCgtSZWNvcmRVc2FnZRIeLmNvcGlsb3QudjEuUmVjb3JkVXNhZ2VSZXF1ZXN0Gh8uY29waWxvdC52MS5SZWNvcmRVc2FnZVJlc3BvbnNlEkUKCEdldFVzYWdlEhsuY29waWxvdC52MS5HZXRVc2FnZVJlcXVlc3QaHC5jb3BpbG90LnYxLkdldFVzYWdlUmVzcG9uc2USSwoKQ2hlY2tRdW90YRIdLmNvcGlsb3QudjEuQ2hlY2tRdW90YVJlcXVlc3QaHi5jb3BpbG90LnYxLkNoZWNrUXVvdGFSZXNwb25zZRJRCgxSZXNlcnZlUXVvdGESHy5jb3BpbG90LnYxLlJlc2VydmVRdW90YVJlcXVlc3QaIC5jb3BpbG90LnYxLlJlc2VydmVRdW90YVJlc3BvbnNlElEKDFJlbGVhc2VRdW90YRIfLmNvcGlsb3QudjEuUmVsZWFzZVF1b3RhUmVxdWVzdBogLmNvcGlsb3QudjEuUmVsZWFzZVF1b3RhUmVzcG9uc2USVAoNUmVwb3J0QmlsbGluZxIgLmNvcGlsb3QudjEuUmVwb3J0QmlsbGluZ1JlcXVlc3QaIS5jb3BpbG90LnYxLlJlcG9ydEJpbGxpbmdSZXNwb25zZRJdChBSZWNvbmNpbGVCaWxsaW5nEiMuY29waWxvdC52MS5SZWNvbmNpbGVCaWxsaW5nUmVxdWVzdBokLmNvcGlsb3QudjEuUmVjb25jaWxlQmlsbGluZ1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * @generated from message copilot.v1.UsageEvent
@@ -61,6 +61,14 @@ export type UsageEvent = Message<"copilot.v1.UsageEvent"> & {
    * @generated from field: map<string, string> attributes = 8;
    */
   attributes: { [key: string]: string };
+
+  /**
+   * The ReserveQuota reservation this usage settles: recording the event replaces the
+   * reservation's hold by the event's actual requests and tokens. Empty: none.
+   *
+   * @generated from field: string reservation_id = 9;
+   */
+  reservationId: string;
 };
 
 /**
@@ -339,6 +347,124 @@ export const CheckQuotaResponseSchema: GenMessage<CheckQuotaResponse> = /*@__PUR
   messageDesc(file_copilot_v1_metering, 8);
 
 /**
+ * @generated from message copilot.v1.ReserveQuotaRequest
+ */
+export type ReserveQuotaRequest = Message<"copilot.v1.ReserveQuotaRequest"> & {
+  /**
+   * Chosen by the caller, 1..128 characters, unique within the tenant; derive it from a
+   * request identity that survives retries. A retried reserve with the same id returns the
+   * same reservation and holds nothing more.
+   *
+   * @generated from field: string reservation_id = 1;
+   */
+  reservationId: string;
+
+  /**
+   * Tokens to hold: the answer's max_tokens bound plus the input estimate.
+   *
+   * @generated from field: int64 tokens = 2;
+   */
+  tokens: bigint;
+
+  /**
+   * How long the hold lives unless settled or released; unset: the server's default
+   * (COPILOT_QUOTA_RESERVATION_TTL_S), capped at COPILOT_QUOTA_RESERVATION_MAX_TTL_S.
+   *
+   * @generated from field: google.protobuf.Duration ttl = 3;
+   */
+  ttl?: Duration | undefined;
+};
+
+/**
+ * Describes the message copilot.v1.ReserveQuotaRequest.
+ * Use `create(ReserveQuotaRequestSchema)` to create a new message.
+ */
+export const ReserveQuotaRequestSchema: GenMessage<ReserveQuotaRequest> = /*@__PURE__*/
+  messageDesc(file_copilot_v1_metering, 9);
+
+/**
+ * @generated from message copilot.v1.ReserveQuotaResponse
+ */
+export type ReserveQuotaResponse = Message<"copilot.v1.ReserveQuotaResponse"> & {
+  /**
+   * Always true in a successful response: a refusal is the RESOURCE_EXHAUSTED status.
+   *
+   * @generated from field: bool allowed = 1;
+   */
+  allowed: boolean;
+
+  /**
+   * As CheckQuota's: `used` counts recorded usage and the other reservations' holds,
+   * before this one.
+   *
+   * @generated from field: repeated copilot.v1.QuotaStatus quotas = 2;
+   */
+  quotas: QuotaStatus[];
+
+  /**
+   * When the hold lapses unless settled or released.
+   *
+   * @generated from field: google.protobuf.Timestamp expire_time = 3;
+   */
+  expireTime?: Timestamp | undefined;
+
+  /**
+   * @generated from field: string reservation_id = 4;
+   */
+  reservationId: string;
+
+  /**
+   * Tokens held (for a retried reserve: those of the original reservation).
+   *
+   * @generated from field: int64 tokens = 5;
+   */
+  tokens: bigint;
+};
+
+/**
+ * Describes the message copilot.v1.ReserveQuotaResponse.
+ * Use `create(ReserveQuotaResponseSchema)` to create a new message.
+ */
+export const ReserveQuotaResponseSchema: GenMessage<ReserveQuotaResponse> = /*@__PURE__*/
+  messageDesc(file_copilot_v1_metering, 10);
+
+/**
+ * @generated from message copilot.v1.ReleaseQuotaRequest
+ */
+export type ReleaseQuotaRequest = Message<"copilot.v1.ReleaseQuotaRequest"> & {
+  /**
+   * @generated from field: string reservation_id = 1;
+   */
+  reservationId: string;
+};
+
+/**
+ * Describes the message copilot.v1.ReleaseQuotaRequest.
+ * Use `create(ReleaseQuotaRequestSchema)` to create a new message.
+ */
+export const ReleaseQuotaRequestSchema: GenMessage<ReleaseQuotaRequest> = /*@__PURE__*/
+  messageDesc(file_copilot_v1_metering, 11);
+
+/**
+ * @generated from message copilot.v1.ReleaseQuotaResponse
+ */
+export type ReleaseQuotaResponse = Message<"copilot.v1.ReleaseQuotaResponse"> & {
+  /**
+   * Whether a hold was dropped (false: unknown, expired, already released or settled).
+   *
+   * @generated from field: bool released = 1;
+   */
+  released: boolean;
+};
+
+/**
+ * Describes the message copilot.v1.ReleaseQuotaResponse.
+ * Use `create(ReleaseQuotaResponseSchema)` to create a new message.
+ */
+export const ReleaseQuotaResponseSchema: GenMessage<ReleaseQuotaResponse> = /*@__PURE__*/
+  messageDesc(file_copilot_v1_metering, 12);
+
+/**
  * @generated from message copilot.v1.ReportBillingRequest
  */
 export type ReportBillingRequest = Message<"copilot.v1.ReportBillingRequest"> & {
@@ -361,7 +487,7 @@ export type ReportBillingRequest = Message<"copilot.v1.ReportBillingRequest"> & 
  * Use `create(ReportBillingRequestSchema)` to create a new message.
  */
 export const ReportBillingRequestSchema: GenMessage<ReportBillingRequest> = /*@__PURE__*/
-  messageDesc(file_copilot_v1_metering, 9);
+  messageDesc(file_copilot_v1_metering, 13);
 
 /**
  * @generated from message copilot.v1.ReportBillingResponse
@@ -385,7 +511,7 @@ export type ReportBillingResponse = Message<"copilot.v1.ReportBillingResponse"> 
  * Use `create(ReportBillingResponseSchema)` to create a new message.
  */
 export const ReportBillingResponseSchema: GenMessage<ReportBillingResponse> = /*@__PURE__*/
-  messageDesc(file_copilot_v1_metering, 10);
+  messageDesc(file_copilot_v1_metering, 14);
 
 /**
  * @generated from message copilot.v1.ReconcileBillingRequest
@@ -407,7 +533,7 @@ export type ReconcileBillingRequest = Message<"copilot.v1.ReconcileBillingReques
  * Use `create(ReconcileBillingRequestSchema)` to create a new message.
  */
 export const ReconcileBillingRequestSchema: GenMessage<ReconcileBillingRequest> = /*@__PURE__*/
-  messageDesc(file_copilot_v1_metering, 11);
+  messageDesc(file_copilot_v1_metering, 15);
 
 /**
  * @generated from message copilot.v1.BillingDifference
@@ -441,7 +567,7 @@ export type BillingDifference = Message<"copilot.v1.BillingDifference"> & {
  * Use `create(BillingDifferenceSchema)` to create a new message.
  */
 export const BillingDifferenceSchema: GenMessage<BillingDifference> = /*@__PURE__*/
-  messageDesc(file_copilot_v1_metering, 12);
+  messageDesc(file_copilot_v1_metering, 16);
 
 /**
  * @generated from message copilot.v1.ReconcileBillingResponse
@@ -463,7 +589,7 @@ export type ReconcileBillingResponse = Message<"copilot.v1.ReconcileBillingRespo
  * Use `create(ReconcileBillingResponseSchema)` to create a new message.
  */
 export const ReconcileBillingResponseSchema: GenMessage<ReconcileBillingResponse> = /*@__PURE__*/
-  messageDesc(file_copilot_v1_metering, 13);
+  messageDesc(file_copilot_v1_metering, 17);
 
 /**
  * @generated from enum copilot.v1.UsageKind
@@ -532,6 +658,31 @@ export const MeteringService: GenService<{
     methodKind: "unary";
     input: typeof CheckQuotaRequestSchema;
     output: typeof CheckQuotaResponseSchema;
+  },
+  /**
+   * Admits one request of the caller's tenant by holding 1 request of the hourly quota and
+   * `tokens` of the monthly token quota until the hold is settled (a usage event carrying
+   * the reservation id), released, or expires. Checked and held atomically, across every
+   * metering replica. Refused: RESOURCE_EXHAUSTED with QuotaFailure and RetryInfo details.
+   * Idempotent per (tenant, reservation_id). Platform services only (role `service`).
+   *
+   * @generated from rpc copilot.v1.MeteringService.ReserveQuota
+   */
+  reserveQuota: {
+    methodKind: "unary";
+    input: typeof ReserveQuotaRequestSchema;
+    output: typeof ReserveQuotaResponseSchema;
+  },
+  /**
+   * Drops a reservation's hold (the request failed or was cancelled). Idempotent: an
+   * unknown, expired, released or settled id is acknowledged. Platform services only.
+   *
+   * @generated from rpc copilot.v1.MeteringService.ReleaseQuota
+   */
+  releaseQuota: {
+    methodKind: "unary";
+    input: typeof ReleaseQuotaRequestSchema;
+    output: typeof ReleaseQuotaResponseSchema;
   },
   /**
    * Sends the usage of a period to Stripe as Billing Meter Events, aggregated per tenant
