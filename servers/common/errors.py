@@ -158,6 +158,18 @@ def from_rpc_error(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str, list[objec
     return code, message or "", decoded
 
 
+def quota_refusal_of(exc: grpc.RpcError) -> ResourceExhausted:
+    """A peer's RESOURCE_EXHAUSTED as this service's own refusal, with the same message,
+    quota violations and retry delay (a service that admits requests for its callers
+    reports the refusal itself, naming the caller, rather than passing it through)."""
+    _, message, details = from_rpc_error(exc)
+    violations = [QuotaViolation(subject=v.subject, description=v.description)
+                  for d in details if isinstance(d, error_details_pb2.QuotaFailure) for v in d.violations]
+    delays = [d.retry_delay.ToTimedelta().total_seconds()
+              for d in details if isinstance(d, error_details_pb2.RetryInfo)]
+    return ResourceExhausted(message, violations, retry_after_s=delays[0] if delays else 1.0)
+
+
 # Codes a peer's error keeps when it crosses a service boundary; others become UNAVAILABLE
 # or INTERNAL so a caller is not told a dependency's internals.
 PASS_THROUGH = {

@@ -252,8 +252,10 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, caller: ident.Identity | 
         if isinstance(exc, MalformedRequest):
             decoding.report(method, caller.tenant_id if caller else None, exc)
         abort = _to_abort(exc, method)
+        # A platform service refused on a tenant's behalf (e.g. generation's quota admission)
+        # reports the refusal itself, naming the end user: not audited twice.
         if on_refusal is not None and caller is not None and isinstance(exc, CopilotError) \
-                and abort.code in AUDITED_REFUSALS:
+                and abort.code in AUDITED_REFUSALS and ident.SERVICE not in caller.roles:
             try:
                 pending = on_refusal(caller, method, abort.code, exc.reason, exc.message)
                 if pending is not None:

@@ -175,7 +175,9 @@ def render(settings: Settings, *, allowed_origins: Sequence[str] | None = None,
         "MAX_REQUEST_BYTES": MAX_REQUEST_BYTES,
         "CORS_ORIGINS": _origins(allowed_origins),
         "TRACING": tracing_block,
-        "GENERATE_REQUEST_ID": "true" if settings.otel_endpoint else "false",
+        # Always: the request id is also an answer's billing key (a retried attempt of one edge
+        # request is billed once), and it is Envoy's, never a client's.
+        "GENERATE_REQUEST_ID": "true",
         "OTEL_CLUSTER": otel_cluster,
     }
     return Template(template_path.read_text()).substitute(values)

@@ -28,6 +28,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from copilot.v1 import audit_pb2, metering_pb2, metering_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
 from servers.common import identity, metrics, telemetry
 from servers.common.audit import AuditTrail
+from servers.common.errors import quota_refusal_of
 from servers.common.interceptors import detached_deadline
 from servers.common.outbox import Outbox
 from servers.generation.convert import mode_to_proto, search_mode_from_proto, search_mode_to_proto
@@ -69,15 +70,22 @@ class MeteringClient:
         self._grace_s = quota_grace_s
         self._last_allowed: dict[str, float] = {}
 
-    async def check_quota(self, estimated_tokens: int) -> QuotaDecision:
-        """Whether the calling tenant may spend about `estimated_tokens` now. While Metering
-        cannot be reached, a tenant allowed within the grace period is allowed again (`stale`);
-        otherwise the RPC's error propagates."""
-        with telemetry.span("quota.check", {"copilot.estimated_tokens": estimated_tokens}):
+    async def reserve(self, reservation_id: str, tokens: int) -> QuotaDecision:
+        """Admits the calling tenant's request: holds one request and `tokens` of its quotas
+        until the answer's usage (carrying `reservation_id`) settles them, `release` drops
+        them, or they expire. A retried reserve with the same id holds nothing more. A refusal
+        is the RPC's RESOURCE_EXHAUSTED (its QuotaFailure and RetryInfo reach the caller
+        unchanged, as this service's own refusal). While Metering cannot be reached, a tenant admitted within the grace
+        period is admitted again without a hold (`stale`); otherwise the RPC's error stands."""
+        with telemetry.span("quota.reserve", {"copilot.reserved_tokens": tokens}):
             tenant = identity.tenant_id()
             try:
-                response = await self._stub.CheckQuota(
-                    metering_pb2.CheckQuotaRequest(estimated_tokens=estimated_tokens), timeout=self._quota_timeout_s)
+                # Admission is the platform's act for the caller's tenant (members hold no
+                # right to reserve: they could lock their own tenant out).
+                with identity.acting_as(_service_of(tenant)):
+                    response = await self._stub.ReserveQuota(
+                        metering_pb2.ReserveQuotaRequest(reservation_id=reservation_id, tokens=tokens),
+                        timeout=self._quota_timeout_s)
             except grpc.aio.AioRpcError as exc:
                 allowed_at = self._last_allowed.get(tenant)
                 if exc.code() in RETRYABLE and allowed_at is not None \
@@ -85,23 +93,33 @@ class MeteringClient:
                     log.warning("metering unreachable; answering on the last quota decision",
                                 extra={"code": exc.code().name})
                     return QuotaDecision(allowed=True, stale=True)
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    self._last_allowed.pop(tenant, None)
+                    # This service's refusal of its caller's question (audited naming the
+                    # caller), with metering's quota details.
+                    raise quota_refusal_of(exc) from None
                 raise
-        if response.allowed:
-            self._last_allowed[tenant] = time.monotonic()
-        else:
-            self._last_allowed.pop(tenant, None)
-        return QuotaDecision(
-            allowed=response.allowed,
-            quotas=[QuotaStatus(name=q.name, used=q.used, limit=q.limit) for q in response.quotas],
-            retry_after_s=response.retry_after.seconds + response.retry_after.nanos / 1e9)
+        self._last_allowed[tenant] = time.monotonic()
+        return QuotaDecision(allowed=True, quotas=[QuotaStatus(name=q.name, used=q.used, limit=q.limit)
+                                                  for q in response.quotas])
+
+    async def release(self, tenant_id: str, reservation_id: str) -> None:
+        """Drops a reservation whose answer will record no usage (it failed or was cancelled
+        first). Best effort: the hold's expiry frees it anyway."""
+        with identity.acting_as(_service_of(tenant_id)), detached_deadline():
+            try:
+                await self._stub.ReleaseQuota(metering_pb2.ReleaseQuotaRequest(reservation_id=reservation_id),
+                                              timeout=self._quota_timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                log.warning("could not release a quota reservation; it expires instead",
+                            extra={"code": exc.code().name})
 
     async def record_usage(self, tenant_id: str, events: list[metering_pb2.UsageEvent],
                            redelivery: bool = False) -> None:
         """Writes `tenant_id`'s usage events (the outbox's stored form), retrying transient
         failures with the same event ids; raises when Metering did not take them. Metering
         deduplicates every usage event by its id, so `redelivery` changes nothing here."""
-        writer = identity.Identity(tenant_id=tenant_id, subject=SERVICE_SUBJECT,
-                                   roles=frozenset({identity.SERVICE}))
+        writer = _service_of(tenant_id)
         request = metering_pb2.RecordUsageRequest(events=events)
         # Not bounded by the caller's deadline: the answer was given, so its usage must be
         # written even when the caller's time ran out.
@@ -116,9 +134,15 @@ class MeteringClient:
                 await asyncio.sleep(0.05 * 2**attempt * random.uniform(0.5, 1.5))
 
 
+def _service_of(tenant_id: str) -> identity.Identity:
+    """This service acting for a tenant (usage, admission): end users hold no such roles."""
+    return identity.Identity(tenant_id=tenant_id, subject=SERVICE_SUBJECT, roles=frozenset({identity.SERVICE}))
+
+
 def usage_event(usage: Usage) -> metering_pb2.UsageEvent:
     return metering_pb2.UsageEvent(
-        event_id=usage.event_id, kind=metering_pb2.USAGE_KIND_QUERY, model=usage.model, requests=1,
+        event_id=usage.event_id, reservation_id=usage.reservation_id, kind=metering_pb2.USAGE_KIND_QUERY,
+        model=usage.model, requests=1,
         input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
         occur_time=timestamp_pb2.Timestamp(seconds=usage.occurred_at_s),
         attributes={"user": usage.user, "provider": usage.provider})

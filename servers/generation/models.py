@@ -56,9 +56,7 @@ class QuotaStatus:
 class QuotaDecision:
     allowed: bool
     quotas: Sequence[QuotaStatus] = ()
-    # When refused: how long until the exhausted quota resets.
-    retry_after_s: float = 0.0
-    # Allowed on an earlier decision because Metering could not be reached.
+    # Allowed on an earlier decision because Metering could not be reached (nothing held).
     stale: bool = False
 
 
@@ -76,6 +74,8 @@ class Usage:
     input_tokens: int
     output_tokens: int
     occurred_at_s: int
+    # The admission this usage settles (its hold is replaced by these counts); "" for none.
+    reservation_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,6 @@ from typing import Protocol
 from opentelemetry import trace
 
 from servers.common import identity
-from servers.common.errors import QuotaViolation, ResourceExhausted
 from servers.generation import decompose, pii
 from servers.generation.clients import MeteringClient, QuestionAuditor, RetrievalClient, UsageRecorder
 from servers.generation.llm import ProviderFailure, SearchFn, provider_call
@@ -56,6 +55,9 @@ class Question:
     mode: RetrievalMode | None
     filters: Mapping[str, str]
     request_id: str
+    # The edge's id of this client call (Envoy's x-request-id, never a client's): every
+    # attempt of one call (a retry after a replica died) is admitted and billed once.
+    call_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -119,13 +121,34 @@ class Pipeline:
         # Quota first: nothing reaches a provider before it allows the answer. Retrieval that
         # needs no model overlaps with the check; agentic retrieval and LLM decomposition call
         # the model, so they wait for it.
-        quota = asyncio.ensure_future(self._check_quota(tenant, config.max_tokens))
+        # The billing key is ours: the edge's id of this client call when there is one (its
+        # retries are billed once), else one per run. Never the client's request id: a client
+        # reusing it gets (and pays for) every answer it is given.
+        event_id = f"answer:{question.call_id or uuid.uuid4().hex}"
+        # Admission holds the answer's token bound until its usage settles it; an answer that
+        # ends before recording usage (refused, failed, cancelled) releases it.
+        admission = _Admission(event_id, asyncio.ensure_future(self._metering.reserve(event_id, config.max_tokens)))
+        try:
+            async for item in self._answer(question, caller, config, details, admission, started):
+                yield item
+        finally:
+            if not admission.settling:
+                await asyncio.shield(self._release(tenant, admission))
+
+    async def _release(self, tenant: str, admission: _Admission) -> None:
+        if not admission.reserve.done():
+            admission.reserve.cancel()
+        elif not admission.reserve.cancelled() and admission.reserve.exception() is not None:
+            return  # refused or failed: nothing is held
+        await self._metering.release(tenant, admission.reservation_id)
+
+    async def _answer(self, question: Question, caller: identity.Identity, config: TenantConfig,
+                      details: AnswerDetails, admission: _Admission,
+                      started: float) -> AsyncIterator[str | AnswerDetails]:
+        tenant, event_id, quota = caller.tenant_id, admission.reservation_id, admission.reserve
         if config.provider != "extractive" and (question.mode or config.retrieval_mode) in (
                 RetrievalMode.AGENTIC, RetrievalMode.DECOMPOSED):
             await quota
-        # The billing key is ours, one per run: a client reusing its request id gets (and pays
-        # for) every answer it is given.
-        event_id = f"answer:{uuid.uuid4().hex}"
 
         # PII never leaves this service: not to retrieval, a provider, logs or traces.
         text = question.text
@@ -205,10 +228,12 @@ class Pipeline:
             details.input_tokens = sum(g.input_tokens for g in spent)
             details.output_tokens = sum(g.output_tokens for g in spent)
             details.estimated = any(g.estimated for g in spent)
+            # The usage settles the admission's hold (metering swaps one for the other).
+            admission.settling = True
             details.usage_pending = not await asyncio.shield(self._usage.record(Usage(
                 event_id=event_id, tenant_id=tenant, user=caller.subject, provider=details.provider,
                 model=details.model, input_tokens=details.input_tokens, output_tokens=details.output_tokens,
-                occurred_at_s=int(time.time()))))
+                occurred_at_s=int(time.time()), reservation_id=admission.reservation_id)))
             if not finished and self._audit is not None:
                 # The caller went away (or the provider broke) mid-answer: the question was still
                 # asked and partly answered, so it is audited, with the digest of what was sent.
@@ -330,22 +355,12 @@ class Pipeline:
                 details.degrade("hybrid search unavailable; ran basic")
         return found.passages
 
-    # --- quota ---------------------------------------------------------------------------
 
-    async def _check_quota(self, tenant: str, estimated_tokens: int) -> None:
-        decision = await self._metering.check_quota(estimated_tokens)
-        if not decision.allowed:
-            raise quota_refusal(tenant, decision, estimated_tokens)
+@dataclass
+class _Admission:
+    """One answer's quota reservation: its id (also the usage event's) and the reserve call."""
 
-
-def quota_refusal(tenant: str, decision: QuotaDecision, estimated_tokens: int) -> ResourceExhausted:
-    """RESOURCE_EXHAUSTED with a QuotaFailure naming each quota that refused."""
-    # A token quota can refuse before it is used up: the estimate would cross it.
-    exhausted = [q for q in decision.quotas if q.limit and (
-        q.used >= q.limit or (q.name == "tokens_per_month" and q.used + estimated_tokens > q.limit))]
-    return ResourceExhausted(
-        "quota exhausted: " + ", ".join(f"{q.name} {q.used}/{q.limit}" for q in exhausted),
-        [QuotaViolation(subject=f"tenant:{tenant}:{q.name}", description=f"{q.used} of {q.limit} used")
-         for q in exhausted],
-        retry_after_s=decision.retry_after_s,
-    )
+    reservation_id: str
+    reserve: asyncio.Future[QuotaDecision]
+    # Set once the answer's usage, which settles the hold, is handed to the recorder.
+    settling: bool = False

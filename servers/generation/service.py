@@ -17,7 +17,8 @@ MAX_TOP_K = 50
 MAX_FILTERS = 16
 
 
-def to_question(request: generation_pb2.AnswerRequest | generation_pb2.StreamAnswerRequest) -> Question:
+def to_question(request: generation_pb2.AnswerRequest | generation_pb2.StreamAnswerRequest,
+                call_id: str = "") -> Question:
     text = request.question.strip()
     if not text:
         raise InvalidArgument.field("question", "must not be empty")
@@ -32,7 +33,7 @@ def to_question(request: generation_pb2.AnswerRequest | generation_pb2.StreamAns
     if len(request.request_id) > 128:
         raise InvalidArgument.field("request_id", "must be at most 128 characters")
     return Question(text=text, top_k=request.top_k, mode=mode_from_proto(request.mode), filters=dict(request.filters),
-                    request_id=request.request_id)
+                    request_id=request.request_id, call_id=call_id)
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:
@@ -62,6 +63,17 @@ def to_proto(details: AnswerDetails) -> generation_pb2.AnswerDetails:
     )
 
 
+# Envoy's id of the client call (it makes one for every request and keeps none a client sent).
+REQUEST_ID_HEADER = "x-request-id"
+
+
+def call_id(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_HEADER and isinstance(value, str):
+            return value[:128]
+    return ""
+
+
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     def __init__(self, pipeline: Pipeline) -> None:
         self._pipeline = pipeline
@@ -70,7 +82,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                      context: grpc.aio.ServicerContext) -> generation_pb2.AnswerResponse:
         parts: list[str] = []
         response = generation_pb2.AnswerResponse()
-        async for event in self._pipeline.run(to_question(request)):
+        async for event in self._pipeline.run(to_question(request, call_id(context))):
             if isinstance(event, str):
                 parts.append(event)
             else:
@@ -80,7 +92,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
     async def StreamAnswer(self, request: generation_pb2.StreamAnswerRequest,
                            context: grpc.aio.ServicerContext) -> AsyncIterator[generation_pb2.StreamAnswerResponse]:
-        async for event in self._pipeline.run(to_question(request)):
+        async for event in self._pipeline.run(to_question(request, call_id(context))):
             if isinstance(event, str):
                 yield generation_pb2.StreamAnswerResponse(delta=event)
             else:

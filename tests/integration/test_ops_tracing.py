@@ -80,12 +80,12 @@ WANTED = {
     # Envoy's request span and, under it, its call to the generation cluster.
     (ENVOY, "ingress"), (ENVOY, "router generation egress"),
     ("copilot-generation", "/copilot.v1.GenerationService/Answer"),
-    ("copilot-generation", "quota.check"), ("copilot-generation", "retrieval.search"),
+    ("copilot-generation", "quota.reserve"), ("copilot-generation", "retrieval.search"),
     ("copilot-generation", "provider.stream"), ("copilot-generation", "usage.write"),
     ("copilot-retrieval", "/copilot.v1.RetrievalService/Search"),
     ("copilot-retrieval", "search.lexical"), ("copilot-retrieval", "search.dense"),
     ("copilot-retrieval", "search.fusion"),
-    ("copilot-metering", "/copilot.v1.MeteringService/CheckQuota"), ("copilot-metering", "quota.evaluate"),
+    ("copilot-metering", "/copilot.v1.MeteringService/ReserveQuota"), ("copilot-metering", "quota.reserve"),
     ("copilot-metering", "/copilot.v1.MeteringService/RecordUsage"), ("copilot-metering", "usage.record"),
 }
 
@@ -146,7 +146,7 @@ async def test_one_answer_is_one_trace_from_envoy_through_every_service(
         return next(s for s in spans if s.service == service and s.name == name)
 
     # Generation's own stages are children of its server span; its calls are client spans under them.
-    for stage in ("quota.check", "retrieval.search", "provider.stream", "usage.write"):
+    for stage in ("quota.reserve", "retrieval.search", "provider.stream", "usage.write"):
         assert named("copilot-generation", stage).parent_id == answer.span_id, stage
     assert named("copilot-generation", "provider.stream").attributes["gen_ai.system"] == "openai"
     search = named("copilot-retrieval", "/copilot.v1.RetrievalService/Search")
@@ -155,9 +155,9 @@ async def test_one_answer_is_one_trace_from_envoy_through_every_service(
     assert by_id[search_client.parent_id].name == "retrieval.search"
     for stage in ("search.lexical", "search.dense", "search.fusion"):
         assert search in _ancestors(named("copilot-retrieval", stage), by_id), stage
-    check = named("copilot-metering", "/copilot.v1.MeteringService/CheckQuota")
-    assert by_id[by_id[check.parent_id].parent_id].name == "quota.check"
-    assert named("copilot-metering", "quota.evaluate").parent_id == check.span_id
+    check = named("copilot-metering", "/copilot.v1.MeteringService/ReserveQuota")
+    assert by_id[by_id[check.parent_id].parent_id].name == "quota.reserve"
+    assert named("copilot-metering", "quota.reserve").parent_id == check.span_id
     record = named("copilot-metering", "/copilot.v1.MeteringService/RecordUsage")
     assert named("copilot-generation", "usage.write") in _ancestors(record, by_id)
     assert named("copilot-metering", "usage.record").parent_id == record.span_id
@@ -242,7 +242,8 @@ async def test_a_streamed_answer_is_one_trace_too(traced_mesh: RunningMesh, tcha
     by_id = {s.span_id: s for s in spans}
     stream = next(s for s in spans if s.name == rpc and s.kind == SERVER)
     # The provider span and the usage write (made after the last delta) stay under the stream's span.
-    for name in ("quota.check", "retrieval.search", "provider.stream", "usage.write"):
-        assert next(s for s in spans if s.name == name).parent_id == stream.span_id, name
+    for name in ("quota.reserve", "retrieval.search", "provider.stream", "usage.write"):
+        assert next(s for s in spans if s.name == name and s.service == "copilot-generation").parent_id \
+            == stream.span_id, name
     assert by_id[stream.parent_id].service == ENVOY
     assert all(s.attributes.get("tenant.id") == tenant for s in spans if s.service != ENVOY)

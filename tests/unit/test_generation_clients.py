@@ -31,7 +31,7 @@ from copilot.v1 import (
 )
 from servers.common import identity
 from servers.common.audit import AuditTrail
-from servers.common.errors import from_rpc_error
+from servers.common.errors import ResourceExhausted, from_rpc_error
 from servers.common.interceptors import IdentityServerInterceptor
 from servers.common.lifecycle import connect
 from servers.generation import convert
@@ -45,7 +45,6 @@ from servers.generation.models import (
     Usage,
     allowed_modes,
 )
-from servers.generation.pipeline import quota_refusal
 from servers.generation.tenant_config import config_from_proto
 from servers.metering.audit.service import AuditServiceServicer, MeteringAudit
 from servers.metering.audit.store import AUDIT_CODEC, AuditStore
@@ -122,9 +121,10 @@ async def peers(tmp_path: Path) -> AsyncIterator[Peers]:
             await store.close()
 
 
-def usage(tenant: str, event_id: str, tokens: int = 60) -> Usage:
+def usage(tenant: str, event_id: str, tokens: int = 60, reservation_id: str = "") -> Usage:
     return Usage(event_id=event_id, tenant_id=tenant, user="alice", provider="extractive", model="extractive-v1",
-                 input_tokens=tokens - 10, output_tokens=10, occurred_at_s=int(time.time()) - 60)
+                 input_tokens=tokens - 10, output_tokens=10, occurred_at_s=int(time.time()) - 60,
+                 reservation_id=reservation_id)
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 10.0) -> None:
@@ -175,30 +175,36 @@ async def _limit_tokens(peers: Peers, tenant: str, tokens: int) -> None:
         update_mask=field_mask_pb2.FieldMask(paths=["limits.tokens_per_month"])), metadata=OPERATOR)
 
 
-async def test_quota_decisions_and_usage_in_domain_types(peers: Peers, tmp_path: Path) -> None:
+async def test_admission_holds_then_settles_and_refuses_in_domain_types(peers: Peers, tmp_path: Path) -> None:
     await peers.create("acme")
     await _limit_tokens(peers, "acme", 100)
     metering = MeteringClient(peers.channel)
     recorder = UsageRecorder(metering, tmp_path / "usage-outbox")
     with as_member("acme"):
-        allowed = await metering.check_quota(estimated_tokens=10)
-        assert allowed.allowed and not allowed.stale
-        assert {q.name for q in allowed.quotas} >= {"tokens_per_month", "requests_per_hour"}
-        tokens = next(q for q in allowed.quotas if q.name == "tokens_per_month")
+        admitted = await metering.reserve("answer:1", tokens=40)
+        assert admitted.allowed and not admitted.stale
+        assert {q.name for q in admitted.quotas} >= {"tokens_per_month", "requests_per_hour"}
+        tokens = next(q for q in admitted.quotas if q.name == "tokens_per_month")
         assert (tokens.used, tokens.limit) == (0, 100)
-
-        assert await recorder.record(usage("acme", "answer:1", tokens=60))
-        refused = await metering.check_quota(estimated_tokens=50)
-    assert not refused.allowed and refused.retry_after_s > 0
-    tokens = next(q for q in refused.quotas if q.name == "tokens_per_month")
-    assert (tokens.used, tokens.limit) == (60, 100)
-
-    # What the caller is told: RESOURCE_EXHAUSTED naming the quota that refused.
-    error = quota_refusal("acme", refused, estimated_tokens=50)
+        # A retried reserve of the same answer holds nothing more.
+        assert (await metering.reserve("answer:1", tokens=40)).allowed
+        # The hold counts: 40 held + 70 > 100.
+        with pytest.raises(ResourceExhausted):
+            await metering.reserve("answer:2", tokens=70)
+        # The answer's usage (60) settles its hold (40): 60 + 50 > 100 is refused, 60 + 40 is not.
+        assert await recorder.record(usage("acme", "answer:1", tokens=60, reservation_id="answer:1"))
+        with pytest.raises(ResourceExhausted) as refused:
+            await metering.reserve("answer:3", tokens=50)
+        assert (await metering.reserve("answer:4", tokens=40)).allowed
+        # A released hold is free again.
+        await metering.release("acme", "answer:4")
+        assert (await metering.reserve("answer:5", tokens=40)).allowed
+    # What the caller is told: this service's RESOURCE_EXHAUSTED naming the quota that refused.
+    error = refused.value
     assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert [(v.subject, v.description) for v in error.violations] == [("tenant:acme:tokens_per_month",
                                                                        "60 of 100 used")]
-    assert error.retry_after_s == refused.retry_after_s
+    assert error.retry_after_s > 0
     await recorder.stop()
 
 
@@ -263,19 +269,19 @@ async def test_a_tenant_allowed_recently_is_answered_while_metering_is_unreachab
     metering = MeteringClient(peers.channel, quota_timeout_s=0.5)
     expired = MeteringClient(peers.channel, quota_timeout_s=0.5, quota_grace_s=0.0)
     with as_member("acme"):
-        assert (await metering.check_quota(10)).allowed
-        assert (await expired.check_quota(10)).allowed
+        assert (await metering.reserve("answer:a", 10)).allowed
+        assert (await expired.reserve("answer:b", 10)).allowed
     await peers.server.stop(None)
     with as_member("acme"):
-        stale = await metering.check_quota(10)
+        stale = await metering.reserve("answer:c", 10)
     assert stale.allowed and stale.stale
     # A tenant metering never allowed is not answered on a guess: the RPC's error stands.
     with as_member("globex"), pytest.raises(grpc.aio.AioRpcError) as info:
-        await metering.check_quota(10)
+        await metering.reserve("answer:d", 10)
     assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
     # Past the grace period, nobody is.
     with as_member("acme"), pytest.raises(grpc.aio.AioRpcError):
-        await expired.check_quota(10)
+        await expired.reserve("answer:e", 10)
 
 
 async def test_a_refusal_of_metering_reaches_the_caller_unchanged(peers: Peers) -> None:
@@ -284,7 +290,7 @@ async def test_a_refusal_of_metering_reaches_the_caller_unchanged(peers: Peers) 
                                       metadata=OPERATOR)
     metering = MeteringClient(peers.channel)
     with as_member("acme"), pytest.raises(grpc.aio.AioRpcError) as info:
-        await metering.check_quota(10)
+        await metering.reserve("answer:1", 10)
     code, _, details = from_rpc_error(info.value)
     assert code == grpc.StatusCode.PERMISSION_DENIED
     assert [d.reason for d in details if isinstance(d, error_details_pb2.ErrorInfo)] == ["TENANT_SUSPENDED"]

@@ -339,7 +339,7 @@ async def test_check_quota_refuses_the_request_that_crosses_the_limit(mesh: Mesh
     assert "requests_per_hour" in message
     failure = next(d for d in details if isinstance(d, error_details_pb2.QuotaFailure))
     retry = next(d for d in details if isinstance(d, error_details_pb2.RetryInfo))
-    assert failure.violations[0].subject == "tenant:acme"
+    assert failure.violations[0].subject == "tenant:acme:requests_per_hour"
     assert retry.retry_delay.ToTimedelta() == timedelta(minutes=30)
 
 

@@ -98,7 +98,7 @@ def test_refusal_carries_quota_failure_and_retry_info() -> None:
     error = decision.refusal()
     assert isinstance(error, ResourceExhausted)
     assert error.retry_after_s == 20 * 60
-    assert [v.description for v in error.violations] == ["requests_per_hour: 1 of 1 used"]
+    assert [(v.subject, v.description) for v in error.violations] == [("tenant:acme:requests_per_hour", "1 of 1 used")]
     allowed = evaluate("acme", limits, QuotaUsage(requests_in_hour=0, tokens_in_month=0), NOW)
     assert allowed.refusal() is None
 

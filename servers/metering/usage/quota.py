@@ -65,8 +65,8 @@ class QuotaDecision:
         decision, for a caller that turns `allowed=false` into an error; None if allowed."""
         if self.allowed:
             return None
-        violations = [QuotaViolation(subject=f"tenant:{self.tenant_id}",
-                                     description=f"{q.name}: {q.used} of {q.limit} used")
+        violations = [QuotaViolation(subject=f"tenant:{self.tenant_id}:{q.name}",
+                                     description=f"{q.used} of {q.limit} used")
                       for q in self.quotas if q.exceeded]
         retry = self.retry_after.total_seconds() if self.retry_after else 1.0
         return ResourceExhausted(
