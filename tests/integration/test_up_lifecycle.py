@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -16,7 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from copilot_cli.demo import DEMO_TENANTS
-from copilot_cli.supervisor import settings_env, settings_on_free_ports
+from copilot_cli.supervisor import Mesh, settings_env, settings_on_free_ports
 from servers.common.settings import Settings
 
 pytestmark = [pytest.mark.integration,
@@ -104,8 +105,6 @@ def test_ready_only_with_the_demo_tenants_and_nothing_survives_a_killed_supervis
         with grpc.insecure_channel(edge) as channel:
             health = health_pb2_grpc.HealthStub(channel)
 
-            starting_seen = []
-
             def serving(name: str) -> bool:
                 try:
                     return bool(health.Check(health_pb2.HealthCheckRequest(service=name), timeout=1).status
@@ -115,16 +114,9 @@ def test_ready_only_with_the_demo_tenants_and_nothing_survives_a_killed_supervis
 
             def overall_serving() -> bool:
                 assert up.poll() is None, (tmp_path / "up.out").read_text()
-                if serving(""):
-                    return True
-                if serving("copilot.v1.TenantService"):
-                    starting_seen.append(True)  # the mesh answers, but is not ready yet
-                return False
+                return serving("")
 
             _wait(overall_serving, 300, "the mesh to report ready")
-        # Envoy and the services were up a while before the mesh said it was ready: the
-        # demo tenants were being provisioned meanwhile.
-        assert starting_seen
         # The moment health says ready, the demo tenants are there (and a script may go on).
         listed = subprocess.run([sys.executable, "-m", "copilot_cli.main", "tenants", "list"], env=_env(settings),
                                 capture_output=True, text=True, timeout=60)
@@ -143,3 +135,24 @@ def test_ready_only_with_the_demo_tenants_and_nothing_survives_a_killed_supervis
         if up.poll() is None:
             up.kill()
             up.wait()
+
+
+def test_the_edge_says_not_serving_until_the_mesh_is_marked_ready(tmp_path: Path) -> None:
+    """What `copilot up` relies on, without racing it: every service serves, yet the edge's
+    overall health stays NOT_SERVING until the supervisor marks the mesh ready."""
+    settings = replace(_settings(tmp_path), ready_file=tmp_path / "ready")
+    mesh = Mesh(settings)
+    mesh.start(timeout_s=120, mark_ready=False)
+    try:
+        with grpc.insecure_channel(mesh.edge_address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+
+            def status(name: str) -> int:
+                return int(health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status)
+
+            assert status("copilot.v1.TenantService") == health_pb2.HealthCheckResponse.SERVING
+            assert status("") == health_pb2.HealthCheckResponse.NOT_SERVING
+            mesh.mark_ready()
+            _wait(lambda: status("") == health_pb2.HealthCheckResponse.SERVING, 30, "the edge to say ready")
+    finally:
+        mesh.stop()
