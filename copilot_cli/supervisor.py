@@ -91,6 +91,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "COPILOT_RATELIMIT_FAIL_OPEN": "1" if settings.ratelimit_fail_open else "0",
         "COPILOT_TENANT_CACHE_TTL_S": str(settings.tenant_cache_ttl_s),
         **({"REDIS_URL": settings.redis_url} if settings.redis_url else {}),
+        # Envoy's config is rendered from the same bounds the services enforce.
+        **settings.bounds.env(),
     }
 
 

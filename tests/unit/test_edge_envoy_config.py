@@ -46,7 +46,7 @@ def test_filter_order_strips_identity_headers_before_anything_reads_them(tmp_pat
     assert filters == [
         "envoy.filters.http.header_mutation", "envoy.filters.http.cors", "envoy.filters.http.grpc_web",
         "envoy.filters.http.jwt_authn", "envoy.filters.http.rbac", "envoy.filters.http.rbac",
-        "envoy.filters.http.ratelimit", "envoy.filters.http.buffer",
+        "envoy.filters.http.buffer", "envoy.filters.http.ratelimit",
         "envoy.filters.http.router",
     ]
     for header in ("x-tenant-id", "x-user-id", "x-roles"):
