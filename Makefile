@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV := .venv/bin
 export PATH := $(CURDIR)/.venv/bin:$(CURDIR)/node_modules/.bin:$(PATH)
 
-.PHONY: setup run test unit integration lint gen check-gen buf-lint buf-breaking bench-edge bench-fairness bench-retrieval bench-tenants bench-answer bench-audit bench-load clean
+.PHONY: setup run test unit integration lint gen check-gen buf-lint buf-breaking bench-edge bench-fairness bench-retrieval bench-tenants bench-answer bench-audit bench-load bench-bounds clean
 
 setup:
 	@scripts/setup.sh
@@ -74,6 +74,10 @@ bench-audit: setup
 ## 10-minute soak; writes docs/benchmarks.md. ARGS="--quick" for a smoke run.
 bench-load: setup
 	$(VENV)/python -m bench.loadsuite $(ARGS)
+
+## 2,000 calls opened and abandoned through the edge: services' RSS before/after, open streams after.
+bench-bounds: setup
+	$(VENV)/python -m bench.bounds $(ARGS)
 
 clean:
 	rm -rf .stamps .copilot test-artifacts
