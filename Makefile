@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV := .venv/bin
 export PATH := $(CURDIR)/.venv/bin:$(CURDIR)/node_modules/.bin:$(PATH)
 
-.PHONY: setup config-docs run test unit integration lint gen check-gen buf-lint buf-breaking bench-edge bench-fairness bench-retrieval bench-tenants bench-answer bench-audit bench-load bench-fuzz clean
+.PHONY: setup config-docs run test unit integration lint gen check-gen buf-lint buf-breaking bench-edge bench-fairness bench-retrieval bench-tenants bench-answer bench-audit bench-load bench-fuzz bench-bounds clean
 
 setup:
 	@scripts/setup.sh
@@ -85,6 +85,10 @@ bench-load: setup
 ## many more examples on a mesh of its own. ARGS="--examples 5000 --seconds 1200".
 bench-fuzz: setup
 	$(VENV)/python -m bench.fuzz $(ARGS)
+
+## 2,000 calls opened and abandoned through the edge: services' RSS before/after, open streams after.
+bench-bounds: setup
+	$(VENV)/python -m bench.bounds $(ARGS)
 
 clean:
 	rm -rf .stamps .copilot test-artifacts

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from copilot_cli.config import CliConfig
-from servers.common.settings import Settings, rows
+from servers.common.settings import Bounds, Settings, rows
 from servers.generation.config import GenerationConfig
 from servers.retrieval.config import RetrievalConfig
 
@@ -16,6 +16,7 @@ TARGET = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 
 SECTIONS: list[tuple[str, type, str]] = [
     ("Every process", Settings, "servers/common/settings.py"),
+    ("Bounds on what one client may cost", Bounds, "servers/common/settings.py (docs/bounds.md)"),
     ("Retrieval", RetrievalConfig, "servers/retrieval/config.py"),
     ("Generation", GenerationConfig, "servers/generation/config.py"),
     ("The CLI", CliConfig, "copilot_cli/config.py"),

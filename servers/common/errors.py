@@ -87,6 +87,11 @@ class Unavailable(CopilotError):
     default_reason = "DEPENDENCY_UNAVAILABLE"
 
 
+class DeadlineExceeded(CopilotError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    default_reason = "DEADLINE_EXCEEDED"
+
+
 class InvalidArgument(CopilotError):
     code = grpc.StatusCode.INVALID_ARGUMENT
     default_reason = "INVALID_ARGUMENT"

@@ -327,6 +327,20 @@ def detached_deadline() -> Iterator[None]:
         _deadline.reset(token)
 
 
+@contextmanager
+def deadline_at_most(seconds: float) -> Iterator[None]:
+    """Outgoing calls in this block end within `seconds` from now, or sooner by the served
+    call's own deadline (a server's cap on calls without a deadline reaches its dependencies)."""
+    cap = time.monotonic() + seconds
+    current = _deadline.get()
+    token = _deadline.set(cap if current is None else min(current, cap))
+    try:
+        yield
+    finally:
+        with suppress(ValueError):  # a stream closed from another task: see _reset
+            _deadline.reset(token)
+
+
 def remaining_deadline() -> float | None:
     """Seconds left of the call being served, or None when it has no deadline."""
     deadline = _deadline.get()

@@ -14,6 +14,7 @@ from typing import Protocol
 import grpc
 
 from servers.common import logs, metrics, telemetry
+from servers.common.bounds import BoundsServerInterceptor
 from servers.common.health import DependencyCheck, Health
 from servers.common.interceptors import (
     DecodingServerInterceptor,
@@ -22,7 +23,7 @@ from servers.common.interceptors import (
     identity_client_interceptors,
 )
 from servers.common.reflection import add_reflection
-from servers.common.settings import Settings
+from servers.common.settings import Bounds, Settings
 
 log = logging.getLogger("copilot.server")
 
@@ -37,6 +38,14 @@ CHANNEL_OPTIONS: Sequence[tuple[str, int | str]] = (
     # A restarted peer is found again within seconds (the default backoff grows to 120 s).
     ("grpc.max_reconnect_backoff_ms", 5_000),
 )
+
+
+def server_options(bounds: Bounds) -> list[tuple[str, int | str]]:
+    """A server's channel options: gRPC itself refuses (RESOURCE_EXHAUSTED, before decoding) a
+    message over the largest per-RPC limit; the bounds interceptor then applies each RPC's own."""
+    largest = max(bounds.query_request_bytes, bounds.ingest_request_bytes, bounds.ingest_stream_message_bytes,
+                  bounds.default_request_bytes)
+    return [(key, largest if key == "grpc.max_receive_message_length" else value) for key, value in CHANNEL_OPTIONS]
 
 
 class HealthProvider(Protocol):
@@ -86,11 +95,14 @@ async def serve(service: Service, settings: Settings) -> None:
         interceptors.append(IdentityServerInterceptor(access_log=settings.access_log,
                                                       on_refusal=service.on_refusal,
                                                       malformed_log_interval_s=settings.malformed_log_interval_s))
+        # Inside the identity interceptor: runs as the caller, refusals become rich statuses.
+        interceptors.append(BoundsServerInterceptor(settings.bounds))
     else:
         # Malformed requests are refused (INVALID_ARGUMENT) by the identity interceptor; a
         # server without it still needs that, and only that.
         interceptors.append(DecodingServerInterceptor(settings.malformed_log_interval_s))
-    server = grpc.aio.server(interceptors=interceptors, options=CHANNEL_OPTIONS)
+    server = grpc.aio.server(interceptors=interceptors, options=server_options(settings.bounds),
+                             maximum_concurrent_rpcs=settings.bounds.max_concurrent_rpcs)
     health: HealthProvider
     if service.health is not None:
         health = service.health

@@ -261,3 +261,9 @@ class TenantQuotaLevels(Collector):
 
 QUOTA_LEVELS = TenantQuotaLevels()
 REGISTRY.register(QUOTA_LEVELS)
+
+
+def max_tenant_series() -> int:
+    """Tenants with a series of their own in any per-tenant metric (COPILOT_METRICS_MAX_TENANTS,
+    once `serve` has run); the rest are folded into tenant="_other"."""
+    return QUOTA_LEVELS.max_series

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 _META = "copilot_setting"
+_SECTION = "copilot_section"
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 
@@ -60,6 +61,15 @@ def setting(default: Any = dataclasses.MISSING, *, env: str, doc: str, low: floa
     if default_factory is not None:
         return field(default_factory=default_factory, metadata={_META: spec})
     return field(default=default, metadata={_META: spec})
+
+
+def section(cls: type[Any]) -> Any:
+    """A field holding a nested section (its own settings, parsed from the same environment)."""
+    return field(default_factory=cls, metadata={_SECTION: True})
+
+
+def is_section(f: dataclasses.Field[Any]) -> bool:
+    return bool(f.metadata.get(_SECTION))
 
 
 def spec_of(f: dataclasses.Field[Any]) -> Spec | None:
@@ -175,8 +185,14 @@ def parse(cls: type[S], environ: Mapping[str, str] | None = None, **fixed: Any) 
     env = os.environ if environ is None else environ
     hints = _hints(cls)
     values: dict[str, Any] = dict(fixed)
-    problems = []
+    problems: list[str] = []
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if is_section(f) and f.name not in fixed:
+            try:
+                values[f.name] = parse(hints[f.name], env)
+            except SettingsError as exc:
+                problems.extend(line.strip() for line in str(exc).splitlines()[1:])
+            continue
         spec = spec_of(f)
         if spec is None or f.name in fixed:
             continue
@@ -202,6 +218,9 @@ def to_env(section: Any) -> dict[str, str]:
     (those at their default included, so the child does not depend on its own defaults)."""
     out: dict[str, str] = {}
     for f in dataclasses.fields(section):
+        if is_section(f):
+            out.update(to_env(getattr(section, f.name)))
+            continue
         spec = spec_of(f)
         if spec is None:
             continue
@@ -285,6 +304,79 @@ DEFAULT_PORTS = {
 METRICS_OFFSETS = {"retrieval": 1, "generation": 2, "metering": 3, "edge": 4}
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+KIB = 1024
+MIB = 1024 * KIB
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """What one client may cost the mesh: message sizes, open streams, idle and overall
+    durations. Each is enforced by the services (servers/common/bounds.py) and, where Envoy
+    can, by the edge too (servers/edge/envoy_config.py); docs/bounds.md lists them all with
+    the error a client sees."""
+
+    # Refusing more keeps the hot path's decoding and embedding bounded.
+    query_request_bytes: int = setting(64 * KIB, env="COPILOT_MAX_QUERY_REQUEST_BYTES", low=1,
+                                       doc="Largest Answer, StreamAnswer or Search request: a question or a "
+                                           "search is a sentence or a page of filters.")
+    ingest_request_bytes: int = setting(16 * MIB, env="COPILOT_MAX_INGEST_REQUEST_BYTES", low=1,
+                                        doc="Largest IngestDocuments batch (and the services' usage and audit "
+                                            "batches): a sizeable document set in one call, far below a "
+                                            "process's memory.")
+    ingest_stream_message_bytes: int = setting(4 * MIB, env="COPILOT_MAX_INGEST_STREAM_MESSAGE_BYTES", low=1,
+                                               doc="Largest message on StreamIngestDocuments: streaming is for "
+                                                   "large corpora in small steps.")
+    default_request_bytes: int = setting(1 * MIB, env="COPILOT_MAX_REQUEST_BYTES", low=1,
+                                         doc="Largest request of every other RPC (tenant admin, usage, audit).")
+    streams_per_tenant: int = setting(32, env="COPILOT_MAX_STREAMS_PER_TENANT", low=1,
+                                      doc="Open streams one tenant may hold on one server process (answers, "
+                                          "uploads, exports, watches).")
+    streams_per_server: int = setting(512, env="COPILOT_MAX_STREAMS_PER_SERVER", low=1,
+                                      doc="Open streams on one server process, all tenants together.")
+    max_concurrent_rpcs: int = setting(2048, env="COPILOT_MAX_CONCURRENT_RPCS", low=1,
+                                       doc="RPCs one server process runs at once; beyond it gRPC refuses at once "
+                                           "(RESOURCE_EXHAUSTED) rather than queueing without bound.")
+    ingest_idle_s: float = setting(30.0, env="COPILOT_INGEST_IDLE_S", low=0.001,
+                                   doc="An upload that sends nothing for this long is ended (DEADLINE_EXCEEDED).")
+    stream_send_timeout_s: float = setting(30.0, env="COPILOT_STREAM_SEND_TIMEOUT_S", low=0.001,
+                                           doc="A server stream whose client takes no message for this long is "
+                                               "flagged as a slow consumer.")
+    max_call_s: float = setting(120.0, env="COPILOT_MAX_CALL_S", low=0.001,
+                                doc="Deadline of a unary call that came without one.")
+    max_stream_s: float = setting(3600.0, env="COPILOT_MAX_STREAM_S", low=0.001,
+                                  doc="Deadline of a stream that came without one (watches reconnect after it).")
+    edge_stream_idle_s: float = setting(300.0, env="COPILOT_EDGE_STREAM_IDLE_S", low=0.001,
+                                        doc="Envoy resets a stream with no bytes either way for this long.")
+    edge_streams_per_connection: int = setting(256, env="COPILOT_EDGE_STREAMS_PER_CONNECTION", low=1,
+                                               doc="Streams one client connection may open at once at the edge.")
+    edge_max_request_headers_kb: int = setting(32, env="COPILOT_EDGE_MAX_REQUEST_HEADERS_KB", low=1, high=8192,
+                                               doc="Request headers of one call at the edge (a JWT is ~1 KiB; an "
+                                                   "oversized garbage token still gets a clean UNAUTHENTICATED).")
+    edge_stream_window_bytes: int = setting(1 * MIB, env="COPILOT_EDGE_STREAM_WINDOW_BYTES", low=65535,
+                                            doc="Envoy's HTTP/2 flow-control window per stream towards clients.")
+    edge_upstream_requests: int = setting(2048, env="COPILOT_EDGE_UPSTREAM_REQUESTS", low=1,
+                                          doc="Requests in flight to one upstream cluster (circuit breaker); "
+                                              "beyond it Envoy answers UNAVAILABLE at once.")
+    edge_max_heap_bytes: int = setting(1024 * MIB, env="COPILOT_EDGE_MAX_HEAP_BYTES", low=16 * MIB,
+                                       doc="Envoy's heap: above 90 % it resets the streams holding the most "
+                                           "buffered memory, above 95 % it refuses new requests.")
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Bounds:
+        return parse(cls, environ)
+
+    def env(self) -> dict[str, str]:
+        """The environment that gives a child process these bounds."""
+        return to_env(self)
+
+
+# Bounds field -> its environment variable (named in the errors clients see).
+BOUNDS_ENV = {f.name: spec.env for f in dataclasses.fields(Bounds) if (spec := spec_of(f)) is not None}
 
 
 @dataclass(frozen=True)
@@ -379,6 +471,8 @@ class Settings:
     audit_on_tenant_delete: str = setting("keep", env="COPILOT_AUDIT_ON_TENANT_DELETE", choices=("keep", "erase"),
                                           doc="Deleting a tenant keeps its audit trail or erases it.")
 
+    # Sizes, streams and durations one client may use (docs/bounds.md).
+    bounds: Bounds = section(Bounds)
     # Garbage in a loop must not flood the logs: every malformed request is refused and
     # counted, but logged at most this often per tenant.
     malformed_log_interval_s: float = setting(10.0, env="COPILOT_MALFORMED_LOG_INTERVAL_S", low=0, high=86_400,

@@ -16,15 +16,45 @@ from string import Template
 from typing import Any
 from urllib.parse import urlsplit
 
-from servers.common.lifecycle import MAX_MESSAGE_BYTES
-from servers.common.settings import Settings
+from servers.common.settings import Bounds, Settings
 from servers.edge import roles
 
 TEMPLATE_PATH = Path(__file__).resolve().parents[2] / "envoy" / "envoy.yaml.tmpl"
 
-# gRPC frames a message with 5 bytes, so a body this size still carries the largest
-# message the services accept.
-MAX_REQUEST_BYTES = MAX_MESSAGE_BYTES + 5
+# gRPC frames a message with 5 bytes: a unary call's body is its message and those 5.
+GRPC_FRAME_BYTES = 5
+
+# Envoy keeps a StreamIngestDocuments stream open while it is idle this much longer than the
+# service's own idle limit (the service ends it first, with a status that says why), and at
+# least as long as one batch may take to ingest.
+INGEST_ROUTE_IDLE_MIN_S = 120
+
+
+def body_limit(message_bytes: int) -> int:
+    """The largest request body (one gRPC-framed message) for a message limit."""
+    return message_bytes + GRPC_FRAME_BYTES
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g}s"
+
+
+def bounds_values(bounds: Bounds) -> dict[str, object]:
+    """The template's placeholders for the bounds on what one client may cost (docs/bounds.md)."""
+    return {
+        "QUERY_BODY_BYTES": body_limit(bounds.query_request_bytes),
+        "INGEST_BODY_BYTES": body_limit(bounds.ingest_request_bytes),
+        "DEFAULT_BODY_BYTES": body_limit(bounds.default_request_bytes),
+        "STREAM_IDLE": _seconds(bounds.edge_stream_idle_s),
+        "INGEST_ROUTE_IDLE": _seconds(max(INGEST_ROUTE_IDLE_MIN_S, 2 * bounds.ingest_idle_s)),
+        "MAX_REQUEST_HEADERS_KB": bounds.edge_max_request_headers_kb,
+        "STREAMS_PER_CONNECTION": bounds.edge_streams_per_connection,
+        # HTTP/2 windows are at least 64 KiB; a connection carries a few streams' windows.
+        "STREAM_WINDOW": bounds.edge_stream_window_bytes,  # at least 65535 (HTTP/2), as the settings check
+        "CONNECTION_WINDOW": 4 * bounds.edge_stream_window_bytes,
+        "UPSTREAM_REQUESTS": bounds.edge_upstream_requests,
+        "MAX_HEAP_BYTES": bounds.edge_max_heap_bytes,
+    }
 
 # The rate limit check is on every request's path: when it is slow, the failure mode
 # (fail open/closed) decides rather than the client waiting.
@@ -172,7 +202,7 @@ def render(settings: Settings, *, allowed_origins: Sequence[str] | None = None,
         "FAILURE_MODE_DENY": "false" if settings.ratelimit_fail_open else "true",
         "RATELIMIT_TIMEOUT": f"{RATELIMIT_TIMEOUT_S}s",
         "HEALTH_INTERVAL": f"{HEALTH_INTERVAL_S}s",
-        "MAX_REQUEST_BYTES": MAX_REQUEST_BYTES,
+        **bounds_values(settings.bounds),
         "CORS_ORIGINS": _origins(allowed_origins),
         "TRACING": tracing_block,
         # Always: the request id is also an answer's billing key (a retried attempt of one edge

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from servers.common.settings import Settings
+from servers.common.settings import Bounds, Settings
 from servers.edge import envoy_config, roles
 
 
@@ -46,7 +46,7 @@ def test_filter_order_strips_identity_headers_before_anything_reads_them(tmp_pat
     assert filters == [
         "envoy.filters.http.header_mutation", "envoy.filters.http.cors", "envoy.filters.http.grpc_web",
         "envoy.filters.http.jwt_authn", "envoy.filters.http.rbac", "envoy.filters.http.rbac",
-        "envoy.filters.http.ratelimit", "envoy.filters.http.buffer",
+        "envoy.filters.http.buffer", "envoy.filters.http.ratelimit",
         "envoy.filters.http.router",
     ]
     for header in ("x-tenant-id", "x-user-id", "x-roles"):
@@ -92,11 +92,44 @@ def test_role_matrix() -> None:
     assert roles.allowed_roles("/") is None and roles.allowed_roles("/grpc.health.v1.Health/Check") is None
 
 
+def _route(text: str, match: str) -> str:
+    """The rendered route whose match line contains `match`, up to the next route."""
+    start = text.index(match)
+    end = text.find("- match:", start + len(match))
+    return text[start:end]
+
+
+def test_bounds_flow_into_the_edge_config() -> None:
+    bounds = Bounds(query_request_bytes=1000, ingest_request_bytes=5000, default_request_bytes=2000,
+                    edge_stream_idle_s=42, edge_streams_per_connection=17, edge_max_request_headers_kb=24,
+                    edge_stream_window_bytes=262144, edge_upstream_requests=99, edge_max_heap_bytes=123456789,
+                    ingest_idle_s=90)
+    text = envoy_config.render(settings(bounds=bounds))
+    # Each RPC's body limit is its message limit plus gRPC's 5-byte frame header.
+    for route, limit in (("/copilot.v1.GenerationService/", 1005), ("path: /copilot.v1.RetrievalService/Search", 1005),
+                         ("path: /copilot.v1.RetrievalService/IngestDocuments", 5005),
+                         ("path: /copilot.v1.AuditService/RecordAuditEvents", 5005)):
+        assert f"max_request_bytes: {limit} }}" in _route(text, route), route
+        assert f'request_bytes: "{limit}"' in _route(text, route), route
+    # Every other route: the filter's own (default) limit; uploads are not buffered at all.
+    assert "max_request_bytes: 2005\n" in text
+    upload = _route(text, "/copilot.v1.RetrievalService/StreamIngestDocuments")
+    assert "disabled: true" in upload and "idle_timeout: 180s" in upload
+    assert "stream_idle_timeout: 42s" in text and "max_request_headers_kb: 24" in text
+    assert "max_concurrent_streams: 17" in text
+    assert "initial_stream_window_size: 262144" in text and "initial_connection_window_size: 1048576" in text
+    assert text.count("max_requests: 99, max_pending_requests: 99") == 3
+    assert "max_heap_size_bytes: 123456789" in text
+
+
 @pytest.mark.skipif(envoy_binary() is None, reason="envoy is not installed")
-@pytest.mark.parametrize("variant", ["fail_open", "fail_closed", "production"])
+@pytest.mark.parametrize("variant", ["fail_open", "fail_closed", "production", "small_bounds"])
 async def test_envoy_validates_the_rendered_config(tmp_path: Path, variant: str) -> None:
     s = settings(ratelimit_fail_open=variant == "fail_open",
                  jwks_url="https://idp.example.com/jwks.json" if variant == "production" else None)
+    if variant == "small_bounds":
+        s = dataclasses.replace(s, bounds=Bounds(query_request_bytes=512, edge_stream_window_bytes=65535,
+                                                 edge_stream_idle_s=0.5, ingest_idle_s=0.25))
     out = envoy_config.write(s, tmp_path / "envoy.yaml")
     binary = envoy_binary()
     assert binary is not None

@@ -394,10 +394,13 @@ async def test_unknown_services_are_unimplemented(edge: Edge) -> None:
 
 async def test_oversized_requests_are_resource_exhausted(edge: Edge) -> None:
     operator = edge.token(roles=("operator",))
-    big = tenant_pb2.CreateTenantRequest(tenant_id="big", display_name="x" * (envoy_config.MAX_REQUEST_BYTES + 1))
+    # Over the edge's default request limit (TenantService sets no larger one).
+    limit = envoy_config.body_limit(Settings.from_env().bounds.default_request_bytes)
+    big = tenant_pb2.CreateTenantRequest(tenant_id="big", display_name="x" * limit)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await edge.tenants.CreateTenant(big, metadata=[("authorization", f"Bearer {operator}")], timeout=10)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"({limit} bytes with gRPC framing" in (err.value.details() or "")
     ok = await edge.tenants.CreateTenant(tenant_pb2.CreateTenantRequest(tenant_id="small"),
                                          metadata=[("authorization", f"Bearer {operator}")], timeout=5)
     assert ok.tenant.tenant_id == "small"
