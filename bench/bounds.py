@@ -36,8 +36,8 @@ from copilot.v1 import (
     tenant_pb2_grpc,
 )
 from copilot_cli.supervisor import Mesh, settings_on_free_ports
+from servers.common.issuer import DevIssuer
 from servers.common.settings import Settings
-from servers.edge.issuer import DevIssuer
 
 # The services that count open streams (the edge companion serves no copilot.v1 stream).
 STREAMING_SERVICES = ("retrieval", "generation", "metering")
