@@ -331,11 +331,11 @@ class AnthropicProvider:
                                                                   for b in response.content]})
                 results: list[Any] = []
                 for call in calls:
-                    query = str(dict(call.input).get("query", "")).strip()  # type: ignore[union-attr]
+                    query = str(dict(call.input).get("query", "")).strip()
                     found = await search(query) if query else []
                     if query:
                         queries.append(query)
-                    results.append({"type": "tool_result", "tool_use_id": call.id,  # type: ignore[union-attr]
+                    results.append({"type": "tool_result", "tool_use_id": call.id,
                                     "content": render_passages(found) or "no passages found"})
                 messages.append({"role": "user", "content": results})
         except anthropic.APIError as exc:

@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 
 import grpc
 from google.protobuf import json_format, timestamp_pb2
+from grpc.aio import ServicerContext
 
 from copilot.v1 import audit_pb2, audit_pb2_grpc
 from servers.common import identity
@@ -210,8 +211,10 @@ class AuditServiceServicer(audit_pb2_grpc.AuditServiceServicer):
         self._audit = audit
         self._store = audit.store
 
-    async def RecordAuditEvents(self, request: audit_pb2.RecordAuditEventsRequest,
-                                context: grpc.aio.ServicerContext) -> audit_pb2.RecordAuditEventsResponse:
+    async def RecordAuditEvents(
+        self, request: audit_pb2.RecordAuditEventsRequest,
+        context: ServicerContext[audit_pb2.RecordAuditEventsRequest, audit_pb2.RecordAuditEventsResponse],
+    ) -> audit_pb2.RecordAuditEventsResponse:
         caller = identity.current()
         # Strictly the platform's services: not even an operator writes someone's trail.
         if identity.SERVICE not in caller.roles:
@@ -238,8 +241,10 @@ class AuditServiceServicer(audit_pb2_grpc.AuditServiceServicer):
             kinds.append(KINDS[value])
         return {"start": start, "end": end, "actor": f.actor, "kinds": kinds}
 
-    async def ListAuditEvents(self, request: audit_pb2.ListAuditEventsRequest,
-                              context: grpc.aio.ServicerContext) -> audit_pb2.ListAuditEventsResponse:
+    async def ListAuditEvents(
+        self, request: audit_pb2.ListAuditEventsRequest,
+        context: ServicerContext[audit_pb2.ListAuditEventsRequest, audit_pb2.ListAuditEventsResponse],
+    ) -> audit_pb2.ListAuditEventsResponse:
         tenant_id = _caller_audit_tenant(request.tenant_id)
         if not 0 <= request.page_size <= MAX_PAGE_SIZE:
             raise InvalidArgument.field("page_size", f"must be between 1 and {MAX_PAGE_SIZE} (0: {DEFAULT_PAGE_SIZE})")
@@ -250,7 +255,8 @@ class AuditServiceServicer(audit_pb2_grpc.AuditServiceServicer):
                                                  next_page_token=_page_token(page.last_seq) if page.more else "")
 
     async def ExportAuditEvents(
-        self, request: audit_pb2.ExportAuditEventsRequest, context: grpc.aio.ServicerContext,
+        self, request: audit_pb2.ExportAuditEventsRequest,
+        context: ServicerContext[audit_pb2.ExportAuditEventsRequest, audit_pb2.ExportAuditEventsResponse],
     ) -> AsyncIterator[audit_pb2.ExportAuditEventsResponse]:
         tenant_id = _caller_audit_tenant(request.tenant_id)
         filters = self._filter(request.filter)
@@ -263,8 +269,10 @@ class AuditServiceServicer(audit_pb2_grpc.AuditServiceServicer):
                 return
             after = page.last_seq
 
-    async def VerifyAuditChain(self, request: audit_pb2.VerifyAuditChainRequest,
-                               context: grpc.aio.ServicerContext) -> audit_pb2.VerifyAuditChainResponse:
+    async def VerifyAuditChain(
+        self, request: audit_pb2.VerifyAuditChainRequest,
+        context: ServicerContext[audit_pb2.VerifyAuditChainRequest, audit_pb2.VerifyAuditChainResponse],
+    ) -> audit_pb2.VerifyAuditChainResponse:
         tenant_id = _caller_audit_tenant(request.tenant_id)
         expected = None
         if request.HasField("expected_head"):
@@ -282,6 +290,6 @@ class AuditServiceServicer(audit_pb2_grpc.AuditServiceServicer):
             response.anchor.CopyFrom(audit_pb2.AuditChainHead(seq=result.anchor.seq, hash=result.anchor.hash))
         if result.first_break is not None:
             response.first_break.CopyFrom(audit_pb2.AuditChainBreak(
-                seq=result.first_break.seq, problem=PROBLEMS[result.first_break.problem],  # type: ignore[arg-type]
+                seq=result.first_break.seq, problem=PROBLEMS[result.first_break.problem],
                 detail=result.first_break.detail))
         return response
