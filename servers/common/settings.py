@@ -23,7 +23,7 @@ import typing
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 T = TypeVar("T")
 
@@ -165,7 +165,10 @@ def validate(section: Any) -> None:
         raise SettingsError("invalid settings:\n  " + "\n  ".join(problems))
 
 
-S = TypeVar("S")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+S = TypeVar("S", bound="DataclassInstance")
 
 
 def parse(cls: type[S], environ: Mapping[str, str] | None = None, **fixed: Any) -> S:
@@ -176,7 +179,7 @@ def parse(cls: type[S], environ: Mapping[str, str] | None = None, **fixed: Any) 
     hints = _hints(cls)
     values: dict[str, Any] = dict(fixed)
     problems = []
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+    for f in dataclasses.fields(cls):
         spec = spec_of(f)
         if spec is None or f.name in fixed:
             continue

@@ -116,8 +116,12 @@ class TenantServiceServicer(tenant_pb2_grpc.TenantServiceServicer):
                                        reason="OPERATOR_ONLY_FIELD")
         now = self._clock()
         before: list[Tenant] = []
-        tenant = await self._tenants.update(tenant_id, lambda current: apply_changes(
-            before.append(current) or current, changes, now))  # type: ignore[func-returns-value]
+
+        def change(current: Tenant) -> Tenant:
+            before.append(current)
+            return apply_changes(current, changes, now)
+
+        tenant = await self._tenants.update(tenant_id, change)
         self.watchers.publish(TenantChange(tenants=(tenant,)))
         if self._audit is not None:
             await self._audit.tenant_change(audit_pb2.AUDIT_EVENT_KIND_TENANT_UPDATED, before[-1], tenant, changes)
@@ -170,8 +174,12 @@ class TenantServiceServicer(tenant_pb2_grpc.TenantServiceServicer):
         state = TenantState.SUSPENDED if request.suspended else TenantState.ACTIVE
         now = self._clock()
         before: list[Tenant] = []
-        tenant = await self._tenants.update(tenant_id, lambda current: apply_changes(
-            before.append(current) or current, {"state": state}, now))  # type: ignore[func-returns-value]
+
+        def change(current: Tenant) -> Tenant:
+            before.append(current)
+            return apply_changes(current, {"state": state}, now)
+
+        tenant = await self._tenants.update(tenant_id, change)
         self.watchers.publish(TenantChange(tenants=(tenant,)))
         if self._audit is not None:
             await self._audit.tenant_change(audit_pb2.AUDIT_EVENT_KIND_TENANT_UPDATED, before[-1], tenant, ["state"])

@@ -96,12 +96,11 @@ class MeteringServiceServicer(metering_pb2_grpc.MeteringServiceServicer):
         totals = await self._usage.totals(tenant_id, Window(start, end))
         return convert.usage_response(totals, self._prices)
 
-    def _period(self, start_ts: object, end_ts: object, request: object) -> Window:
+    def _period(self, request: metering_pb2.ReportBillingRequest | metering_pb2.ReconcileBillingRequest) -> Window:
         now = self._clock()
-        has = request.HasField  # type: ignore[attr-defined]
-        end = convert.moment(end_ts, "end_time") if has("end_time") else now.replace(  # type: ignore[arg-type]
+        end = convert.moment(request.end_time, "end_time") if request.HasField("end_time") else now.replace(
             minute=0, second=0, microsecond=0)
-        start = convert.moment(start_ts, "start_time") if has("start_time") else end - timedelta(  # type: ignore[arg-type]
+        start = convert.moment(request.start_time, "start_time") if request.HasField("start_time") else end - timedelta(
             hours=1)
         if start >= end:
             raise InvalidArgument.field("start_time", "must be before end_time")
@@ -116,7 +115,7 @@ class MeteringServiceServicer(metering_pb2_grpc.MeteringServiceServicer):
         identity.require_role(identity.OPERATOR)
         if self._billing is None:
             raise Unavailable("billing is not configured (STRIPE_API_KEY)", reason="BILLING_DISABLED")
-        report = await self._billing.report(self._period(request.start_time, request.end_time, request))
+        report = await self._billing.report(self._period(request))
         return metering_pb2.ReportBillingResponse(meter_events=report.meter_events, tenants=report.tenants)
 
     async def ReconcileBilling(
@@ -126,7 +125,7 @@ class MeteringServiceServicer(metering_pb2_grpc.MeteringServiceServicer):
         identity.require_role(identity.OPERATOR)
         if self._billing is None:
             raise Unavailable("billing is not configured (STRIPE_API_KEY)", reason="BILLING_DISABLED")
-        result = await self._billing.reconcile(self._period(request.start_time, request.end_time, request))
+        result = await self._billing.reconcile(self._period(request))
         return metering_pb2.ReconcileBillingResponse(tenants=result.tenants, differences=[
             metering_pb2.BillingDifference(tenant_id=d.tenant_id, meter=d.meter, clickhouse=d.clickhouse,
                                            stripe=d.stripe) for d in result.differences])
