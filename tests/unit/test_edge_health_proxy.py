@@ -54,7 +54,7 @@ class Mesh:
         health_pb2_grpc.add_HealthServicer_to_server(self.backend_health, self.backend)
         port = self.backend.add_insecure_port("127.0.0.1:0")
         await self.backend.start()
-        await self.backend_health.set(RETRIEVAL, SERVING)  # type: ignore[arg-type]
+        await self.backend_health.set(RETRIEVAL, SERVING)
         # Generation's owner is down; Metering's owner does not know the name.
         self.proxy = HealthProxy({RETRIEVAL: f"127.0.0.1:{port}", GENERATION: f"127.0.0.1:{unused_port()}",
                                   METERING: f"127.0.0.1:{port}"}, local_names=(RLS,), cache_ttl_s=0.1)
@@ -70,7 +70,7 @@ class Mesh:
         if self.proxy:
             await self.proxy.shutdown()
         if self.channel:
-            await self.channel.close()
+            await self.channel.close(None)
         for server in (self.edge, self.backend):
             if server:
                 await server.stop(None)
@@ -103,7 +103,7 @@ async def test_check_answers_for_every_name(mesh: Mesh) -> None:
 async def test_status_is_cached_briefly_then_follows_the_owner(mesh: Mesh) -> None:
     stub = await mesh.start()
     assert await check(stub, RETRIEVAL) == SERVING
-    await mesh.backend_health.set(RETRIEVAL, NOT_SERVING)  # type: ignore[arg-type]
+    await mesh.backend_health.set(RETRIEVAL, NOT_SERVING)
     assert await check(stub, RETRIEVAL) == SERVING  # within the cache's TTL
     await asyncio.sleep(0.15)
     assert await check(stub, RETRIEVAL) == NOT_SERVING
@@ -121,7 +121,7 @@ async def test_watch_reports_changes_and_unknown_names(mesh: Mesh) -> None:
     stub = await mesh.start()
     watch = stub.Watch(health_pb2.HealthCheckRequest(service=RETRIEVAL), timeout=10)
     assert (await watch.read()).status == SERVING
-    await mesh.backend_health.set(RETRIEVAL, NOT_SERVING)  # type: ignore[arg-type]
+    await mesh.backend_health.set(RETRIEVAL, NOT_SERVING)
     assert (await watch.read()).status == NOT_SERVING
     watch.cancel()
     unknown = stub.Watch(health_pb2.HealthCheckRequest(service="nope"), timeout=10)

@@ -283,7 +283,7 @@ async def test_service_on_weaviate_over_grpc(fake: FakeWeaviate, tmp_path: Path)
         assert "tenant-grpc-a" in fake.state.tenant_names("CopilotChunk")
         assert "tenant-grpc-b" not in fake.state.tenant_names("CopilotChunk")
     finally:
-        await channel.close()
+        await channel.close(None)
         await server.stop(None)
         for stop in service.on_stop:
             await stop()
