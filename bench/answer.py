@@ -160,7 +160,7 @@ def setup_tenant(mesh: Mesh, issuer: object, mode: str) -> tuple[str, int]:
         created.limits.requests_per_second = 1_000_000
         created.limits.requests_per_minute = 60_000_000
         created.limits.requests_per_hour = 1_000_000_000
-        created.config.retrieval_mode = MODES[mode]  # type: ignore[assignment]
+        created.config.retrieval_mode = MODES[mode]
         tenants.UpdateTenant(tenant_pb2.UpdateTenantRequest(tenant=created, update_mask=field_mask_pb2.FieldMask(
             paths=["limits.requests_per_second", "limits.requests_per_minute", "limits.requests_per_hour",
                    "config.retrieval_mode"])), metadata=operator, timeout=10)

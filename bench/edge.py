@@ -66,10 +66,10 @@ def main() -> None:
             direct_md = tuple(zip(IDENTITY_HEADERS, (tenant, "bench-user", "member"), strict=True))
             common = dict(request=request, concurrency=args.concurrency, duration_s=args.duration,
                           warmup_s=args.warmup, method=METHOD)
-            direct = run(LoadSpec(target=settings.address("metering"), metadata=direct_md, **common),  # type: ignore[arg-type]
+            direct = run(LoadSpec(target=settings.address("metering"), metadata=direct_md, **common),
                          args.processes)
             edge = run(LoadSpec(target=mesh.edge_address, metadata=(("authorization", f"Bearer {token}"),),
-                                **common), args.processes)  # type: ignore[arg-type]
+                                **common), args.processes)
         finally:
             mesh.stop()
 

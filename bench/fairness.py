@@ -114,7 +114,7 @@ async def _paced(streams: list[Stream], duration_s: float, warmup_s: float) -> l
             await asyncio.wait(tasks, timeout=10)
     finally:
         for channel in channels.values():
-            await channel.close()
+            await channel.close(None)
     return outcomes
 
 

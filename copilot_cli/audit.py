@@ -70,6 +70,7 @@ def _time(raw: str, name: str) -> datetime:
 
 
 def _filter(args: argparse.Namespace) -> audit_pb2.AuditFilter:
+    # (protoc's stubs type AuditEventKind.values() as plain ints, not the enum the field takes)
     f = audit_pb2.AuditFilter(actor=args.user, kinds=[KINDS[k] for k in args.kind])  # type: ignore[misc]
     if args.since:
         f.start_time.FromDatetime(_time(args.since, "since"))

@@ -49,23 +49,23 @@ class Client:
 
     @property
     def retrieval(self) -> retrieval_pb2_grpc.RetrievalServiceAsyncStub:
-        return retrieval_pb2_grpc.RetrievalServiceStub(self.channel)  # type: ignore[return-value]
+        return retrieval_pb2_grpc.RetrievalServiceStub(self.channel)
 
     @property
     def generation(self) -> generation_pb2_grpc.GenerationServiceAsyncStub:
-        return generation_pb2_grpc.GenerationServiceStub(self.channel)  # type: ignore[return-value]
+        return generation_pb2_grpc.GenerationServiceStub(self.channel)
 
     @property
     def metering(self) -> metering_pb2_grpc.MeteringServiceAsyncStub:
-        return metering_pb2_grpc.MeteringServiceStub(self.channel)  # type: ignore[return-value]
+        return metering_pb2_grpc.MeteringServiceStub(self.channel)
 
     @property
     def tenants(self) -> tenant_pb2_grpc.TenantServiceAsyncStub:
-        return tenant_pb2_grpc.TenantServiceStub(self.channel)  # type: ignore[return-value]
+        return tenant_pb2_grpc.TenantServiceStub(self.channel)
 
     @property
     def audit(self) -> audit_pb2_grpc.AuditServiceAsyncStub:
-        return audit_pb2_grpc.AuditServiceStub(self.channel)  # type: ignore[return-value]
+        return audit_pb2_grpc.AuditServiceStub(self.channel)
 
     async def close(self) -> None:
         await self.channel.close(None)

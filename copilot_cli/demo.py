@@ -31,7 +31,7 @@ async def seed(address: str, issuer: DevIssuer) -> dict[str, dict[str, int]]:
         for tenant_id, plan, name in DEMO_TENANTS:
             try:
                 await operator.tenants.CreateTenant(
-                    tenant_pb2.CreateTenantRequest(tenant_id=tenant_id, display_name=name, plan=plan),  # type: ignore[arg-type]
+                    tenant_pb2.CreateTenantRequest(tenant_id=tenant_id, display_name=name, plan=plan),
                     metadata=operator.metadata, timeout=10)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.ALREADY_EXISTS:

@@ -224,7 +224,7 @@ class BeirFolder:
 
 # -- CLI ----------------------------------------------------------------------------------------
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser("eval", help="retrieval quality on a BEIR folder, through the edge (JSON last line)")
     parser.add_argument("directory", type=Path, help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv")
     parser.add_argument("--split", choices=["dev", "test"], default="dev")

@@ -38,7 +38,8 @@ class AuditTrail:
             directory, self._deliver, audit_pb2.AuditEvent, name="audit.outbox", actor=f"service:{service}",
             interval_s=interval_s)
 
-    def record(self, kind: int, caller: identity.Identity | None = None, **details: Any) -> asyncio.Future[bool]:
+    def record(self, kind: audit_pb2.AuditEventKind, caller: identity.Identity | None = None,
+               **details: Any) -> asyncio.Future[bool]:
         """Records one event for the caller's tenant (or `caller`'s). `details`: the one
         AuditEvent details field of the kind, e.g. question=QuestionAudit(...).
 
@@ -46,7 +47,7 @@ class AuditTrail:
         OK: it resolves once the event is durable here (False: it could be neither written
         nor delivered, logged). Cancelling that wait does not cancel the event."""
         who = caller or identity.current()
-        event = audit_pb2.AuditEvent(event_id=f"{self.service}:{uuid.uuid4().hex}", kind=kind,  # type: ignore[arg-type]
+        event = audit_pb2.AuditEvent(event_id=f"{self.service}:{uuid.uuid4().hex}", kind=kind,
                                      actor=who.subject, actor_roles=sorted(who.roles), service=self.service,
                                      **details)
         event.occur_time.GetCurrentTime()

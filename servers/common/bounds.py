@@ -19,13 +19,14 @@ from contextlib import nullcontext
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from prometheus_client import Counter
 from prometheus_client.core import GaugeMetricFamily
 
 from servers.common import identity, metrics
 from servers.common.errors import CopilotError, DeadlineExceeded, QuotaViolation, ResourceExhausted
-from servers.common.interceptors import deadline_at_most
+from servers.common.interceptors import Context, Handler, ServerInterceptor, deadline_at_most
 from servers.common.settings import BOUNDS_ENV, Bounds
 
 log = logging.getLogger("copilot.bounds")
@@ -96,7 +97,7 @@ class MessageTooLarge(CopilotError):
                          metadata={"limit_bytes": str(limit), "size_bytes": str(size), "setting": setting})
         self.method, self.limit = method, limit
 
-    def details(self) -> list[object]:
+    def details(self) -> list[Message]:
         quota = error_details_pb2.QuotaFailure(violations=[error_details_pb2.QuotaFailure.Violation(
             subject=f"rpc:{_rpc(self.method)}", description=f"request messages of at most {self.limit} bytes")])
         return [*super().details(), quota]
@@ -196,7 +197,7 @@ class StreamLimiter:
                 by_tenant]
 
 
-class BoundsServerInterceptor(grpc.aio.ServerInterceptor):
+class BoundsServerInterceptor(ServerInterceptor):
     """Enforces `bounds` on every copilot.v1 RPC of this server (see the module doc)."""
 
     def __init__(self, bounds: Bounds, limiter: StreamLimiter | None = None) -> None:
@@ -206,16 +207,16 @@ class BoundsServerInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler:
         handler = await continuation(details)
         if handler is None or not details.method.startswith(BOUNDED_PREFIX):
             return handler
         return _bounded(handler, details.method, self.bounds, self.limiter)
 
 
-def _slot(limiter: StreamLimiter, context: grpc.aio.ServicerContext) -> StreamSlot:
+def _slot(limiter: StreamLimiter, context: Context) -> StreamSlot:
     caller = identity.current_or_none()
     slot = limiter.acquire(caller.tenant_id if caller is not None else "")
     # Released when the RPC ends whichever way (also when the client cancels while gRPC,
@@ -224,7 +225,7 @@ def _slot(limiter: StreamLimiter, context: grpc.aio.ServicerContext) -> StreamSl
     return slot
 
 
-def _cap(context: grpc.aio.ServicerContext, cap_s: float) -> float | None:
+def _cap(context: Context, cap_s: float) -> float | None:
     """The loop time by which a call without a client deadline must end; None when the client
     set one (gRPC enforces that itself)."""
     return asyncio.get_running_loop().time() + cap_s if context.time_remaining() is None else None
@@ -268,15 +269,15 @@ def _stalled(flag: asyncio.Event, method: str) -> None:
     log.warning("a stream's client stopped reading", extra={"rpc": method})
 
 
-def _bounded(handler: grpc.RpcMethodHandler, method: str, bounds: Bounds,
-             limiter: StreamLimiter) -> grpc.RpcMethodHandler:
+def _bounded(handler: Handler, method: str, bounds: Bounds,
+             limiter: StreamLimiter) -> Handler:
     client_streaming = handler.request_streaming
     idle_s = bounds.ingest_idle_s if client_streaming else None
 
     if not handler.response_streaming:
         inner: Any = handler.unary_unary or handler.stream_unary
 
-        async def unary_out(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def unary_out(request: Any, context: Context) -> Any:
             if client_streaming:
                 request = _requests(request, method, bounds, idle_s)
             else:
@@ -299,7 +300,7 @@ def _bounded(handler: grpc.RpcMethodHandler, method: str, bounds: Bounds,
 
     inner_stream: Any = handler.unary_stream or handler.stream_stream
 
-    async def stream_out(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def stream_out(request: Any, context: Context) -> AsyncIterator[Any]:
         if client_streaming:
             request = _requests(request, method, bounds, idle_s)
         else:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -41,7 +42,7 @@ class CopilotError(Exception):
         self.reason = reason or self.default_reason
         self.metadata = metadata or {}
 
-    def details(self) -> list[object]:
+    def details(self) -> list[Message]:
         return [error_details_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN,
                                             metadata=self.metadata)]
 
@@ -49,7 +50,7 @@ class CopilotError(Exception):
         packed = []
         for detail in self.details():
             any_msg = any_pb2.Any()
-            any_msg.Pack(detail)  # type: ignore[arg-type]
+            any_msg.Pack(detail)
             packed.append(any_msg)
         status = status_pb2.Status(code=self.code.value[0], message=self.message, details=packed)
         return rpc_status.to_status(status)
@@ -96,15 +97,16 @@ class InvalidArgument(CopilotError):
     code = grpc.StatusCode.INVALID_ARGUMENT
     default_reason = "INVALID_ARGUMENT"
 
-    def __init__(self, message: str, violations: Sequence[FieldViolation] = (), **kw: object) -> None:
-        super().__init__(message, **kw)  # type: ignore[arg-type]
+    def __init__(self, message: str, violations: Sequence[FieldViolation] = (), *, reason: str | None = None,
+                 metadata: dict[str, str] | None = None) -> None:
+        super().__init__(message, reason=reason, metadata=metadata)
         self.violations = list(violations)
 
     @classmethod
     def field(cls, name: str, description: str) -> InvalidArgument:
         return cls(f"{name}: {description}", [FieldViolation(name, description)])
 
-    def details(self) -> list[object]:
+    def details(self) -> list[Message]:
         bad = error_details_pb2.BadRequest(field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
             for v in self.violations
@@ -131,12 +133,13 @@ class ResourceExhausted(CopilotError):
     default_reason = "QUOTA_EXCEEDED"
 
     def __init__(self, message: str, violations: Sequence[QuotaViolation] = (),
-                 retry_after_s: float = 1.0, **kw: object) -> None:
-        super().__init__(message, **kw)  # type: ignore[arg-type]
+                 retry_after_s: float = 1.0, *, reason: str | None = None,
+                 metadata: dict[str, str] | None = None) -> None:
+        super().__init__(message, reason=reason, metadata=metadata)
         self.violations = list(violations)
         self.retry_after_s = max(retry_after_s, 0.0)
 
-    def details(self) -> list[object]:
+    def details(self) -> list[Message]:
         seconds = self.retry_after_s
         delay = duration_pb2.Duration(seconds=int(seconds), nanos=int((seconds % 1) * 1e9))
         quota = error_details_pb2.QuotaFailure(violations=[
@@ -151,6 +154,7 @@ def from_rpc_error(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str, list[objec
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     message = exc.details() if hasattr(exc, "details") else str(exc)
     decoded: list[object] = []
+    # Duck-typed: an AioRpcError is no grpc.Call, but has the code, details and trailers it reads.
     status = rpc_status.from_call(exc)  # type: ignore[arg-type]
     if status is not None:
         for detail in status.details:

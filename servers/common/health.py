@@ -63,7 +63,7 @@ class Health:
 
     async def _set(self, status: int) -> None:
         for name in self._names:
-            await self.servicer.set(name, status)  # type: ignore[arg-type]
+            await self.servicer.set(name, status)
 
     @property
     def failing(self) -> frozenset[str]:

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager, suppress
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 from opentelemetry import baggage, trace
@@ -39,6 +39,27 @@ AUDITED_REFUSALS = frozenset({grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode
 
 # Absolute deadline (time.monotonic()) of the call being served, for propagation.
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("copilot_deadline", default=None)
+
+# One interceptor serves every method, whatever its messages: grpc-stubs' generics over Any.
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+# What grpc.aio passes an interceptor as `continuation`: a coroutine function returning the
+# call (grpc-stubs types it as returning the call itself).
+Continuation: TypeAlias = Callable[[grpc.aio.ClientCallDetails, Any], Any]
+if TYPE_CHECKING:
+    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
+    _UnaryUnaryClientInterceptor = grpc.aio.UnaryUnaryClientInterceptor[Any, Any]
+    _UnaryStreamClientInterceptor = grpc.aio.UnaryStreamClientInterceptor[Any, Any]
+    _StreamUnaryClientInterceptor = grpc.aio.StreamUnaryClientInterceptor[Any, Any]
+    _StreamStreamClientInterceptor = grpc.aio.StreamStreamClientInterceptor[Any, Any]
+else:  # generic only in the stubs: the runtime classes cannot be subscripted
+    _ServerInterceptor = grpc.aio.ServerInterceptor
+    _UnaryUnaryClientInterceptor = grpc.aio.UnaryUnaryClientInterceptor
+    _UnaryStreamClientInterceptor = grpc.aio.UnaryStreamClientInterceptor
+    _StreamUnaryClientInterceptor = grpc.aio.StreamUnaryClientInterceptor
+    _StreamStreamClientInterceptor = grpc.aio.StreamStreamClientInterceptor
+# The base of this project's server interceptors, typed for mypy.
+ServerInterceptor = _ServerInterceptor
 
 
 class _Abort(Exception):
@@ -66,7 +87,7 @@ def _to_abort(exc: BaseException, method: str) -> _Abort:
     return _Abort(grpc.StatusCode.INTERNAL, f"internal error (trace {trace_id:032x})")
 
 
-class IdentityServerInterceptor(grpc.aio.ServerInterceptor):
+class IdentityServerInterceptor(_ServerInterceptor):
     """Runs each handler as the caller's verified identity; refuses calls without one."""
 
     def __init__(self, access_log: bool = True, on_refusal: RefusalHook | None = None,
@@ -77,9 +98,9 @@ class IdentityServerInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler:
         handler = await continuation(details)
         if handler is None:
             return handler
@@ -87,7 +108,7 @@ class IdentityServerInterceptor(grpc.aio.ServerInterceptor):
         public = method.startswith(PUBLIC_PREFIXES)
         decoding = self._decoding
         try:
-            caller = ident.from_metadata(details.invocation_metadata)  # type: ignore[arg-type]
+            caller = ident.from_metadata(details.invocation_metadata)
         except Unauthenticated as exc:
             return _wrap(handler, method, None, exc, self._access_log, decoding)
         if caller is None and not public:
@@ -104,7 +125,7 @@ class _Decoding:
         self.report = MalformedReport(log_interval_s)
         self._deserializers: dict[str, Callable[[bytes], Any]] = {}
 
-    def deserializer(self, method: str, handler: grpc.RpcMethodHandler) -> Callable[[bytes], Any] | None:
+    def deserializer(self, method: str, handler: Handler) -> Callable[[bytes], Any] | None:
         original = handler.request_deserializer
         if original is None:  # a handler of raw bytes decodes nothing
             return None
@@ -115,20 +136,20 @@ class _Decoding:
         return decode
 
 
-class DecodingServerInterceptor(grpc.aio.ServerInterceptor):
+class DecodingServerInterceptor(_ServerInterceptor):
     """Malformed requests refused as INVALID_ARGUMENT on a server without the identity
     interceptor (the edge's companion, which Envoy calls): only the decoding, no identity,
     no access log; each method's handler is wrapped once."""
 
     def __init__(self, malformed_log_interval_s: float = 10.0) -> None:
         self._decoding = _Decoding(malformed_log_interval_s)
-        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self._handlers: dict[str, Handler] = {}
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler:
         method = details.method
         wrapped = self._handlers.get(method)
         if wrapped is not None:
@@ -141,10 +162,10 @@ class DecodingServerInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
 
-def _guard(handler: grpc.RpcMethodHandler, method: str, decoding: _Decoding) -> grpc.RpcMethodHandler:
+def _guard(handler: Handler, method: str, decoding: _Decoding) -> Handler:
     """`handler` with malformed requests refused, and nothing else changed."""
 
-    async def refuse(context: grpc.aio.ServicerContext, refusal: MalformedRequest) -> None:
+    async def refuse(context: Context, refusal: MalformedRequest) -> None:
         decoding.report(method, None, refusal)
         status = refusal.to_status()
         await context.abort(status.code, status.details, trailing_metadata=tuple(status.trailing_metadata))
@@ -153,7 +174,7 @@ def _guard(handler: grpc.RpcMethodHandler, method: str, decoding: _Decoding) -> 
         if handler.unary_unary:
             inner: Any = handler.unary_unary
 
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def unary_unary(request: Any, context: Context) -> Any:
                 if isinstance(request, MalformedRequest):
                     await refuse(context, request)
                 return await inner(request, context)
@@ -162,7 +183,7 @@ def _guard(handler: grpc.RpcMethodHandler, method: str, decoding: _Decoding) -> 
         else:
             inner_stream: Any = handler.unary_stream
 
-            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async def unary_stream(request: Any, context: Context) -> AsyncIterator[Any]:
                 if isinstance(request, MalformedRequest):
                     await refuse(context, request)
                 async for item in _responses(inner_stream(request, context)):
@@ -172,7 +193,7 @@ def _guard(handler: grpc.RpcMethodHandler, method: str, decoding: _Decoding) -> 
     elif handler.stream_unary:
         inner_client: Any = handler.stream_unary
 
-        async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def stream_unary(requests: Any, context: Context) -> Any:
             try:
                 return await inner_client(requests, context)
             except MalformedRequest as refusal:
@@ -182,7 +203,7 @@ def _guard(handler: grpc.RpcMethodHandler, method: str, decoding: _Decoding) -> 
     else:
         inner_bidi: Any = handler.stream_stream
 
-        async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def stream_stream(requests: Any, context: Context) -> AsyncIterator[Any]:
             try:
                 async for item in _responses(inner_bidi(requests, context)):
                     yield item
@@ -191,7 +212,7 @@ def _guard(handler: grpc.RpcMethodHandler, method: str, decoding: _Decoding) -> 
 
         behavior = stream_stream
     kind = f"{'stream' if handler.request_streaming else 'unary'}_{'stream' if handler.response_streaming else 'unary'}"
-    factory = getattr(grpc, f"{kind}_rpc_method_handler")
+    factory: Callable[..., Handler] = getattr(grpc, f"{kind}_rpc_method_handler")
     return factory(behavior, request_deserializer=decoding.deserializer(method, handler),
                    response_serializer=handler.response_serializer)
 
@@ -206,7 +227,7 @@ async def _responses(result: Any) -> AsyncIterator[Any]:
         await result
 
 
-def _enter(caller: ident.Identity | None, context: grpc.aio.ServicerContext) -> list[Callable[[], None]]:
+def _enter(caller: ident.Identity | None, context: Context) -> list[Callable[[], None]]:
     """Sets the call's contextvars; returns the resets."""
     resets: list[Callable[[], None]] = []
     remaining = context.time_remaining()
@@ -243,12 +264,12 @@ def _finish(method: str, caller: ident.Identity | None, started: float, code: gr
         })
 
 
-def _wrap(handler: grpc.RpcMethodHandler, method: str, caller: ident.Identity | None,
+def _wrap(handler: Handler, method: str, caller: ident.Identity | None,
           refusal: CopilotError | None, access_log: bool, decoding: _Decoding,
-          on_refusal: RefusalHook | None = None) -> grpc.RpcMethodHandler:
+          on_refusal: RefusalHook | None = None) -> Handler:
     log_it = access_log and not method.startswith(PUBLIC_PREFIXES)
 
-    async def _fail(context: grpc.aio.ServicerContext, exc: BaseException, started: float) -> None:
+    async def _fail(context: Context, exc: BaseException, started: float) -> None:
         if isinstance(exc, MalformedRequest):
             decoding.report(method, caller.tenant_id if caller else None, exc)
         abort = _to_abort(exc, method)
@@ -268,7 +289,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, caller: ident.Identity | 
     if handler.unary_unary or handler.stream_unary:
         inner: Any = handler.unary_unary or handler.stream_unary
 
-        async def unary_out(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def unary_out(request: Any, context: Context) -> Any:
             started = time.perf_counter()
             if refusal is not None:
                 await _fail(context, refusal, started)
@@ -290,7 +311,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, caller: ident.Identity | 
     else:
         inner_stream: Any = handler.unary_stream or handler.stream_stream
 
-        async def stream_out(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def stream_out(request: Any, context: Context) -> AsyncIterator[Any]:
             started = time.perf_counter()
             if refusal is not None:
                 await _fail(context, refusal, started)
@@ -310,7 +331,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, caller: ident.Identity | 
 
         kind = "unary_stream" if handler.unary_stream else "stream_stream"
 
-    factory = getattr(grpc, f"{kind}_rpc_method_handler")
+    factory: Callable[..., Handler] = getattr(grpc, f"{kind}_rpc_method_handler")
     behavior = unary_out if kind in ("unary_unary", "stream_unary") else stream_out
     return factory(behavior, request_deserializer=decoding.deserializer(method, handler),
                    response_serializer=handler.response_serializer)
@@ -369,23 +390,27 @@ def _outgoing(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails
 
 # grpc.aio files each interceptor under the first call type it implements, so one object
 # implementing all four would only ever see unary-unary calls: one class per call type.
-class _ForwardUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+class _ForwardUnaryUnary(_UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Continuation, client_call_details: grpc.aio.ClientCallDetails,
+                                    request: Any) -> Any:
         return await continuation(_outgoing(client_call_details), request)
 
 
-class _ForwardUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+class _ForwardUnaryStream(_UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Continuation, client_call_details: grpc.aio.ClientCallDetails,
+                                     request: Any) -> Any:
         return await continuation(_outgoing(client_call_details), request)
 
 
-class _ForwardStreamUnary(grpc.aio.StreamUnaryClientInterceptor):
-    async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):  # type: ignore[no-untyped-def]
+class _ForwardStreamUnary(_StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation: Continuation, client_call_details: grpc.aio.ClientCallDetails,
+                                     request_iterator: Any) -> Any:
         return await continuation(_outgoing(client_call_details), request_iterator)
 
 
-class _ForwardStreamStream(grpc.aio.StreamStreamClientInterceptor):
-    async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):  # type: ignore[no-untyped-def]
+class _ForwardStreamStream(_StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation: Continuation, client_call_details: grpc.aio.ClientCallDetails,
+                                      request_iterator: Any) -> Any:
         return await continuation(_outgoing(client_call_details), request_iterator)
 
 

@@ -9,7 +9,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 
@@ -86,11 +86,12 @@ class Service:
 def connect(address: str) -> grpc.aio.Channel:
     """A channel to another service that forwards identity, deadline and trace context."""
     interceptors = [*telemetry.client_interceptors(), *identity_client_interceptors()]
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors)  # type: ignore[arg-type]
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors)
 
 
 async def serve(service: Service, settings: Settings) -> None:
-    interceptors: list[grpc.aio.ServerInterceptor] = [*telemetry.server_interceptors()] if service.traced else []
+    interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = (
+        [*telemetry.server_interceptors()] if service.traced else [])
     if service.identity_required:
         interceptors.append(IdentityServerInterceptor(access_log=settings.access_log,
                                                       on_refusal=service.on_refusal,

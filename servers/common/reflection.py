@@ -25,8 +25,10 @@ V1_FILE = "grpc/reflection/v1/reflection.proto"
 
 
 class SymbolReflectionServicer(ReflectionServicer):
-    def _file_containing_symbol(self, request, fully_qualified_name):  # type: ignore[no-untyped-def]
-        response = super()._file_containing_symbol(request, fully_qualified_name)
+    def _file_containing_symbol(self, request: reflection_pb2.ServerReflectionRequest,
+                                fully_qualified_name: str) -> reflection_pb2.ServerReflectionResponse:
+        response: reflection_pb2.ServerReflectionResponse = super()._file_containing_symbol(
+            request, fully_qualified_name)
         if not response.HasField("error_response"):
             return response
         parent, _, member = fully_qualified_name.rpartition(".")
@@ -44,7 +46,9 @@ class SymbolReflectionServicer(ReflectionServicer):
             except KeyError:
                 continue
             if member in names(owner):
-                return super()._file_containing_symbol(request, owner.full_name)
+                found: reflection_pb2.ServerReflectionResponse = super()._file_containing_symbol(
+                    request, owner.full_name)
+                return found
         return response
 
 

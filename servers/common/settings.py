@@ -23,7 +23,7 @@ import typing
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 T = TypeVar("T")
 
@@ -175,7 +175,10 @@ def validate(section: Any) -> None:
         raise SettingsError("invalid settings:\n  " + "\n  ".join(problems))
 
 
-S = TypeVar("S")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+S = TypeVar("S", bound="DataclassInstance")
 
 
 def parse(cls: type[S], environ: Mapping[str, str] | None = None, **fixed: Any) -> S:
@@ -186,7 +189,7 @@ def parse(cls: type[S], environ: Mapping[str, str] | None = None, **fixed: Any) 
     hints = _hints(cls)
     values: dict[str, Any] = dict(fixed)
     problems: list[str] = []
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+    for f in dataclasses.fields(cls):
         if is_section(f) and f.name not in fixed:
             try:
                 values[f.name] = parse(hints[f.name], env)

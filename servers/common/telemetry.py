@@ -105,7 +105,7 @@ def setup(service: str, otlp_endpoint: str | None, extra: SpanProcessor | None =
     return provider
 
 
-def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
+def server_interceptors() -> list[grpc.aio.ServerInterceptor[Any, Any]]:
     return [aio_server_interceptor()]
 
 

@@ -16,7 +16,6 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import cast
 
 import grpc
 
@@ -166,7 +165,7 @@ class TenantLimits:
     @classmethod
     def from_settings(cls, settings: Settings) -> TenantLimits:
         channel = lifecycle.connect(settings.address("metering"))
-        stub = cast("tenant_pb2_grpc.TenantServiceAsyncStub", tenant_pb2_grpc.TenantServiceStub(channel))
+        stub = tenant_pb2_grpc.TenantServiceStub(channel)
 
         async def close() -> None:
             await channel.close(None)

@@ -17,17 +17,18 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 
 import grpc
+from grpc.aio import ServicerContext
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from servers.common.settings import Settings
 
 log = logging.getLogger("copilot.edge.health")
 
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 # grpc.health.v1 ServingStatus values.
 Status = int
+SERVING: Status = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING: Status = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVICE_UNKNOWN: Status = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 
 # Public service name -> the server (settings.address key) that hosts it.
 OWNERS: Mapping[str, str] = {
@@ -98,7 +99,7 @@ class HealthProxy(health_pb2_grpc.HealthServicer):
         try:
             response = await self._stub(self._addresses[name]).Check(
                 health_pb2.HealthCheckRequest(service=name), timeout=self._timeout)
-            return response.status
+            return Status(response.status)
         except (grpc.RpcError, OSError, TimeoutError):
             return NOT_SERVING
 
@@ -132,15 +133,19 @@ class HealthProxy(health_pb2_grpc.HealthServicer):
 
     # -- grpc.health.v1.Health
 
-    async def Check(self, request: health_pb2.HealthCheckRequest,
-                    context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest,
+        context: ServicerContext[health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse],
+    ) -> health_pb2.HealthCheckResponse:
         status = await self.status(request.service)
         if status is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
         return health_pb2.HealthCheckResponse(status=status)
 
-    async def Watch(self, request: health_pb2.HealthCheckRequest,  # type: ignore[override]
-                    context: grpc.aio.ServicerContext) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+    async def Watch(
+        self, request: health_pb2.HealthCheckRequest,
+        context: ServicerContext[health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse],
+    ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
         last: Status | None = None
         while True:
             # Read before the status, so the last status sent is the one after shutdown.

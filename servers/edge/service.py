@@ -21,6 +21,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc.aio import ServicerContext
 
 from servers.common.errors import ERROR_DOMAIN
 from servers.edge.config import FREE_PLAN_RPM, FREE_PLAN_RPS, UNKNOWN, TenantLimits, limits_of
@@ -103,7 +104,7 @@ def over_limit_response(tenant_id: str, decision: Decision, n_descriptors: int,
     if window is not None:
         status.current_limit.name = f"{tenant_id}/{UNIT_NAMES.get(window.unit, 'window')}"
         status.current_limit.requests_per_unit = window.limit
-        status.current_limit.unit = window.unit  # type: ignore[assignment]
+        status.current_limit.unit = window.unit
     status.limit_remaining = 0
     status.duration_until_reset.seconds = retry_after
     return Response(
@@ -166,8 +167,10 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
         self._domain = domain
         self._last_error_log = 0.0
 
-    async def ShouldRateLimit(self, request: rls_pb2.RateLimitRequest,
-                              context: grpc.aio.ServicerContext) -> rls_pb2.RateLimitResponse:
+    async def ShouldRateLimit(
+        self, request: rls_pb2.RateLimitRequest,
+        context: ServicerContext[rls_pb2.RateLimitRequest, rls_pb2.RateLimitResponse],
+    ) -> rls_pb2.RateLimitResponse:
         if request.domain != self._domain:
             return _ALLOW
         hits = request.hits_addend or 1
@@ -210,7 +213,9 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
                 return over_limit_response(tenant_id, decision, len(descriptors), index)
         return _ALLOW
 
-    async def _on_error(self, exc: Exception, context: grpc.aio.ServicerContext) -> rls_pb2.RateLimitResponse:
+    async def _on_error(
+        self, exc: Exception, context: ServicerContext[rls_pb2.RateLimitRequest, rls_pb2.RateLimitResponse],
+    ) -> rls_pb2.RateLimitResponse:
         now = time.monotonic()
         if now - self._last_error_log >= _ERROR_LOG_EVERY_S:
             self._last_error_log = now

@@ -20,6 +20,7 @@ from typing import Any
 
 import anthropic
 import openai
+from openai.types.chat import ChatCompletionMessageFunctionToolCall
 from opentelemetry.trace import Status, StatusCode
 
 from servers.common import metrics, telemetry
@@ -234,12 +235,12 @@ class OpenAIProvider:
                     result.input_tokens += response.usage.prompt_tokens
                     result.output_tokens += response.usage.completion_tokens
                 message = response.choices[0].message
-                calls = [c for c in (message.tool_calls or []) if getattr(c, "function", None) is not None]
+                calls = [c for c in (message.tool_calls or []) if isinstance(c, ChatCompletionMessageFunctionToolCall)]
                 if not calls:
                     break
                 messages.append(message.model_dump(exclude_none=True))
                 for call in calls:
-                    query = str(json.loads(call.function.arguments or "{}").get("query", "")).strip()  # type: ignore[union-attr]
+                    query = str(json.loads(call.function.arguments or "{}").get("query", "")).strip()
                     found = await search(query) if query else []
                     if query:
                         queries.append(query)
@@ -331,11 +332,11 @@ class AnthropicProvider:
                                                                   for b in response.content]})
                 results: list[Any] = []
                 for call in calls:
-                    query = str(dict(call.input).get("query", "")).strip()  # type: ignore[union-attr]
+                    query = str(dict(call.input).get("query", "")).strip()
                     found = await search(query) if query else []
                     if query:
                         queries.append(query)
-                    results.append({"type": "tool_result", "tool_use_id": call.id,  # type: ignore[union-attr]
+                    results.append({"type": "tool_result", "tool_use_id": call.id,
                                     "content": render_passages(found) or "no passages found"})
                 messages.append({"role": "user", "content": results})
         except anthropic.APIError as exc:

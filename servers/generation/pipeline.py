@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from opentelemetry import trace
 
@@ -41,6 +41,7 @@ log = logging.getLogger("copilot.generation")
 AGENTIC_MAX_STEPS = 3
 
 
+@runtime_checkable
 class Agentic(Protocol):
     name: str
 
@@ -278,11 +279,11 @@ class Pipeline:
             reason = None
             if not config.agentic_tools:
                 reason = "agentic tools are off for this tenant"
-            elif not hasattr(provider, "gather"):
+            elif not isinstance(provider, Agentic):
                 reason = f"provider {provider.name} has no tool calling"
             else:
                 try:
-                    return await self._agentic(question, top_k, provider, prompt, result, details)  # type: ignore[arg-type]
+                    return await self._agentic(question, top_k, provider, prompt, result, details)
                 except ProviderFailure as exc:
                     self._breakers.record(provider.name, identity.tenant_id(), ok=False)
                     reason = exc.reason

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 import grpc
 
@@ -80,7 +81,7 @@ def build(settings: Settings, config: GenerationConfig | None = None) -> Service
     )
 
 
-def _channel_ready(channel: grpc.aio.Channel):  # type: ignore[no-untyped-def]
+def _channel_ready(channel: grpc.aio.Channel) -> Callable[[], Awaitable[bool]]:
     async def check() -> bool:
         state = channel.get_state(try_to_connect=True)
         if state == grpc.ChannelConnectivity.READY:

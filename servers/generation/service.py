@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
-import grpc
 from google.protobuf import duration_pb2
+from grpc.aio import ServicerContext
 
 from copilot.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from servers.common.errors import InvalidArgument
@@ -67,7 +68,7 @@ def to_proto(details: AnswerDetails) -> generation_pb2.AnswerDetails:
 REQUEST_ID_HEADER = "x-request-id"
 
 
-def call_id(context: grpc.aio.ServicerContext) -> str:
+def call_id(context: ServicerContext[Any, Any]) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_HEADER and isinstance(value, str):
             return value[:128]
@@ -78,8 +79,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     def __init__(self, pipeline: Pipeline) -> None:
         self._pipeline = pipeline
 
-    async def Answer(self, request: generation_pb2.AnswerRequest,
-                     context: grpc.aio.ServicerContext) -> generation_pb2.AnswerResponse:
+    async def Answer(
+        self, request: generation_pb2.AnswerRequest,
+        context: ServicerContext[generation_pb2.AnswerRequest, generation_pb2.AnswerResponse],
+    ) -> generation_pb2.AnswerResponse:
         parts: list[str] = []
         response = generation_pb2.AnswerResponse()
         async for event in self._pipeline.run(to_question(request, call_id(context))):
@@ -90,8 +93,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         response.answer = "".join(parts)
         return response
 
-    async def StreamAnswer(self, request: generation_pb2.StreamAnswerRequest,
-                           context: grpc.aio.ServicerContext) -> AsyncIterator[generation_pb2.StreamAnswerResponse]:
+    async def StreamAnswer(
+        self, request: generation_pb2.StreamAnswerRequest,
+        context: ServicerContext[generation_pb2.StreamAnswerRequest, generation_pb2.StreamAnswerResponse],
+    ) -> AsyncIterator[generation_pb2.StreamAnswerResponse]:
         async for event in self._pipeline.run(to_question(request, call_id(context))):
             if isinstance(event, str):
                 yield generation_pb2.StreamAnswerResponse(delta=event)

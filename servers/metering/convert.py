@@ -21,7 +21,7 @@ from servers.metering.usage.ledger import Reservation
 from servers.metering.usage.pricing import PriceTable
 from servers.metering.usage.quota import QuotaDecision
 
-_PLANS = {common_pb2.PLAN_FREE: Plan.FREE, common_pb2.PLAN_PRO: Plan.PRO,
+_PLANS: dict[int, Plan] = {common_pb2.PLAN_FREE: Plan.FREE, common_pb2.PLAN_PRO: Plan.PRO,
           common_pb2.PLAN_ENTERPRISE: Plan.ENTERPRISE}
 _STATES = {tenant_pb2.TENANT_STATE_ACTIVE: TenantState.ACTIVE,
            tenant_pb2.TENANT_STATE_SUSPENDED: TenantState.SUSPENDED}
@@ -43,7 +43,7 @@ _PLANS_PB, _STATES_PB, _MODES_PB = _inverse(_PLANS), _inverse(_STATES), _inverse
 
 
 def plan(value: int) -> Plan | None:
-    return _PLANS.get(value)  # type: ignore[call-overload]
+    return _PLANS.get(value)
 
 
 def plan_pb(value: Plan) -> common_pb2.Plan:
@@ -109,9 +109,9 @@ def _leaf(message: tenant_pb2.Tenant, path: str) -> Any:
     if path == "plan":
         return plan(message.plan)
     if path == "state":
-        return _STATES.get(message.state)  # type: ignore[call-overload]
+        return _STATES.get(message.state)
     if path == "config.retrieval_mode":
-        return _MODES.get(message.config.retrieval_mode)  # type: ignore[call-overload]
+        return _MODES.get(message.config.retrieval_mode)
     value: Any = message
     for part in path.split("."):
         value = getattr(value, part)
@@ -140,7 +140,7 @@ def update_changes(message: tenant_pb2.Tenant, paths: Iterable[str]) -> dict[str
 # --- Usage -------------------------------------------------------------------------------
 
 def usage_event(tenant_id: str, index: int, message: metering_pb2.UsageEvent, now: datetime) -> UsageEvent:
-    kind = _KINDS.get(message.kind)  # type: ignore[call-overload]
+    kind = _KINDS.get(message.kind)
     if kind is None:
         raise InvalidArgument.field(f"events[{index}].kind", f"unknown usage kind {message.kind}")
     occurred = moment(message.occur_time, f"events[{index}].occur_time") if message.HasField(

@@ -107,15 +107,15 @@ class TenantDefaults:
 
     @classmethod
     def from_settings(cls, values: dict[str, str]) -> TenantDefaults:
-        def parse(key: str, convert: type) -> object:
+        def parse(key: str, convert: Callable[[str], A]) -> A | None:
             raw = values.get(key)
             try:
                 return None if raw is None else convert(raw)
             except ValueError:
                 return None
 
-        return cls(mode=parse(SETTING_MODE, SearchMode), alpha=parse(SETTING_ALPHA, float),  # type: ignore[arg-type]
-                   fusion=parse(SETTING_FUSION, Fusion), top_k=parse(SETTING_TOP_K, int))  # type: ignore[arg-type]
+        return cls(mode=parse(SETTING_MODE, SearchMode), alpha=parse(SETTING_ALPHA, float),
+                   fusion=parse(SETTING_FUSION, Fusion), top_k=parse(SETTING_TOP_K, int))
 
 
 # Bumped whenever what a chunk's vector encodes changes, so stored vectors are re-made.

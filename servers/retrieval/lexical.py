@@ -250,13 +250,13 @@ class LexicalIndex:
         return self.rowids.nbytes + self.norms.nbytes + self.unigrams.nbytes + self.bigrams.nbytes
 
     def _postings(self, tokens: Sequence[str]) -> tuple[Int32s, Floats] | None:
-        ids = [self.terms.get(token) for token in tokens]
-        if any(i is None for i in ids):
+        ids = [i for i in (self.terms.get(token) for token in tokens) if i is not None]
+        if len(ids) < len(tokens):
             return None
         if len(ids) == 1:
-            return self.unigrams.lookup(ids[0])  # type: ignore[arg-type]
+            return self.unigrams.lookup(ids[0])
         first, second = ids
-        return self.bigrams.lookup(first * len(self.terms) + second)  # type: ignore[operator]
+        return self.bigrams.lookup(first * len(self.terms) + second)
 
     def search(self, phrases: Sequence[Sequence[str]], top_k: int,
                allowed: Int64s | None = None) -> Ranked | None:

@@ -13,7 +13,7 @@ import math
 from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-import grpc
+from grpc.aio import ServicerContext
 
 from copilot.v1 import audit_pb2
 from copilot.v1 import retrieval_pb2 as pb
@@ -310,8 +310,10 @@ class RetrievalServiceServicer(pb_grpc.RetrievalServiceServicer):
             await self._registry.require(tenant)
         return tenant
 
-    async def IngestDocuments(self, request: pb.IngestDocumentsRequest,
-                              context: grpc.aio.ServicerContext) -> pb.IngestDocumentsResponse:
+    async def IngestDocuments(
+        self, request: pb.IngestDocumentsRequest,
+        context: ServicerContext[pb.IngestDocumentsRequest, pb.IngestDocumentsResponse],
+    ) -> pb.IngestDocumentsResponse:
         tenant = await self._require_tenant()
         require_role(ADMIN, INGEST)
         documents = documents_from_proto(request.documents)
@@ -322,7 +324,7 @@ class RetrievalServiceServicer(pb_grpc.RetrievalServiceServicer):
 
     async def StreamIngestDocuments(
         self, request_iterator: AsyncIterator[pb.StreamIngestDocumentsRequest],
-        context: grpc.aio.ServicerContext,
+        context: ServicerContext[pb.StreamIngestDocumentsRequest, pb.StreamIngestDocumentsResponse],
     ) -> AsyncIterator[pb.StreamIngestDocumentsResponse]:
         # Checked before reading anything, so a caller without the role uploads nothing.
         tenant = await self._require_tenant()
@@ -342,14 +344,16 @@ class RetrievalServiceServicer(pb_grpc.RetrievalServiceServicer):
         await asyncio.gather(*audited)
 
     async def Search(self, request: pb.SearchRequest,
-                     context: grpc.aio.ServicerContext) -> pb.SearchResponse:
+                     context: ServicerContext[pb.SearchRequest, pb.SearchResponse]) -> pb.SearchResponse:
         tenant = tenant_id()
         query = search_query_from_proto(request)
         result = await self._engine.search(tenant, query)
         return search_response(result)
 
-    async def DeleteDocuments(self, request: pb.DeleteDocumentsRequest,
-                              context: grpc.aio.ServicerContext) -> pb.DeleteDocumentsResponse:
+    async def DeleteDocuments(
+        self, request: pb.DeleteDocumentsRequest,
+        context: ServicerContext[pb.DeleteDocumentsRequest, pb.DeleteDocumentsResponse],
+    ) -> pb.DeleteDocumentsResponse:
         tenant = await self._require_tenant()
         require_role(ADMIN, INGEST)
         document_ids = delete_ids_from_proto(request.document_ids)
@@ -369,24 +373,30 @@ class RetrievalServiceServicer(pb_grpc.RetrievalServiceServicer):
                                           deleted_chunks=result.deleted_chunks,
                                           not_found=list(result.not_found))
 
-    async def ProvisionTenant(self, request: pb.ProvisionTenantRequest,
-                              context: grpc.aio.ServicerContext) -> pb.ProvisionTenantResponse:
+    async def ProvisionTenant(
+        self, request: pb.ProvisionTenantRequest,
+        context: ServicerContext[pb.ProvisionTenantRequest, pb.ProvisionTenantResponse],
+    ) -> pb.ProvisionTenantResponse:
         require_role(SERVICE)
         await self._engine.provision(tenant_id())
         if self._registry is not None:
             self._registry.provisioned(tenant_id())
         return pb.ProvisionTenantResponse()
 
-    async def EraseTenant(self, request: pb.EraseTenantRequest,
-                          context: grpc.aio.ServicerContext) -> pb.EraseTenantResponse:
+    async def EraseTenant(
+        self, request: pb.EraseTenantRequest,
+        context: ServicerContext[pb.EraseTenantRequest, pb.EraseTenantResponse],
+    ) -> pb.EraseTenantResponse:
         require_role(SERVICE)
         await self._engine.erase(tenant_id())
         if self._registry is not None:
             self._registry.forget(tenant_id())
         return pb.EraseTenantResponse()
 
-    async def ConfigureSearch(self, request: pb.ConfigureSearchRequest,
-                              context: grpc.aio.ServicerContext) -> pb.ConfigureSearchResponse:
+    async def ConfigureSearch(
+        self, request: pb.ConfigureSearchRequest,
+        context: ServicerContext[pb.ConfigureSearchRequest, pb.ConfigureSearchResponse],
+    ) -> pb.ConfigureSearchResponse:
         tenant = tenant_id()
         values = settings_from_proto(request)
         if values:

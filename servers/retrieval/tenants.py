@@ -32,7 +32,7 @@ class TenantRegistry:
 
     @classmethod
     def over(cls, channel: grpc.aio.Channel, ttl_s: float) -> TenantRegistry:
-        return cls(tenant_pb2_grpc.TenantServiceStub(channel), ttl_s)  # type: ignore[arg-type]
+        return cls(tenant_pb2_grpc.TenantServiceStub(channel), ttl_s)
 
     async def require(self, tenant_id: str) -> None:
         """Returns when the registry knows the caller's tenant (asked as the caller, whose

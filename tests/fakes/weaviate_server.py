@@ -368,7 +368,7 @@ class _Weaviate(weaviate_pb2_grpc.WeaviateServicer):
                     errors.append(batch_pb2.BatchObjectsReply.BatchError(index=index, error=exc.message))
             return batch_pb2.BatchObjectsReply(took=time.perf_counter() - started, errors=errors)
 
-        return self._run(context, "BatchObjects", run)  # type: ignore[no-any-return]
+        return self._run(context, "BatchObjects", run)
 
     def _put(self, obj: batch_pb2.BatchObject) -> None:
         state = self.state
@@ -419,7 +419,7 @@ class _Weaviate(weaviate_pb2_grpc.WeaviateServicer):
                 took=time.perf_counter() - started, failed=0, matches=len(matches),
                 successful=0 if request.dry_run else len(matches), objects=objects)
 
-        return self._run(context, "BatchDelete", run)  # type: ignore[no-any-return]
+        return self._run(context, "BatchDelete", run)
 
     def TenantsGet(self, request: tenants_pb2.TenantsGetRequest,
                    context: grpc.ServicerContext) -> tenants_pb2.TenantsGetReply:
@@ -432,7 +432,7 @@ class _Weaviate(weaviate_pb2_grpc.WeaviateServicer):
             return tenants_pb2.TenantsGetReply(tenants=[
                 tenants_pb2.Tenant(name=n, activity_status=status[tenants[n]]) for n in names if n in tenants])
 
-        return self._run(context, "TenantsGet", run)  # type: ignore[no-any-return]
+        return self._run(context, "TenantsGet", run)
 
     # -- search ---------------------------------------------------------------------------
 
@@ -472,7 +472,7 @@ class _Weaviate(weaviate_pb2_grpc.WeaviateServicer):
                 took=time.perf_counter() - started,
                 results=[self._result(name, request, o, s, d) for o, s, d in scored])
 
-        return self._run(context, "Search", run)  # type: ignore[no-any-return]
+        return self._run(context, "Search", run)
 
     def _result(self, name: str, request: search_get_pb2.SearchRequest, obj: StoredObject,
                 score: float | None, distance: float | None) -> search_get_pb2.SearchResult:

@@ -65,7 +65,7 @@ async def test_two_replicas_sharing_redis_admit_exactly_the_budget(tmp_path: Pat
         try:
             async def reserve(i: int) -> bool:
                 try:
-                    await stubs[i % 2].ReserveQuota(metering_pb2.ReserveQuotaRequest(  # type: ignore[attr-defined]
+                    await stubs[i % 2].ReserveQuota(metering_pb2.ReserveQuotaRequest(
                         reservation_id=f"q{i}", tokens=ANSWER), metadata=SERVICE, timeout=20)
                     return True
                 except grpc.aio.AioRpcError as exc:
@@ -75,8 +75,8 @@ async def test_two_replicas_sharing_redis_admit_exactly_the_budget(tmp_path: Pat
             admitted = [i for i, ok in enumerate(await asyncio.gather(*[reserve(i) for i in range(40)])) if ok]
             assert len(admitted) == BUDGET // ANSWER
 
-            async def tokens_used(stub: metering_pb2_grpc.MeteringServiceStub) -> int:
-                check = await stub.CheckQuota(metering_pb2.CheckQuotaRequest(),  # type: ignore[attr-defined]
+            async def tokens_used(stub: metering_pb2_grpc.MeteringServiceAsyncStub) -> int:
+                check = await stub.CheckQuota(metering_pb2.CheckQuotaRequest(),
                                               metadata=MEMBER, timeout=10)
                 return next(q.used for q in check.quotas if q.name == "tokens_per_month")
 
@@ -85,15 +85,15 @@ async def test_two_replicas_sharing_redis_admit_exactly_the_budget(tmp_path: Pat
             settle = metering_pb2.RecordUsageRequest(events=[metering_pb2.UsageEvent(
                 event_id=f"answer-{admitted[0]}", kind=metering_pb2.USAGE_KIND_QUERY, model="m", requests=1,
                 input_tokens=10, output_tokens=30, reservation_id=f"q{admitted[0]}")])
-            await stubs[0].RecordUsage(settle, metadata=SERVICE, timeout=10)  # type: ignore[attr-defined]
-            await stubs[1].RecordUsage(settle, metadata=SERVICE, timeout=10)  # type: ignore[attr-defined]
+            await stubs[0].RecordUsage(settle, metadata=SERVICE, timeout=10)
+            await stubs[1].RecordUsage(settle, metadata=SERVICE, timeout=10)
             assert [await tokens_used(s) for s in stubs] == [BUDGET - ANSWER + 40] * 2
             # Released on one replica, the room is reserved through the other.
-            released = await stubs[1].ReleaseQuota(  # type: ignore[attr-defined]
+            released = await stubs[1].ReleaseQuota(
                 metering_pb2.ReleaseQuotaRequest(reservation_id=f"q{admitted[1]}"), metadata=SERVICE, timeout=10)
             assert released.released
             room = BUDGET - (BUDGET - 2 * ANSWER + 40)
-            assert await stubs[0].ReserveQuota(metering_pb2.ReserveQuotaRequest(  # type: ignore[attr-defined]
+            assert await stubs[0].ReserveQuota(metering_pb2.ReserveQuotaRequest(
                 reservation_id="the-rest", tokens=room), metadata=SERVICE, timeout=10)
             assert await reserve(41) is False
             assert [await tokens_used(s) for s in stubs] == [BUDGET] * 2

@@ -455,7 +455,7 @@ async def test_the_audit_log_on_a_redis_stream_survives_a_crash_before_the_flush
         first = make()
         await first.open()
         assert await first.record([event(1), event(2)]) == (2, 0)
-        first._tasks = []  # a crash: nothing flushed, nothing committed
+        await first.abandon()  # a crash: nothing flushed, nothing committed
         await first.log.close()
         await first.db.close()
         second = make()

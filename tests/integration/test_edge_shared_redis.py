@@ -165,6 +165,6 @@ async def test_two_edges_share_limits_in_redis_and_fail_open_or_closed(
         assert [await call(e) for e in edges] == [grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE]
     finally:
         for edge in edges:
-            await edge.channel.close()
+            await edge.channel.close(None)
             await _stop(edge.envoy)
             await _stop(edge.companion)

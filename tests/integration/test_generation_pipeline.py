@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import pytest
@@ -81,9 +81,9 @@ async def _answer(mesh: RunningMesh, channel: grpc.aio.Channel, tenant: str, que
 
 
 @pytest.fixture
-async def gchannel(gen_mesh: RunningMesh) -> Iterator[grpc.aio.Channel]:
+async def gchannel(gen_mesh: RunningMesh) -> AsyncIterator[grpc.aio.Channel]:
     async with grpc.aio.insecure_channel(gen_mesh.edge) as ch:
-        yield ch  # type: ignore[misc]
+        yield ch
 
 
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
@@ -247,7 +247,7 @@ async def test_a_config_change_reaches_generation_by_push(gen_mesh: RunningMesh,
     tenants = tenant_pb2_grpc.TenantServiceStub(gchannel)
     await tenants.UpdateTenant(tenant_pb2.UpdateTenantRequest(
         tenant=tenant_pb2.Tenant(tenant_id=tenant, config=tenant_pb2.TenantConfig(retrieval_mode=target)),
-        update_mask={"paths": ["config.retrieval_mode"]}), metadata=gen_mesh.operator(), timeout=5)  # type: ignore[arg-type]
+        update_mask={"paths": ["config.retrieval_mode"]}), metadata=gen_mesh.operator(), timeout=5)
     mode_used = first.details.mode_used
     for _ in range(50):  # bounded: 50 answers at most
         mode_used = (await _answer(gen_mesh, gchannel, tenant, "How long are KYC records kept?")).details.mode_used

@@ -127,7 +127,7 @@ def batch(n: int) -> metering_pb2.RecordUsageRequest:
 
 async def usage_events(address: str) -> int:
     async with grpc.aio.insecure_channel(address) as channel:
-        usage = await metering_pb2_grpc.MeteringServiceStub(channel).GetUsage(  # type: ignore[attr-defined]
+        usage = await metering_pb2_grpc.MeteringServiceStub(channel).GetUsage(
             metering_pb2.GetUsageRequest(), metadata=MEMBER, timeout=10)
         return int(usage.events)
 
@@ -149,7 +149,7 @@ async def stream_until_killed(server: MeteringProcess, kill_after: int, senders:
                 if killed.is_set():
                     return
                 try:
-                    await stub.RecordUsage(batch(n), metadata=WRITER, timeout=10)  # type: ignore[attr-defined]
+                    await stub.RecordUsage(batch(n), metadata=WRITER, timeout=10)
                     acked.add(n)
                 except grpc.aio.AioRpcError:
                     failed.add(n)
@@ -178,12 +178,12 @@ async def test_kill9_mid_stream_loses_nothing_acknowledged_and_replays_change_no
         stub = metering_pb2_grpc.MeteringServiceStub(channel)
         # The client retries what was not acknowledged: now every batch is.
         for n in sorted(failed):
-            await stub.RecordUsage(batch(n), metadata=WRITER, timeout=10)  # type: ignore[attr-defined]
+            await stub.RecordUsage(batch(n), metadata=WRITER, timeout=10)
         total = (len(acked) + len(failed)) * BATCH
         assert await usage_events(metering.address) == total
         # Replaying every event again changes nothing.
         for n in sorted(acked | failed):
-            replay = await stub.RecordUsage(batch(n), metadata=WRITER, timeout=10)  # type: ignore[attr-defined]
+            replay = await stub.RecordUsage(batch(n), metadata=WRITER, timeout=10)
             assert (replay.recorded, replay.duplicates) == (0, BATCH)
     assert await usage_events(metering.address) == total
 

@@ -75,7 +75,7 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 async def send(address: str, n: int) -> bool:
     async with grpc.aio.insecure_channel(address) as channel:
         try:
-            await metering_pb2_grpc.MeteringServiceStub(channel).RecordUsage(  # type: ignore[attr-defined]
+            await metering_pb2_grpc.MeteringServiceStub(channel).RecordUsage(
                 batch(n), metadata=WRITER, timeout=10)
             return True
         except grpc.aio.AioRpcError as exc:
@@ -118,7 +118,7 @@ async def test_redis_restart_and_kill9_lose_nothing_and_count_nothing_twice(
         async with grpc.aio.insecure_channel(metering.address) as channel:
             stub = metering_pb2_grpc.MeteringServiceStub(channel)
             for n in sorted(acked | more | failed):
-                replay = await stub.RecordUsage(batch(n), metadata=WRITER, timeout=10)  # type: ignore[attr-defined]
+                replay = await stub.RecordUsage(batch(n), metadata=WRITER, timeout=10)
                 assert (replay.recorded, replay.duplicates) == (0, BATCH)
         assert await usage_events(metering.address) == total
     finally:

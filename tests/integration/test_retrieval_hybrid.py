@@ -49,7 +49,7 @@ async def test_modes_defaults_and_isolation(mesh: RunningMesh, channel: grpc.aio
         await stub.IngestDocuments(pb.IngestDocumentsRequest(documents=_docs(tenant)),
                                    metadata=mesh.auth(tenant, ("member", "admin")), timeout=60)
     direct_channel = grpc.aio.insecure_channel(f"{mesh.settings.host}:{mesh.settings.retrieval_port}")
-    direct: retrieval_pb2_grpc.RetrievalServiceAsyncStub = retrieval_pb2_grpc.RetrievalServiceStub(  # type: ignore[assignment]
+    direct: retrieval_pb2_grpc.RetrievalServiceAsyncStub = retrieval_pb2_grpc.RetrievalServiceStub(
         direct_channel)
     dense = await _dense_available(direct, tenants[0])
     expected = pb.SEARCH_MODE_HYBRID if dense else pb.SEARCH_MODE_BM25

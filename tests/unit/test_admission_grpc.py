@@ -121,4 +121,4 @@ async def test_only_platform_services_reserve_and_release(mesh: Mesh) -> None:
     assert await code_of(mesh.metering.ReserveQuota(request, metadata=service("nobody"))) == \
         grpc.StatusCode.NOT_FOUND
     for rpc in ("ReserveQuota", "ReleaseQuota"):
-        assert allowed_roles(f"/copilot.v1.MeteringService/{rpc}") == {identity.SERVICE}
+        assert allowed_roles(f"/copilot.v1.MeteringService/{rpc}") == frozenset({identity.SERVICE})

@@ -40,25 +40,28 @@ def stripe_fake() -> Iterator[FakeStripe]:
 
 
 @pytest.fixture
-async def billing(tmp_path: Path, stripe_fake: FakeStripe) -> AsyncIterator[Billing]:
-    usage = ClickHouseUsageStore(ChdbBackend(tmp_path / "chdb"), LocalLog(tmp_path / "log"))
-    await usage.open()
+async def usage(tmp_path: Path) -> AsyncIterator[ClickHouseUsageStore]:
+    """The usage store billing reads (the test records into it, as metering's RecordUsage does)."""
+    store = ClickHouseUsageStore(ChdbBackend(tmp_path / "chdb"), LocalLog(tmp_path / "log"))
+    await store.open()
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+async def billing(tmp_path: Path, stripe_fake: FakeStripe, usage: ClickHouseUsageStore) -> AsyncIterator[Billing]:
     api = StripeApi("sk_test_fake", stripe_fake.url, base_delay_s=0.01, max_delay_s=0.05)
     b = Billing(usage, api, Customers(tmp_path / "billing.sqlite", api), clock=lambda: NOW)
     await b.open()
     yield b
     await b.close()
-    await usage.close()
 
 
-async def record(billing: Billing, events: list[UsageEvent]) -> None:
-    await billing._usage.record(events)
-
-
-async def test_report_is_exact_idempotent_and_reconciles_to_zero(billing: Billing, stripe_fake: FakeStripe) -> None:
+async def test_report_is_exact_idempotent_and_reconciles_to_zero(billing: Billing, usage: ClickHouseUsageStore,
+                                                                 stripe_fake: FakeStripe) -> None:
     for tenant in ("acme", "globex"):
         await billing.customers.ensure(tenant)
-    await record(billing, [
+    await usage.record([
         *(event(f"a{i}", "acme", HOUR - timedelta(hours=3) + timedelta(minutes=i), tokens=7) for i in range(5)),
         *(event(f"b{i}", "acme", HOUR - timedelta(hours=1) + timedelta(minutes=i)) for i in range(3)),
         *(event(f"g{i}", "globex", HOUR - timedelta(hours=2), requests=2) for i in range(4)),
@@ -85,10 +88,11 @@ async def test_report_is_exact_idempotent_and_reconciles_to_zero(billing: Billin
     assert (reconciliation.tenants, reconciliation.differences) == (2, [])
 
 
-async def test_a_lost_response_is_retried_without_doubling(billing: Billing, stripe_fake: FakeStripe) -> None:
+async def test_a_lost_response_is_retried_without_doubling(billing: Billing, usage: ClickHouseUsageStore,
+                                                           stripe_fake: FakeStripe) -> None:
     await billing.customers.ensure("acme")
     await billing.meters()
-    await record(billing, [event("x", "acme", HOUR - timedelta(hours=2), requests=3, tokens=4)])
+    await usage.record([event("x", "acme", HOUR - timedelta(hours=2), requests=3, tokens=4)])
     stripe_fake.state.faults.append(Fault(500, after_apply=True))
     assert (await billing.report(PERIOD)).meter_events == 2
     customer = (await billing.customers.all())["acme"]
@@ -98,12 +102,13 @@ async def test_a_lost_response_is_retried_without_doubling(billing: Billing, str
     assert (await billing.reconcile(PERIOD)).differences == []
 
 
-async def test_reconciliation_reports_what_differs(billing: Billing, stripe_fake: FakeStripe) -> None:
+async def test_reconciliation_reports_what_differs(billing: Billing, usage: ClickHouseUsageStore,
+                                                   stripe_fake: FakeStripe) -> None:
     await billing.customers.ensure("acme")
-    await record(billing, [event("x", "acme", HOUR - timedelta(hours=2))])
+    await usage.record([event("x", "acme", HOUR - timedelta(hours=2))])
     await billing.report(PERIOD)
     # Usage that arrived after its hour was reported, and nothing else.
-    await record(billing, [event("late", "acme", HOUR - timedelta(hours=2), requests=2, tokens=0)])
+    await usage.record([event("late", "acme", HOUR - timedelta(hours=2), requests=2, tokens=0)])
     differences = (await billing.reconcile(PERIOD)).differences
     assert [(d.tenant_id, d.meter, d.clickhouse, d.stripe) for d in differences] == [
         ("acme", REQUESTS_METER, 3, 1)]

@@ -43,7 +43,7 @@ class Upstream(tenant_pb2_grpc.TenantServiceServicer):
                         context: grpc.aio.ServicerContext) -> tenant_pb2.GetTenantResponse:
         if request.tenant_id == "bad":
             raise InvalidArgument.field("tenant_id", "is bad")
-        return await self._stub.GetTenant(request, timeout=30)  # type: ignore[no-any-return]
+        return await self._stub.GetTenant(request, timeout=30)
 
 
 async def _serve(servicer: tenant_pb2_grpc.TenantServiceServicer) -> tuple[grpc.aio.Server, str]:
@@ -78,7 +78,7 @@ async def test_identity_and_deadline_are_forwarded(chain: str) -> None:
     server_spans = [s for s in EXPORTER.get_finished_spans() if s.kind.name == "SERVER"]
     assert len(server_spans) == 2
     assert {s.attributes.get("tenant.id") for s in server_spans} == {"acme-corp"}  # type: ignore[union-attr]
-    assert len({s.context.trace_id for s in server_spans}) == 1  # type: ignore[union-attr]
+    assert len({s.context.trace_id for s in server_spans}) == 1
 
 
 async def test_missing_or_malformed_identity_is_unauthenticated(chain: str) -> None:

@@ -76,7 +76,7 @@ async def start_rls() -> AsyncIterator[Start]:
 
     yield start
     for channel in channels:
-        await channel.close()
+        await channel.close(None)
     for server in servers:
         await server.stop(None)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
+import redis.asyncio as aioredis
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
@@ -53,6 +54,14 @@ async def redis_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[s
         await probe.close()
         proc.terminate()
         await proc.wait()
+
+
+@pytest_asyncio.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """The test's own connection, to look at what the limiters stored."""
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
 
 
 @pytest_asyncio.fixture
@@ -103,14 +112,14 @@ async def test_concurrent_hits_admit_exactly_the_limit(limiters: tuple[RedisLimi
     assert sum(not d.over_limit for d in results) == 25
 
 
-async def test_window_keys_expire_with_their_window(redis_url: str) -> None:
-    limiter = RedisLimiter.from_url(redis_url, prefix=f"ttl:{time.monotonic_ns()}")
+async def test_window_keys_expire_with_their_window(redis_url: str, redis_client: aioredis.Redis) -> None:
+    prefix = f"ttl:{time.monotonic_ns()}"
+    limiter = RedisLimiter.from_url(redis_url, prefix=prefix)
     try:
         await limiter.hit("acme", limits_of(3, 0, 10))
-        client = limiter._redis
-        keys = sorted([k.decode() async for k in client.scan_iter(match=f"{limiter._prefix}:*")])
+        keys = sorted([k.decode() async for k in redis_client.scan_iter(match=f"{prefix}:*")])
         assert len(keys) == 2
-        ttls = {k.split(":")[-2]: await client.ttl(k) for k in keys}
+        ttls = {k.split(":")[-2]: await redis_client.ttl(k) for k in keys}
         assert 0 < ttls["1"] <= 2 and 3500 < ttls["3600"] <= 3601
     finally:
         await limiter.close()
@@ -151,25 +160,27 @@ async def test_unreachable_redis_is_a_limiter_error_and_the_failure_mode_decides
         await limiter.close()
 
 
-async def _incrby_calls(limiter: RedisLimiter) -> int:
-    stats = await limiter._redis.info("commandstats")
+async def _incrby_calls(client: aioredis.Redis) -> int:
+    """INCRBY calls the Redis server has served (all clients: the test runs one limiter at a time)."""
+    stats = await client.info("commandstats")
     return int(stats.get("cmdstat_incrby", {}).get("calls", 0))
 
 
-async def test_a_full_window_is_refused_locally_until_it_ends(limiters: tuple[RedisLimiter, RedisLimiter]) -> None:
+async def test_a_full_window_is_refused_locally_until_it_ends(limiters: tuple[RedisLimiter, RedisLimiter],
+                                                              redis_client: aioredis.Redis) -> None:
     a, b = limiters
     limits = limits_of(0, 3, 0)
     await wait_for_fresh_window(60, margin=2)
     for _ in range(3):
         assert not (await a.hit("acme", limits)).over_limit
-    before = await _incrby_calls(a)
+    before = await _incrby_calls(redis_client)
     refused = [await a.hit("acme", limits) for _ in range(50)]
     assert all(d.over_limit for d in refused)
     assert refused[-1].window is not None and refused[-1].window.limit == 3
-    assert await _incrby_calls(a) == before  # the flood never reached Redis
+    assert await _incrby_calls(redis_client) == before  # the flood never reached Redis
     # The other instance learns it from Redis once, then refuses locally too.
     assert (await b.hit("acme", limits)).over_limit
     assert [(await b.hit("acme", limits)).over_limit for _ in range(5)] == [True] * 5
-    assert await _incrby_calls(a) == before + 1
+    assert await _incrby_calls(redis_client) == before + 1
     # A plan change takes effect at once, full window or not.
     assert not (await a.hit("acme", limits_of(0, 10, 0))).over_limit

@@ -158,7 +158,7 @@ async def edge(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Edge]:
     backend.add_insecure_port(settings.address("metering"))
     await backend.start()
     for name in ("copilot.v1.MeteringService", "copilot.v1.TenantService"):
-        await health.set(name, health_pb2.HealthCheckResponse.SERVING)  # type: ignore[arg-type]
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "gen" / "python")]),
            "COPILOT_HOST": "127.0.0.1", "COPILOT_DATA_DIR": str(tmp),
@@ -185,7 +185,7 @@ async def edge(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Edge]:
         await _wait_serving(address, "copilot.v1.TenantService")
         yield Edge(address=address, key=key, channel=channel, jwks_path=tmp / "keys" / "jwks.json")
     finally:
-        await channel.close()
+        await channel.close(None)
         for proc in (envoy, companion):
             if proc.returncode is None:
                 proc.terminate()
@@ -323,7 +323,7 @@ async def test_over_the_limit_is_resource_exhausted_with_retry_info_and_others_u
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await counted()
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    trailers = {k: v for k, v in err.value.trailing_metadata() or ()}  # type: ignore[union-attr]
+    trailers = {k: v for k, v in err.value.trailing_metadata() or ()}
     assert int(trailers["retry-after"]) > 0
     assert trailers["x-ratelimit-limit"].startswith("3")
     assert trailers["x-ratelimit-remaining"] == "0"

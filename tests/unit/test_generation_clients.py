@@ -108,10 +108,10 @@ async def peers(tmp_path: Path) -> AsyncIterator[Peers]:
     channel = connect(f"127.0.0.1:{port}")
     plain = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:
-        yield Peers(server, channel, tenant_pb2_grpc.TenantServiceStub(plain),  # type: ignore[arg-type]
-                    retrieval_pb2_grpc.RetrievalServiceStub(plain),  # type: ignore[arg-type]
-                    audit_pb2_grpc.AuditServiceStub(plain),  # type: ignore[arg-type]
-                    metering_pb2_grpc.MeteringServiceStub(plain))  # type: ignore[arg-type]
+        yield Peers(server, channel, tenant_pb2_grpc.TenantServiceStub(plain),
+                    retrieval_pb2_grpc.RetrievalServiceStub(plain),
+                    audit_pb2_grpc.AuditServiceStub(plain),
+                    metering_pb2_grpc.MeteringServiceStub(plain))
     finally:
         await plain.close(None)
         await channel.close(None)

@@ -79,8 +79,7 @@ async def test_acknowledged_events_survive_a_restart_without_a_flush(tmp_path: P
     await first.record([event(f"f{i}") for i in range(20)])
     assert first.pending_events == 20
     # As after kill -9: the flusher never ran again and nothing was closed.
-    for task in first._tasks:
-        task.cancel()
+    await first.abandon()
     await first.db.close()
     await first.log.close()
 

@@ -137,8 +137,8 @@ async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:
-        yield Mesh(channel, metering_pb2_grpc.MeteringServiceStub(channel),  # type: ignore[arg-type]
-                   tenant_pb2_grpc.TenantServiceStub(channel))  # type: ignore[arg-type]
+        yield Mesh(channel, metering_pb2_grpc.MeteringServiceStub(channel),
+                   tenant_pb2_grpc.TenantServiceStub(channel))
     finally:
         await channel.close(None)
         await server.stop(None)

@@ -7,11 +7,11 @@ import unicodedata
 
 import pytest
 
+from servers.common.text import normalise
 from servers.retrieval.chunker import (
     ChunkingConfig,
     chunk_document,
     chunk_id,
-    normalise,
     section_below_title,
     sentences,
 )

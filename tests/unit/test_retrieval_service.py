@@ -57,9 +57,9 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
     try:
-        yield Rig(pb_grpc.RetrievalServiceStub(channel), store)  # type: ignore[arg-type]
+        yield Rig(pb_grpc.RetrievalServiceStub(channel), store)
     finally:
-        await channel.close()
+        await channel.close(None)
         await server.stop(None)
         await store.close()
 
@@ -378,7 +378,7 @@ async def test_nothing_is_stored_for_a_tenant_the_registry_does_not_know(tmp_pat
         await expect_error(stub.IngestDocuments(docs, metadata=who("tenant-b", "admin")),
                            grpc.StatusCode.FAILED_PRECONDITION)
     finally:
-        await channel.close()
+        await channel.close(None)
         await server.stop(None)
         await to_metering.close()
         await metering.stop(None)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import weaviate
 import weaviate.classes as wvc
 
 from copilot.v1 import retrieval_pb2 as pb
@@ -155,10 +156,12 @@ async def test_inactive_tenant_is_reloaded_on_demand(fake: FakeWeaviate, engine:
                                                     store: WeaviateStore) -> None:
     await store.provision(A)
     await engine.ingest(A, [doc("d1", "Dormant but present.")])
-    client = await store._connected()
     # An operator (or Weaviate's offloading) set the idle tenant INACTIVE...
-    await client.collections.use(store.chunks_name).tenants.update(
-        wvc.tenants.Tenant(name=A, activity_status=wvc.tenants.TenantActivityStatus.INACTIVE))
+    async with weaviate.use_async_with_custom(
+            http_host="127.0.0.1", http_port=fake.http_port, http_secure=False, grpc_host="127.0.0.1",
+            grpc_port=fake.grpc_port, grpc_secure=False, skip_init_checks=True) as operator:
+        await operator.collections.use(store.chunks_name).tenants.update(
+            wvc.tenants.Tenant(name=A, activity_status=wvc.tenants.TenantActivityStatus.INACTIVE))
     assert fake.state.tenants[store.chunks_name][A] == COLD
     # ...and the next query loads it back (auto tenant activation).
     hits = (await engine.search(A, SearchQuery("dormant", mode=SearchMode.BM25))).hits
@@ -280,7 +283,7 @@ async def test_service_on_weaviate_over_grpc(fake: FakeWeaviate, tmp_path: Path)
         assert "tenant-grpc-a" in fake.state.tenant_names("CopilotChunk")
         assert "tenant-grpc-b" not in fake.state.tenant_names("CopilotChunk")
     finally:
-        await channel.close()
+        await channel.close(None)
         await server.stop(None)
         for stop in service.on_stop:
             await stop()

@@ -16,9 +16,11 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime, timedelta
+from typing import TypedDict
 
 import grpc
 from google.protobuf import json_format, timestamp_pb2
+from grpc.aio import ServicerContext
 
 from copilot.v1 import audit_pb2, audit_pb2_grpc
 from servers.common import identity
@@ -55,7 +57,7 @@ DEFAULT_PAGE_SIZE = 100
 EXPORT_BATCH = 500
 
 # Stored kind names (short, stable, readable in ClickHouse) ↔ the contract's enum.
-KINDS: dict[int, str] = {
+KINDS: dict[audit_pb2.AuditEventKind, str] = {
     audit_pb2.AUDIT_EVENT_KIND_QUESTION: "question",
     audit_pb2.AUDIT_EVENT_KIND_DOCUMENTS_INGESTED: "documents_ingested",
     audit_pb2.AUDIT_EVENT_KIND_DOCUMENTS_DELETED: "documents_deleted",
@@ -70,6 +72,15 @@ PROBLEMS = {HASH_MISMATCH: audit_pb2.AUDIT_CHAIN_PROBLEM_HASH_MISMATCH, MISSING:
             PREV_HASH_MISMATCH: audit_pb2.AUDIT_CHAIN_PROBLEM_PREV_HASH_MISMATCH,
             DUPLICATE: audit_pb2.AUDIT_CHAIN_PROBLEM_DUPLICATE, FORK: audit_pb2.AUDIT_CHAIN_PROBLEM_FORK,
             HEAD_MISMATCH: audit_pb2.AUDIT_CHAIN_PROBLEM_HEAD_MISMATCH}
+
+
+class _Filters(TypedDict):
+    """ListAuditEvents' and ExportAuditEvents' filter, as AuditStore.list_page takes it."""
+
+    start: datetime | None
+    end: datetime | None
+    actor: str
+    kinds: list[str]
 
 
 def details_json(event: audit_pb2.AuditEvent) -> str:
@@ -87,7 +98,7 @@ def _ts(micros: int) -> timestamp_pb2.Timestamp:
 
 def row_pb(row: AuditRow) -> audit_pb2.AuditEvent:
     event = audit_pb2.AuditEvent(
-        event_id=row.event_id, kind=KIND_VALUES.get(row.kind, audit_pb2.AUDIT_EVENT_KIND_UNSPECIFIED),  # type: ignore[arg-type]
+        event_id=row.event_id, kind=KIND_VALUES.get(row.kind, audit_pb2.AUDIT_EVENT_KIND_UNSPECIFIED),
         actor=row.actor, actor_roles=[r for r in row.actor_roles.split(",") if r], occur_time=_ts(row.occur_us),
         service=row.service, tenant_id=row.tenant_id, seq=row.seq, record_time=_ts(row.record_us),
         expire_time=_ts(row.expire_us), prev_hash=row.prev_hash, hash=row.hash)
@@ -177,17 +188,19 @@ class MeteringAudit:
             log.exception("audit event not recorded", extra={"tenant_id": tenant_id,
                                                              "kind": KINDS.get(message.kind)})
 
-    async def tenant_change(self, kind: int, before: Tenant | None, after: Tenant | None,
+    async def tenant_change(self, kind: audit_pb2.AuditEventKind, before: Tenant | None, after: Tenant | None,
                             changed: Iterable[str] = (), tenant_id: str | None = None) -> None:
         change = audit_pb2.TenantChangeAudit(changed_fields=sorted(changed))
         if before is not None:
             change.before.CopyFrom(convert.tenant_pb(before))
         if after is not None:
             change.after.CopyFrom(convert.tenant_pb(after))
-        target = tenant_id or (after or before).tenant_id  # type: ignore[union-attr]
         current = after or before
-        await self.record(target, audit_pb2.AuditEvent(kind=kind, tenant_change=change),  # type: ignore[arg-type]
-                          plan=current.plan if current is not None and target == current.tenant_id else None)
+        if current is None:
+            raise ValueError("a tenant change has the tenant before or after it")
+        target = tenant_id or current.tenant_id
+        await self.record(target, audit_pb2.AuditEvent(kind=kind, tenant_change=change),
+                          plan=current.plan if target == current.tenant_id else None)
 
     def refused(self, caller: identity.Identity, method: str, code: grpc.StatusCode, reason: str,
                 message: str) -> asyncio.Task[None]:
@@ -210,8 +223,10 @@ class AuditServiceServicer(audit_pb2_grpc.AuditServiceServicer):
         self._audit = audit
         self._store = audit.store
 
-    async def RecordAuditEvents(self, request: audit_pb2.RecordAuditEventsRequest,
-                                context: grpc.aio.ServicerContext) -> audit_pb2.RecordAuditEventsResponse:
+    async def RecordAuditEvents(
+        self, request: audit_pb2.RecordAuditEventsRequest,
+        context: ServicerContext[audit_pb2.RecordAuditEventsRequest, audit_pb2.RecordAuditEventsResponse],
+    ) -> audit_pb2.RecordAuditEventsResponse:
         caller = identity.current()
         # Strictly the platform's services: not even an operator writes someone's trail.
         if identity.SERVICE not in caller.roles:
@@ -226,7 +241,7 @@ class AuditServiceServicer(audit_pb2_grpc.AuditServiceServicer):
         recorded, duplicates = await self._store.record(events, check_stored=request.redelivery)
         return audit_pb2.RecordAuditEventsResponse(recorded=recorded, duplicates=duplicates)
 
-    def _filter(self, f: audit_pb2.AuditFilter) -> dict[str, object]:
+    def _filter(self, f: audit_pb2.AuditFilter) -> _Filters:
         start = convert.moment(f.start_time, "filter.start_time") if f.HasField("start_time") else None
         end = convert.moment(f.end_time, "filter.end_time") if f.HasField("end_time") else None
         if start is not None and end is not None and start >= end:
@@ -236,35 +251,40 @@ class AuditServiceServicer(audit_pb2_grpc.AuditServiceServicer):
             if value not in KINDS:
                 raise InvalidArgument.field("filter.kinds", f"unknown kind {value}")
             kinds.append(KINDS[value])
-        return {"start": start, "end": end, "actor": f.actor, "kinds": kinds}
+        return _Filters(start=start, end=end, actor=f.actor, kinds=kinds)
 
-    async def ListAuditEvents(self, request: audit_pb2.ListAuditEventsRequest,
-                              context: grpc.aio.ServicerContext) -> audit_pb2.ListAuditEventsResponse:
+    async def ListAuditEvents(
+        self, request: audit_pb2.ListAuditEventsRequest,
+        context: ServicerContext[audit_pb2.ListAuditEventsRequest, audit_pb2.ListAuditEventsResponse],
+    ) -> audit_pb2.ListAuditEventsResponse:
         tenant_id = _caller_audit_tenant(request.tenant_id)
         if not 0 <= request.page_size <= MAX_PAGE_SIZE:
             raise InvalidArgument.field("page_size", f"must be between 1 and {MAX_PAGE_SIZE} (0: {DEFAULT_PAGE_SIZE})")
         filters = self._filter(request.filter)
         page = await self._store.list_page(tenant_id, after=_after(request.page_token),
-                                           limit=request.page_size or DEFAULT_PAGE_SIZE, **filters)  # type: ignore[arg-type]
+                                           limit=request.page_size or DEFAULT_PAGE_SIZE, **filters)
         return audit_pb2.ListAuditEventsResponse(events=[row_pb(r) for r in page.rows],
                                                  next_page_token=_page_token(page.last_seq) if page.more else "")
 
     async def ExportAuditEvents(
-        self, request: audit_pb2.ExportAuditEventsRequest, context: grpc.aio.ServicerContext,
+        self, request: audit_pb2.ExportAuditEventsRequest,
+        context: ServicerContext[audit_pb2.ExportAuditEventsRequest, audit_pb2.ExportAuditEventsResponse],
     ) -> AsyncIterator[audit_pb2.ExportAuditEventsResponse]:
         tenant_id = _caller_audit_tenant(request.tenant_id)
         filters = self._filter(request.filter)
         after = 0
         while True:
-            page = await self._store.list_page(tenant_id, after=after, limit=EXPORT_BATCH, **filters)  # type: ignore[arg-type]
+            page = await self._store.list_page(tenant_id, after=after, limit=EXPORT_BATCH, **filters)
             if page.rows:
                 yield audit_pb2.ExportAuditEventsResponse(events=[row_pb(r) for r in page.rows])
             if not page.more:
                 return
             after = page.last_seq
 
-    async def VerifyAuditChain(self, request: audit_pb2.VerifyAuditChainRequest,
-                               context: grpc.aio.ServicerContext) -> audit_pb2.VerifyAuditChainResponse:
+    async def VerifyAuditChain(
+        self, request: audit_pb2.VerifyAuditChainRequest,
+        context: ServicerContext[audit_pb2.VerifyAuditChainRequest, audit_pb2.VerifyAuditChainResponse],
+    ) -> audit_pb2.VerifyAuditChainResponse:
         tenant_id = _caller_audit_tenant(request.tenant_id)
         expected = None
         if request.HasField("expected_head"):
@@ -282,6 +302,6 @@ class AuditServiceServicer(audit_pb2_grpc.AuditServiceServicer):
             response.anchor.CopyFrom(audit_pb2.AuditChainHead(seq=result.anchor.seq, hash=result.anchor.hash))
         if result.first_break is not None:
             response.first_break.CopyFrom(audit_pb2.AuditChainBreak(
-                seq=result.first_break.seq, problem=PROBLEMS[result.first_break.problem],  # type: ignore[arg-type]
+                seq=result.first_break.seq, problem=PROBLEMS[result.first_break.problem],
                 detail=result.first_break.detail))
         return response

@@ -100,6 +100,19 @@ class LogFlusher(Generic[Q]):
     def _replaying(self) -> None:
         """Called before the replayed entries are flushed."""
 
+    async def abandon(self) -> None:
+        """Stops as a crash (kill -9) would: the writer and the flusher are cancelled, nothing
+        queued is written, nothing pending is flushed or committed in the log; the log and the
+        database are left open as they are, for the caller to close. For crash-recovery tests
+        and drills: `close()` is the orderly stop."""
+        self._closing = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+
     async def _close_log(self) -> None:
         """Lets queued writes and the last flush finish, refuses what is left, closes the log."""
         await self._stop_tasks()

@@ -86,7 +86,7 @@ class SqliteWorker:
 
     async def ping(self) -> bool:
         def probe(conn: sqlite3.Connection) -> bool:
-            return conn.execute("SELECT 1").fetchone() == (1,)
+            return bool(conn.execute("SELECT 1").fetchone() == (1,))
 
         try:
             return await self.call(probe)

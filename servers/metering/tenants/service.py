@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-import grpc
+from grpc.aio import ServicerContext
 
 from copilot.v1 import audit_pb2, tenant_pb2, tenant_pb2_grpc
 from servers.common import identity, metrics
@@ -68,8 +68,10 @@ class TenantServiceServicer(tenant_pb2_grpc.TenantServiceServicer):
         self._usage = usage
         self._usage_on_delete = usage_on_delete
 
-    async def CreateTenant(self, request: tenant_pb2.CreateTenantRequest,
-                           context: grpc.aio.ServicerContext) -> tenant_pb2.CreateTenantResponse:
+    async def CreateTenant(
+        self, request: tenant_pb2.CreateTenantRequest,
+        context: ServicerContext[tenant_pb2.CreateTenantRequest, tenant_pb2.CreateTenantResponse],
+    ) -> tenant_pb2.CreateTenantResponse:
         identity.require_role(identity.OPERATOR)
         # Onboarding without a plan starts on free; upgrading is an explicit update.
         plan = Plan.FREE if request.plan == 0 else convert.plan(request.plan)
@@ -89,13 +91,17 @@ class TenantServiceServicer(tenant_pb2_grpc.TenantServiceServicer):
         log.info("tenant created", extra={"tenant_id": tenant.tenant_id, "plan": tenant.plan.value})
         return tenant_pb2.CreateTenantResponse(tenant=convert.tenant_pb(tenant))
 
-    async def GetTenant(self, request: tenant_pb2.GetTenantRequest,
-                        context: grpc.aio.ServicerContext) -> tenant_pb2.GetTenantResponse:
+    async def GetTenant(
+        self, request: tenant_pb2.GetTenantRequest,
+        context: ServicerContext[tenant_pb2.GetTenantRequest, tenant_pb2.GetTenantResponse],
+    ) -> tenant_pb2.GetTenantResponse:
         tenant = await self._tenants.get(target_tenant(request.tenant_id))
         return tenant_pb2.GetTenantResponse(tenant=convert.tenant_pb(tenant))
 
-    async def UpdateTenant(self, request: tenant_pb2.UpdateTenantRequest,
-                           context: grpc.aio.ServicerContext) -> tenant_pb2.UpdateTenantResponse:
+    async def UpdateTenant(
+        self, request: tenant_pb2.UpdateTenantRequest,
+        context: ServicerContext[tenant_pb2.UpdateTenantRequest, tenant_pb2.UpdateTenantResponse],
+    ) -> tenant_pb2.UpdateTenantResponse:
         caller = identity.require_role(identity.ADMIN)
         tenant_id = validate_tenant_id(request.tenant.tenant_id, "tenant.tenant_id")
         changes = convert.update_changes(request.tenant, request.update_mask.paths)
@@ -110,8 +116,12 @@ class TenantServiceServicer(tenant_pb2_grpc.TenantServiceServicer):
                                        reason="OPERATOR_ONLY_FIELD")
         now = self._clock()
         before: list[Tenant] = []
-        tenant = await self._tenants.update(tenant_id, lambda current: apply_changes(
-            before.append(current) or current, changes, now))  # type: ignore[func-returns-value]
+
+        def change(current: Tenant) -> Tenant:
+            before.append(current)
+            return apply_changes(current, changes, now)
+
+        tenant = await self._tenants.update(tenant_id, change)
         self.watchers.publish(TenantChange(tenants=(tenant,)))
         if self._audit is not None:
             await self._audit.tenant_change(audit_pb2.AUDIT_EVENT_KIND_TENANT_UPDATED, before[-1], tenant, changes)
@@ -119,15 +129,19 @@ class TenantServiceServicer(tenant_pb2_grpc.TenantServiceServicer):
                                           "config_version": tenant.config_version})
         return tenant_pb2.UpdateTenantResponse(tenant=convert.tenant_pb(tenant))
 
-    async def ListTenants(self, request: tenant_pb2.ListTenantsRequest,
-                          context: grpc.aio.ServicerContext) -> tenant_pb2.ListTenantsResponse:
+    async def ListTenants(
+        self, request: tenant_pb2.ListTenantsRequest,
+        context: ServicerContext[tenant_pb2.ListTenantsRequest, tenant_pb2.ListTenantsResponse],
+    ) -> tenant_pb2.ListTenantsResponse:
         identity.require_role(identity.OPERATOR)
         page = await self._tenants.list_page(request.page_size, request.page_token)
         return tenant_pb2.ListTenantsResponse(tenants=[convert.tenant_pb(t) for t in page.tenants],
                                               next_page_token=page.next_page_token)
 
-    async def DeleteTenant(self, request: tenant_pb2.DeleteTenantRequest,
-                           context: grpc.aio.ServicerContext) -> tenant_pb2.DeleteTenantResponse:
+    async def DeleteTenant(
+        self, request: tenant_pb2.DeleteTenantRequest,
+        context: ServicerContext[tenant_pb2.DeleteTenantRequest, tenant_pb2.DeleteTenantResponse],
+    ) -> tenant_pb2.DeleteTenantResponse:
         identity.require_role(identity.OPERATOR)
         tenant_id = validate_tenant_id(request.tenant_id)
         doomed = await self._tenants.get(tenant_id)  # NOT_FOUND before erasing anything
@@ -151,15 +165,21 @@ class TenantServiceServicer(tenant_pb2_grpc.TenantServiceServicer):
         log.info("tenant deleted", extra={"tenant_id": tenant_id, "usage": self._usage_on_delete})
         return tenant_pb2.DeleteTenantResponse()
 
-    async def SuspendTenant(self, request: tenant_pb2.SuspendTenantRequest,
-                            context: grpc.aio.ServicerContext) -> tenant_pb2.SuspendTenantResponse:
+    async def SuspendTenant(
+        self, request: tenant_pb2.SuspendTenantRequest,
+        context: ServicerContext[tenant_pb2.SuspendTenantRequest, tenant_pb2.SuspendTenantResponse],
+    ) -> tenant_pb2.SuspendTenantResponse:
         identity.require_role(identity.OPERATOR)
         tenant_id = validate_tenant_id(request.tenant_id)
         state = TenantState.SUSPENDED if request.suspended else TenantState.ACTIVE
         now = self._clock()
         before: list[Tenant] = []
-        tenant = await self._tenants.update(tenant_id, lambda current: apply_changes(
-            before.append(current) or current, {"state": state}, now))  # type: ignore[func-returns-value]
+
+        def change(current: Tenant) -> Tenant:
+            before.append(current)
+            return apply_changes(current, {"state": state}, now)
+
+        tenant = await self._tenants.update(tenant_id, change)
         self.watchers.publish(TenantChange(tenants=(tenant,)))
         if self._audit is not None:
             await self._audit.tenant_change(audit_pb2.AUDIT_EVENT_KIND_TENANT_UPDATED, before[-1], tenant, ["state"])
@@ -167,8 +187,10 @@ class TenantServiceServicer(tenant_pb2_grpc.TenantServiceServicer):
                  extra={"tenant_id": tenant_id, "config_version": tenant.config_version})
         return tenant_pb2.SuspendTenantResponse(tenant=convert.tenant_pb(tenant))
 
-    async def WatchTenants(self, request: tenant_pb2.WatchTenantsRequest,
-                           context: grpc.aio.ServicerContext) -> AsyncIterator[tenant_pb2.WatchTenantsResponse]:
+    async def WatchTenants(
+        self, request: tenant_pb2.WatchTenantsRequest,
+        context: ServicerContext[tenant_pb2.WatchTenantsRequest, tenant_pb2.WatchTenantsResponse],
+    ) -> AsyncIterator[tenant_pb2.WatchTenantsResponse]:
         identity.require_role(identity.SERVICE, identity.OPERATOR)
         # Subscribed before the snapshot is read, so no change falls between the two (a
         # change may arrive twice; its config_version tells which is newer).

@@ -11,7 +11,7 @@ import logging
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-import grpc
+from grpc.aio import ServicerContext
 
 from copilot.v1 import metering_pb2, metering_pb2_grpc
 from servers.common import identity, metrics, telemetry
@@ -56,8 +56,10 @@ class MeteringServiceServicer(metering_pb2_grpc.MeteringServiceServicer):
         if hasattr(usage, "pending_events"):
             metrics.SOURCES.gauge(*metrics.USAGE_LOG_DEPTH, lambda: float(getattr(usage, "pending_events", 0)))
 
-    async def RecordUsage(self, request: metering_pb2.RecordUsageRequest,
-                          context: grpc.aio.ServicerContext) -> metering_pb2.RecordUsageResponse:
+    async def RecordUsage(
+        self, request: metering_pb2.RecordUsageRequest,
+        context: ServicerContext[metering_pb2.RecordUsageRequest, metering_pb2.RecordUsageResponse],
+    ) -> metering_pb2.RecordUsageResponse:
         caller = identity.require_role(identity.SERVICE)
         # Checked before converting, so an oversized batch costs nothing to refuse.
         if len(request.events) > MAX_BATCH:
@@ -79,8 +81,10 @@ class MeteringServiceServicer(metering_pb2_grpc.MeteringServiceServicer):
             await self._quota.observe(tenant)
         return metering_pb2.RecordUsageResponse(recorded=result.recorded, duplicates=result.duplicates)
 
-    async def GetUsage(self, request: metering_pb2.GetUsageRequest,
-                       context: grpc.aio.ServicerContext) -> metering_pb2.GetUsageResponse:
+    async def GetUsage(
+        self, request: metering_pb2.GetUsageRequest,
+        context: ServicerContext[metering_pb2.GetUsageRequest, metering_pb2.GetUsageResponse],
+    ) -> metering_pb2.GetUsageResponse:
         tenant_id = target_tenant(request.tenant_id)
         now = self._clock()
         start = convert.moment(request.start_time, "start_time") if request.HasField(
@@ -92,12 +96,11 @@ class MeteringServiceServicer(metering_pb2_grpc.MeteringServiceServicer):
         totals = await self._usage.totals(tenant_id, Window(start, end))
         return convert.usage_response(totals, self._prices)
 
-    def _period(self, start_ts: object, end_ts: object, request: object) -> Window:
+    def _period(self, request: metering_pb2.ReportBillingRequest | metering_pb2.ReconcileBillingRequest) -> Window:
         now = self._clock()
-        has = request.HasField  # type: ignore[attr-defined]
-        end = convert.moment(end_ts, "end_time") if has("end_time") else now.replace(  # type: ignore[arg-type]
+        end = convert.moment(request.end_time, "end_time") if request.HasField("end_time") else now.replace(
             minute=0, second=0, microsecond=0)
-        start = convert.moment(start_ts, "start_time") if has("start_time") else end - timedelta(  # type: ignore[arg-type]
+        start = convert.moment(request.start_time, "start_time") if request.HasField("start_time") else end - timedelta(
             hours=1)
         if start >= end:
             raise InvalidArgument.field("start_time", "must be before end_time")
@@ -105,26 +108,32 @@ class MeteringServiceServicer(metering_pb2_grpc.MeteringServiceServicer):
             raise InvalidArgument.field("start_time", "a billing period is at most 35 days")
         return Window(start, end)
 
-    async def ReportBilling(self, request: metering_pb2.ReportBillingRequest,
-                            context: grpc.aio.ServicerContext) -> metering_pb2.ReportBillingResponse:
+    async def ReportBilling(
+        self, request: metering_pb2.ReportBillingRequest,
+        context: ServicerContext[metering_pb2.ReportBillingRequest, metering_pb2.ReportBillingResponse],
+    ) -> metering_pb2.ReportBillingResponse:
         identity.require_role(identity.OPERATOR)
         if self._billing is None:
             raise Unavailable("billing is not configured (STRIPE_API_KEY)", reason="BILLING_DISABLED")
-        report = await self._billing.report(self._period(request.start_time, request.end_time, request))
+        report = await self._billing.report(self._period(request))
         return metering_pb2.ReportBillingResponse(meter_events=report.meter_events, tenants=report.tenants)
 
-    async def ReconcileBilling(self, request: metering_pb2.ReconcileBillingRequest,
-                               context: grpc.aio.ServicerContext) -> metering_pb2.ReconcileBillingResponse:
+    async def ReconcileBilling(
+        self, request: metering_pb2.ReconcileBillingRequest,
+        context: ServicerContext[metering_pb2.ReconcileBillingRequest, metering_pb2.ReconcileBillingResponse],
+    ) -> metering_pb2.ReconcileBillingResponse:
         identity.require_role(identity.OPERATOR)
         if self._billing is None:
             raise Unavailable("billing is not configured (STRIPE_API_KEY)", reason="BILLING_DISABLED")
-        result = await self._billing.reconcile(self._period(request.start_time, request.end_time, request))
+        result = await self._billing.reconcile(self._period(request))
         return metering_pb2.ReconcileBillingResponse(tenants=result.tenants, differences=[
             metering_pb2.BillingDifference(tenant_id=d.tenant_id, meter=d.meter, clickhouse=d.clickhouse,
                                            stripe=d.stripe) for d in result.differences])
 
-    async def CheckQuota(self, request: metering_pb2.CheckQuotaRequest,
-                         context: grpc.aio.ServicerContext) -> metering_pb2.CheckQuotaResponse:
+    async def CheckQuota(
+        self, request: metering_pb2.CheckQuotaRequest,
+        context: ServicerContext[metering_pb2.CheckQuotaRequest, metering_pb2.CheckQuotaResponse],
+    ) -> metering_pb2.CheckQuotaResponse:
         tenant = _ensure_active(await self._tenants.get(identity.tenant_id()))
         decision = await self._quota.check(tenant, request.estimated_tokens)
         if not decision.allowed:
@@ -132,8 +141,10 @@ class MeteringServiceServicer(metering_pb2_grpc.MeteringServiceServicer):
             log.info("quota refused", extra={"quotas": [q.name for q in decision.quotas if q.exceeded]})
         return convert.quota_response(decision)
 
-    async def ReserveQuota(self, request: metering_pb2.ReserveQuotaRequest,
-                           context: grpc.aio.ServicerContext) -> metering_pb2.ReserveQuotaResponse:
+    async def ReserveQuota(
+        self, request: metering_pb2.ReserveQuotaRequest,
+        context: ServicerContext[metering_pb2.ReserveQuotaRequest, metering_pb2.ReserveQuotaResponse],
+    ) -> metering_pb2.ReserveQuotaResponse:
         # Only the platform's services admit requests: a member holding reservations could
         # lock its own tenant out for their TTL.
         caller = identity.require_role(identity.SERVICE)
@@ -146,8 +157,10 @@ class MeteringServiceServicer(metering_pb2_grpc.MeteringServiceServicer):
             raise admission.refusal()
         return convert.reserve_response(admission.decision, admission.reservation)
 
-    async def ReleaseQuota(self, request: metering_pb2.ReleaseQuotaRequest,
-                           context: grpc.aio.ServicerContext) -> metering_pb2.ReleaseQuotaResponse:
+    async def ReleaseQuota(
+        self, request: metering_pb2.ReleaseQuotaRequest,
+        context: ServicerContext[metering_pb2.ReleaseQuotaRequest, metering_pb2.ReleaseQuotaResponse],
+    ) -> metering_pb2.ReleaseQuotaResponse:
         caller = identity.require_role(identity.SERVICE)
         released = await self._quota.release(caller.tenant_id, request.reservation_id)
         return metering_pb2.ReleaseQuotaResponse(released=released)
