@@ -22,6 +22,7 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
+from servers.common import metrics
 from servers.common.errors import ERROR_DOMAIN
 from servers.edge.config import FREE_PLAN_RPM, FREE_PLAN_RPS, UNKNOWN, TenantLimits, limits_of
 from servers.edge.limiter import HOUR, UNIT_NAMES, Decision, InProcessLimiter, Limiter, Limits
@@ -56,6 +57,8 @@ def inspection_limits(limits: Limits) -> Limits:
 
 # Shared by every admitted call: never mutated, so reusing it is safe.
 _ALLOW = Response(overall_code=OK)
+_CHECKED_OK = metrics.RATELIMIT_CHECKS.labels("OK")
+_CHECKED_OVER = metrics.RATELIMIT_CHECKS.labels("OVER_LIMIT")
 _ERROR_LOG_EVERY_S = 10.0
 # Ten times the free plan's per-second and per-minute limits.
 FREE_INSPECTION_LIMITS: Limits = limits_of(FREE_PLAN_RPS * 10, FREE_PLAN_RPM * 10, 0)
@@ -168,6 +171,12 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
 
     async def ShouldRateLimit(self, request: rls_pb2.RateLimitRequest,
                               context: grpc.aio.ServicerContext) -> rls_pb2.RateLimitResponse:
+        response = await self._check(request, context)
+        (_CHECKED_OK if response.overall_code == OK else _CHECKED_OVER).inc()
+        return response
+
+    async def _check(self, request: rls_pb2.RateLimitRequest,
+                     context: grpc.aio.ServicerContext) -> rls_pb2.RateLimitResponse:
         if request.domain != self._domain:
             return _ALLOW
         hits = request.hits_addend or 1
