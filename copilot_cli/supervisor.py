@@ -318,10 +318,12 @@ class Mesh:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
     def stop(self, grace_s: float = 10.0) -> dict[str, int | None]:
-        """Envoy first (no new requests), then the servers in reverse start order."""
+        """Envoy first (no new requests), then the servers in reverse start order, then the
+        redis-server `start` started, if any."""
         self._unready()
         codes: dict[str, int | None] = {}
-        for name in ["envoy", *reversed(self.server_names()), *self.processes.keys() - {REDIS}, REDIS]:
+        # Redis last: metering flushes into it while it stops.
+        for name in ["envoy", *reversed(self.server_names()), REDIS]:
             proc = self.processes.pop(name, None)
             if proc is None:
                 continue
