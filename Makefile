@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV := .venv/bin
 export PATH := $(CURDIR)/.venv/bin:$(CURDIR)/node_modules/.bin:$(PATH)
 
-.PHONY: setup config-docs run test unit integration lint gen check-gen buf-lint buf-breaking bench-edge bench-fairness bench-retrieval bench-tenants bench-answer bench-audit bench-load bench-fuzz bench-bounds clean
+.PHONY: setup config-docs run test unit integration lint gen check-gen buf-lint buf-breaking bench-edge bench-fairness bench-retrieval bench-tenants bench-answer bench-audit bench-load bench-fuzz bench-bounds bench-failover clean
 
 setup:
 	@scripts/setup.sh
@@ -89,6 +89,11 @@ bench-fuzz: setup
 ## 2,000 calls opened and abandoned through the edge: services' RSS before/after, open streams after.
 bench-bounds: setup
 	$(VENV)/python -m bench.bounds $(ARGS)
+
+## 2 replicas of generation and the edge companion under an open-loop mix; one of each killed
+## (SIGKILL) and restarted in turn: per phase ok/s, errors, p99, time to serve again; billing exact.
+bench-failover: setup
+	$(VENV)/python -m bench.failover $(ARGS)
 
 clean:
 	rm -rf .stamps .copilot test-artifacts

@@ -12,6 +12,7 @@ import asyncio
 import json
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from copilot_cli import tenants as tenants_cli
 from copilot_cli.client import Client, CliError, edge_address, token_for
 from copilot_cli.jsonout import message_dict
 from servers.common.errors import from_rpc_error
-from servers.common.settings import Settings
+from servers.common.settings import Settings, SettingsError
 
 PLANS = {"free": common_pb2.PLAN_FREE, "pro": common_pb2.PLAN_PRO, "enterprise": common_pb2.PLAN_ENTERPRISE}
 
@@ -46,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="start Envoy and the four services on loopback (Ctrl-C stops them)")
     up.add_argument("--no-demo", action="store_true", help="do not create the demo tenants and corpus")
+    up.add_argument("--replicas", type=int, default=None, metavar="N",
+                    help="processes each of generation and the edge companion (default: COPILOT_REPLICAS, 1); "
+                         "above 1 without REDIS_URL a local redis-server is started (docs/scale-out.md)")
 
     tok = sub.add_parser("token", help="print a JWT signed with the dev key")
     tok.add_argument("--tenant", required=True)
@@ -89,6 +93,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "up":
             from copilot_cli.up import up
 
+            if args.replicas is not None:
+                try:
+                    settings = replace(settings, replicas=args.replicas)
+                except SettingsError as exc:
+                    print(f"copilot up: {exc}", file=sys.stderr)
+                    return 2
             return up(settings, demo_data=not args.no_demo)
         if args.command == "token":
             print(token_for(settings, args.tenant, args.user, _roles(args.roles), ttl_s=args.ttl))

@@ -26,7 +26,7 @@ from envoy.service.ratelimit.v3 import rls_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from servers.common.issuer import DevIssuer
-from servers.common.settings import METRICS_OFFSETS, Settings, environment, to_env
+from servers.common.settings import METRICS_OFFSETS, REPLICATED_SERVICES, Settings, environment, to_env
 
 RATELIMIT_SERVICE = rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name
 
@@ -40,6 +40,22 @@ HEALTH_NAMES = {
     "edge": RATELIMIT_SERVICE,
 }
 PR_SET_PDEATHSIG = 1
+# What a replica of a replicated service is called (processes, logs, `kill`): replica 0 keeps
+# the service's own name.
+REPLICA_SEP = "-"
+REDIS = "redis"
+
+
+def replica_name(service: str, replica: int) -> str:
+    return f"{service}{REPLICA_SEP}{replica}" if replica else service
+
+
+def parse_name(name: str) -> tuple[str, int]:
+    """(service, replica) of a process name as `replica_name` makes it."""
+    service, _, index = name.partition(REPLICA_SEP)
+    if service not in SERVERS or (index and (service not in REPLICATED_SERVICES or not index.isdigit())):
+        raise MeshError(f"no server called {name!r}")
+    return service, int(index or 0)
 
 
 def _die_with_parent() -> Callable[[], None] | None:
@@ -90,12 +106,26 @@ def free_port_block(size: int, host: str = "127.0.0.1") -> int:
     raise MeshError(f"no block of {size} free ports on {host}")
 
 
+# Per replica, on free ports: generation, edge services, edge HTTP, then the metrics ports
+# (base + 1 .. 4; only the replicated services' are used beyond replica 0).
+REPLICA_PORT_STRIDE = 3 + len(METRICS_OFFSETS) + 1
+
+
 def settings_on_free_ports(base: Settings, data_dir: Path) -> Settings:
+    """`base` on free loopback ports, every replica's (`base.replicas`) included: one block of
+    free ports per replica, laid out by the stride rule of the settings."""
+    block = free_port_block(REPLICA_PORT_STRIDE * base.replicas)
+    taken = range(block, block + REPLICA_PORT_STRIDE * base.replicas)
+
+    def outside() -> int:
+        while (port := free_port()) in taken:
+            pass
+        return port
+
     return replace(
-        base, data_dir=data_dir, edge_port=free_port(), envoy_admin_port=free_port(),
-        retrieval_port=free_port(), generation_port=free_port(), metering_port=free_port(),
-        edge_services_port=free_port(), edge_http_port=free_port(),
-        metrics_port_base=free_port_block(len(METRICS_OFFSETS) + 1),
+        base, data_dir=data_dir, edge_port=outside(), envoy_admin_port=outside(),
+        retrieval_port=outside(), metering_port=outside(), replica_port_stride=REPLICA_PORT_STRIDE,
+        generation_port=block, edge_services_port=block + 1, edge_http_port=block + 2, metrics_port_base=block + 3,
     )
 
 
@@ -106,6 +136,15 @@ def settings_env(settings: Settings) -> dict[str, str]:
     if not settings.jwks_url:
         env["COPILOT_DEV_TOKENS"] = "1"
     return env
+
+
+def redis_binary() -> str:
+    found = shutil.which("redis-server")
+    if not found:
+        raise MeshError("--replicas above 1 needs Redis (the edge's rate limits and metering's ledger are shared "
+                        "by the replicas): set REDIS_URL, or install redis-server (Debian: apt-get install "
+                        "redis-server) so `copilot up` starts one under the data directory")
+    return found
 
 
 def envoy_binary() -> str:
@@ -121,6 +160,8 @@ class Mesh:
     settings: Settings
     extra_env: dict[str, str] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    # The REDIS_URL of the redis-server `start` started itself (replicas without a REDIS_URL).
+    own_redis_url: str | None = None
 
     @property
     def log_dir(self) -> Path:
@@ -148,11 +189,14 @@ class Mesh:
 
     def check_ports(self) -> None:
         s = self.settings
+        replicated = [(f"{env} (replica {i})" if i else env, s.port(service, i))
+                      for env, service in (("COPILOT_GENERATION_PORT", "generation"),
+                                           ("COPILOT_EDGE_SERVICES_PORT", "edge_services"),
+                                           ("COPILOT_EDGE_HTTP_PORT", "edge_http"))
+                      for i in range(s.replicas)]
         for env, port in (("COPILOT_EDGE_PORT", s.edge_port), ("COPILOT_ENVOY_ADMIN_PORT", s.envoy_admin_port),
-                          ("COPILOT_RETRIEVAL_PORT", s.retrieval_port), ("COPILOT_GENERATION_PORT", s.generation_port),
-                          ("COPILOT_METERING_PORT", s.metering_port),
-                          ("COPILOT_EDGE_SERVICES_PORT", s.edge_services_port),
-                          ("COPILOT_EDGE_HTTP_PORT", s.edge_http_port)):
+                          ("COPILOT_RETRIEVAL_PORT", s.retrieval_port), ("COPILOT_METERING_PORT", s.metering_port),
+                          *replicated):
             with socket.socket() as sock:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
@@ -168,12 +212,14 @@ class Mesh:
         self.check_ports()
         self._unready()
         issuer = self.prepare()
-        env = environment(settings_env(self.settings), self.extra_env)
         try:
-            for name in SERVERS:
-                self._spawn(name, [sys.executable, "-m", f"servers.{name}"], env)
-            for name in SERVERS:
-                self._wait_serving(name, self._address(name), HEALTH_NAMES[name], timeout_s)
+            if self.settings.replicas > 1 and not self.settings.redis_url:
+                self._start_redis(timeout_s)
+            for name in self.server_names():
+                self._spawn_server(name)
+            for name in self.server_names():
+                self._wait_serving(name, self._address(name), HEALTH_NAMES[parse_name(name)[0]], timeout_s)
+            env = environment(settings_env(self.settings), self.extra_env)
             self._spawn("envoy", [envoy_binary(), "-c", str(self.settings.data_dir / "envoy.yaml"),
                                   "--disable-hot-restart", "--log-level", "warn"], env)
             # Through the edge: proves Envoy listens and its health checks found the upstreams.
@@ -196,8 +242,46 @@ class Mesh:
         if self.settings.ready_file is not None:
             self.settings.ready_file.unlink(missing_ok=True)
 
+    def server_names(self) -> list[str]:
+        """Every server process of the mesh, in start order (replicas of a service together)."""
+        return [replica_name(service, i) for service in SERVERS
+                for i in range(self.settings.replicas if service in REPLICATED_SERVICES else 1)]
+
     def _address(self, name: str) -> str:
-        return self.settings.address("edge_services" if name == "edge" else name)
+        service, replica = parse_name(name)
+        return self.settings.address("edge_services" if service == "edge" else service, replica)
+
+    def _spawn_server(self, name: str) -> None:
+        service, replica = parse_name(name)
+        env = environment(settings_env(replace(self.settings, replica=replica)), self.extra_env)
+        self._spawn(name, [sys.executable, "-m", f"servers.{service}"], env)
+
+    def _start_redis(self, timeout_s: float) -> None:
+        """A redis-server of the mesh's own on a free loopback port, its data (append-only, so
+        metering's usage log survives a restart) under the data directory; every process gets
+        it as REDIS_URL."""
+        binary = redis_binary()
+        directory = self.settings.data_dir / REDIS
+        directory.mkdir(parents=True, exist_ok=True)
+        port = free_port(self.settings.host)
+        self._spawn(REDIS, [binary, "--bind", self.settings.host, "--port", str(port), "--dir", str(directory),
+                            "--save", "", "--appendonly", "yes"], environment())
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.processes[REDIS].poll() is not None:
+                raise MeshError(f"redis-server exited; see {self.log_dir / 'redis.log'}\n{self.tail(REDIS)}")
+            try:
+                with socket.create_connection((self.settings.host, port), timeout=1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(64).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise MeshError(f"redis-server not answering on port {port}\n{self.tail(REDIS)}")
+            time.sleep(0.05)
+        self.own_redis_url = f"redis://{self.settings.host}:{port}/0"
+        self.settings = replace(self.settings, redis_url=self.own_redis_url)
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
@@ -234,10 +318,12 @@ class Mesh:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
     def stop(self, grace_s: float = 10.0) -> dict[str, int | None]:
-        """Envoy first (no new requests), then the servers in reverse start order."""
+        """Envoy first (no new requests), then the servers in reverse start order, then the
+        redis-server `start` started, if any."""
         self._unready()
         codes: dict[str, int | None] = {}
-        for name in ["envoy", *reversed(SERVERS)]:
+        # Redis last: metering flushes into it while it stops.
+        for name in ["envoy", *reversed(self.server_names()), REDIS]:
             proc = self.processes.pop(name, None)
             if proc is None:
                 continue
@@ -249,25 +335,28 @@ class Mesh:
                     proc.kill()
                     proc.wait()
             codes[name] = proc.returncode
+        if self.own_redis_url is not None:
+            # Started with the mesh, gone with it: a next start starts its own again.
+            self.settings = replace(self.settings, redis_url=None)
+            self.own_redis_url = None
         return codes
 
     def kill(self, name: str) -> None:
-        """Kills one server outright (SIGKILL, no graceful shutdown): tests of crash recovery."""
+        """Kills one server outright (SIGKILL, no graceful shutdown): tests of crash recovery.
+        `name` is a service, or one replica of it (`replica_name`: "generation-1")."""
         proc = self.processes.pop(name)
         proc.kill()
         proc.wait(timeout=15)
 
     def respawn(self, name: str, timeout_s: float = 30.0) -> None:
         """Starts a server that `kill` stopped and waits until it serves."""
-        env = environment(settings_env(self.settings), self.extra_env)
-        self._spawn(name, [sys.executable, "-m", f"servers.{name}"], env)
-        self._wait_serving(name, self._address(name), HEALTH_NAMES[name], timeout_s)
+        self._spawn_server(name)
+        self._wait_serving(name, self._address(name), HEALTH_NAMES[parse_name(name)[0]], timeout_s)
 
     def restart(self, name: str, timeout_s: float = 30.0) -> None:
         """Stops one server and starts it again (tests: durability across restarts)."""
         proc = self.processes.pop(name)
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=15)
-        env = environment(settings_env(self.settings), self.extra_env)
-        self._spawn(name, [sys.executable, "-m", f"servers.{name}"], env)
-        self._wait_serving(name, self._address(name), HEALTH_NAMES[name], timeout_s)
+        self._spawn_server(name)
+        self._wait_serving(name, self._address(name), HEALTH_NAMES[parse_name(name)[0]], timeout_s)

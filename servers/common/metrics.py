@@ -43,6 +43,13 @@ RPC_LATENCY = Histogram(
 )
 
 
+# The edge companion has no identity interceptor (Envoy calls it), so its hot RPC counts itself:
+# which replica answers how many checks shows how Envoy spreads them.
+RATELIMIT_CHECKS = Counter(
+    "copilot_ratelimit_checks_total", "Envoy's rate limit checks this edge companion answered, by result.",
+    ["result"])
+
+
 def observe_rpc(full_method: str, code: grpc.StatusCode, seconds: float) -> None:
     service, _, method = full_method.lstrip("/").rpartition("/")
     RPC_REQUESTS.labels(service, method, code.name).inc()

@@ -306,6 +306,12 @@ DEFAULT_PORTS = {
 
 METRICS_OFFSETS = {"retrieval": 1, "generation": 2, "metering": 3, "edge": 4}
 
+# Processes that run as COPILOT_REPLICAS replicas (their state is shared or per call; see
+# docs/scale-out.md), and the ports they listen on: replica i listens on the port of replica 0
+# + i * COPILOT_REPLICA_PORT_STRIDE (its metrics port too).
+REPLICATED_SERVICES = ("generation", "edge")
+REPLICATED_PORTS = frozenset({"generation", "edge_services", "edge_http"})
+
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -409,6 +415,20 @@ class Settings:
     metrics_port_base: int = setting(9100, env="COPILOT_METRICS_PORT_BASE",
                                      doc="/metrics of the retrieval, generation, metering and edge processes are on "
                                          "this port + 1, 2, 3, 4; 0 turns them off.", low=0, high=65535)
+    # Scale-out (docs/scale-out.md): generation and the edge companion run as N processes each,
+    # balanced by Envoy; retrieval and metering stay one process until their state is owned.
+    replicas: int = setting(1, env="COPILOT_REPLICAS", low=1, high=32,
+                            doc="Processes each of generation and the edge companion run as (Envoy balances "
+                                "over them); more than 1 needs REDIS_URL, which `copilot up` provides itself "
+                                "from a local redis-server when unset.")
+    replica: int = setting(0, env="COPILOT_REPLICA", low=0, high=31,
+                           doc="This process's replica index (0 .. COPILOT_REPLICAS-1), set by the supervisor "
+                               "for each replica: its ports and its data sub-directory follow from it.")
+    # Wide enough that the default service ports (50051-50055, 9101-9104) of replica i never meet
+    # another replica's; tests pick a narrow one over a block of free ports.
+    replica_port_stride: int = setting(100, env="COPILOT_REPLICA_PORT_STRIDE", low=1, high=10_000,
+                                       doc="Replica i of a replicated service listens on replica 0's ports "
+                                           "(gRPC, HTTP, metrics) + i times this.")
     metrics_max_tenants: int = setting(50, env="COPILOT_METRICS_MAX_TENANTS", low=0, high=100_000,
                                        doc="Tenants with their own series in per-tenant metrics; the rest are "
                                            "folded into tenant=\"_other\" (bounds the series count).")
@@ -489,6 +509,16 @@ class Settings:
 
     def __post_init__(self) -> None:
         validate(self)
+        problems = []
+        if self.replica >= self.replicas:
+            problems.append(f"COPILOT_REPLICA must be below COPILOT_REPLICAS ({self.replicas}), got {self.replica}")
+        top = max(self.generation_port, self.edge_services_port, self.edge_http_port,
+                  self.metrics_port_base + max(METRICS_OFFSETS.values()) if self.metrics_port_base else 0)
+        if top + (self.replicas - 1) * self.replica_port_stride > 65535:
+            problems.append(f"COPILOT_REPLICAS={self.replicas} with COPILOT_REPLICA_PORT_STRIDE="
+                            f"{self.replica_port_stride} puts the last replica's ports above 65535")
+        if problems:
+            raise SettingsError("invalid settings:\n  " + "\n  ".join(problems))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -496,7 +526,12 @@ class Settings:
         # Relative to where the process starts, once: children get the absolute path.
         return dataclasses.replace(settings, data_dir=settings.data_dir.resolve())
 
-    def address(self, service: str) -> str:
+    def _replica_offset(self, replica: int | None) -> int:
+        return (self.replica if replica is None else replica) * self.replica_port_stride
+
+    def port(self, service: str, replica: int | None = None) -> int:
+        """The port `service` listens on: of replica `replica` (default: this process's) for a
+        replicated one."""
         port = {
             "retrieval": self.retrieval_port,
             "generation": self.generation_port,
@@ -504,12 +539,27 @@ class Settings:
             "edge_services": self.edge_services_port,
             "edge_http": self.edge_http_port,
         }[service]
-        return f"{self.host}:{port}"
+        return port + self._replica_offset(replica) if service in REPLICATED_PORTS else port
 
-    def metrics_port(self, service: str) -> int:
-        return self.metrics_port_base + METRICS_OFFSETS[service] if self.metrics_port_base else 0
+    def address(self, service: str, replica: int | None = None) -> str:
+        return f"{self.host}:{self.port(service, replica)}"
+
+    def addresses(self, service: str) -> list[str]:
+        """Every replica's address of `service` (one for a service that is not replicated)."""
+        count = self.replicas if service in REPLICATED_PORTS else 1
+        return [self.address(service, i) for i in range(count)]
+
+    def metrics_port(self, service: str, replica: int | None = None) -> int:
+        if not self.metrics_port_base:
+            return 0
+        port = self.metrics_port_base + METRICS_OFFSETS[service]
+        return port + self._replica_offset(replica) if service in REPLICATED_SERVICES else port
 
     def service_dir(self, service: str) -> Path:
-        path = self.data_dir / service
+        """Where `service` keeps its local state. Replicas never share one: replica i > 0 of a
+        replicated service has `<service>-<i>` (replica 0 keeps the single process's directory,
+        so its outboxes survive a change of COPILOT_REPLICAS)."""
+        name = f"{service}-{self.replica}" if service in REPLICATED_SERVICES and self.replica else service
+        path = self.data_dir / name
         path.mkdir(parents=True, exist_ok=True)
         return path

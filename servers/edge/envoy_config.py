@@ -62,6 +62,74 @@ RATELIMIT_TIMEOUT_S = 0.2
 
 HEALTH_INTERVAL_S = 2
 
+# Retries (docs/scale-out.md). Always safe: the request never reached a service, so even a
+# call that is not idempotent runs at most once.
+RETRY_ON_UNSENT = "connect-failure,refused-stream,reset-before-request"
+# Also after a service took the request and died (reset) or said UNAVAILABLE (draining, a
+# dependency down): only for calls that a second run does not change or bill twice.
+RETRY_ON_IDEMPOTENT = "connect-failure,refused-stream,reset,unavailable"
+RETRIES = 2
+# Idempotent calls to metering besides RecordUsage and the audit trail's reads (routes of their
+# own): reads, and reservations, which are keyed by their reservation id (docs/admission.md).
+METERING_IDEMPOTENT_RPCS = (
+    "MeteringService/GetUsage", "MeteringService/CheckQuota", "MeteringService/ReserveQuota",
+    "MeteringService/ReleaseQuota", "TenantService/GetTenant", "TenantService/ListTenants",
+)
+
+
+def retry_policy(retry_on: str, retries: int = RETRIES) -> dict[str, Any]:
+    """A route's (or a gRPC service's) retry policy: each retry goes to a replica the call has
+    not tried yet while there is one, after a short back-off."""
+    return {
+        "retry_on": retry_on,
+        "num_retries": retries,
+        "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
+        "host_selection_retry_max_attempts": 3,
+        "retry_back_off": {"base_interval": "0.025s", "max_interval": "0.25s"},
+    }
+
+
+# A replica that refuses connections or resets (it died) is ejected after this many failures
+# in a row, one that answers UNAVAILABLE (draining) after a few more; it is tried again after
+# the ejection time (longer each time it is ejected again). Never more than half of a
+# cluster's replicas at once: a cause common to all (a dependency down) must not empty it.
+OUTLIER_DETECTION = {
+    "split_external_local_origin_errors": True,
+    "consecutive_local_origin_failure": 2,
+    "enforcing_consecutive_local_origin_failure": 100,
+    "consecutive_gateway_failure": 3,
+    "enforcing_consecutive_gateway_failure": 100,
+    # Other server errors (INTERNAL, UNKNOWN) say more about a request than about a replica.
+    "enforcing_consecutive_5xx": 0,
+    "enforcing_success_rate": 0,
+    "enforcing_local_origin_success_rate": 0,
+    "interval": "1s",
+    "base_ejection_time": "5s",
+    "max_ejection_percent": 50,
+}
+
+
+def metering_idempotent_routes(bounds: Bounds) -> str:
+    """The routes of METERING_IDEMPOTENT_RPCS (template lines): like the metering prefix
+    routes after them, with the idempotent retry policy."""
+    return "\n".join("              - " + json.dumps({
+        "match": {"path": f"/copilot.v1.{rpc}"},
+        "route": {"cluster": "metering", "retry_policy": retry_policy(RETRY_ON_IDEMPOTENT), "timeout": "30s",
+                  "max_stream_duration": {"grpc_timeout_header_max": "30s"}},
+        "metadata": {"filter_metadata": {"copilot.bounds": {
+            "request_bytes": str(body_limit(bounds.default_request_bytes))}}},
+    }) for rpc in METERING_IDEMPOTENT_RPCS)
+
+
+def endpoints(settings: Settings, service: str) -> str:
+    """The lb_endpoints of a cluster: one per replica of `service` (YAML flow style)."""
+    host = _yaml_str(settings.host)
+    return "[" + ", ".join(
+        f"{{ endpoint: {{ address: {{ socket_address: {{ address: {host}, "
+        f"port_value: {settings.port(service, replica)} }} }} }} }}"
+        for replica in range(len(settings.addresses(service)))) + "]"
+
 # How often Envoy refetches the JWKS: the dev one is local and cheap, so a rotated dev key
 # is live within seconds; an identity provider's is refetched less often.
 DEV_JWKS_CACHE_S = 5
@@ -87,12 +155,20 @@ def jwks_uri(settings: Settings) -> str:
     return settings.jwks_url or f"http://{settings.address('edge_http')}{DEV_JWKS_PATH}"
 
 
-def _jwks_cluster(uri: str) -> dict[str, Any]:
+def _jwks_cluster(settings: Settings) -> dict[str, Any]:
+    uri = jwks_uri(settings)
     parts = urlsplit(uri)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"COPILOT_JWKS_URL must be an http(s) URL, got {uri!r}")
     tls = parts.scheme == "https"
-    return _url_cluster("jwks", parts.hostname, parts.port or (443 if tls else 80), tls)
+    cluster = _url_cluster("jwks", parts.hostname, parts.port or (443 if tls else 80), tls)
+    if not settings.jwks_url:
+        # The dev JWKS: any edge companion replica serves the same keys.
+        cluster["load_assignment"]["endpoints"][0]["lb_endpoints"] = [
+            {"endpoint": {"address": {"socket_address": {"address": settings.host,
+                                                         "port_value": settings.port("edge_http", i)}}}}
+            for i in range(settings.replicas)]
+    return cluster
 
 
 # Envoy's span exporter sends a batch when this many spans are waiting (or every 5 s, its
@@ -187,15 +263,22 @@ def render(settings: Settings, *, allowed_origins: Sequence[str] | None = None,
         "EDGE_BIND": _yaml_str(settings.edge_bind or settings.host),
         "ADMIN_PORT": settings.envoy_admin_port,
         "RETRIEVAL_PORT": settings.retrieval_port,
-        "GENERATION_PORT": settings.generation_port,
+        "GENERATION_ENDPOINTS": endpoints(settings, "generation"),
         "METERING_PORT": settings.metering_port,
-        "EDGE_SERVICES_PORT": settings.edge_services_port,
+        "EDGE_SERVICES_ENDPOINTS": endpoints(settings, "edge_services"),
+        "EDGE_HTTP_ENDPOINTS": endpoints(settings, "edge_http"),
+        "OUTLIER_DETECTION": f"outlier_detection: {json.dumps(OUTLIER_DETECTION)}",
+        "RETRY_UNSENT": json.dumps(retry_policy(RETRY_ON_UNSENT)),
+        "RETRY_IDEMPOTENT": json.dumps(retry_policy(RETRY_ON_IDEMPOTENT)),
+        # A rate limit check that never reached a replica goes to another one (within the
+        # check's timeout); one that did is not repeated (it counted).
+        "RATELIMIT_RETRY": json.dumps(retry_policy(RETRY_ON_UNSENT, retries=1)),
+        "METERING_IDEMPOTENT_ROUTES": metering_idempotent_routes(settings.bounds),
         "JWT_ISSUER": _yaml_str(settings.jwt_issuer),
         "JWT_AUDIENCE": _yaml_str(settings.jwt_audience),
         "JWKS_URI": _yaml_str(uri),
         "JWKS_CACHE": f"{REMOTE_JWKS_CACHE_S if settings.jwks_url else DEV_JWKS_CACHE_S}s",
-        "JWKS_CLUSTER": json.dumps(_jwks_cluster(uri)),
-        "EDGE_HTTP_PORT": settings.edge_http_port,
+        "JWKS_CLUSTER": json.dumps(_jwks_cluster(settings)),
         "PUBLIC_PATHS": json.dumps(roles.public_path_rules()),
         "ROLE_POLICIES": json.dumps(roles.rbac_policies()),
         "RATE_LIMITS": json.dumps(rate_limits()),

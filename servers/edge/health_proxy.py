@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 
 import grpc
 from grpc.aio import ServicerContext
@@ -44,13 +44,15 @@ PROBE_TIMEOUT_S = 0.5
 
 
 class HealthProxy(health_pb2_grpc.HealthServicer):
-    def __init__(self, addresses: Mapping[str, str], local_names: Iterable[str], *,
+    def __init__(self, addresses: Mapping[str, str | Sequence[str]], local_names: Iterable[str], *,
                  cache_ttl_s: float = CACHE_TTL_S, probe_timeout_s: float = PROBE_TIMEOUT_S,
                  ready: Callable[[], bool] | None = None) -> None:
-        """`addresses`: public service name -> address of the server that owns it; `ready`:
-        whether the mesh has finished starting (the overall status "" is NOT_SERVING until)."""
+        """`addresses`: public service name -> address(es) of the server that owns it (every
+        replica: the name is SERVING while any of them serves); `ready`: whether the mesh has
+        finished starting (the overall status "" is NOT_SERVING until)."""
         self._ready = ready
-        self._addresses = dict(addresses)
+        self._addresses = {name: (where,) if isinstance(where, str) else tuple(where)
+                           for name, where in addresses.items()}
         self._local = frozenset(("", *local_names))
         self._ttl = cache_ttl_s
         self._timeout = probe_timeout_s
@@ -64,7 +66,7 @@ class HealthProxy(health_pb2_grpc.HealthServicer):
     @classmethod
     def from_settings(cls, settings: Settings, local_names: Iterable[str]) -> HealthProxy:
         ready_file = settings.ready_file
-        return cls({name: settings.address(owner) for name, owner in OWNERS.items()}, local_names,
+        return cls({name: settings.addresses(owner) for name, owner in OWNERS.items()}, local_names,
                    ready=ready_file.exists if ready_file is not None else None)
 
     # -- lifecycle (the health provider protocol servers/common/lifecycle.py expects)
@@ -96,9 +98,13 @@ class HealthProxy(health_pb2_grpc.HealthServicer):
         return stub
 
     async def _probe(self, name: str) -> Status:
+        statuses = await asyncio.gather(*(self._probe_one(address, name) for address in self._addresses[name]))
+        return SERVING if SERVING in statuses else NOT_SERVING
+
+    async def _probe_one(self, address: str, name: str) -> Status:
         try:
-            response = await self._stub(self._addresses[name]).Check(
-                health_pb2.HealthCheckRequest(service=name), timeout=self._timeout)
+            response = await self._stub(address).Check(health_pb2.HealthCheckRequest(service=name),
+                                                       timeout=self._timeout)
             return Status(response.status)
         except (grpc.RpcError, OSError, TimeoutError):
             return NOT_SERVING

@@ -55,7 +55,7 @@ def build(settings: Settings) -> Service:
 
     async def start() -> None:
         await limits.start()
-        await http.start(settings.host, settings.edge_http_port)
+        await http.start(settings.host, settings.port("edge_http"))
         tasks.append(asyncio.create_task(_prune(limiter), name="ratelimit-prune"))
         log.info("rate limiting", extra={
             "limiter": type(limiter).__name__, "fail_open": settings.ratelimit_fail_open,
@@ -72,7 +72,7 @@ def build(settings: Settings) -> Service:
 
     return Service(
         name="edge",
-        port=settings.edge_services_port,
+        port=settings.port("edge_services"),
         service_names=list(PUBLIC_SERVICES),
         register=register,
         on_start=[start],

@@ -23,6 +23,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc.aio import ServicerContext
 
+from servers.common import metrics
 from servers.common.errors import ERROR_DOMAIN
 from servers.edge.config import FREE_PLAN_RPM, FREE_PLAN_RPS, UNKNOWN, TenantLimits, limits_of
 from servers.edge.limiter import HOUR, UNIT_NAMES, Decision, InProcessLimiter, Limiter, Limits
@@ -57,6 +58,8 @@ def inspection_limits(limits: Limits) -> Limits:
 
 # Shared by every admitted call: never mutated, so reusing it is safe.
 _ALLOW = Response(overall_code=OK)
+_CHECKED_OK = metrics.RATELIMIT_CHECKS.labels("OK")
+_CHECKED_OVER = metrics.RATELIMIT_CHECKS.labels("OVER_LIMIT")
 _ERROR_LOG_EVERY_S = 10.0
 # Ten times the free plan's per-second and per-minute limits.
 FREE_INSPECTION_LIMITS: Limits = limits_of(FREE_PLAN_RPS * 10, FREE_PLAN_RPM * 10, 0)
@@ -168,6 +171,14 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
         self._last_error_log = 0.0
 
     async def ShouldRateLimit(
+        self, request: rls_pb2.RateLimitRequest,
+        context: ServicerContext[rls_pb2.RateLimitRequest, rls_pb2.RateLimitResponse],
+    ) -> rls_pb2.RateLimitResponse:
+        response = await self._check(request, context)
+        (_CHECKED_OK if response.overall_code == OK else _CHECKED_OVER).inc()
+        return response
+
+    async def _check(
         self, request: rls_pb2.RateLimitRequest,
         context: ServicerContext[rls_pb2.RateLimitRequest, rls_pb2.RateLimitResponse],
     ) -> rls_pb2.RateLimitResponse:

@@ -68,7 +68,7 @@ def build(settings: Settings, config: GenerationConfig | None = None) -> Service
 
     return Service(
         name="generation",
-        port=settings.generation_port,
+        port=settings.port("generation"),
         service_names=["copilot.v1.GenerationService"],
         register=register,
         dependencies={

@@ -49,7 +49,8 @@ def running_mesh(tmp_path_factory: pytest.TempPathFactory, name: str, extra_env:
     settings; `overrides` replace fields of Settings, `extra_env` reaches every process."""
     data_dir: Path = tmp_path_factory.mktemp(name)
     # Short cache TTLs so plan and state changes show within a test.
-    settings = replace(settings_on_free_ports(Settings.from_env(), data_dir), tenant_cache_ttl_s=1.0, **overrides)
+    # Overrides first: the ports allocated depend on them (one block per replica).
+    settings = settings_on_free_ports(replace(Settings.from_env(), tenant_cache_ttl_s=1.0, **overrides), data_dir)
     runner = Mesh(settings, extra_env=extra_env or {})
     issuer = runner.start(timeout_s=90)
     try:

@@ -122,11 +122,62 @@ def test_bounds_flow_into_the_edge_config() -> None:
     assert "max_heap_size_bytes: 123456789" in text
 
 
+def test_replicated_clusters_balance_over_every_replica() -> None:
+    s = settings(replicas=3, replica_port_stride=10, edge_http_port=15055)
+    clusters = _clusters(envoy_config.render(s))
+    for cluster, base in (("generation", 15052), ("edge_services", 15054), ("edge_http", 15055), ("jwks", 15055)):
+        text = clusters[cluster]
+        for port in (base, base + 10, base + 20):
+            assert f"port_value: {port} " in text or f'"port_value": {port}' in text, (cluster, port)
+        assert str(base + 30) not in text, cluster
+    # Replicas that fail are ejected (the jwks fetch retries instead); single processes keep one endpoint.
+    for cluster in ("generation", "edge_services", "edge_http"):
+        assert "outlier_detection:" in clusters[cluster], cluster
+    for cluster, port in (("retrieval", 15051), ("metering", 15053)):
+        assert "outlier_detection" not in clusters[cluster]
+        assert clusters[cluster].count("port_value:") == 1 and f"port_value: {port} " in clusters[cluster]
+
+
+def _retry_on(route: str) -> str:
+    return json.loads(route.split("retry_policy: ", 1)[1].splitlines()[0])["retry_on"]
+
+
+def test_only_idempotent_rpcs_are_retried_after_they_reached_a_service() -> None:
+    text = envoy_config.render(settings())
+    # The default (the virtual host's): only what never reached a service.
+    assert _retry_on(text.split("virtual_hosts:", 1)[1]) == envoy_config.RETRY_ON_UNSENT
+    assert "reset," not in envoy_config.RETRY_ON_UNSENT and "unavailable" not in envoy_config.RETRY_ON_UNSENT
+    for route in ("/copilot.v1.GenerationService/", "path: /copilot.v1.RetrievalService/Search",
+                  "path: /copilot.v1.MeteringService/RecordUsage", "prefix: /copilot.v1.AuditService/"):
+        assert _retry_on(_route(text, route)) == envoy_config.RETRY_ON_IDEMPOTENT, route
+    for rpc in envoy_config.METERING_IDEMPOTENT_RPCS:
+        line = next(line for line in text.splitlines() if f'"path": "/copilot.v1.{rpc}"' in line)
+        assert json.loads(line.strip()[2:])["route"]["retry_policy"]["retry_on"] == envoy_config.RETRY_ON_IDEMPOTENT
+    # Writes that are not idempotent keep the default: no route of their own, or one without a policy.
+    for write in ("TenantService/CreateTenant", "TenantService/DeleteTenant", "MeteringService/ReportBilling"):
+        assert not [line for line in text.splitlines() if ("- match:" in line and write in line)
+                    or f'"match": {{"path": "/copilot.v1.{write}"' in line], write
+    assert "retry_policy" not in _route(text, "path: /copilot.v1.RetrievalService/IngestDocuments")
+
+
+def _clusters(text: str) -> dict[str, str]:
+    body = text.split("\n  clusters:\n", 1)[1]
+    out: dict[str, str] = {}
+    for chunk in body.split("\n  - ")[1:]:
+        if chunk.startswith("name: "):
+            out[chunk.split()[1]] = chunk
+        elif chunk.startswith("{"):
+            cluster = json.loads(chunk.splitlines()[0])
+            out[cluster["name"]] = json.dumps(cluster)
+    return out
+
+
 @pytest.mark.skipif(envoy_binary() is None, reason="envoy is not installed")
-@pytest.mark.parametrize("variant", ["fail_open", "fail_closed", "production", "small_bounds"])
+@pytest.mark.parametrize("variant", ["fail_open", "fail_closed", "production", "small_bounds", "replicas"])
 async def test_envoy_validates_the_rendered_config(tmp_path: Path, variant: str) -> None:
     s = settings(ratelimit_fail_open=variant == "fail_open",
-                 jwks_url="https://idp.example.com/jwks.json" if variant == "production" else None)
+                 jwks_url="https://idp.example.com/jwks.json" if variant == "production" else None,
+                 replicas=3 if variant == "replicas" else 1)
     if variant == "small_bounds":
         s = dataclasses.replace(s, bounds=Bounds(query_request_bytes=512, edge_stream_window_bytes=65535,
                                                  edge_stream_idle_s=0.5, ingest_idle_s=0.25))
