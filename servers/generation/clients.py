@@ -15,9 +15,7 @@ place that acts as that tenant's service account for the call.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import random
 import time
 from collections.abc import Awaitable, Mapping
 from pathlib import Path
@@ -31,6 +29,7 @@ from servers.common.audit import AuditTrail
 from servers.common.errors import quota_refusal_of
 from servers.common.interceptors import detached_deadline
 from servers.common.outbox import Outbox
+from servers.common.retry import TRANSIENT_CODES, Backoff, retry
 from servers.generation.convert import mode_to_proto, search_mode_from_proto, search_mode_to_proto
 from servers.generation.models import (
     AnsweredQuestion,
@@ -46,12 +45,13 @@ log = logging.getLogger("copilot.generation")
 
 # Failures worth retrying (usage) or bridging with an earlier decision (quota): the peer is
 # restarting or slow, not refusing.
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+RETRYABLE = TRANSIENT_CODES
 # While Metering is unreachable, a tenant it allowed this recently is still answered (and
 # its usage kept in the outbox): a metering restart must not take answers down.
 QUOTA_GRACE_S = 120.0
 QUOTA_TIMEOUT_S = 2.0
-USAGE_ATTEMPTS = 3
+# A short burst while the caller's usage write is in flight; the outbox redelivers after that.
+USAGE_RETRY = Backoff(base_s=0.1, cap_s=1.0, max_attempts=3)
 USAGE_TIMEOUT_S = 3.0
 # A cap; the caller's remaining deadline (forwarded by the client interceptor) is shorter.
 SEARCH_TIMEOUT_S = 10.0
@@ -124,14 +124,7 @@ class MeteringClient:
         # Not bounded by the caller's deadline: the answer was given, so its usage must be
         # written even when the caller's time ran out.
         with identity.acting_as(writer), detached_deadline():
-            for attempt in range(USAGE_ATTEMPTS):
-                try:
-                    await self._stub.RecordUsage(request, timeout=self._usage_timeout_s)
-                    return
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() not in RETRYABLE or attempt == USAGE_ATTEMPTS - 1:
-                        raise
-                await asyncio.sleep(0.05 * 2**attempt * random.uniform(0.5, 1.5))
+            await retry(lambda: self._stub.RecordUsage(request, timeout=self._usage_timeout_s), USAGE_RETRY)
 
 
 def _service_of(tenant_id: str) -> identity.Identity:
