@@ -23,6 +23,7 @@ import contextlib
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 
 from copilot.v1 import tenant_pb2, tenant_pb2_grpc
 from servers.common import identity
@@ -52,25 +53,23 @@ async def _maybe_await(result: Awaitable[object] | object) -> object:
     return await result if inspect.isawaitable(result) else result
 
 
+@dataclass(eq=False)
 class TenantFollower:
     """Follows the watch in the background from `start` until `stop`."""
 
-    def __init__(self, stream: WatchStream, on_message: OnMessage, *, reconnect: Backoff,
-                 on_snapshot: OnSnapshot | None = None, on_down: OnDown | None = None,
-                 name: str = "tenant-watch") -> None:
-        self._stream = stream
-        self._on_message = on_message
-        self._on_snapshot = on_snapshot
-        self._on_down = on_down
-        self._reconnect = reconnect
-        self._name = name
-        self._task: asyncio.Task[None] | None = None
-        # True from the end of a connection's snapshot (accepted by `on_snapshot`) until it breaks.
-        self.live = False
+    stream: WatchStream
+    on_message: OnMessage
+    reconnect: Backoff
+    on_snapshot: OnSnapshot | None = None
+    on_down: OnDown | None = None
+    name: str = "tenant-watch"
+    # True from the end of a connection's snapshot (accepted by `on_snapshot`) until it breaks.
+    live: bool = field(default=False, init=False)
+    _task: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
 
     async def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.create_task(self._follow(), name=self._name)
+            self._task = asyncio.create_task(self._follow(), name=self.name)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -83,13 +82,13 @@ class TenantFollower:
     async def _connection(self) -> None:
         """One connection, until it ends or fails."""
         snapshot: set[str] | None = set()
-        async for change in self._stream():
+        async for change in self.stream():
             if snapshot is not None:
                 snapshot.update(t.tenant_id for t in change.tenants)
-            await _maybe_await(self._on_message(change, snapshot))
+            await _maybe_await(self.on_message(change, snapshot))
             if snapshot is not None and change.snapshot_done:
                 snapshot = None
-                current = True if self._on_snapshot is None else await _maybe_await(self._on_snapshot())
+                current = True if self.on_snapshot is None else await _maybe_await(self.on_snapshot())
                 self.live = bool(current)
 
     async def _follow(self) -> None:
@@ -101,13 +100,13 @@ class TenantFollower:
                 raise
             except Exception as exc:  # metering restarting, or the watch fell behind
                 log.info("tenant watch interrupted; reconnecting",
-                         extra={"watch": self._name, "error": f"{type(exc).__name__}: {exc}"[:300]})
+                         extra={"watch": self.name, "error": f"{type(exc).__name__}: {exc}"[:300]})
             finally:
                 # A connection that got through its snapshot was a good one: the next
                 # reconnect starts from the shortest wait again.
                 failures = 0 if self.live else failures
-                if self._on_down is not None:
-                    self._on_down()
+                if self.on_down is not None:
+                    self.on_down()
                 self.live = False
             failures += 1
-            await asyncio.sleep(self._reconnect.delay(failures))
+            await asyncio.sleep(self.reconnect.delay(failures))

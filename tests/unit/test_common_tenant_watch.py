@@ -57,8 +57,8 @@ async def registry(tmp_path: Path) -> AsyncIterator[Registry]:
         yield Registry(tenant_pb2_grpc.TenantServiceStub(plain), watchers,
                        tenant_pb2_grpc.TenantServiceStub(service_channel))
     finally:
-        await plain.close(None)
-        await service_channel.close(None)
+        for channel in (plain, service_channel):
+            await channel.close(None)
         await server.stop(None)
         await store.close()
 
