@@ -23,6 +23,7 @@ from copilot.v1 import tenant_pb2, tenant_pb2_grpc
 from servers.common import identity, lifecycle
 from servers.common.retry import Backoff
 from servers.common.settings import Settings
+from servers.common.singleflight import SingleFlight
 from servers.common.tenant_watch import TenantFollower, WatchStream, watch_as
 from servers.edge.limiter import HOUR, MINUTE, SECOND, Limits, Window
 
@@ -138,7 +139,7 @@ class TenantLimits:
         # so a token for a missing tenant costs one lookup per refresh period, not one per call.
         # A tenant created meanwhile leaves it at once through the watch (or the next listing).
         self._missing: dict[str, float] = {}
-        self._inflight: dict[str, asyncio.Future[str | None]] = {}
+        self._inflight: SingleFlight[str, str | None] = SingleFlight()
         self._refresh_s = max(0.1, refresh_s)
         # The periodic refresh is the safety net while the watch is down; once a watch is past
         # its snapshot, one full load reconciles what changed while it was down (tenants
@@ -195,13 +196,8 @@ class TenantLimits:
             if expiry > time.monotonic():
                 return self.refused.get(tenant_id, UNKNOWN)
             del self._missing[tenant_id]
-        pending = self._inflight.get(tenant_id)
-        if pending is None:
-            # Its own task: Envoy giving up on one call must not cancel the lookup others wait on.
-            pending = asyncio.ensure_future(self._confirm(tenant_id))
-            self._inflight[tenant_id] = pending
-            pending.add_done_callback(lambda _done: self._inflight.pop(tenant_id, None))
-        return await asyncio.shield(pending)
+        # Envoy giving up on one call must not cancel the lookup others wait on.
+        return await self._inflight.run(tenant_id, lambda: self._confirm(tenant_id))
 
     async def _confirm(self, tenant_id: str) -> str | None:
         assert self._lookup is not None

@@ -13,7 +13,6 @@ the tenant's config (this cache) → per-request overrides its plan allows
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
@@ -21,6 +20,7 @@ from copilot.v1 import tenant_pb2, tenant_pb2_grpc
 from servers.common import identity
 from servers.common.errors import PermissionDenied
 from servers.common.retry import Backoff
+from servers.common.singleflight import SingleFlight
 from servers.common.tenant_watch import TenantFollower, watch_as
 from servers.generation.convert import mode_from_proto, plan_from_proto
 from servers.generation.models import Plan, RetrievalMode, TenantConfig
@@ -55,7 +55,7 @@ class TenantConfigCache:
         self._stub = stub
         self._ttl = ttl_s
         self._entries: dict[str, tuple[float, TenantConfig]] = {}
-        self._inflight: dict[str, asyncio.Future[TenantConfig]] = {}
+        self._inflight: SingleFlight[str, TenantConfig] = SingleFlight()
         self.fetches = 0
         # True while the watch is connected and its snapshot has arrived: entries are current.
         self.live = False
@@ -84,14 +84,8 @@ class TenantConfigCache:
         return config
 
     async def _fetch(self, tenant: str) -> TenantConfig:
-        # One fetch per tenant at a time, run as its own task so a caller that is cancelled
-        # does not cancel the others waiting on it.
-        task = self._inflight.get(tenant)
-        if task is None:
-            task = asyncio.ensure_future(self._load(tenant))
-            self._inflight[tenant] = task
-            task.add_done_callback(lambda _t: self._inflight.pop(tenant, None))
-        return await asyncio.shield(task)
+        # One fetch per tenant at a time; a caller that is cancelled does not cancel it.
+        return await self._inflight.run(tenant, lambda: self._load(tenant))
 
     async def _load(self, tenant: str) -> TenantConfig:
         self.fetches += 1
