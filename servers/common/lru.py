@@ -21,7 +21,7 @@ class LruCache(Generic[K, V]):
     an evicted connection); entries taken out by `pop`, `drop` or `clear` are the caller's
     to dispose of. A capacity of 0 or less keeps nothing."""
 
-    def __init__(self, capacity: int, on_evict: Callable[[K, V], None] | None = None) -> None:
+    def __init__(self, capacity: int, on_evict: Callable[[K, V], object] | None = None) -> None:
         self.capacity = capacity
         self._on_evict = on_evict
         self._items: OrderedDict[K, V] = OrderedDict()
