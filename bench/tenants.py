@@ -45,7 +45,7 @@ import grpc
 from copilot.v1 import retrieval_pb2 as pb
 from copilot.v1 import retrieval_pb2_grpc as pb_grpc
 from copilot_cli.supervisor import free_port, settings_env
-from servers.common.lifecycle import CHANNEL_OPTIONS
+from servers.common.channels import CLIENT_OPTIONS
 from servers.common.settings import Settings
 
 CHECKPOINTS = (1_000, 5_000)
@@ -233,7 +233,7 @@ async def bench(args: argparse.Namespace) -> dict[str, object]:
     report: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory(prefix="copilot-bench-tenants-") as tmp:
         server = Server(Path(tmp), args.max_open_tenants)
-        channel = grpc.aio.insecure_channel(server.address, options=CHANNEL_OPTIONS)
+        channel = grpc.aio.insecure_channel(server.address, options=CLIENT_OPTIONS)
         stub: pb_grpc.RetrievalServiceAsyncStub = pb_grpc.RetrievalServiceStub(channel)
         tenants_dir = Path(tmp) / "retrieval" / "tenants"
         try:

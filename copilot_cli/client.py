@@ -10,11 +10,10 @@ import grpc
 
 from copilot.v1 import audit_pb2_grpc, generation_pb2_grpc, metering_pb2_grpc, retrieval_pb2_grpc, tenant_pb2_grpc
 from copilot_cli.config import cli_config
+from servers.common.channels import CLIENT_OPTIONS
 from servers.common.identity import PLATFORM_TENANT
 from servers.common.issuer import DevIssuer
 from servers.common.settings import Settings
-
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
 class CliError(Exception):
@@ -41,10 +40,7 @@ class Client:
 
     @classmethod
     def connect(cls, token: str, address: str | None = None) -> Client:
-        channel = grpc.aio.insecure_channel(address or edge_address(), options=(
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ))
+        channel = grpc.aio.insecure_channel(address or edge_address(), options=CLIENT_OPTIONS)
         return cls(channel=channel, metadata=(("authorization", f"Bearer {token}"),))
 
     @property

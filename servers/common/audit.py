@@ -35,8 +35,8 @@ class AuditTrail:
         self.service = service
         self._stub = audit_pb2_grpc.AuditServiceStub(channel)
         self.outbox: Outbox[audit_pb2.AuditEvent] = Outbox(
-            directory, self._deliver, audit_pb2.AuditEvent, name="audit.outbox", actor=f"service:{service}",
-            interval_s=interval_s)
+            directory, self._deliver, audit_pb2.AuditEvent, name="audit.outbox",
+            actor=identity.service_subject(service), interval_s=interval_s)
 
     def record(self, kind: audit_pb2.AuditEventKind, caller: identity.Identity | None = None,
                **details: Any) -> asyncio.Future[bool]:
@@ -61,10 +61,8 @@ class AuditTrail:
             rpc=method, code=code.name, reason=reason, message=message[:1000]))
 
     async def _deliver(self, tenant_id: str, events: list[audit_pb2.AuditEvent], redelivery: bool) -> None:
-        writer = identity.Identity(tenant_id=tenant_id, subject=f"service:{self.service}",
-                                   roles=frozenset({identity.SERVICE}))
         # Not bounded by the request's deadline: the request is over, its audit must still land.
-        with identity.acting_as(writer), detached_deadline():
+        with identity.acting_as_service(tenant_id, self.service), detached_deadline():
             await self._stub.RecordAuditEvents(audit_pb2.RecordAuditEventsRequest(
                 events=events, redelivery=redelivery), timeout=DELIVERY_TIMEOUT_S)
 

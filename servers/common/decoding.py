@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +27,7 @@ from google.protobuf import descriptor_pool
 from prometheus_client import Counter
 
 from servers.common.errors import MalformedRequest
+from servers.common.lru import LruCache
 
 log = logging.getLogger("copilot.malformed")
 
@@ -92,22 +92,20 @@ class LogLimiter:
         self.interval_s = interval_s
         self.max_keys = max_keys
         self._clock = clock
-        self._last: OrderedDict[str, float] = OrderedDict()
         self._suppressed: dict[str, int] = {}
+        # A key forgotten takes its count of left-out lines with it.
+        self._last: LruCache[str, float] = LruCache(
+            max_keys, on_evict=lambda forgotten, _at: self._suppressed.pop(forgotten, None))
 
     def admit(self, key: str) -> int | None:
         """None when this event is left out of the log; else how many were left out since the
         key's last line (0 for its first)."""
         now = self._clock()
-        last = self._last.get(key)
+        last = self._last.peek(key)
         if last is not None and now - last < self.interval_s:
             self._suppressed[key] = self._suppressed.get(key, 0) + 1
             return None
-        self._last[key] = now
-        self._last.move_to_end(key)
-        while len(self._last) > self.max_keys:
-            forgotten, _ = self._last.popitem(last=False)
-            self._suppressed.pop(forgotten, None)
+        self._last.put(key, now)
         return self._suppressed.pop(key, 0)
 
 

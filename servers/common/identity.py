@@ -9,6 +9,7 @@ interceptor forwards them on every service-to-service call. Application code rea
 from __future__ import annotations
 
 import base64
+import contextlib
 import contextvars
 import json
 import re
@@ -130,5 +131,22 @@ def acting_as(identity: Identity) -> Iterator[Identity]:
         _current.reset(token)
 
 
+def service_subject(name: str) -> str:
+    """How the platform's service `name` (e.g. "generation") appears as an actor."""
+    return f"service:{name}"
+
+
 def service_account(name: str) -> Identity:
-    return Identity(tenant_id=PLATFORM_TENANT, subject=f"service:{name}", roles=frozenset({OPERATOR}))
+    """The service `name` acting for the platform itself (e.g. the edge reading every tenant's plan)."""
+    return Identity(tenant_id=PLATFORM_TENANT, subject=service_subject(name), roles=frozenset({OPERATOR}))
+
+
+def service_identity(tenant_id: str, name: str) -> Identity:
+    """The service `name` acting for one tenant (writing its usage or audit, admitting its
+    requests, provisioning it): the service role only, which no end user holds."""
+    return Identity(tenant_id=tenant_id, subject=service_subject(name), roles=frozenset({SERVICE}))
+
+
+def acting_as_service(tenant_id: str, name: str) -> contextlib.AbstractContextManager[Identity]:
+    """Runs a block as the service `name` acting for `tenant_id` (`service_identity`)."""
+    return acting_as(service_identity(tenant_id, name))

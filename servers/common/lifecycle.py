@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -15,6 +15,7 @@ import grpc
 
 from servers.common import logs, metrics, telemetry
 from servers.common.bounds import BoundsServerInterceptor
+from servers.common.channels import CLIENT_OPTIONS, server_options
 from servers.common.health import DependencyCheck, Health
 from servers.common.interceptors import (
     DecodingServerInterceptor,
@@ -23,30 +24,9 @@ from servers.common.interceptors import (
     identity_client_interceptors,
 )
 from servers.common.reflection import add_reflection
-from servers.common.settings import Bounds, Settings
+from servers.common.settings import Settings
 
 log = logging.getLogger("copilot.server")
-
-# Large enough for batched ingest; Envoy enforces the public limit in front.
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-
-CHANNEL_OPTIONS: Sequence[tuple[str, int | str]] = (
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.enable_retries", 1),
-    # A restarted peer is found again within seconds (the default backoff grows to 120 s).
-    ("grpc.max_reconnect_backoff_ms", 5_000),
-)
-
-
-def server_options(bounds: Bounds) -> list[tuple[str, int | str]]:
-    """A server's channel options: gRPC itself refuses (RESOURCE_EXHAUSTED, before decoding) a
-    message over the largest per-RPC limit; the bounds interceptor then applies each RPC's own."""
-    largest = max(bounds.query_request_bytes, bounds.ingest_request_bytes, bounds.ingest_stream_message_bytes,
-                  bounds.default_request_bytes)
-    return [(key, largest if key == "grpc.max_receive_message_length" else value) for key, value in CHANNEL_OPTIONS]
-
 
 class HealthProvider(Protocol):
     """What serves grpc.health.v1 for a server: the standard `Health`, or a service's own."""
@@ -86,7 +66,7 @@ class Service:
 def connect(address: str) -> grpc.aio.Channel:
     """A channel to another service that forwards identity, deadline and trace context."""
     interceptors = [*telemetry.client_interceptors(), *identity_client_interceptors()]
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors)
+    return grpc.aio.insecure_channel(address, options=CLIENT_OPTIONS, interceptors=interceptors)
 
 
 async def serve(service: Service, settings: Settings) -> None:

@@ -15,13 +15,16 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 import grpc
 
 from copilot.v1 import tenant_pb2, tenant_pb2_grpc
 from servers.common import identity, lifecycle
+from servers.common.retry import Backoff
 from servers.common.settings import Settings
+from servers.common.singleflight import SingleFlight
+from servers.common.tenant_watch import TenantFollower, WatchStream, watch_as
 from servers.edge.limiter import HOUR, MINUTE, SECOND, Limits, Window
 
 log = logging.getLogger("copilot.edge.config")
@@ -64,14 +67,6 @@ TenantLookup = Callable[[str], Awaitable["tenant_pb2.Tenant | None"]]
 # Bounds the memory an unlucky or hostile stream of unknown tenant ids can take (each one
 # needs a verified token, so this is a safety net, not the defence).
 MAX_MISSING = 10_000
-# Changes pushed by the tenant service as they happen (WatchTenants).
-TenantWatch = Callable[[], AsyncIterator[tenant_pb2.WatchTenantsResponse]]
-
-
-async def watch_tenants(stub: tenant_pb2_grpc.TenantServiceAsyncStub) -> AsyncIterator[tenant_pb2.WatchTenantsResponse]:
-    with identity.acting_as(identity.service_account("edge")):
-        async for message in stub.WatchTenants(tenant_pb2.WatchTenantsRequest()):
-            yield message
 
 
 async def get_tenant(stub: tenant_pb2_grpc.TenantServiceAsyncStub, tenant_id: str) -> tenant_pb2.Tenant | None:
@@ -134,7 +129,7 @@ class TenantLimits:
     """Limits per tenant id, refreshed in the background."""
 
     def __init__(self, source: TenantSource, refresh_s: float, *,
-                 on_close: Callable[[], Awaitable[None]] | None = None, watch: TenantWatch | None = None,
+                 on_close: Callable[[], Awaitable[None]] | None = None, watch: WatchStream | None = None,
                  lookup: TenantLookup | None = None) -> None:
         self._source = source
         # Without a lookup (tests of limits alone) a tenant the table does not know gets the
@@ -144,10 +139,15 @@ class TenantLimits:
         # so a token for a missing tenant costs one lookup per refresh period, not one per call.
         # A tenant created meanwhile leaves it at once through the watch (or the next listing).
         self._missing: dict[str, float] = {}
-        self._inflight: dict[str, asyncio.Future[str | None]] = {}
-        self._watch = watch
-        self._watch_task: asyncio.Task[None] | None = None
+        self._inflight: SingleFlight[str, str | None] = SingleFlight()
         self._refresh_s = max(0.1, refresh_s)
+        # The periodic refresh is the safety net while the watch is down; once a watch is past
+        # its snapshot, one full load reconciles what changed while it was down (tenants
+        # deleted meanwhile), and pushed changes keep the table current from then on.
+        quick = min(1.0, self._refresh_s)
+        self._watch = None if watch is None else TenantFollower(
+            watch, lambda change, _snapshot: self.apply(change), on_snapshot=self.refresh,
+            reconnect=Backoff(base_s=quick, cap_s=quick), name="tenant-watch")
         self._table: dict[str, Limits] = _table(())
         self._count = 0
         # Tenant id -> SUSPENDED or DELETED: refused before any limit is counted.
@@ -158,9 +158,12 @@ class TenantLimits:
         self._healthy = True
         self._task: asyncio.Task[None] | None = None
         self._on_close = on_close
-        # True while the watch is connected and past its snapshot: the periodic listing
-        # (every tenant, every refresh period) is skipped, since every change arrives pushed.
-        self.watch_live = False
+
+    @property
+    def watch_live(self) -> bool:
+        """True while the watch is connected and past its snapshot: the periodic listing
+        (every tenant, every refresh period) is skipped, since every change arrives pushed."""
+        return self._watch is not None and self._watch.live
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TenantLimits:
@@ -171,7 +174,7 @@ class TenantLimits:
             await channel.close(None)
 
         return cls(lambda: list_all_tenants(stub), settings.tenant_cache_ttl_s, on_close=close,
-                   watch=lambda: watch_tenants(stub), lookup=lambda tenant_id: get_tenant(stub, tenant_id))
+                   watch=watch_as(stub, "edge"), lookup=lambda tenant_id: get_tenant(stub, tenant_id))
 
     def get(self, tenant_id: str) -> Limits:
         return self._table.get(tenant_id, FREE_LIMITS)
@@ -193,13 +196,8 @@ class TenantLimits:
             if expiry > time.monotonic():
                 return self.refused.get(tenant_id, UNKNOWN)
             del self._missing[tenant_id]
-        pending = self._inflight.get(tenant_id)
-        if pending is None:
-            # Its own task: Envoy giving up on one call must not cancel the lookup others wait on.
-            pending = asyncio.ensure_future(self._confirm(tenant_id))
-            self._inflight[tenant_id] = pending
-            pending.add_done_callback(lambda _done: self._inflight.pop(tenant_id, None))
-        return await asyncio.shield(pending)
+        # Envoy giving up on one call must not cancel the lookup others wait on.
+        return await self._inflight.run(tenant_id, lambda: self._confirm(tenant_id))
 
     async def _confirm(self, tenant_id: str) -> str | None:
         assert self._lookup is not None
@@ -268,7 +266,7 @@ class TenantLimits:
             await asyncio.wait_for(self.refresh(), STARTUP_WAIT_S)
         self._task = asyncio.create_task(self._loop(), name="tenant-limits")
         if self._watch is not None:
-            self._watch_task = asyncio.create_task(self._follow(self._watch), name="tenant-watch")
+            await self._watch.start()
 
     async def _loop(self) -> None:
         while True:
@@ -301,30 +299,9 @@ class TenantLimits:
             refused[gone] = DELETED
         self._table, self.refused, self._active = table, refused, sorted(active.items())
 
-    async def _follow(self, watch: TenantWatch) -> None:
-        # The periodic refresh is the safety net while the watch is down; once a watch is past
-        # its snapshot, one full load reconciles what changed while it was down (tenants
-        # deleted meanwhile), and pushed changes keep the table current from then on.
-        while True:
-            try:
-                async for change in watch():
-                    self.apply(change)
-                    if change.snapshot_done and await self.refresh():
-                        self.watch_live = True
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # metering restarting: reconnect, the refresh covers the gap
-                log.debug("tenant watch interrupted", extra={"error": str(exc)})
-            finally:
-                self.watch_live = False
-            await asyncio.sleep(min(1.0, self._refresh_s))
-
     async def stop(self) -> None:
-        if self._watch_task is not None:
-            self._watch_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch_task
-            self._watch_task = None
+        if self._watch is not None:
+            await self._watch.stop()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -21,6 +21,7 @@ from grpc.aio import ServicerContext
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from servers.common.settings import Settings
+from servers.common.singleflight import SingleFlight
 
 log = logging.getLogger("copilot.edge.health")
 
@@ -59,7 +60,7 @@ class HealthProxy(health_pb2_grpc.HealthServicer):
         self._serving = False
         self._stopped = asyncio.Event()
         self._cache: dict[str, tuple[Status, float]] = {}
-        self._inflight: dict[str, asyncio.Future[Status]] = {}
+        self._inflight: SingleFlight[str, Status] = SingleFlight()
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, health_pb2_grpc.HealthStub] = {}
 
@@ -123,14 +124,9 @@ class HealthProxy(health_pb2_grpc.HealthServicer):
         now = time.monotonic()
         if cached is not None and cached[1] > now:
             return cached[0]
-        pending = self._inflight.get(name)
-        if pending is None:
-            # Concurrent probes for the same name share one call to its owner, which
-            # outlives any one caller giving up on it.
-            pending = asyncio.ensure_future(self._probe_and_cache(name))
-            self._inflight[name] = pending
-            pending.add_done_callback(lambda _done: self._inflight.pop(name, None))
-        return await asyncio.shield(pending)
+        # Concurrent probes for the same name share one call to its owner, which outlives
+        # any one caller giving up on it.
+        return await self._inflight.run(name, lambda: self._probe_and_cache(name))
 
     async def _probe_and_cache(self, name: str) -> Status:
         result = await self._probe(name)

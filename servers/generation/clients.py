@@ -15,9 +15,7 @@ place that acts as that tenant's service account for the call.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import random
 import time
 from collections.abc import Awaitable, Mapping
 from pathlib import Path
@@ -31,6 +29,7 @@ from servers.common.audit import AuditTrail
 from servers.common.errors import quota_refusal_of
 from servers.common.interceptors import detached_deadline
 from servers.common.outbox import Outbox
+from servers.common.retry import TRANSIENT_CODES, Backoff, retry
 from servers.generation.convert import mode_to_proto, search_mode_from_proto, search_mode_to_proto
 from servers.generation.models import (
     AnsweredQuestion,
@@ -46,17 +45,18 @@ log = logging.getLogger("copilot.generation")
 
 # Failures worth retrying (usage) or bridging with an earlier decision (quota): the peer is
 # restarting or slow, not refusing.
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+RETRYABLE = TRANSIENT_CODES
 # While Metering is unreachable, a tenant it allowed this recently is still answered (and
 # its usage kept in the outbox): a metering restart must not take answers down.
 QUOTA_GRACE_S = 120.0
 QUOTA_TIMEOUT_S = 2.0
-USAGE_ATTEMPTS = 3
+# A short burst while the caller's usage write is in flight; the outbox redelivers after that.
+USAGE_RETRY = Backoff(base_s=0.1, cap_s=1.0, max_attempts=3)
 USAGE_TIMEOUT_S = 3.0
 # A cap; the caller's remaining deadline (forwarded by the client interceptor) is shorter.
 SEARCH_TIMEOUT_S = 10.0
 # Usage is written by the platform for the caller's tenant: end users hold no write role.
-SERVICE_SUBJECT = "service:generation"
+SERVICE_NAME = "generation"
 
 
 class MeteringClient:
@@ -82,7 +82,7 @@ class MeteringClient:
             try:
                 # Admission is the platform's act for the caller's tenant (members hold no
                 # right to reserve: they could lock their own tenant out).
-                with identity.acting_as(_service_of(tenant)):
+                with identity.acting_as_service(tenant, SERVICE_NAME):
                     response = await self._stub.ReserveQuota(
                         metering_pb2.ReserveQuotaRequest(reservation_id=reservation_id, tokens=tokens),
                         timeout=self._quota_timeout_s)
@@ -106,7 +106,7 @@ class MeteringClient:
     async def release(self, tenant_id: str, reservation_id: str) -> None:
         """Drops a reservation whose answer will record no usage (it failed or was cancelled
         first). Best effort: the hold's expiry frees it anyway."""
-        with identity.acting_as(_service_of(tenant_id)), detached_deadline():
+        with identity.acting_as_service(tenant_id, SERVICE_NAME), detached_deadline():
             try:
                 await self._stub.ReleaseQuota(metering_pb2.ReleaseQuotaRequest(reservation_id=reservation_id),
                                               timeout=self._quota_timeout_s)
@@ -119,24 +119,11 @@ class MeteringClient:
         """Writes `tenant_id`'s usage events (the outbox's stored form), retrying transient
         failures with the same event ids; raises when Metering did not take them. Metering
         deduplicates every usage event by its id, so `redelivery` changes nothing here."""
-        writer = _service_of(tenant_id)
         request = metering_pb2.RecordUsageRequest(events=events)
         # Not bounded by the caller's deadline: the answer was given, so its usage must be
         # written even when the caller's time ran out.
-        with identity.acting_as(writer), detached_deadline():
-            for attempt in range(USAGE_ATTEMPTS):
-                try:
-                    await self._stub.RecordUsage(request, timeout=self._usage_timeout_s)
-                    return
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() not in RETRYABLE or attempt == USAGE_ATTEMPTS - 1:
-                        raise
-                await asyncio.sleep(0.05 * 2**attempt * random.uniform(0.5, 1.5))
-
-
-def _service_of(tenant_id: str) -> identity.Identity:
-    """This service acting for a tenant (usage, admission): end users hold no such roles."""
-    return identity.Identity(tenant_id=tenant_id, subject=SERVICE_SUBJECT, roles=frozenset({identity.SERVICE}))
+        with identity.acting_as_service(tenant_id, SERVICE_NAME), detached_deadline():
+            await retry(lambda: self._stub.RecordUsage(request, timeout=self._usage_timeout_s), USAGE_RETRY)
 
 
 def usage_event(usage: Usage) -> metering_pb2.UsageEvent:
@@ -155,7 +142,8 @@ class UsageRecorder:
 
     def __init__(self, metering: MeteringClient, directory: Path) -> None:
         self.outbox: Outbox[metering_pb2.UsageEvent] = Outbox(
-            directory, metering.record_usage, metering_pb2.UsageEvent, name="usage.outbox", actor=SERVICE_SUBJECT,
+            directory, metering.record_usage, metering_pb2.UsageEvent, name="usage.outbox",
+            actor=identity.service_subject(SERVICE_NAME),
             depth_metric=metrics.USAGE_OUTBOX_DEPTH)
 
     async def record(self, usage: Usage) -> bool:

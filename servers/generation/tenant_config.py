@@ -13,20 +13,21 @@ the tenant's config (this cache) → per-request overrides its plan allows
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 
 from copilot.v1 import tenant_pb2, tenant_pb2_grpc
 from servers.common import identity
 from servers.common.errors import PermissionDenied
+from servers.common.retry import Backoff
+from servers.common.singleflight import SingleFlight
+from servers.common.tenant_watch import TenantFollower, watch_as
 from servers.generation.convert import mode_from_proto, plan_from_proto
 from servers.generation.models import Plan, RetrievalMode, TenantConfig
 
 log = logging.getLogger("copilot.generation.tenants")
 
-WATCH_RETRY_S = (0.5, 10.0)
+WATCH_RECONNECT = Backoff(base_s=0.5, cap_s=10.0)
 
 
 def config_from_proto(tenant: tenant_pb2.Tenant) -> TenantConfig:
@@ -54,23 +55,20 @@ class TenantConfigCache:
         self._stub = stub
         self._ttl = ttl_s
         self._entries: dict[str, tuple[float, TenantConfig]] = {}
-        self._inflight: dict[str, asyncio.Future[TenantConfig]] = {}
+        self._inflight: SingleFlight[str, TenantConfig] = SingleFlight()
         self.fetches = 0
         # True while the watch is connected and its snapshot has arrived: entries are current.
         self.live = False
-        self._watch: asyncio.Task[None] | None = None
+        self._watch = TenantFollower(watch_as(stub, "generation"), self.apply, reconnect=WATCH_RECONNECT,
+                                     on_snapshot=self._snapshot_done, on_down=self._watch_down,
+                                     name="tenant-config-watch")
 
     async def start(self) -> None:
         """Follows WatchTenants in the background (reconnecting) until `stop`."""
-        if self._watch is None:
-            self._watch = asyncio.create_task(self._follow(), name="tenant-config-watch")
+        await self._watch.start()
 
     async def stop(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
-            self._watch = None
+        await self._watch.stop()
         self.live = False
 
     async def get(self) -> TenantConfig:
@@ -86,14 +84,8 @@ class TenantConfigCache:
         return config
 
     async def _fetch(self, tenant: str) -> TenantConfig:
-        # One fetch per tenant at a time, run as its own task so a caller that is cancelled
-        # does not cancel the others waiting on it.
-        task = self._inflight.get(tenant)
-        if task is None:
-            task = asyncio.ensure_future(self._load(tenant))
-            self._inflight[tenant] = task
-            task.add_done_callback(lambda _t: self._inflight.pop(tenant, None))
-        return await asyncio.shield(task)
+        # One fetch per tenant at a time; a caller that is cancelled does not cancel it.
+        return await self._inflight.run(tenant, lambda: self._load(tenant))
 
     async def _load(self, tenant: str) -> TenantConfig:
         self.fetches += 1
@@ -125,30 +117,16 @@ class TenantConfigCache:
             for gone in set(self._entries) - snapshot:
                 self._entries.pop(gone, None)
 
-    async def _follow(self) -> None:
-        delay = WATCH_RETRY_S[0]
-        while True:
-            try:
-                snapshot: set[str] | None = set()
-                with identity.acting_as(identity.service_account("generation")):
-                    async for change in self._stub.WatchTenants(tenant_pb2.WatchTenantsRequest()):
-                        self.apply(change, snapshot)
-                        if change.snapshot_done:
-                            snapshot = None
-                            self.live = True
-                            delay = WATCH_RETRY_S[0]
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # metering restarting, or the watch fell behind
-                log.info("tenant watch interrupted; configs expire after the TTL until it is back",
-                         extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
-            finally:
-                if self.live:
-                    # Every entry was current when the watch broke: each gets a full TTL from
-                    # now, as if just fetched (answers go on through a short metering restart).
-                    until = time.monotonic() + self._ttl
-                    self._entries = {tenant: (max(expiry, until), config)
-                                     for tenant, (expiry, config) in self._entries.items()}
-                self.live = False
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, WATCH_RETRY_S[1])
+    def _snapshot_done(self) -> bool:
+        self.live = True
+        return True
+
+    def _watch_down(self) -> None:
+        if self.live:
+            # Every entry was current when the watch broke: each gets a full TTL from now,
+            # as if just fetched (answers go on through a short metering restart).
+            until = time.monotonic() + self._ttl
+            self._entries = {tenant: (max(expiry, until), config)
+                             for tenant, (expiry, config) in self._entries.items()}
+            log.info("tenant watch down; configs expire after the TTL until it is back")
+        self.live = False

@@ -13,13 +13,13 @@ settings, so a cached answer is never stale; erasing a tenant drops all its entr
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Generic, TypeVar
+from typing import TypeVar
 
 from servers.common import metrics, telemetry
 from servers.common.errors import FieldViolation, InvalidArgument
+from servers.common.lru import LruCache
 from servers.retrieval.chunker import DEFAULT_CONFIG, ChunkingConfig, chunk_document
 from servers.retrieval.embedders import Embedder
 from servers.retrieval.fusion import Fusion, NoopReranker, Reranker, fuse, fuse_ranked
@@ -53,49 +53,8 @@ SETTING_ALPHA = "default_alpha"
 SETTING_FUSION = "default_fusion"
 SETTING_TOP_K = "default_top_k"
 
-K = TypeVar("K", bound=Hashable)
-V = TypeVar("V")
 A = TypeVar("A")
 B = TypeVar("B")
-
-
-class LruCache(Generic[K, V]):
-    """A bounded mapping; reads refresh an entry, inserts evict the least recent."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._items: OrderedDict[K, V] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key: K) -> V | None:
-        value = self._items.get(key)
-        if value is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self._items.move_to_end(key)
-        return value
-
-    def put(self, key: K, value: V) -> None:
-        if self.capacity <= 0:
-            return
-        self._items[key] = value
-        self._items.move_to_end(key)
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
-
-    def drop(self, predicate: object) -> int:
-        doomed = [key for key in self._items if predicate(key)]  # type: ignore[operator]
-        for key in doomed:
-            del self._items[key]
-        return len(doomed)
-
-    def snapshot(self) -> list[K]:
-        return list(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 @dataclass(frozen=True, slots=True)

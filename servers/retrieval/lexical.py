@@ -32,12 +32,13 @@ from __future__ import annotations
 import math
 import re
 import sqlite3
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+
+from servers.common.lru import LruCache
 
 # The tokenizer of the tenant tables the store creates. Queries are cut with the tokenizer
 # read from each table's own definition (`tokenize_option`), so a file made under another
@@ -314,8 +315,7 @@ class QueryTokenizer:
         quoted = "'" + tokenize.replace("'", "''") + "'"
         self._conn.execute(f"CREATE VIRTUAL TABLE query USING fts5(text, content='', tokenize={quoted})")
         self._conn.execute("CREATE VIRTUAL TABLE query_tokens USING fts5vocab(query, 'instance')")
-        self._cache: OrderedDict[str, tuple[str, ...]] = OrderedDict()
-        self._capacity = capacity
+        self._cache: LruCache[str, tuple[str, ...]] = LruCache(capacity)
 
     def tokens(self, texts: Sequence[str]) -> list[tuple[str, ...]]:
         known: dict[str, tuple[str, ...]] = {}
@@ -325,7 +325,6 @@ class QueryTokenizer:
             if cached is None:
                 missing.append(text)
             else:
-                self._cache.move_to_end(text)
                 known[text] = cached
         if missing:
             self._conn.execute("BEGIN")
@@ -338,9 +337,8 @@ class QueryTokenizer:
             for doc, offset, term in found:
                 cut[doc].append((offset, term))
             for text, tokens in zip(missing, cut, strict=True):
-                known[text] = self._cache[text] = tuple(term for _, term in sorted(tokens))
-            while len(self._cache) > self._capacity:
-                self._cache.popitem(last=False)
+                known[text] = tuple(term for _, term in sorted(tokens))
+                self._cache.put(text, known[text])
         return [known[text] for text in texts]
 
     def close(self) -> None:

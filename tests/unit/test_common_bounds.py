@@ -23,9 +23,9 @@ from copilot.v1 import (
     tenant_pb2,
 )
 from servers.common.bounds import METHOD_SIZES, BoundsServerInterceptor, StreamLimiter, request_limit
+from servers.common.channels import server_options
 from servers.common.errors import ResourceExhausted, from_rpc_error
 from servers.common.interceptors import IdentityServerInterceptor, remaining_deadline
-from servers.common.lifecycle import server_options
 from servers.common.settings import BOUNDS_ENV, Bounds, Settings
 
 

@@ -176,7 +176,11 @@ async def test_a_live_watch_replaces_the_periodic_listing_and_its_loss_brings_it
         listings += 1
         return list(tenants)
 
+    dropped = False
+
     async def watch() -> AsyncIterator[tenant_pb2.WatchTenantsResponse]:
+        if dropped:  # metering is restarting: every reconnect fails until the test ends
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata())
         yield tenant_pb2.WatchTenantsResponse(tenants=list(tenants))
         yield tenant_pb2.WatchTenantsResponse(snapshot_done=True)
         while (change := await pushes.get()) is not None:
@@ -200,6 +204,7 @@ async def test_a_live_watch_replaces_the_periodic_listing_and_its_loss_brings_it
                 break
             await asyncio.sleep(0.01)
         assert limits.get("acme") == limits_of(7, 7, 7)
+        dropped = True
         pushes.put_nowait(None)  # the watch drops: the periodic listing resumes
         for _ in range(100):
             if listings > quiet_from + 1:

@@ -17,9 +17,10 @@ from copilot.v1 import retrieval_pb2 as pb
 from copilot.v1 import retrieval_pb2_grpc as pb_grpc
 from copilot.v1 import tenant_pb2, tenant_pb2_grpc
 from servers.common import identity
+from servers.common.channels import CLIENT_OPTIONS, SERVER_OPTIONS
 from servers.common.errors import NotFound, PermissionDenied, from_rpc_error
 from servers.common.interceptors import IdentityServerInterceptor
-from servers.common.lifecycle import CHANNEL_OPTIONS, connect
+from servers.common.lifecycle import connect
 from servers.common.settings import Settings
 from servers.retrieval.config import RetrievalConfig
 from servers.retrieval.engine import RetrievalEngine
@@ -51,11 +52,11 @@ class Rig:
 @pytest.fixture
 async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     store = SqliteFtsStore(tmp_path / "tenants")
-    server = grpc.aio.server(interceptors=[IdentityServerInterceptor(access_log=False)], options=CHANNEL_OPTIONS)
+    server = grpc.aio.server(interceptors=[IdentityServerInterceptor(access_log=False)], options=SERVER_OPTIONS)
     pb_grpc.add_RetrievalServiceServicer_to_server(RetrievalServiceServicer(RetrievalEngine(store)), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CLIENT_OPTIONS)
     try:
         yield Rig(pb_grpc.RetrievalServiceStub(channel), store)
     finally:
@@ -347,11 +348,11 @@ async def test_nothing_is_stored_for_a_tenant_the_registry_does_not_know(tmp_pat
     store = SqliteFtsStore(tmp_path / "tenants")
     to_metering = connect(f"127.0.0.1:{metering_port}")
     servicer = RetrievalServiceServicer(RetrievalEngine(store), registry=TenantRegistry.over(to_metering, 60))
-    server = grpc.aio.server(interceptors=[IdentityServerInterceptor(access_log=False)], options=CHANNEL_OPTIONS)
+    server = grpc.aio.server(interceptors=[IdentityServerInterceptor(access_log=False)], options=SERVER_OPTIONS)
     pb_grpc.add_RetrievalServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CLIENT_OPTIONS)
     stub = pb_grpc.RetrievalServiceStub(channel)
     docs = pb.IngestDocumentsRequest(documents=[document("p", "Two signatures are needed.")])
     try:

@@ -19,9 +19,9 @@ import weaviate.classes as wvc
 
 from copilot.v1 import retrieval_pb2 as pb
 from copilot.v1 import retrieval_pb2_grpc as pb_grpc
+from servers.common.channels import CLIENT_OPTIONS, SERVER_OPTIONS
 from servers.common.errors import Unavailable
 from servers.common.interceptors import IdentityServerInterceptor
-from servers.common.lifecycle import CHANNEL_OPTIONS
 from servers.common.settings import Settings
 from servers.retrieval.config import RetrievalConfig
 from servers.retrieval.engine import RetrievalEngine
@@ -259,11 +259,11 @@ async def test_service_on_weaviate_over_grpc(fake: FakeWeaviate, tmp_path: Path)
     for start in service.on_start:
         await start()
     assert await service.dependencies["weaviate_ready"]()
-    server = grpc.aio.server(interceptors=[IdentityServerInterceptor(access_log=False)], options=CHANNEL_OPTIONS)
+    server = grpc.aio.server(interceptors=[IdentityServerInterceptor(access_log=False)], options=SERVER_OPTIONS)
     service.register(server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CLIENT_OPTIONS)
     stub = pb_grpc.RetrievalServiceStub(channel)
     admin_a = (("x-user-id", "u1"), ("x-roles", "admin"), ("x-tenant-id", "tenant-grpc-a"))
     member_b = (("x-user-id", "u2"), ("x-roles", "member"), ("x-tenant-id", "tenant-grpc-b"))

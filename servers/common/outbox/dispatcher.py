@@ -36,6 +36,7 @@ from google.protobuf.message import Message
 
 from servers.common import metrics, telemetry
 from servers.common.outbox.journal import Journal, Pending, event_id
+from servers.common.retry import Backoff
 
 log = logging.getLogger("copilot.outbox")
 
@@ -82,6 +83,8 @@ class Outbox(Generic[M]):
         self._name = name
         self._actor = actor
         self._interval = interval_s
+        # After a failed delivery: from twice the interval up to MAX_BACKOFF_S.
+        self._retry = Backoff(base_s=2 * interval_s, cap_s=MAX_BACKOFF_S)
         self._batch = batch
         self._inflight: set[Path] = set()
         self._task: asyncio.Task[None] | None = None
@@ -299,9 +302,10 @@ class Outbox(Generic[M]):
     async def _loop(self) -> None:
         failures = 0
         while True:
-            delay = self._interval if failures == 0 else min(MAX_BACKOFF_S, self._interval * 2 ** failures)
+            # Idle: every interval (jittered so replicas spread out); failing: backing off.
+            delay = self._interval * random.uniform(0.8, 1.2) if failures == 0 else self._retry.delay(failures)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=delay * random.uniform(0.8, 1.2))
+                await asyncio.wait_for(self._wake.wait(), timeout=delay)
             self._wake.clear()
             try:
                 started = time.monotonic()
@@ -313,7 +317,7 @@ class Outbox(Generic[M]):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                failures = min(failures + 1, 6)
+                failures += 1
                 self._backlog = True
                 log.warning(f"{self._name}: delivery failed; will retry", extra={"error": repr(exc)})
 

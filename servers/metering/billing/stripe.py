@@ -19,9 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import sqlite3
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -32,6 +30,7 @@ from typing import Any, TypeVar
 import stripe
 
 from servers.common.errors import Unavailable
+from servers.common.retry import Backoff, retry_sync
 from servers.common.settings import Settings
 from servers.metering.storage import clickhouse
 from servers.metering.storage.sqlite import SqliteStore, SqliteWorker, to_micros, transaction
@@ -78,29 +77,28 @@ class StripeApi:
                  base_delay_s: float = 0.2, max_delay_s: float = 10.0) -> None:
         self.client = stripe.StripeClient(api_key, base_addresses={"api": api_base} if api_base else None,
                                           max_network_retries=0)
-        self._max_attempts = max_attempts
-        self._base_delay = base_delay_s
-        self._max_delay = max_delay_s
+        self._policy = Backoff(base_s=base_delay_s, cap_s=max_delay_s, max_attempts=max_attempts)
         self.retries = 0
 
+    def _retry_after(self, exc: BaseException) -> float | None:
+        """Stripe's Retry-After, as a floor for the wait (bounded by the policy's cap)."""
+        headers = getattr(exc, "headers", None) or {}
+        retry_after = headers.get("retry-after") or headers.get("Retry-After")
+        if retry_after:
+            with contextlib.suppress(ValueError):
+                return min(self._policy.cap_s, float(retry_after))
+        return None
+
+    def _retried(self, exc: BaseException, attempt: int, delay: float) -> None:
+        self.retries += 1
+        log.info("stripe call retried", extra={"error": type(exc).__name__, "attempt": attempt,
+                                               "delay_s": round(delay, 3)})
+
     def _retrying(self, fn: Callable[[], T]) -> T:
-        for attempt in range(1, self._max_attempts + 1):
-            try:
-                return fn()
-            except (stripe.RateLimitError, stripe.APIConnectionError, stripe.APIError) as exc:
-                if attempt == self._max_attempts:
-                    raise
-                delay = min(self._max_delay, self._base_delay * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
-                headers = getattr(exc, "headers", None) or {}
-                retry_after = headers.get("retry-after") or headers.get("Retry-After")
-                if retry_after:
-                    with contextlib.suppress(ValueError):
-                        delay = max(delay, min(self._max_delay, float(retry_after)))
-                self.retries += 1
-                log.info("stripe call retried", extra={"error": type(exc).__name__, "attempt": attempt,
-                                                       "delay_s": round(delay, 3)})
-                time.sleep(delay)
-        raise AssertionError("unreachable")
+        # Rate limits, 5xx and connection errors; a 4xx other than 429 would fail again.
+        return retry_sync(fn, self._policy, on_retry=self._retried, hint=self._retry_after,
+                          retryable=lambda exc: isinstance(
+                              exc, (stripe.RateLimitError, stripe.APIConnectionError, stripe.APIError)))
 
     async def call(self, fn: Callable[[], T]) -> T:
         try:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 from servers.common.errors import Unavailable
+from servers.common.retry import Backoff
 from servers.metering.storage.clickhouse import ClickHouseBackend
 from servers.metering.storage.log import LogEntry, UsageLog
 
@@ -26,6 +27,8 @@ log = logging.getLogger("copilot.metering.flusher")
 
 # Ids asked of ClickHouse per query when checking which are already stored.
 LOOKUP_CHUNK = 2_000
+# A failed flush is retried until ClickHouse takes it (the events are safe in the log meanwhile).
+FLUSH_RETRY = Backoff(base_s=0.1, cap_s=5.0)
 
 
 class Keyed(Protocol):
@@ -261,14 +264,14 @@ class LogFlusher(Generic[Q]):
         return batch, size
 
     async def _flusher(self) -> None:
-        backoff = 0.1
+        failures = 0
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake_flusher.wait(), self._flush_interval)
             self._wake_flusher.clear()
             try:
                 await self.flush()
-                backoff = 0.1
+                failures = 0
                 self.last_flush_error = None
             except Exception as exc:
                 self.last_flush_error = repr(exc)
@@ -276,8 +279,8 @@ class LogFlusher(Generic[Q]):
                             extra={"error": repr(exc)[:300], "pending_entries": len(self._pending)})
                 if self._closing:
                     return
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                failures += 1
+                await asyncio.sleep(FLUSH_RETRY.delay(failures))
                 continue
             if self._closing:
                 return

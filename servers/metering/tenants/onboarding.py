@@ -23,12 +23,8 @@ from servers.metering.tenants.domain import Tenant
 
 log = logging.getLogger("copilot.metering.onboarding")
 
-METERING_SUBJECT = "service:metering"
-
-
-def acting_for(tenant_id: str) -> identity.Identity:
-    """The identity metering uses to act on a tenant in other services."""
-    return identity.Identity(tenant_id=tenant_id, subject=METERING_SUBJECT, roles=frozenset({identity.SERVICE}))
+# The service acting on a tenant in other services.
+SERVICE_NAME = "metering"
 
 
 class TenantHook(ABC):
@@ -53,11 +49,11 @@ class RetrievalHook(TenantHook):
         self._timeout = timeout_s
 
     async def provision(self, tenant: Tenant) -> None:
-        with identity.acting_as(acting_for(tenant.tenant_id)):
+        with identity.acting_as_service(tenant.tenant_id, SERVICE_NAME):
             await self._stub.ProvisionTenant(retrieval_pb2.ProvisionTenantRequest(), timeout=self._timeout)
 
     async def erase(self, tenant_id: str) -> None:
-        with identity.acting_as(acting_for(tenant_id)):
+        with identity.acting_as_service(tenant_id, SERVICE_NAME):
             await self._stub.EraseTenant(retrieval_pb2.EraseTenantRequest(), timeout=self._timeout)
 
 

@@ -22,12 +22,12 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from servers.common.lru import LruCache
 from servers.metering.storage import clickhouse
 from servers.metering.storage.clickhouse import ClickHouseBackend
 from servers.metering.storage.flusher import LogFlusher, WriteRequest
@@ -87,7 +87,7 @@ class ClickHouseUsageStore(LogFlusher[_Request], UsageStore):
         self._pending_events = 0
         # Held while a batch moves from pending to ClickHouse, and by readers that combine both.
         self._move_lock = asyncio.Lock()
-        self._counters: OrderedDict[tuple[str, int], _MonthCounters] = OrderedDict()
+        self._counters: LruCache[tuple[str, int], _MonthCounters] = LruCache(MAX_COUNTERS)
         self._to_commit: list[LogEntry] = []
         self.flushed_events = 0
 
@@ -161,7 +161,7 @@ class ClickHouseUsageStore(LogFlusher[_Request], UsageStore):
     def _provisional(self, e: UsageEvent, sign: int) -> _MonthCounters | None:
         if (e.tenant_id, e.event_id) in self._pending_keys:
             return None  # a known duplicate: never counted
-        counters = self._counters.get(_month_key(e.tenant_id, e.occur_time))
+        counters = self._counters.peek(_month_key(e.tenant_id, e.occur_time))
         if counters is not None:
             counters.add(_hour_of(e.occur_time), sign * e.requests, sign * e.tokens)
         return counters
@@ -173,7 +173,7 @@ class ClickHouseUsageStore(LogFlusher[_Request], UsageStore):
         if not request.counted:
             return
         for e, counted, is_new in zip(request.events, request.counted, fresh, strict=True):
-            current = self._counters.get(_month_key(e.tenant_id, e.occur_time))
+            current = self._counters.peek(_month_key(e.tenant_id, e.occur_time))
             if current is None:
                 continue
             if is_new and counted is not current:
@@ -234,7 +234,6 @@ class ClickHouseUsageStore(LogFlusher[_Request], UsageStore):
         key = _month_key(tenant_id, moment)
         counters = self._counters.get(key)
         if counters is not None:
-            self._counters.move_to_end(key)
             return counters
         start = month_start(moment)
         window = Window(start, next_month(start))
@@ -242,16 +241,14 @@ class ClickHouseUsageStore(LogFlusher[_Request], UsageStore):
             rows = await self.db.query(clickhouse.HOURLY_SQL,
                                        {"tenant": tenant_id, "start": window.start, "end": window.end})
             # Another check may have loaded it meanwhile; events since are counted there.
-            counters = self._counters.get(key)
+            counters = self._counters.peek(key)
             if counters is None:
                 counters = _MonthCounters()
                 for hour, requests, tokens in rows:
                     counters.add(int(hour), int(requests), int(tokens))
                 for e in self._pending_for(tenant_id, window):
                     counters.add(_hour_of(e.occur_time), e.requests, e.tokens)
-                self._counters[key] = counters
-                while len(self._counters) > MAX_COUNTERS:
-                    self._counters.popitem(last=False)
+                self._counters.put(key, counters)
         return counters
 
     async def quota_usage(self, tenant_id: str, hour: Window, month: Window) -> QuotaUsage:
@@ -276,8 +273,7 @@ class ClickHouseUsageStore(LogFlusher[_Request], UsageStore):
 
     def forget(self, tenant_id: str) -> None:
         """Drops a tenant's counters (after its usage was erased)."""
-        for key in [k for k in self._counters if k[0] == tenant_id]:
-            del self._counters[key]
+        self._counters.drop(lambda key: key[0] == tenant_id)
 
     async def interval_totals(self, window: Window) -> dict[str, tuple[int, int]]:
         """tenant → (requests, tokens) with occur_time in `window`, after a flush."""

@@ -25,7 +25,6 @@ import tempfile
 import threading
 import time
 import zlib
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ import numpy as np
 import numpy.typing as npt
 
 from servers.common.identity import TENANT_ID_RE
+from servers.common.lru import LruCache
 from servers.retrieval.lexical import TOKENIZE, LexicalIndex, QueryTokenizer, Ranked
 from servers.retrieval.models import (
     DeleteResult,
@@ -211,7 +211,8 @@ class _Worker:
     def __init__(self, index: int, capacity: int) -> None:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"retrieval-sqlite-{index}")
         self.capacity = capacity
-        self._connections: OrderedDict[str, sqlite3.Connection] = OrderedDict()
+        # An evicted tenant's connection is closed and its in-memory indexes dropped.
+        self._connections: LruCache[str, sqlite3.Connection] = LruCache(capacity, on_evict=self._evicted)
         # The tenants' vectors as one matrix each, built on the first dense search after a
         # change and dropped with the connection: memory follows the active tenants.
         self._dense: dict[str, DenseIndex] = {}
@@ -227,18 +228,17 @@ class _Worker:
         self._check_thread()
         conn = self._connections.get(tenant)
         if conn is not None:
-            self._connections.move_to_end(tenant)
             return conn
         if not create and not path.exists():
             # Reads never create a tenant's file.
             return None
         conn = _open(path)
-        self._connections[tenant] = conn
-        while len(self._connections) > self.capacity:
-            evicted, oldest = self._connections.popitem(last=False)
-            self._forget(evicted)
-            _close(oldest)
+        self._connections.put(tenant, conn)
         return conn
+
+    def _evicted(self, tenant: str, conn: sqlite3.Connection) -> None:
+        self._forget(tenant)
+        _close(conn)
 
     def dense_index(self, tenant: str, conn: sqlite3.Connection) -> DenseIndex:
         self._check_thread()
@@ -288,7 +288,7 @@ class _Worker:
     def discard(self, tenant: str) -> None:
         self._check_thread()
         self._forget(tenant)
-        conn = self._connections.pop(tenant, None)
+        conn = self._connections.pop(tenant)
         if conn is not None:
             _close(conn)
 
@@ -300,8 +300,7 @@ class _Worker:
         while self._tokenizers:
             _, tokenizer = self._tokenizers.popitem()
             tokenizer.close()
-        while self._connections:
-            _, conn = self._connections.popitem()
+        for conn in self._connections.clear():
             _close(conn)
 
     def dense_tenants(self) -> list[str]:
@@ -319,7 +318,7 @@ class _Worker:
 
     def open_tenants(self) -> list[str]:
         self._check_thread()
-        return list(self._connections)
+        return self._connections.snapshot()
 
     def _check_thread(self) -> None:
         ident = threading.get_ident()

@@ -1,0 +1,63 @@
+"""The one place gRPC channel and server options are set (message sizes, keepalive, pings).
+
+Every grpc.aio server of the mesh is built with `server_options(bounds)` (`SERVER_OPTIONS`
+with the largest message its bounds accept; servers/common/lifecycle), and every channel, a
+service's to its peers, the CLI's to the edge, a benchmark's, with `CLIENT_OPTIONS`.
+
+Pings: Envoy keeps its upstream connections alive with an HTTP/2 PING every 30 s
+(`connection_keepalive` of each cluster in envoy/envoy.yaml.tmpl), and our own channels
+ping every 30 s as well (`grpc.keepalive_time_ms`). A gRPC server by default accepts a ping
+that comes with no data at most every 5 minutes, and only while a call is open; after two
+such "bad" pings it closes the connection (GOAWAY "too_many_pings"), so a quiet
+WatchTenants stream, or a call waiting on a slow peer, died with UNAVAILABLE. Servers
+therefore accept a ping without data every `MIN_PING_INTERVAL_MS` (well below the 30 s
+senders use, jitter included) and on a connection with no call open.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from servers.common.settings import Bounds
+
+# Large enough for batched ingest; Envoy enforces the public limit in front.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+# How often a peer pings a connection to find a dead one (and what Envoy's clusters use).
+KEEPALIVE_MS = 30_000
+# The shortest interval between pings without data a server accepts: a third of the senders'.
+MIN_PING_INTERVAL_MS = 10_000
+
+_MESSAGE_SIZES: Sequence[tuple[str, int | str]] = (
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+)
+
+CLIENT_OPTIONS: Sequence[tuple[str, int | str]] = (
+    *_MESSAGE_SIZES,
+    ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+    ("grpc.enable_retries", 1),
+    # A restarted peer is found again within seconds (the default backoff grows to 120 s).
+    ("grpc.max_reconnect_backoff_ms", 5_000),
+)
+
+SERVER_OPTIONS: Sequence[tuple[str, int | str]] = (
+    *_MESSAGE_SIZES,
+    # The server pings its clients too, so a vanished peer's calls end within a minute.
+    ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+    # Envoy's and our channels' keepalive pings are welcome, also on a quiet stream... (gRPC
+    # core's GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS; its key has no "recv": an
+    # unknown key would be ignored without a word, as "min_recv_ping_interval..." is).
+    ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
+    # ... and on a connection with no call open (Envoy pings its pooled connections).
+    ("grpc.keepalive_permit_without_calls", 1),
+)
+
+
+def server_options(bounds: Bounds) -> list[tuple[str, int | str]]:
+    """`SERVER_OPTIONS` for a server under `bounds`: gRPC itself refuses (RESOURCE_EXHAUSTED,
+    before decoding) a message over the largest per-RPC limit; the bounds interceptor
+    (servers/common/bounds.py) then applies each RPC's own."""
+    largest = max(bounds.query_request_bytes, bounds.ingest_request_bytes, bounds.ingest_stream_message_bytes,
+                  bounds.default_request_bytes)
+    return [(key, largest if key == "grpc.max_receive_message_length" else value) for key, value in SERVER_OPTIONS]
