@@ -135,12 +135,12 @@ class Handler(BaseHTTPRequestHandler):
                 state.meters[mid] = meter
                 return 200, meter
             if len(parts) == 5 and parts[4] == "event_summaries" and method == "GET":
-                meter = state.meters.get(parts[3])
-                if meter is None:
+                found = state.meters.get(parts[3])
+                if found is None:
                     return _error(404, "resource_missing", "No such meter")
                 start, end = int(query["start_time"]), int(query["end_time"])
                 value = sum(float(e["payload"]["value"]) for e in state.events.values()
-                            if e["event_name"] == meter["event_name"]
+                            if e["event_name"] == found["event_name"]
                             and e["payload"]["stripe_customer_id"] == query["customer"]
                             and start <= int(e["timestamp"]) < end)
                 summary = {"id": f"mtrusg_{parts[3]}_{start}", "object": "billing.meter_event_summary",
