@@ -320,7 +320,7 @@ def _query_vector(message: Any) -> np.ndarray | None:
 
 def _value(value: Any) -> properties_pb2.Value:
     if value is None:
-        return properties_pb2.Value(null_value=0)
+        return properties_pb2.Value(null_value="NULL_VALUE")
     if isinstance(value, bool):
         return properties_pb2.Value(bool_value=value)
     if isinstance(value, int):
@@ -524,14 +524,14 @@ class _Weaviate(weaviate_pb2_grpc.WeaviateServicer):
         results: list[tuple[StoredObject, float]] = []
         for obj in candidates:
             score = 0.0
-            for prop, boost in boosts.items():
+            for prop, weight in boosts.items():
                 words = tokens[obj.uuid][prop]
                 for term in terms:
                     tf = words.count(term)
                     if not tf:
                         continue
                     idf = math.log(1 + (total - df[term] + 0.5) / (df[term] + 0.5))
-                    score += boost * idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * len(words) / avg[prop]))
+                    score += weight * idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * len(words) / avg[prop]))
             if score > 0:
                 results.append((obj, score))
         results.sort(key=lambda r: (-r[1], r[0].uuid))
