@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from servers.retrieval.fusion import RRF_K, Fusion, NoopReranker, fuse, fuse_ranked
@@ -80,7 +82,8 @@ def test_fuse_ranked_is_fuse_over_any_row_key() -> None:
         keys = {"a#0": 10, "b#0": 20, "c#0": 30, "d#0": 40}
         by_keys = fuse_ranked([(keys[h.chunk_id], h.score) for h in LEX], [(keys[h.chunk_id], h.score) for h in DENSE],
                               alpha=alpha, method=method, top_k=3)
-        assert by_keys == [(keys[h.chunk_id], pytest.approx(h.score)) for h in by_hits]
+        expected: list[Any] = [(keys[h.chunk_id], pytest.approx(h.score)) for h in by_hits]
+        assert by_keys == expected
 
 
 def test_the_noop_reranker_wants_only_the_results() -> None:
