@@ -33,7 +33,7 @@ async def channel() -> AsyncIterator[grpc.aio.Channel]:
 
 async def ask(channel: grpc.aio.Channel, service: str, *requests: Request) -> list[Response]:
     call = channel.stream_stream(f"/{service}/ServerReflectionInfo", request_serializer=Request.SerializeToString,
-                                 response_deserializer=Response.FromString)(timeout=10)
+                                 response_deserializer=Response.FromString)(None, timeout=10)
     answers = []
     for request in requests:
         await call.write(request)
