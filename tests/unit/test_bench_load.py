@@ -221,7 +221,7 @@ def test_the_search_goes_up_until_a_failure_and_down_when_the_start_fails(
         return result_of(spec, Outcome(latencies={"A": [latency] * int(rate * duration_s)}, errors={}))
 
     monkeypatch.setattr(loadsuite, "run_open", fake_open)
-    monkeypatch.setattr(loadsuite.time, "sleep", lambda s: None)
+    monkeypatch.setattr("bench.loadsuite.time.sleep", lambda s: None)
     calls = (Call("A", SLOW, b"", ()),)
     up = loadsuite.find_sustained("t", calls, 50, 25, 1.0, 0.0, 10, 1, lambda s: None)
     assert [s.rate for s in up.steps] == [50, 75, 62] and up.sustained is not None and up.sustained.rate == 50
