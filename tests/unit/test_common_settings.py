@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -98,7 +99,7 @@ def test_a_child_gets_exactly_the_settings_of_its_parent(section: type) -> None:
             changed[f.name] = 4242
         elif value is None and f.type in ("str | None",):
             changed[f.name] = "http://127.0.0.1:1"
-    parent = dataclasses.replace(parse(section, {}), **changed)
+    parent: Any = dataclasses.replace(parse(section, {}), **changed)
     assert parse(section, to_env(parent)) == parent
 
 
