@@ -240,5 +240,9 @@ def test_a_failed_atomic_write_leaves_neither_target_nor_temporary(tmp_path: Pat
     with pytest.raises(OSError, match="disk full"):
         _write_atomically(target, broken)
     assert list(target.parent.iterdir()) == []
-    _write_atomically(target, lambda path: path.write_bytes(b"whole"))
+
+    def whole(path: Path) -> None:
+        path.write_bytes(b"whole")
+
+    _write_atomically(target, whole)
     assert target.read_bytes() == b"whole" and [p.name for p in target.parent.iterdir()] == ["model.onnx"]
