@@ -80,14 +80,16 @@ def test_production_jwks_url_gets_its_own_tls_cluster() -> None:
 
 
 def test_role_matrix() -> None:
-    assert roles.allowed_roles("/copilot.v1.GenerationService/StreamAnswer") == {"member", "admin", "operator"}
-    assert roles.allowed_roles("/copilot.v1.RetrievalService/IngestDocuments") == {"admin", "ingest", "operator"}
-    assert roles.allowed_roles("/copilot.v1.TenantService/CreateTenant") == {"operator"}
-    assert roles.allowed_roles("/copilot.v1.TenantService/UpdateTenant") == {"admin", "operator"}
+    assert roles.allowed_roles("/copilot.v1.GenerationService/StreamAnswer") == frozenset(
+        {"member", "admin", "operator"})
+    assert roles.allowed_roles("/copilot.v1.RetrievalService/IngestDocuments") == frozenset(
+        {"admin", "ingest", "operator"})
+    assert roles.allowed_roles("/copilot.v1.TenantService/CreateTenant") == frozenset({"operator"})
+    assert roles.allowed_roles("/copilot.v1.TenantService/UpdateTenant") == frozenset({"admin", "operator"})
     # Service-to-service RPCs: platform service accounts only, no end-user role.
     for rpc in ("/copilot.v1.MeteringService/RecordUsage", "/copilot.v1.RetrievalService/EraseTenant",
                 "/copilot.v1.RetrievalService/ProvisionTenant"):
-        assert roles.allowed_roles(rpc) == {"service"}
+        assert roles.allowed_roles(rpc) == frozenset({"service"})
     assert roles.allowed_roles("/copilot.v1.NoSuchService/Do") == frozenset()
     assert roles.allowed_roles("/") is None and roles.allowed_roles("/grpc.health.v1.Health/Check") is None
 
