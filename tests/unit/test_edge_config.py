@@ -17,7 +17,7 @@ from servers.edge.config import FREE_LIMITS, SUSPENDED_LIMITS, TenantLimits, lim
 
 
 def tenant(tenant_id: str, rps: int = 0, rpm: int = 0, rph: int = 0,
-           state: int = tenant_pb2.TENANT_STATE_ACTIVE) -> tenant_pb2.Tenant:
+           state: tenant_pb2.TenantState = tenant_pb2.TENANT_STATE_ACTIVE) -> tenant_pb2.Tenant:
     return tenant_pb2.Tenant(tenant_id=tenant_id, state=state, limits=tenant_pb2.TenantLimits(
         requests_per_second=rps, requests_per_minute=rpm, requests_per_hour=rph))
 
@@ -35,7 +35,8 @@ async def test_refresh_swaps_the_table_and_keeps_it_when_the_source_fails() -> N
 
     async def source() -> list[tenant_pb2.Tenant]:
         if failing:
-            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata())
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                       None, None)
         return list(tenants)
 
     limits = TenantLimits(source, refresh_s=0.05)
@@ -180,12 +181,13 @@ async def test_a_live_watch_replaces_the_periodic_listing_and_its_loss_brings_it
 
     async def watch() -> AsyncIterator[tenant_pb2.WatchTenantsResponse]:
         if dropped:  # metering is restarting: every reconnect fails until the test ends
-            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata())
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                       None, None)
         yield tenant_pb2.WatchTenantsResponse(tenants=list(tenants))
         yield tenant_pb2.WatchTenantsResponse(snapshot_done=True)
         while (change := await pushes.get()) is not None:
             yield change
-        raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata())
+        raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), None, None)
 
     limits = TenantLimits(source, refresh_s=0.05, watch=watch)
     await limits.start()
