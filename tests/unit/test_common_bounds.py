@@ -100,13 +100,13 @@ class Retrieval(retrieval_pb2_grpc.RetrievalServiceServicer):
         self.search_sleep_s = 0.0
         self.remaining: list[float | None] = []
 
-    async def Search(self, request: retrieval_pb2.SearchRequest,  # type: ignore[override]
+    async def Search(self, request: retrieval_pb2.SearchRequest,
                      context: grpc.aio.ServicerContext) -> retrieval_pb2.SearchResponse:
         self.remaining.append(remaining_deadline())
         await asyncio.sleep(self.search_sleep_s)
         return retrieval_pb2.SearchResponse()
 
-    async def StreamIngestDocuments(  # type: ignore[override]
+    async def StreamIngestDocuments(
             self, request_iterator: AsyncIterator[retrieval_pb2.StreamIngestDocumentsRequest],
             context: grpc.aio.ServicerContext) -> AsyncIterator[retrieval_pb2.StreamIngestDocumentsResponse]:
         done = 0
@@ -124,7 +124,7 @@ class Generation(generation_pb2_grpc.GenerationServiceServicer):
         self.produced = 0
         self.started = asyncio.Event()
 
-    async def StreamAnswer(self, request: generation_pb2.StreamAnswerRequest,  # type: ignore[override]
+    async def StreamAnswer(self, request: generation_pb2.StreamAnswerRequest,
                            context: grpc.aio.ServicerContext) -> AsyncIterator[generation_pb2.StreamAnswerResponse]:
         self.started.set()
         if request.question == "wait":
@@ -171,7 +171,7 @@ async def make_rig() -> AsyncIterator[Any]:
 
     yield make
     for server, channel in started:
-        await channel.close()
+        await channel.close(None)
         await server.stop(None)
 
 
@@ -218,7 +218,8 @@ async def test_an_oversized_query_is_refused_naming_its_limit(make_rig: Any) -> 
     await call.write(retrieval_pb2.StreamIngestDocumentsRequest(documents=[retrieval_pb2.Document(text="x" * 1100)]))
     assert (await call.read()).documents_done == 1
     await call.done_writing()
-    assert await call.read() == grpc.aio.EOF
+    # grpc-stubs does not declare grpc.aio.EOF (it exists at run time).
+    assert await call.read() == grpc.aio.EOF  # type: ignore[attr-defined]
 
 
 async def test_an_oversized_upload_message_ends_the_stream(make_rig: Any) -> None:
