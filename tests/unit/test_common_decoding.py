@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 import pytest
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import _async as health_aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from prometheus_client import REGISTRY
 
@@ -63,7 +64,7 @@ async def _serve(interceptor: grpc.aio.ServerInterceptor,
 def _register_services(server: grpc.aio.Server) -> None:
     tenant_pb2_grpc.add_TenantServiceServicer_to_server(Tenants(), server)
     retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server(Ingest(), server)
-    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_aio.HealthServicer(), server)
 
 
 @pytest.fixture
@@ -93,7 +94,7 @@ def _assert_malformed(exc: grpc.aio.AioRpcError, type_name: str) -> None:
 
 async def test_malformed_unary_request_is_invalid_argument(services: str) -> None:
     async with grpc.aio.insecure_channel(services) as channel:
-        call = channel.unary_unary(GET_TENANT)  # bytes go out as they are
+        call = channel.unary_unary(GET_TENANT, None, None)  # bytes go out as they are
         for raw in (GARBAGE, TRUNCATED, b"\x0a\xff\xff\xff\xff\x0f"):
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await call(raw, metadata=ACME, timeout=5)
@@ -106,13 +107,13 @@ async def test_valid_requests_are_unchanged(services: str) -> None:
             tenant_pb2.GetTenantRequest(tenant_id="acme-corp"), metadata=ACME, timeout=5)
         assert (got.tenant.tenant_id, got.tenant.display_name) == ("acme-corp", "asked for 'acme-corp'")
         # Zero bytes are a valid (empty) message, not a malformed one.
-        raw = await channel.unary_unary(GET_TENANT)(b"", metadata=ACME, timeout=5)
+        raw = await channel.unary_unary(GET_TENANT, None, None)(b"", metadata=ACME, timeout=5)
         assert tenant_pb2.GetTenantResponse.FromString(raw).tenant.display_name == "asked for ''"
 
 
 async def test_malformed_request_of_a_server_stream(services: str) -> None:
     async with grpc.aio.insecure_channel(services) as channel:
-        call = channel.unary_stream(WATCH)(GARBAGE, metadata=ACME, timeout=5)
+        call = channel.unary_stream(WATCH, None, None)(GARBAGE, metadata=ACME, timeout=5)
         with pytest.raises(grpc.aio.AioRpcError) as info:
             _ = [m async for m in call]
         _assert_malformed(info.value, "copilot.v1.WatchTenantsRequest")
@@ -128,7 +129,7 @@ async def test_malformed_message_in_a_client_stream(services: str) -> None:
         yield good
 
     async with grpc.aio.insecure_channel(services) as channel:
-        call = channel.stream_stream(STREAM_INGEST)(messages(), metadata=ACME, timeout=5)
+        call = channel.stream_stream(STREAM_INGEST, None, None)(messages(), metadata=ACME, timeout=5)
         answers = []
         with pytest.raises(grpc.aio.AioRpcError) as info:
             async for raw in call:
@@ -141,14 +142,14 @@ async def test_malformed_message_in_a_client_stream(services: str) -> None:
 async def test_no_identity_is_still_unauthenticated_not_malformed(services: str) -> None:
     async with grpc.aio.insecure_channel(services) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await channel.unary_unary(GET_TENANT)(GARBAGE, timeout=5)
+            await channel.unary_unary(GET_TENANT, None, None)(GARBAGE, timeout=5)
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 async def test_public_rpcs_without_identity_refuse_malformed_requests_too(services: str) -> None:
     async with grpc.aio.insecure_channel(services) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await channel.unary_unary("/grpc.health.v1.Health/Check")(GARBAGE, timeout=5)
+            await channel.unary_unary("/grpc.health.v1.Health/Check", None, None)(GARBAGE, timeout=5)
     _assert_malformed(info.value, "grpc.health.v1.HealthCheckRequest")
 
 
@@ -174,7 +175,7 @@ async def test_counted_every_time_logged_once_per_tenant_without_traceback(
     before = _malformed_count(GET_TENANT)
     caplog.set_level(logging.DEBUG)
     async with grpc.aio.insecure_channel(services) as channel:
-        call = channel.unary_unary(GET_TENANT)
+        call = channel.unary_unary(GET_TENANT, None, None)
         for metadata in (ACME,) * 5 + (GLOBEX,) * 3:
             with pytest.raises(grpc.aio.AioRpcError):
                 await call(GARBAGE, metadata=metadata, timeout=5)
@@ -189,7 +190,7 @@ async def test_counted_every_time_logged_once_per_tenant_without_traceback(
 
 
 def _register_public(server: grpc.aio.Server) -> None:
-    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_aio.HealthServicer(), server)
     add_reflection(server, ["grpc.health.v1.Health"])
 
 
@@ -202,13 +203,15 @@ async def test_server_without_identity_refuses_malformed_requests(caplog: pytest
             ok = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
             assert ok.status == health_pb2.HealthCheckResponse.SERVING
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                await channel.unary_unary("/grpc.health.v1.Health/Check")(GARBAGE, timeout=5)
+                await channel.unary_unary("/grpc.health.v1.Health/Check", None, None)(GARBAGE, timeout=5)
             _assert_malformed(info.value, "grpc.health.v1.HealthCheckRequest")
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                _ = [m async for m in channel.unary_stream("/grpc.health.v1.Health/Watch")(GARBAGE, timeout=5)]
+                watch = channel.unary_stream("/grpc.health.v1.Health/Watch", None, None)
+                _ = [m async for m in watch(GARBAGE, timeout=5)]
             _assert_malformed(info.value, "grpc.health.v1.HealthCheckRequest")
             for name in ("v1alpha", "v1"):
-                bidi = channel.stream_stream(f"/grpc.reflection.{name}.ServerReflection/ServerReflectionInfo")
+                bidi = channel.stream_stream(f"/grpc.reflection.{name}.ServerReflection/ServerReflectionInfo",
+                                             None, None)
                 with pytest.raises(grpc.aio.AioRpcError) as info:
                     _ = [m async for m in bidi(iter([GARBAGE]), timeout=5)]
                 _assert_malformed(info.value, "grpc.reflection.v1alpha.ServerReflectionRequest")
