@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -92,15 +92,15 @@ async def test_onboarding_suspension_deletion_and_watch(tmp_path: Path, retrieva
             tenants = tenant_pb2_grpc.TenantServiceStub(channel)
             metering = metering_pb2_grpc.MeteringServiceStub(channel)
             watch = tenants.WatchTenants(tenant_pb2.WatchTenantsRequest(), metadata=service("platform"))
-            first = await watch.read()
+            first = cast(tenant_pb2.WatchTenantsResponse, await watch.read())
             assert list(first.tenants) == []
-            assert (await watch.read()).snapshot_done
+            assert cast(tenant_pb2.WatchTenantsResponse, await watch.read()).snapshot_done
 
             created = await tenants.CreateTenant(tenant_pb2.CreateTenantRequest(
                 tenant_id="acme", plan=common_pb2.PLAN_PRO), metadata=OPERATOR)
             assert stub.calls == [("provision", "acme", "service:metering", frozenset({"service"}))]
             assert [c["metadata"]["tenant_id"] for c in stripe_fake.state.customers.values()] == ["acme"]
-            pushed = await asyncio.wait_for(watch.read(), 5)
+            pushed = cast(tenant_pb2.WatchTenantsResponse, await asyncio.wait_for(watch.read(), 5))
             assert [t.tenant_id for t in pushed.tenants] == ["acme"]
             assert pushed.tenants[0].config_version == created.tenant.config_version
 
@@ -116,7 +116,7 @@ async def test_onboarding_suspension_deletion_and_watch(tmp_path: Path, retrieva
             suspended = await tenants.SuspendTenant(tenant_pb2.SuspendTenantRequest(
                 tenant_id="acme", suspended=True), metadata=OPERATOR)
             assert suspended.tenant.state == tenant_pb2.TENANT_STATE_SUSPENDED
-            pushed = await asyncio.wait_for(watch.read(), 5)
+            pushed = cast(tenant_pb2.WatchTenantsResponse, await asyncio.wait_for(watch.read(), 5))
             assert pushed.tenants[0].state == tenant_pb2.TENANT_STATE_SUSPENDED
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await metering.CheckQuota(metering_pb2.CheckQuotaRequest(), metadata=member("acme"))
@@ -129,7 +129,7 @@ async def test_onboarding_suspension_deletion_and_watch(tmp_path: Path, retrieva
             await tenants.DeleteTenant(tenant_pb2.DeleteTenantRequest(tenant_id="acme"), metadata=OPERATOR)
             assert stub.calls[-1] == ("erase", "acme", "service:metering", frozenset({"service"}))
             assert stripe_fake.state.customers == {}
-            pushed = await asyncio.wait_for(watch.read(), 5)
+            pushed = cast(tenant_pb2.WatchTenantsResponse, await asyncio.wait_for(watch.read(), 5))
             assert list(pushed.deleted_tenant_ids) == ["acme"]
             gone = await metering.GetUsage(metering_pb2.GetUsageRequest(tenant_id="acme"), metadata=OPERATOR)
             assert gone.events == 0
