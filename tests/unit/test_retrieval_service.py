@@ -7,7 +7,7 @@ import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -138,7 +138,7 @@ async def test_stream_ingest_rejects_a_bad_batch_after_acknowledging_earlier_one
         yield pb.StreamIngestDocumentsRequest(documents=[document("", "No id.")])
 
     call = rig.stub.StreamIngestDocuments(requests(), metadata=ADMIN_A)
-    first = await call.read()
+    first = cast(pb.StreamIngestDocumentsResponse, await call.read())
     assert first.documents_done == 1
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call.read()
@@ -381,6 +381,6 @@ async def test_nothing_is_stored_for_a_tenant_the_registry_does_not_know(tmp_pat
     finally:
         await channel.close(None)
         await server.stop(None)
-        await to_metering.close()
+        await to_metering.close(None)
         await metering.stop(None)
         await store.close()
