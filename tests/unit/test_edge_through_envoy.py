@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import grpc
 import jwt
@@ -62,7 +63,7 @@ class Backend(tenant_pb2_grpc.TenantServiceServicer):
 
     async def ListTenants(self, request: tenant_pb2.ListTenantsRequest,
                           context: grpc.aio.ServicerContext) -> tenant_pb2.ListTenantsResponse:
-        def make(tenant_id: str, rph: int, state: int = tenant_pb2.TENANT_STATE_ACTIVE,
+        def make(tenant_id: str, rph: int, state: tenant_pb2.TenantState = tenant_pb2.TENANT_STATE_ACTIVE,
                  rps: int = 0) -> tenant_pb2.Tenant:
             return tenant_pb2.Tenant(tenant_id=tenant_id, state=state,
                                      limits=tenant_pb2.TenantLimits(requests_per_hour=rph, requests_per_second=rps))
@@ -105,7 +106,7 @@ class Edge:
         return jwt.encode(body, self.key, algorithm="RS256", headers={"kid": "test"})
 
     @property
-    def tenants(self) -> tenant_pb2_grpc.TenantServiceStub:
+    def tenants(self) -> tenant_pb2_grpc.TenantServiceAsyncStub:
         return tenant_pb2_grpc.TenantServiceStub(self.channel)
 
     async def seen_by_backend(self, token: str | None, extra: tuple[tuple[str, str], ...] = ()) -> dict[str, str]:
@@ -323,7 +324,8 @@ async def test_over_the_limit_is_resource_exhausted_with_retry_info_and_others_u
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await counted()
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    trailers = {k: v for k, v in err.value.trailing_metadata() or ()}
+    # grpc-stubs types the trailers of the synchronous API; an aio call's are a grpc.aio.Metadata.
+    trailers: dict[str, Any] = {k: v for k, v in cast(grpc.aio.Metadata, err.value.trailing_metadata()) or ()}
     assert int(trailers["retry-after"]) > 0
     assert trailers["x-ratelimit-limit"].startswith("3")
     assert trailers["x-ratelimit-remaining"] == "0"
@@ -385,7 +387,7 @@ async def test_the_favicon_is_served_without_a_token(edge: Edge) -> None:
 
 
 async def test_unknown_services_are_unimplemented(edge: Edge) -> None:
-    call = edge.channel.unary_unary("/copilot.v1.NoSuchService/Do")
+    call = edge.channel.unary_unary("/copilot.v1.NoSuchService/Do", None, None)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await call(b"", metadata=[("authorization", f"Bearer {edge.token()}")], timeout=5)
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
@@ -444,7 +446,7 @@ async def test_reflection_through_the_edge_lists_and_resolves_every_service(edge
 
 
 async def test_the_rate_limit_service_is_not_reachable_from_outside(edge: Edge) -> None:
-    call = edge.channel.unary_unary("/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit")
+    call = edge.channel.unary_unary("/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit", None, None)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await call(b"", metadata=[("authorization", f"Bearer {edge.token()}")], timeout=5)
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
