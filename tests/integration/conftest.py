@@ -35,7 +35,7 @@ class RunningMesh:
               **kw: object) -> str:
         return self.issuer.mint(tenant, user, roles, **kw)  # type: ignore[arg-type]
 
-    def auth(self, tenant: str | None, roles: tuple[str, ...] = ("member",), **kw: object) -> tuple[tuple[str, str]]:
+    def auth(self, tenant: str | None, roles: tuple[str, ...] = ("member",), **kw: Any) -> tuple[tuple[str, str]]:
         return (("authorization", f"Bearer {self.token(tenant, roles, **kw)}"),)
 
     def operator(self) -> tuple[tuple[str, str]]:
@@ -85,7 +85,8 @@ def new_tenant_id(prefix: str = "t") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
-async def create_tenant(mesh: RunningMesh, channel: grpc.aio.Channel, plan: int = common_pb2.PLAN_PRO,
+async def create_tenant(mesh: RunningMesh, channel: grpc.aio.Channel,
+                        plan: common_pb2.Plan = common_pb2.PLAN_PRO,
                         prefix: str = "t", provider: str = "",
                         documents: Sequence[retrieval_pb2.Document] = ()) -> str:
     """A new tenant (created by the operator), optionally on another LLM provider and with
