@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
+from typing import Any
 
 import grpc
 import pytest
@@ -101,7 +103,7 @@ async def test_bad_requests_are_invalid_argument(mesh: RunningMesh, channel: grp
     tenant = await create_tenant(mesh, channel)
     search = retrieval_pb2_grpc.RetrievalServiceStub(channel)
     answer = generation_pb2_grpc.GenerationServiceStub(channel)
-    calls = [
+    calls: list[Awaitable[Any]] = [
         search.Search(retrieval_pb2.SearchRequest(query="  "), metadata=mesh.auth(tenant), timeout=5),
         search.Search(retrieval_pb2.SearchRequest(query="x", top_k=10_000), metadata=mesh.auth(tenant), timeout=5),
         answer.Answer(generation_pb2.AnswerRequest(question=""), metadata=mesh.auth(tenant), timeout=5),
