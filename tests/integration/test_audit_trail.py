@@ -14,8 +14,9 @@ import shutil
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -201,7 +202,7 @@ async def test_one_tenant_never_reads_another_tenants_trail(audit_mesh: RunningM
     mine = await create_tenant(mesh, achannel, prefix="audmine")
     theirs = await create_tenant(mesh, achannel, prefix="audtheirs")
     stub = audit_pb2_grpc.AuditServiceStub(achannel)
-    calls = [
+    calls: list[Callable[[Any], Awaitable[Any]]] = [
         lambda md: stub.ListAuditEvents(audit_pb2.ListAuditEventsRequest(tenant_id=theirs), metadata=md, timeout=10),
         lambda md: stub.VerifyAuditChain(audit_pb2.VerifyAuditChainRequest(tenant_id=theirs), metadata=md,
                                          timeout=10),
