@@ -14,8 +14,8 @@ from collections.abc import Callable
 import grpc
 import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from google.protobuf import field_mask_pb2
 
 from copilot.v1 import (
@@ -97,10 +97,7 @@ def hostile_tokens(mesh: RunningMesh, tenant: str) -> dict[str, str]:
     }
 
 
-def _pkcs1() -> tuple[object, object]:
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import padding
-
+def _pkcs1() -> tuple[padding.PKCS1v15, hashes.SHA256]:
     return padding.PKCS1v15(), hashes.SHA256()
 
 
