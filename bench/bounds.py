@@ -61,8 +61,10 @@ async def abandon_calls(edge: str, metadata: list[tuple[tuple[str, str]]], count
         for i in range(count):
             channel, md = channels[i % CHANNELS], metadata[i % len(metadata)]
             kind = i % 3
+            call: Any
             if kind == 0:
-                call = retrieval_pb2_grpc.RetrievalServiceStub(channel).StreamIngestDocuments(metadata=md, timeout=60)
+                call = retrieval_pb2_grpc.RetrievalServiceStub(channel).StreamIngestDocuments(
+                    None, metadata=md, timeout=60)
                 writes.append(asyncio.ensure_future(call.write(retrieval_pb2.StreamIngestDocumentsRequest())))
             elif kind == 1:
                 call = generation_pb2_grpc.GenerationServiceStub(channel).StreamAnswer(
@@ -87,7 +89,7 @@ async def abandon_calls(edge: str, metadata: list[tuple[tuple[str, str]]], count
         return outcomes
     finally:
         for channel in channels:
-            await channel.close()
+            await channel.close(None)
 
 
 def rss_mib(pid: int) -> float:
