@@ -8,6 +8,7 @@ import asyncio
 import re
 import urllib.request
 from collections.abc import Iterator
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -31,6 +32,12 @@ BOUNDS = Bounds(query_request_bytes=4 * KIB, default_request_bytes=128 * KIB, in
 def bounded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningMesh]:
     with running_mesh(tmp_path_factory, "boundsmesh", bounds=BOUNDS) as running:
         yield running
+
+
+async def _ack(call: grpc.aio.StreamStreamCall[Any, retrieval_pb2.StreamIngestDocumentsResponse],
+               ) -> retrieval_pb2.StreamIngestDocumentsResponse:
+    """The next acknowledgement of an upload (`read()` is typed to return EOF too)."""
+    return cast(retrieval_pb2.StreamIngestDocumentsResponse, await call.read())
 
 
 def _reason(details: list[object]) -> str:
@@ -103,11 +110,11 @@ async def test_a_tenant_over_its_stream_limit_is_refused_while_another_streams(b
         admin = bounded.auth(greedy, ("member", "admin"))
         held = []
         for _ in range(BOUNDS.streams_per_tenant):
-            upload = stub.StreamIngestDocuments(metadata=admin, timeout=60)
+            upload = stub.StreamIngestDocuments(None, metadata=admin, timeout=60)
             await upload.write(retrieval_pb2.StreamIngestDocumentsRequest())
-            assert (await upload.read()).documents_done == 0
+            assert (await _ack(upload)).documents_done == 0
             held.append(upload)
-        refused = stub.StreamIngestDocuments(metadata=admin, timeout=30)
+        refused = stub.StreamIngestDocuments(None, metadata=admin, timeout=30)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await refused.write(retrieval_pb2.StreamIngestDocumentsRequest())
             await refused.read()
@@ -119,21 +126,21 @@ async def test_a_tenant_over_its_stream_limit_is_refused_while_another_streams(b
         assert any(isinstance(d, error_details_pb2.RetryInfo) for d in details)
 
         # Another tenant is not held up by it.
-        theirs = stub.StreamIngestDocuments(metadata=bounded.auth(other, ("member", "admin")), timeout=30)
+        theirs = stub.StreamIngestDocuments(None, metadata=bounded.auth(other, ("member", "admin")), timeout=30)
         await theirs.write(retrieval_pb2.StreamIngestDocumentsRequest())
-        assert (await theirs.read()).documents_done == 0
+        assert (await _ack(theirs)).documents_done == 0
         await theirs.done_writing()
-        assert await theirs.read() == grpc.aio.EOF
+        assert await theirs.read() == grpc.aio.EOF  # type: ignore[attr-defined]  # missing from grpc-stubs
 
         # Streams closed (one finished, the others cancelled) are streams free again.
         await held[0].done_writing()
-        assert await held[0].read() == grpc.aio.EOF
+        assert await held[0].read() == grpc.aio.EOF  # type: ignore[attr-defined]  # missing from grpc-stubs
         for upload in held[1:]:
             upload.cancel()
         assert await _no_streams_left(bounded, [greedy]) == {f"{s}/{greedy}": 0.0 for s in ("retrieval", "generation")}
-        again = stub.StreamIngestDocuments(metadata=admin, timeout=30)
+        again = stub.StreamIngestDocuments(None, metadata=admin, timeout=30)
         await again.write(retrieval_pb2.StreamIngestDocumentsRequest())
-        assert (await again.read()).documents_done == 0
+        assert (await _ack(again)).documents_done == 0
         again.cancel()
 
 
@@ -141,10 +148,10 @@ async def test_an_idle_upload_is_ended_by_the_service(bounded: RunningMesh) -> N
     async with grpc.aio.insecure_channel(bounded.edge) as channel:
         tenant = await create_tenant(bounded, channel, prefix="idle")
         upload = retrieval_pb2_grpc.RetrievalServiceStub(channel).StreamIngestDocuments(
-            metadata=bounded.auth(tenant, ("member", "admin")), timeout=60)
+            None, metadata=bounded.auth(tenant, ("member", "admin")), timeout=60)
         await upload.write(retrieval_pb2.StreamIngestDocumentsRequest(
             documents=[retrieval_pb2.Document(document_id="a", text="records are kept for seven years")]))
-        assert (await upload.read()).documents_done == 1
+        assert (await _ack(upload)).documents_done == 1
         # Then nothing: the service ends the stream after its idle limit, well before the deadline.
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await upload.read()
