@@ -125,6 +125,16 @@ async def _answer_loop(mesh: RunningMesh, channel: grpc.aio.Channel, tenant: str
     return ok, failed
 
 
+async def _search(mesh: RunningMesh, searches: retrieval_pb2_grpc.RetrievalServiceAsyncStub, tenant: str,
+                  query: str) -> grpc.StatusCode:
+    """One Search through the edge as a member of `tenant`: its status code."""
+    try:
+        await searches.Search(retrieval_pb2.SearchRequest(query=query), metadata=mesh.auth(tenant), timeout=10)
+        return grpc.StatusCode.OK
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+
+
 async def _tenant(mesh: RunningMesh, channel: grpc.aio.Channel, prefix: str, provider: str = "") -> str:
     return await create_tenant(mesh, channel, plan=common_pb2.PLAN_ENTERPRISE, prefix=prefix, provider=provider,
                                documents=[DOC])
@@ -233,12 +243,7 @@ async def test_an_edge_replica_killed_mid_loop_refuses_nothing_and_limits_stay_e
                 await asyncio.to_thread(replicated.mesh.kill, victim)
             if time.monotonic() > deadline:
                 break
-            try:
-                await searches.Search(retrieval_pb2.SearchRequest(query="rescreened"), metadata=replicated.auth(tenant),
-                                      timeout=10)
-                codes.append(grpc.StatusCode.OK)
-            except grpc.aio.AioRpcError as exc:
-                codes.append(exc.code())
+            codes.append(await _search(replicated, searches, tenant, "rescreened"))
         assert codes == [grpc.StatusCode.OK] * ANSWERS
         await asyncio.to_thread(replicated.mesh.respawn, victim)
 
@@ -263,12 +268,7 @@ async def test_an_edge_replica_killed_mid_loop_refuses_nothing_and_limits_stay_e
         first = [_checked(replicated, i) for i in range(2)]
         limit_codes: list[grpc.StatusCode] = []
         for _ in range(HOURLY_LIMIT + 10):
-            try:
-                await searches.Search(retrieval_pb2.SearchRequest(query="limits"), metadata=replicated.auth(limited),
-                                      timeout=10)
-                limit_codes.append(grpc.StatusCode.OK)
-            except grpc.aio.AioRpcError as exc:
-                limit_codes.append(exc.code())
+            limit_codes.append(await _search(replicated, searches, limited, "limits"))
         last = [_checked(replicated, i) for i in range(2)]
         assert limit_codes.count(grpc.StatusCode.OK) == HOURLY_LIMIT, limit_codes
         assert limit_codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 10, limit_codes

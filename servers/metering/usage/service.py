@@ -108,24 +108,25 @@ class MeteringServiceServicer(metering_pb2_grpc.MeteringServiceServicer):
             raise InvalidArgument.field("start_time", "a billing period is at most 35 days")
         return Window(start, end)
 
+    def _operators_billing(self) -> Billing:
+        """Billing, for an operator: refused to anyone else, UNAVAILABLE when it is off."""
+        identity.require_role(identity.OPERATOR)
+        if self._billing is None:
+            raise Unavailable("billing is not configured (STRIPE_API_KEY)", reason="BILLING_DISABLED")
+        return self._billing
+
     async def ReportBilling(
         self, request: metering_pb2.ReportBillingRequest,
         context: ServicerContext[metering_pb2.ReportBillingRequest, metering_pb2.ReportBillingResponse],
     ) -> metering_pb2.ReportBillingResponse:
-        identity.require_role(identity.OPERATOR)
-        if self._billing is None:
-            raise Unavailable("billing is not configured (STRIPE_API_KEY)", reason="BILLING_DISABLED")
-        report = await self._billing.report(self._period(request))
+        report = await self._operators_billing().report(self._period(request))
         return metering_pb2.ReportBillingResponse(meter_events=report.meter_events, tenants=report.tenants)
 
     async def ReconcileBilling(
         self, request: metering_pb2.ReconcileBillingRequest,
         context: ServicerContext[metering_pb2.ReconcileBillingRequest, metering_pb2.ReconcileBillingResponse],
     ) -> metering_pb2.ReconcileBillingResponse:
-        identity.require_role(identity.OPERATOR)
-        if self._billing is None:
-            raise Unavailable("billing is not configured (STRIPE_API_KEY)", reason="BILLING_DISABLED")
-        result = await self._billing.reconcile(self._period(request))
+        result = await self._operators_billing().reconcile(self._period(request))
         return metering_pb2.ReconcileBillingResponse(tenants=result.tenants, differences=[
             metering_pb2.BillingDifference(tenant_id=d.tenant_id, meter=d.meter, clickhouse=d.clickhouse,
                                            stripe=d.stripe) for d in result.differences])
