@@ -48,8 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start Envoy and the four services on loopback (Ctrl-C stops them)")
     up.add_argument("--no-demo", action="store_true", help="do not create the demo tenants and corpus")
     up.add_argument("--replicas", type=int, default=None, metavar="N",
-                    help="processes each of generation and the edge companion (default: COPILOT_REPLICAS, 1); "
-                         "above 1 without REDIS_URL a local redis-server is started (docs/scale-out.md)")
+                    help="processes each of retrieval, generation, metering (one active, the others standing by) "
+                         "and the edge companion (default: COPILOT_REPLICAS, 1); above 1 without REDIS_URL a "
+                         "local redis-server is started (docs/scale-out.md)")
 
     tok = sub.add_parser("token", help="print a JWT signed with the dev key")
     tok.add_argument("--tenant", required=True)

@@ -106,9 +106,9 @@ def free_port_block(size: int, host: str = "127.0.0.1") -> int:
     raise MeshError(f"no block of {size} free ports on {host}")
 
 
-# Per replica, on free ports: generation, edge services, edge HTTP, then the metrics ports
-# (base + 1 .. 4; only the replicated services' are used beyond replica 0).
-REPLICA_PORT_STRIDE = 3 + len(METRICS_OFFSETS) + 1
+# Per replica, on free ports: retrieval, generation, metering, edge services, edge HTTP, then
+# the metrics ports (base + 1 .. 4).
+REPLICA_PORT_STRIDE = 5 + len(METRICS_OFFSETS) + 1
 
 
 def settings_on_free_ports(base: Settings, data_dir: Path) -> Settings:
@@ -124,8 +124,9 @@ def settings_on_free_ports(base: Settings, data_dir: Path) -> Settings:
 
     return replace(
         base, data_dir=data_dir, edge_port=outside(), envoy_admin_port=outside(),
-        retrieval_port=outside(), metering_port=outside(), replica_port_stride=REPLICA_PORT_STRIDE,
-        generation_port=block, edge_services_port=block + 1, edge_http_port=block + 2, metrics_port_base=block + 3,
+        replica_port_stride=REPLICA_PORT_STRIDE, retrieval_port=block, generation_port=block + 1,
+        metering_port=block + 2, edge_services_port=block + 3, edge_http_port=block + 4,
+        metrics_port_base=block + 5,
     )
 
 
@@ -190,12 +191,13 @@ class Mesh:
     def check_ports(self) -> None:
         s = self.settings
         replicated = [(f"{env} (replica {i})" if i else env, s.port(service, i))
-                      for env, service in (("COPILOT_GENERATION_PORT", "generation"),
+                      for env, service in (("COPILOT_RETRIEVAL_PORT", "retrieval"),
+                                           ("COPILOT_GENERATION_PORT", "generation"),
+                                           ("COPILOT_METERING_PORT", "metering"),
                                            ("COPILOT_EDGE_SERVICES_PORT", "edge_services"),
                                            ("COPILOT_EDGE_HTTP_PORT", "edge_http"))
                       for i in range(s.replicas)]
         for env, port in (("COPILOT_EDGE_PORT", s.edge_port), ("COPILOT_ENVOY_ADMIN_PORT", s.envoy_admin_port),
-                          ("COPILOT_RETRIEVAL_PORT", s.retrieval_port), ("COPILOT_METERING_PORT", s.metering_port),
                           *replicated):
             with socket.socket() as sock:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -215,10 +217,15 @@ class Mesh:
         try:
             if self.settings.replicas > 1 and not self.settings.redis_url:
                 self._start_redis(timeout_s)
+            # Metering's replica 0 first and alone, so it is the one that takes the lock and
+            # serves; the other replicas then stand by (docs/scale-out.md).
+            self._spawn_server(replica_name("metering", 0))
+            self._wait_up(replica_name("metering", 0), timeout_s)
             for name in self.server_names():
-                self._spawn_server(name)
+                if name not in self.processes:
+                    self._spawn_server(name)
             for name in self.server_names():
-                self._wait_serving(name, self._address(name), HEALTH_NAMES[parse_name(name)[0]], timeout_s)
+                self._wait_up(name, timeout_s)
             env = environment(settings_env(self.settings), self.extra_env)
             self._spawn("envoy", [envoy_binary(), "-c", str(self.settings.data_dir / "envoy.yaml"),
                                   "--disable-hot-restart", "--log-level", "warn"], env)
@@ -290,7 +297,8 @@ class Mesh:
                                                 preexec_fn=_die_with_parent())
         log.close()
 
-    def _wait_serving(self, name: str, address: str, service: str, timeout_s: float) -> None:
+    def _wait_serving(self, name: str, address: str, service: str, timeout_s: float, *,
+                      standby_ok: bool = False) -> None:
         deadline = time.monotonic() + timeout_s
         last = "no answer"
         with grpc.insecure_channel(address) as channel:
@@ -304,12 +312,29 @@ class Mesh:
                     status = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1).status
                     if status == health_pb2.HealthCheckResponse.SERVING:
                         return
+                    if standby_ok and status == health_pb2.HealthCheckResponse.NOT_SERVING and self.active_metering():
+                        return
                     last = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
                 except grpc.RpcError as exc:
                     last = f"{exc.code().name}: {exc.details()}"
                 time.sleep(0.1)
         raise MeshError(f"{name} ({address}, {service or 'overall'}) not serving after {timeout_s:.0f}s: {last}"
                         f"\n{self.tail(name)}")
+
+    def active_metering(self) -> str | None:
+        """The metering replica that serves (holds the lock), if one does."""
+        for name in self.server_names():
+            if parse_name(name)[0] != "metering" or name not in self.processes:
+                continue
+            try:
+                with grpc.insecure_channel(self._address(name)) as channel:
+                    status = health_pb2_grpc.HealthStub(channel).Check(
+                        health_pb2.HealthCheckRequest(service=HEALTH_NAMES["metering"]), timeout=1).status
+            except grpc.RpcError:
+                continue
+            if status == health_pb2.HealthCheckResponse.SERVING:
+                return name
+        return None
 
     def tail(self, name: str, lines: int = 20) -> str:
         path = self.log_dir / f"{name}.log"
@@ -349,9 +374,10 @@ class Mesh:
         proc.wait(timeout=15)
 
     def respawn(self, name: str, timeout_s: float = 30.0) -> None:
-        """Starts a server that `kill` stopped and waits until it serves."""
+        """Starts a server that `kill` stopped and waits until it serves (a metering replica:
+        until it serves or stands by while another one serves)."""
         self._spawn_server(name)
-        self._wait_serving(name, self._address(name), HEALTH_NAMES[parse_name(name)[0]], timeout_s)
+        self._wait_up(name, timeout_s)
 
     def restart(self, name: str, timeout_s: float = 30.0) -> None:
         """Stops one server and starts it again (tests: durability across restarts)."""
@@ -359,4 +385,13 @@ class Mesh:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=15)
         self._spawn_server(name)
-        self._wait_serving(name, self._address(name), HEALTH_NAMES[parse_name(name)[0]], timeout_s)
+        self._wait_up(name, timeout_s)
+
+    def _wait_up(self, name: str, timeout_s: float) -> None:
+        """Until `name` serves; a metering replica may instead stand by (NOT_SERVING) while
+        another metering replica serves: one is active at a time."""
+        service, _ = parse_name(name)
+        standby_ok = service == "metering" and self.settings.replicas > 1 and any(
+            other != name and other in self.processes and parse_name(other)[0] == "metering"
+            for other in self.server_names())
+        self._wait_serving(name, self._address(name), HEALTH_NAMES[service], timeout_s, standby_ok=standby_ok)

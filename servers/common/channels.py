@@ -16,9 +16,11 @@ senders use, jitter included) and on a connection with no call open.
 
 from __future__ import annotations
 
+import ipaddress
+import json
 from collections.abc import Sequence
 
-from servers.common.settings import Bounds
+from servers.common.settings import Bounds, Settings
 
 # Large enough for batched ingest; Envoy enforces the public limit in front.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -61,3 +63,55 @@ def server_options(bounds: Bounds) -> list[tuple[str, int | str]]:
     largest = max(bounds.query_request_bytes, bounds.ingest_request_bytes, bounds.ingest_stream_message_bytes,
                   bounds.default_request_bytes)
     return [(key, largest if key == "grpc.max_receive_message_length" else value) for key, value in SERVER_OPTIONS]
+
+
+# What a channel to a peer service asks each replica's grpc.health.v1 about (client-side health
+# checks): a metering standby, a replica shutting down or one whose store is down answers
+# NOT_SERVING and gets no calls.
+PEER_HEALTH_NAMES = {
+    "retrieval": "copilot.v1.RetrievalService",
+    "generation": "copilot.v1.GenerationService",
+    "metering": "copilot.v1.MeteringService",
+}
+
+# Every call between services is safe to repeat (searches and reads; writes keyed by the
+# caller: usage and audit events by id, reservations by key, provisioning by tenant), so a call
+# that met a dying replica or a standby goes to another one. Five attempts over about 1.5 s of
+# back-off bridge a metering takeover (the standby's lock poll plus opening its stores).
+PEER_RETRY_POLICY = {
+    "maxAttempts": 5,
+    "initialBackoff": "0.1s",
+    "maxBackoff": "1s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+
+
+def peer_target(addresses: Sequence[str]) -> str:
+    """A gRPC target naming every replica (`ipv4:a:p,b:q`): the channel balances over them.
+    One address stays a plain target (it may be a DNS name, as under compose)."""
+    if len(addresses) == 1:
+        return addresses[0]
+    hosts = {address.rpartition(":")[0].strip("[]") for address in addresses}
+    try:
+        versions = {ipaddress.ip_address(host).version for host in hosts}
+    except ValueError:
+        raise ValueError(f"replicas need an IP address for COPILOT_HOST, got {sorted(hosts)}") from None
+    scheme = "ipv4" if versions == {4} else "ipv6"
+    return f"{scheme}:" + ",".join(addresses)
+
+
+def peer_options(service: str) -> list[tuple[str, int | str]]:
+    """`CLIENT_OPTIONS` plus the service config of a channel to `service`'s replicas: round
+    robin over those whose health says SERVING, and the retry policy above."""
+    config = {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {"serviceName": PEER_HEALTH_NAMES[service]},
+        "methodConfig": [{"name": [{}], "retryPolicy": PEER_RETRY_POLICY}],
+    }
+    return [*CLIENT_OPTIONS, ("grpc.service_config", json.dumps(config))]
+
+
+def peer_channel_args(settings: Settings, service: str) -> tuple[str, list[tuple[str, int | str]]]:
+    """(target, options) of a channel from one service to every replica of `service`."""
+    return peer_target(settings.addresses(service)), peer_options(service)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -15,7 +15,7 @@ import grpc
 
 from servers.common import logs, metrics, telemetry
 from servers.common.bounds import BoundsServerInterceptor
-from servers.common.channels import CLIENT_OPTIONS, server_options
+from servers.common.channels import CLIENT_OPTIONS, peer_channel_args, server_options
 from servers.common.health import DependencyCheck, Health
 from servers.common.interceptors import (
     DecodingServerInterceptor,
@@ -63,10 +63,16 @@ class Service:
     on_refusal: RefusalHook | None = None
 
 
-def connect(address: str) -> grpc.aio.Channel:
+def connect(target: str, options: Sequence[tuple[str, int | str]] = CLIENT_OPTIONS) -> grpc.aio.Channel:
     """A channel to another service that forwards identity, deadline and trace context."""
     interceptors = [*telemetry.client_interceptors(), *identity_client_interceptors()]
-    return grpc.aio.insecure_channel(address, options=CLIENT_OPTIONS, interceptors=interceptors)
+    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+
+
+def connect_peer(settings: Settings, service: str) -> grpc.aio.Channel:
+    """`connect` to every replica of `service`, balanced over those that serve
+    (servers/common/channels.py `peer_options`)."""
+    return connect(*peer_channel_args(settings, service))
 
 
 async def serve(service: Service, settings: Settings) -> None:

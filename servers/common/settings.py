@@ -306,11 +306,15 @@ DEFAULT_PORTS = {
 
 METRICS_OFFSETS = {"retrieval": 1, "generation": 2, "metering": 3, "edge": 4}
 
-# Processes that run as COPILOT_REPLICAS replicas (their state is shared or per call; see
-# docs/scale-out.md), and the ports they listen on: replica i listens on the port of replica 0
+# Processes that run as COPILOT_REPLICAS replicas (docs/scale-out.md says how each one's state
+# is shared or owned), and the ports they listen on: replica i listens on the port of replica 0
 # + i * COPILOT_REPLICA_PORT_STRIDE (its metrics port too).
-REPLICATED_SERVICES = ("generation", "edge")
-REPLICATED_PORTS = frozenset({"generation", "edge_services", "edge_http"})
+REPLICATED_SERVICES = ("retrieval", "generation", "metering", "edge")
+REPLICATED_PORTS = frozenset({"retrieval", "generation", "metering", "edge_services", "edge_http"})
+# Services whose replicas share one data directory: retrieval's tenant files (every replica
+# reads and writes them, coherently) and metering's stores (used by the one active replica;
+# the others stand by for its lock). The others' replicas each keep their own.
+SHARED_DATA_SERVICES = frozenset({"retrieval", "metering"})
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -415,12 +419,12 @@ class Settings:
     metrics_port_base: int = setting(9100, env="COPILOT_METRICS_PORT_BASE",
                                      doc="/metrics of the retrieval, generation, metering and edge processes are on "
                                          "this port + 1, 2, 3, 4; 0 turns them off.", low=0, high=65535)
-    # Scale-out (docs/scale-out.md): generation and the edge companion run as N processes each,
-    # balanced by Envoy; retrieval and metering stay one process until their state is owned.
+    # Scale-out (docs/scale-out.md): every service runs as N processes, balanced by Envoy.
     replicas: int = setting(1, env="COPILOT_REPLICAS", low=1, high=32,
-                            doc="Processes each of generation and the edge companion run as (Envoy balances "
-                                "over them); more than 1 needs REDIS_URL, which `copilot up` provides itself "
-                                "from a local redis-server when unset.")
+                            doc="Processes each of retrieval, generation, metering and the edge companion run "
+                                "as (Envoy balances over them; one metering is active, the others stand by); "
+                                "more than 1 needs REDIS_URL, which `copilot up` provides itself from a local "
+                                "redis-server when unset.")
     replica: int = setting(0, env="COPILOT_REPLICA", low=0, high=31,
                            doc="This process's replica index (0 .. COPILOT_REPLICAS-1), set by the supervisor "
                                "for each replica: its ports and its data sub-directory follow from it.")
@@ -556,10 +560,11 @@ class Settings:
         return port + self._replica_offset(replica) if service in REPLICATED_SERVICES else port
 
     def service_dir(self, service: str) -> Path:
-        """Where `service` keeps its local state. Replicas never share one: replica i > 0 of a
-        replicated service has `<service>-<i>` (replica 0 keeps the single process's directory,
-        so its outboxes survive a change of COPILOT_REPLICAS)."""
-        name = f"{service}-{self.replica}" if service in REPLICATED_SERVICES and self.replica else service
+        """Where `service` keeps its local state. The replicas of a SHARED_DATA_SERVICES service
+        share it; the others' never do: replica i > 0 has `<service>-<i>` (replica 0 keeps the
+        single process's directory, so its outboxes survive a change of COPILOT_REPLICAS)."""
+        private = service in REPLICATED_SERVICES and service not in SHARED_DATA_SERVICES
+        name = f"{service}-{self.replica}" if private and self.replica else service
         path = self.data_dir / name
         path.mkdir(parents=True, exist_ok=True)
         return path

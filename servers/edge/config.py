@@ -167,7 +167,7 @@ class TenantLimits:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TenantLimits:
-        channel = lifecycle.connect(settings.address("metering"))
+        channel = lifecycle.connect_peer(settings, "metering")
         stub = tenant_pb2_grpc.TenantServiceStub(channel)
 
         async def close() -> None:

@@ -77,7 +77,15 @@ METERING_IDEMPOTENT_RPCS = (
 )
 
 
-def retry_policy(retry_on: str, retries: int = RETRIES) -> dict[str, Any]:
+# Metering's idempotent calls wait out a takeover: when the active metering dies, a standby
+# takes its lock and opens its stores (docs/scale-out.md), a second or two in which no replica
+# serves; six retries with back-off growing to 1 s span about 3.5 s.
+METERING_RETRIES = 6
+METERING_BACK_OFF = ("0.1s", "1s")
+
+
+def retry_policy(retry_on: str, retries: int = RETRIES,
+                 back_off: tuple[str, str] = ("0.025s", "0.25s")) -> dict[str, Any]:
     """A route's (or a gRPC service's) retry policy: each retry goes to a replica the call has
     not tried yet while there is one, after a short back-off."""
     return {
@@ -86,8 +94,11 @@ def retry_policy(retry_on: str, retries: int = RETRIES) -> dict[str, Any]:
         "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
         "host_selection_retry_max_attempts": 3,
-        "retry_back_off": {"base_interval": "0.025s", "max_interval": "0.25s"},
+        "retry_back_off": {"base_interval": back_off[0], "max_interval": back_off[1]},
     }
+
+
+METERING_IDEMPOTENT_RETRY = retry_policy(RETRY_ON_IDEMPOTENT, METERING_RETRIES, METERING_BACK_OFF)
 
 
 # A replica that refuses connections or resets (it died) is ejected after this many failures
@@ -115,7 +126,7 @@ def metering_idempotent_routes(bounds: Bounds) -> str:
     routes after them, with the idempotent retry policy."""
     return "\n".join("              - " + json.dumps({
         "match": {"path": f"/copilot.v1.{rpc}"},
-        "route": {"cluster": "metering", "retry_policy": retry_policy(RETRY_ON_IDEMPOTENT), "timeout": "30s",
+        "route": {"cluster": "metering", "retry_policy": METERING_IDEMPOTENT_RETRY, "timeout": "30s",
                   "max_stream_duration": {"grpc_timeout_header_max": "30s"}},
         "metadata": {"filter_metadata": {"copilot.bounds": {
             "request_bytes": str(body_limit(bounds.default_request_bytes))}}},
@@ -129,6 +140,22 @@ def endpoints(settings: Settings, service: str) -> str:
         f"{{ endpoint: {{ address: {{ socket_address: {{ address: {host}, "
         f"port_value: {settings.port(service, replica)} }} }} }} }}"
         for replica in range(len(settings.addresses(service)))) + "]"
+
+def metering_panic_threshold(settings: Settings) -> float:
+    """Envoy's healthy_panic_threshold for metering: with one active replica and N-1 standbys
+    (NOT_SERVING by design) the cluster is 1/N healthy, which must not count as panic (Envoy
+    would then spread calls over the standbys); with none healthy (a takeover under way) it
+    does, and calls go to every replica, retried until the new active serves."""
+    return round(100 / (settings.replicas + 1), 1)
+
+
+# A retrieval call goes to the replica that owns its tenant on a ring of the verified tenant
+# header (jwt_authn sets it; a client's own copy is removed first): that replica holds the
+# tenant's indexes and caches hot. Ownership moves to the next replica on the ring when one is
+# unhealthy or ejected. Correctness never depends on it: every replica reads the same files
+# and checks them for changes (docs/scale-out.md).
+TENANT_HASH = [{"header": {"header_name": "x-tenant-id"}}]
+
 
 # How often Envoy refetches the JWKS: the dev one is local and cheap, so a rotated dev key
 # is live within seconds; an identity provider's is refetched less often.
@@ -262,9 +289,12 @@ def render(settings: Settings, *, allowed_origins: Sequence[str] | None = None,
         "EDGE_PORT": settings.edge_port,
         "EDGE_BIND": _yaml_str(settings.edge_bind or settings.host),
         "ADMIN_PORT": settings.envoy_admin_port,
-        "RETRIEVAL_PORT": settings.retrieval_port,
+        "RETRIEVAL_ENDPOINTS": endpoints(settings, "retrieval"),
+        "TENANT_HASH": json.dumps(TENANT_HASH),
         "GENERATION_ENDPOINTS": endpoints(settings, "generation"),
-        "METERING_PORT": settings.metering_port,
+        "METERING_ENDPOINTS": endpoints(settings, "metering"),
+        "METERING_PANIC": metering_panic_threshold(settings),
+        "RETRY_METERING": json.dumps(METERING_IDEMPOTENT_RETRY),
         "EDGE_SERVICES_ENDPOINTS": endpoints(settings, "edge_services"),
         "EDGE_HTTP_ENDPOINTS": endpoints(settings, "edge_http"),
         "OUTLIER_DETECTION": f"outlier_detection: {json.dumps(OUTLIER_DETECTION)}",

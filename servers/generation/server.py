@@ -9,7 +9,7 @@ import grpc
 
 from copilot.v1 import generation_pb2_grpc, tenant_pb2_grpc
 from servers.common.audit import AuditTrail
-from servers.common.lifecycle import Service, connect
+from servers.common.lifecycle import Service, connect_peer
 from servers.common.settings import Settings
 from servers.generation.clients import MeteringClient, QuestionAuditor, RetrievalClient, UsageRecorder
 from servers.generation.config import GenerationConfig
@@ -25,8 +25,8 @@ def build(settings: Settings, config: GenerationConfig | None = None) -> Service
     config = config or GenerationConfig.from_env()
     # The SDKs' HTTP client logs every request at INFO: one line per provider call is noise.
     logging.getLogger("httpx2").setLevel(logging.WARNING)
-    retrieval_channel = connect(settings.address("retrieval"))
-    metering_channel = connect(settings.address("metering"))
+    retrieval_channel = connect_peer(settings, "retrieval")
+    metering_channel = connect_peer(settings, "metering")
     extractive = ExtractiveProvider()
     providers: dict[str, Provider] = {extractive.name: extractive}
     llms: list[OpenAIProvider | AnthropicProvider] = []

@@ -73,7 +73,7 @@ def build(settings: Settings) -> lifecycle.Service:
     tenants = CachedTenantStore(tenant_store(settings), settings.tenant_cache_ttl_s)
     usage = usage_store(settings)
     audit = MeteringAudit(audit_store(settings, usage), tenants)
-    retrieval_channel = lifecycle.connect(settings.address("retrieval"))
+    retrieval_channel = lifecycle.connect_peer(settings, "retrieval")
     hooks: list[TenantHook] = [RetrievalHook(retrieval_channel)]
     billing = billing_from(settings, usage)
     if billing is not None:

@@ -8,7 +8,7 @@ import grpc
 
 from copilot.v1 import retrieval_pb2, retrieval_pb2_grpc
 from servers.common.audit import AuditTrail
-from servers.common.lifecycle import Service, connect
+from servers.common.lifecycle import Service, connect_peer
 from servers.common.settings import Settings
 from servers.retrieval.config import RetrievalConfig
 from servers.retrieval.embedders import build_embedder
@@ -63,7 +63,7 @@ def build(settings: Settings, config: RetrievalConfig | None = None) -> Service:
     # Ingests, deletes and search-setting changes go to metering's audit trail through a
     # durable outbox (COPILOT_AUDIT=0 turns it off, for benchmarks only); writes are only for
     # tenants metering's registry knows.
-    metering_channel = connect(settings.address("metering"))
+    metering_channel = connect_peer(settings, "metering")
     audit = AuditTrail("retrieval", metering_channel, settings.data_dir / "retrieval" / "audit-outbox") \
         if settings.audit_enabled else None
     servicer = RetrievalServiceServicer(engine, audit, TenantRegistry.over(metering_channel,

@@ -142,18 +142,20 @@ def test_replicas_have_their_own_ports_metrics_and_data(tmp_path: Path) -> None:
     base = parse(Settings, {"COPILOT_DATA_DIR": str(tmp_path), "COPILOT_REPLICAS": "3",
                             "COPILOT_REPLICA_PORT_STRIDE": "10", "COPILOT_METRICS_PORT_BASE": "9100"})
     second = parse(Settings, {**to_env(base), "COPILOT_REPLICA": "2"})
-    # Replicated services step by the stride; the others are one process wherever asked.
+    # Every service steps by the stride.
     assert [base.port("generation", i) for i in range(3)] == [50052, 50062, 50072]
     assert second.address("edge_services") == "127.0.0.1:50074" and second.port("edge_http") == 50075
-    assert second.address("retrieval") == base.address("retrieval") == "127.0.0.1:50051"
+    assert second.address("retrieval") == "127.0.0.1:50071" and base.address("retrieval") == "127.0.0.1:50051"
     assert base.addresses("generation") == ["127.0.0.1:50052", "127.0.0.1:50062", "127.0.0.1:50072"]
-    assert base.addresses("metering") == ["127.0.0.1:50053"]
+    assert base.addresses("metering") == ["127.0.0.1:50053", "127.0.0.1:50063", "127.0.0.1:50073"]
     assert (second.metrics_port("generation"), second.metrics_port("edge"), second.metrics_port("metering")) == \
-        (9122, 9124, 9103)
-    # Two replicas never share local state (outboxes); replica 0 keeps the single process's.
+        (9122, 9124, 9123)
+    # Generation replicas never share local state (outboxes); replica 0 keeps the single
+    # process's. Retrieval's and metering's replicas share theirs (one store, coherent or locked).
     assert base.service_dir("generation") == tmp_path / "generation"
     assert second.service_dir("generation") == tmp_path / "generation-2"
-    assert second.service_dir("metering") == tmp_path / "metering"
+    assert second.service_dir("metering") == base.service_dir("metering") == tmp_path / "metering"
+    assert second.service_dir("retrieval") == tmp_path / "retrieval"
 
 
 def test_a_replica_index_beyond_the_replicas_is_refused() -> None:

@@ -127,17 +127,24 @@ def test_bounds_flow_into_the_edge_config() -> None:
 def test_replicated_clusters_balance_over_every_replica() -> None:
     s = settings(replicas=3, replica_port_stride=10, edge_http_port=15055)
     clusters = _clusters(envoy_config.render(s))
-    for cluster, base in (("generation", 15052), ("edge_services", 15054), ("edge_http", 15055), ("jwks", 15055)):
+    for cluster, base in (("retrieval", 15051), ("generation", 15052), ("metering", 15053),
+                          ("edge_services", 15054), ("edge_http", 15055), ("jwks", 15055)):
         text = clusters[cluster]
         for port in (base, base + 10, base + 20):
             assert f"port_value: {port} " in text or f'"port_value": {port}' in text, (cluster, port)
         assert str(base + 30) not in text, cluster
-    # Replicas that fail are ejected (the jwks fetch retries instead); single processes keep one endpoint.
-    for cluster in ("generation", "edge_services", "edge_http"):
+    # Replicas that fail are ejected (the jwks fetch retries instead).
+    for cluster in ("retrieval", "generation", "metering", "edge_services", "edge_http"):
         assert "outlier_detection:" in clusters[cluster], cluster
-    for cluster, port in (("retrieval", 15051), ("metering", 15053)):
-        assert "outlier_detection" not in clusters[cluster]
-        assert clusters[cluster].count("port_value:") == 1 and f"port_value: {port} " in clusters[cluster]
+    # A tenant's retrieval calls go to its owner on the ring of the verified tenant header.
+    assert "lb_policy: RING_HASH" in clusters["retrieval"]
+    text = envoy_config.render(s)
+    for route in ("/copilot.v1.RetrievalService/StreamIngestDocuments", "path: /copilot.v1.RetrievalService/Search",
+                  "path: /copilot.v1.RetrievalService/IngestDocuments", "prefix: /copilot.v1.RetrievalService/ }"):
+        assert json.loads(_route(text, route).split("hash_policy: ", 1)[1].splitlines()[0]) == \
+            [{"header": {"header_name": "x-tenant-id"}}], route
+    # One active metering and two standbys are a third healthy: not a panic; none healthy is.
+    assert "healthy_panic_threshold: { value: 25.0 }" in clusters["metering"]
 
 
 def _retry_on(route: str) -> str:
@@ -152,6 +159,9 @@ def test_only_idempotent_rpcs_are_retried_after_they_reached_a_service() -> None
     for route in ("/copilot.v1.GenerationService/", "path: /copilot.v1.RetrievalService/Search",
                   "path: /copilot.v1.MeteringService/RecordUsage", "prefix: /copilot.v1.AuditService/"):
         assert _retry_on(_route(text, route)) == envoy_config.RETRY_ON_IDEMPOTENT, route
+    # Metering's wait out a standby's takeover.
+    assert json.loads(_route(text, "path: /copilot.v1.MeteringService/RecordUsage").split(
+        "retry_policy: ", 1)[1].splitlines()[0])["num_retries"] == envoy_config.METERING_RETRIES
     for rpc in envoy_config.METERING_IDEMPOTENT_RPCS:
         line = next(line for line in text.splitlines() if f'"path": "/copilot.v1.{rpc}"' in line)
         assert json.loads(line.strip()[2:])["route"]["retry_policy"]["retry_on"] == envoy_config.RETRY_ON_IDEMPOTENT
