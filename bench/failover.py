@@ -1,12 +1,14 @@
 """`python -m bench.failover`: an open-loop load of Answers, Searches and GetUsage over many
-tenants through the edge of a mesh with 2 replicas each of generation and the edge companion,
-while one replica of each is killed with SIGKILL in turn and started again.
+tenants through the edge of a mesh with 2 replicas of every service, while one replica of each
+is killed with SIGKILL in turn and started again.
 
-Per phase (steady, generation-1 killed and restarted, edge-1 killed and restarted, steady
-again): successful calls per second, errors by gRPC code, p50/p99 (from each call's scheduled
-send time, so a stall cannot hide), and how long the killed replica took to serve again (from
-the kill to its first call served). Afterwards, the usage billed against the answers received
-(exact: each answer billed once, retried or not).
+Per phase (steady; retrieval-1, generation-1, the active metering and edge-1 each killed and
+restarted; steady again): successful calls per second, errors by gRPC code, p50/p99 (from each
+call's scheduled send time, so a stall cannot hide), and how long until the killed replica
+served again (from the kill to its first call served; for metering, to the standby's takeover:
+the restarted one stands by). Afterwards: the usage billed against the answers received (exact:
+each answer billed once, retried or not), every tenant's audit chain verified (no break, no
+fork), and the quota ledger's counters against the usage store.
 
   python -m bench.failover [--tenants 20] [--rate 30] [--phase 20] [--replicas 2]
 """
@@ -31,6 +33,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench.load import Call, MixResult, MixSpec, open_loop, result_of
 from copilot.v1 import (
+    audit_pb2,
+    audit_pb2_grpc,
     common_pb2,
     generation_pb2,
     metering_pb2,
@@ -65,7 +69,8 @@ class Phase:
 
 
 def _metric(settings: Settings, service: str, replica: int) -> float:
-    """Calls served by one replica: Answers for generation, rate limit checks for the edge."""
+    """Calls served by one replica: Answers for generation, Searches for retrieval, rate limit
+    checks for the edge."""
     port = settings.metrics_port(service, replica)
     with urllib.request.urlopen(f"http://{settings.host}:{port}/metrics", timeout=2) as response:
         text = response.read().decode()
@@ -73,7 +78,8 @@ def _metric(settings: Settings, service: str, replica: int) -> float:
     def counts(name: str, labels: dict[str, str]) -> bool:
         if service == "edge":
             return name == "copilot_ratelimit_checks_total"
-        return name == "copilot_rpc_requests_total" and labels.get("method") == "Answer" and labels.get("code") == "OK"
+        method = "Search" if service == "retrieval" else "Answer"
+        return name == "copilot_rpc_requests_total" and labels.get("method") == method and labels.get("code") == "OK"
 
     return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
                if counts(s.name, s.labels))
@@ -132,6 +138,14 @@ def run_phase(mesh: Mesh, spec: MixSpec, name: str, victim: str | None) -> Phase
         time.sleep(1.0)
         killed_at = time.monotonic()
         mesh.kill(victim)
+        if service == "metering":
+            # Serving again = a standby took over (the restarted one then stands by).
+            while time.monotonic() - killed_at < SERVE_AGAIN_MAX_S and mesh.active_metering() is None:
+                time.sleep(0.05)
+            if mesh.active_metering() is not None:
+                served_again.append(time.monotonic() - killed_at)
+            mesh.respawn(victim, timeout_s=SERVE_AGAIN_MAX_S)
+            return
         mesh.respawn(victim, timeout_s=SERVE_AGAIN_MAX_S)
         # Its counters start at 0 again: the first call it serves moves them.
         while time.monotonic() - killed_at < SERVE_AGAIN_MAX_S and not done.is_set():
@@ -172,6 +186,35 @@ def settled_billing(mesh: Mesh, issuer: DevIssuer, tenants: list[str], answered:
     return billed(mesh, issuer, tenants)
 
 
+def audit_verdicts(mesh: Mesh, issuer: DevIssuer, tenants: list[str]) -> dict[str, str]:
+    """Each tenant's audit chain verified by metering: "ok", or the first break."""
+    operator = (("authorization", f"Bearer {issuer.mint('platform', 'ops', ['operator'], ttl_s=3600)}"),)
+    out = {}
+    with grpc.insecure_channel(mesh.edge_address) as channel:
+        stub = audit_pb2_grpc.AuditServiceStub(channel)
+        for tenant in tenants:
+            reply = stub.VerifyAuditChain(audit_pb2.VerifyAuditChainRequest(tenant_id=tenant), metadata=operator,
+                                          timeout=60)
+            out[tenant] = "ok" if reply.ok else audit_pb2.AuditChainProblem.Name(reply.first_break.problem)
+    return out
+
+
+def ledger_vs_store(mesh: Mesh, issuer: DevIssuer, tenants: list[str]) -> list[str]:
+    """Tenants whose quota ledger (CheckQuota's tokens used this month) differs from the usage
+    store's month total (GetUsage)."""
+    differ = []
+    with grpc.insecure_channel(mesh.edge_address) as channel:
+        stub = metering_pb2_grpc.MeteringServiceStub(channel)
+        for tenant in tenants:
+            md = (("authorization", f"Bearer {issuer.mint(tenant, 'bench-check', ['member'])}"),)
+            quota = stub.CheckQuota(metering_pb2.CheckQuotaRequest(), metadata=md, timeout=10)
+            ledger = next(q.used for q in quota.quotas if q.name == "tokens_per_month")
+            stored = stub.GetUsage(metering_pb2.GetUsageRequest(), metadata=md, timeout=10).total_tokens
+            if ledger != stored:
+                differ.append(f"{tenant}: ledger {ledger}, store {stored}")
+    return differ
+
+
 def _row(phase: Phase) -> str:
     total = phase.result.total
     errors = ", ".join(f"{code} {n}" for code, n in sorted(total.errors.items())) or "none"
@@ -206,18 +249,24 @@ def main() -> None:
             spec = MixSpec(target=mesh.edge_address, calls=mix, duration_s=args.phase, warmup_s=0.0, rate=args.rate,
                            timeout_s=args.timeout)
             phases = [run_phase(mesh, spec, "steady", None),
-                      run_phase(mesh, spec, "generation-1 killed, restarted", replica_name("generation", 1)),
-                      run_phase(mesh, spec, "edge-1 killed, restarted", replica_name("edge", 1)),
-                      run_phase(mesh, spec, "steady again", None)]
+                      run_phase(mesh, spec, "retrieval-1 killed, restarted", replica_name("retrieval", 1)),
+                      run_phase(mesh, spec, "generation-1 killed, restarted", replica_name("generation", 1))]
+            active = mesh.active_metering()
+            assert active is not None, "no metering replica serves"
+            phases += [run_phase(mesh, spec, f"active metering ({active}) killed, restarted", active),
+                       run_phase(mesh, spec, "edge-1 killed, restarted", replica_name("edge", 1)),
+                       run_phase(mesh, spec, "steady again", None)]
             answered = sum(p.result.by_label["Answer"].ok for p in phases if "Answer" in p.result.by_label)
             failed_answers = sum(p.result.by_label["Answer"].error_count for p in phases
                                  if "Answer" in p.result.by_label)
             usage = settled_billing(mesh, issuer, tenants, answered)
+            chains = audit_verdicts(mesh, issuer, tenants)
+            ledger_differs = ledger_vs_store(mesh, issuer, tenants)
         finally:
             mesh.stop()
     load_after = os.getloadavg()
 
-    print(f"Failover through the edge: {args.replicas} replicas each of generation and the edge companion, "
+    print(f"Failover through the edge: {args.replicas} replicas of every service (one metering active), "
           f"{args.tenants} tenants, open loop {args.rate:g} calls/s (Answer/Search/GetUsage "
           f"{'/'.join(str(s * 5) for _, s in MIX)} %), {args.phase:g} s per phase; {platform.machine()} "
           f"x{os.cpu_count()}, load average {load_before[0]:.1f} before, {load_after[0]:.1f} after")
@@ -228,10 +277,16 @@ def main() -> None:
     verdict = "exact" if usage == answered else ("MORE billed than answered" if usage > answered else "LESS billed")
     print(f"usage requests billed {usage} vs answers received {answered} ({verdict}); "
           f"answers failed {failed_answers}")
+    broken = {t: v for t, v in chains.items() if v != "ok"}
+    print(f"audit chains verified: {len(chains) - len(broken)} of {len(chains)} ok"
+          + (f"; broken: {broken}" if broken else ""))
+    print(f"quota ledger vs usage store (tokens this month): {len(tenants) - len(ledger_differs)} of "
+          f"{len(tenants)} equal" + (f"; differ: {ledger_differs}" if ledger_differs else ""))
     print(json.dumps({"phases": [{"name": p.name, "ok_per_s": round(p.result.total.rps, 2),
                                   "errors": p.result.total.errors, "p99_ms": round(p.result.total.p99_ms, 1),
                                   "serving_again_s": p.serving_again_s} for p in phases],
-                      "billed": usage, "answered": answered, "answers_failed": failed_answers}))
+                      "billed": usage, "answered": answered, "answers_failed": failed_answers,
+                      "audit_chains_broken": broken, "ledger_differs": ledger_differs}))
 
 
 if __name__ == "__main__":

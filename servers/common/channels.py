@@ -101,17 +101,31 @@ def peer_target(addresses: Sequence[str]) -> str:
     return f"{scheme}:" + ",".join(addresses)
 
 
+# Services with a moment when no replica serves by design: while a metering standby takes over
+# (docs/scale-out.md), a call waits, within its deadline, for the new active instead of failing
+# at once. Every replica of the others serves, so a call to them fails fast when none does.
+WAIT_FOR_READY = frozenset({"metering"})
+
+
 def peer_options(service: str) -> list[tuple[str, int | str]]:
     """`CLIENT_OPTIONS` plus the service config of a channel to `service`'s replicas: round
     robin over those whose health says SERVING, and the retry policy above."""
+    method: dict[str, object] = {"name": [{}], "retryPolicy": PEER_RETRY_POLICY}
+    if service in WAIT_FOR_READY:
+        method["waitForReady"] = True
     config = {
         "loadBalancingConfig": [{"round_robin": {}}],
         "healthCheckConfig": {"serviceName": PEER_HEALTH_NAMES[service]},
-        "methodConfig": [{"name": [{}], "retryPolicy": PEER_RETRY_POLICY}],
+        "methodConfig": [method],
     }
     return [*CLIENT_OPTIONS, ("grpc.service_config", json.dumps(config))]
 
 
-def peer_channel_args(settings: Settings, service: str) -> tuple[str, list[tuple[str, int | str]]]:
-    """(target, options) of a channel from one service to every replica of `service`."""
-    return peer_target(settings.addresses(service)), peer_options(service)
+def peer_channel_args(settings: Settings, service: str) -> tuple[str, Sequence[tuple[str, int | str]]]:
+    """(target, options) of a channel from one service to every replica of `service`. A single
+    process is called as it always was: whatever its health says (it is the only one; its
+    calls answer for themselves), failing fast when it is down."""
+    addresses = settings.addresses(service)
+    if len(addresses) == 1:
+        return addresses[0], CLIENT_OPTIONS
+    return peer_target(addresses), peer_options(service)
