@@ -1,9 +1,11 @@
-"""Two replicas each of generation and the edge companion behind the real Envoy, sharing a
-redis-server the supervisor started: answers are spread over both generation replicas; one
-killed with SIGKILL in the middle of a loop of answers costs no call (Envoy retries on the
-other) and bills each answer once; respawned, it serves again. The same for an edge companion
-replica, with rate limits still exact through Redis; a streamed answer cut by a kill fails
-(INTERNAL: a reset stream) and is billed at most once."""
+"""Two replicas of every service behind the real Envoy, sharing a redis-server the supervisor
+started: answers are spread over both generation replicas; one killed with SIGKILL in the
+middle of a loop of answers costs no call (Envoy retries on the other) and bills each answer
+once; respawned, it serves again. The same for an edge companion replica, with rate limits
+still exact through Redis, and for a retrieval replica (both read one set of tenant files); a
+streamed answer cut by a kill fails (INTERNAL: a reset stream) and is billed at most once. The
+active metering killed: the standby takes over, nothing is lost or billed twice, the audit
+chain continues."""
 
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from google.protobuf import field_mask_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
 from copilot.v1 import (
+    audit_pb2,
+    audit_pb2_grpc,
     common_pb2,
     generation_pb2,
     generation_pb2_grpc,
@@ -275,3 +279,113 @@ async def test_an_edge_replica_killed_mid_loop_refuses_nothing_and_limits_stay_e
         # Both replicas took part in the checks: before the kill, and in the exact count after the respawn.
         assert all(n > 0 for n in before) and all(b > a for a, b in zip(first, last, strict=True)), \
             (before, first, last)
+
+
+def _searched(mesh: RunningMesh, replica: int) -> float:
+    """Searches retrieval replica `replica` served OK (from the edge and from generation)."""
+    return sum(value for labels, value in _samples(mesh, "retrieval", replica, "copilot_rpc_requests_total")
+               if labels.get("method") == "Search" and labels.get("code") == "OK")
+
+
+async def test_a_retrieval_replica_killed_mid_loop_costs_no_call_and_writes_reach_every_replica(
+        replicated: RunningMesh) -> None:
+    """Both retrieval replicas read and write one set of tenant files: a document ingested
+    while one is down is found by it once it is back, whichever replica a call reaches."""
+    victim = replica_name("retrieval", 1)
+    async with grpc.aio.insecure_channel(replicated.edge) as channel:
+        tenants = [await _tenant(replicated, channel, "retrfail") for _ in range(3)]
+        searches = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+        # Generation's searches are balanced over both replicas; the edge's go to each
+        # tenant's owner on the ring.
+        before = [_searched(replicated, i) for i in range(2)]
+        ok, failed = await _answer_loop(replicated, channel, tenants[0], 12)
+        assert (ok, failed) == (12, [])
+        assert all(_searched(replicated, i) > b for i, b in enumerate(before)), before
+        halfway = asyncio.Event()
+        loop = asyncio.create_task(_answer_loop(replicated, channel, tenants[1], ANSWERS // 2, during=halfway))
+        codes: list[grpc.StatusCode] = []
+        for i in range(ANSWERS // 2):
+            if i == ANSWERS // 6:
+                await asyncio.to_thread(replicated.mesh.kill, victim)
+            codes.append(await _search(replicated, searches, tenants[i % len(tenants)], "rescreened"))
+        ok, failed = await loop
+        assert codes == [grpc.StatusCode.OK] * (ANSWERS // 2) and (ok, failed) == (ANSWERS // 2, [])
+        # Written while the victim is down, read by every replica once it is back.
+        new = retrieval_pb2.Document(document_id="sanctions", title="Sanctions",
+                                     text="Sanctions screening runs against the consolidated list on every payment.")
+        for tenant in tenants:
+            await searches.IngestDocuments(retrieval_pb2.IngestDocumentsRequest(documents=[new]),
+                                           metadata=replicated.auth(tenant, ("member", "admin")), timeout=60)
+        await asyncio.to_thread(replicated.mesh.respawn, victim)
+        deadline = time.monotonic() + 60
+        while _searched(replicated, 1) == 0:
+            assert time.monotonic() < deadline, "the respawned retrieval replica never served a search"
+            _, more_failed = await _answer_loop(replicated, channel, tenants[2], 4)
+            assert more_failed == []
+        # Each replica, called directly (as a service behind the edge is), finds it.
+        for replica in range(2):
+            assert await _top_hits(replicated, replica, tenants, "consolidated list") == ["sanctions"] * 3
+        # Caches warmed on one replica are not served after the other one writes.
+        assert await _top_hits(replicated, 1, tenants, "whistleblowing hotline") != ["whistle"] * 3
+        whistle = retrieval_pb2.Document(document_id="whistle", title="Whistleblowing",
+                                         text="Staff report concerns through the whistleblowing hotline.")
+        async with grpc.aio.insecure_channel(replicated.settings.address("retrieval", 0)) as direct:
+            for tenant in tenants:
+                await retrieval_pb2_grpc.RetrievalServiceStub(direct).IngestDocuments(
+                    retrieval_pb2.IngestDocumentsRequest(documents=[whistle]),
+                    metadata=_behind_the_edge(tenant, "admin"), timeout=60)
+        assert await _top_hits(replicated, 1, tenants, "whistleblowing hotline") == ["whistle"] * 3
+
+
+def _behind_the_edge(tenant: str, role: str = "member") -> tuple[tuple[str, str], ...]:
+    """The identity headers Envoy sets on a verified call (services trust them behind the edge)."""
+    return (("x-tenant-id", tenant), ("x-user-id", "replica-test"), ("x-roles", role))
+
+
+async def _top_hits(mesh: RunningMesh, replica: int, tenants: list[str], query: str) -> list[str]:
+    """Each tenant's best hit for `query` on one retrieval replica, called directly."""
+    async with grpc.aio.insecure_channel(mesh.settings.address("retrieval", replica)) as direct:
+        stub = retrieval_pb2_grpc.RetrievalServiceStub(direct)
+        tops = []
+        for tenant in tenants:
+            found = await stub.Search(retrieval_pb2.SearchRequest(query=query), metadata=_behind_the_edge(tenant),
+                                      timeout=10)
+            tops.append(found.hits[0].document_id if found.hits else "")
+        return tops
+
+
+async def test_the_active_metering_killed_mid_loop_a_standby_takes_over_and_nothing_is_lost(
+        replicated: RunningMesh) -> None:
+    """One metering replica is active (it holds the lock on metering's stores), the other
+    stands by. Killed mid-loop, the standby takes over: answers and usage reads go on, each
+    answer is billed once, and the tenant's audit chain continues unbroken."""
+    mesh = replicated.mesh
+    active = await asyncio.to_thread(mesh.active_metering)
+    assert active is not None
+    async with grpc.aio.insecure_channel(replicated.edge) as channel:
+        tenant = await _tenant(replicated, channel, "meterfail")
+        usage = metering_pb2_grpc.MeteringServiceStub(channel)
+        halfway = asyncio.Event()
+        loop = asyncio.create_task(_answer_loop(replicated, channel, tenant, ANSWERS, during=halfway))
+        await asyncio.wait_for(halfway.wait(), LOOP_S)
+        await asyncio.to_thread(mesh.kill, active)
+        reads: list[grpc.StatusCode] = []
+        while not loop.done():
+            try:
+                await usage.GetUsage(metering_pb2.GetUsageRequest(), metadata=replicated.auth(tenant), timeout=10)
+                reads.append(grpc.StatusCode.OK)
+            except grpc.aio.AioRpcError as exc:
+                reads.append(exc.code())
+            await asyncio.sleep(0.1)
+        ok, failed = await loop
+        assert (ok, failed) == (ANSWERS, []) and set(reads) == {grpc.StatusCode.OK}, (ok, failed, reads)
+        successor = await asyncio.to_thread(mesh.active_metering)
+        assert successor is not None and successor != active
+        # Back as a standby: the successor keeps the lock.
+        await asyncio.to_thread(mesh.respawn, active)
+        assert await asyncio.to_thread(mesh.active_metering) == successor
+        assert await _settled_usage(replicated, channel, tenant, ANSWERS) == ANSWERS
+        # One unbroken chain across the takeover: the tenant's creation, ingest and every question.
+        verdict = await audit_pb2_grpc.AuditServiceStub(channel).VerifyAuditChain(
+            audit_pb2.VerifyAuditChainRequest(tenant_id=tenant), metadata=replicated.operator(), timeout=30)
+        assert verdict.ok and verdict.events_checked >= ANSWERS + 2, verdict
