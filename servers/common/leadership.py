@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 
 from servers.common.errors import Unavailable
-from servers.common.interceptors import PUBLIC_PREFIXES, Context, Handler, ServerInterceptor
+from servers.common.interceptors import PUBLIC_PREFIXES, Context, Handler, ServerInterceptor, handler_like
 
 log = logging.getLogger("copilot.leadership")
 
@@ -118,7 +118,7 @@ class StandbyGuard(ServerInterceptor):
 
     def starting(self) -> None:
         self._reason = "STARTING"
-        self._message = f"{self._service}: this replica is taking over and still opening its stores; retry"
+        self._message = f"{self._service}: this replica was elected and is still opening its stores; retry"
 
     def activate(self) -> None:
         self._active = True
@@ -136,8 +136,5 @@ class StandbyGuard(ServerInterceptor):
         async def refuse(request: Any, context: Context) -> None:
             await context.abort(status.code, status.details, trailing_metadata=tuple(status.trailing_metadata))
 
-        kind = (f"{'stream' if handler.request_streaming else 'unary'}_"
-                f"{'stream' if handler.response_streaming else 'unary'}")
-        factory: Callable[..., Handler] = getattr(grpc, f"{kind}_rpc_method_handler")
         # No request deserializer: a refused request is never read.
-        return factory(refuse, response_serializer=handler.response_serializer)
+        return handler_like(handler, refuse, None)
