@@ -38,6 +38,11 @@ class Health:
     def add_dependency(self, name: str, check: DependencyCheck) -> None:
         self._checks[name] = check
 
+    async def not_serving(self) -> None:
+        """Every name NOT_SERVING until `start` (grpc_health answers SERVING for "" by default):
+        a replica that listens before it may serve (a standby)."""
+        await self._set(NOT_SERVING)
+
     async def start(self) -> None:
         await self._evaluate()
         self._task = asyncio.create_task(self._loop(), name="health-checks")

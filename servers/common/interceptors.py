@@ -211,9 +211,15 @@ def _guard(handler: Handler, method: str, decoding: _Decoding) -> Handler:
                 await refuse(context, refusal)
 
         behavior = stream_stream
+    return handler_like(handler, behavior, decoding.deserializer(method, handler))
+
+
+def handler_like(handler: Handler, behavior: Any, request_deserializer: Callable[[bytes], Any] | None) -> Handler:
+    """A handler of the same kind (unary/stream each way) and response serializer as `handler`,
+    running `behavior` instead."""
     kind = f"{'stream' if handler.request_streaming else 'unary'}_{'stream' if handler.response_streaming else 'unary'}"
     factory: Callable[..., Handler] = getattr(grpc, f"{kind}_rpc_method_handler")
-    return factory(behavior, request_deserializer=decoding.deserializer(method, handler),
+    return factory(behavior, request_deserializer=request_deserializer,
                    response_serializer=handler.response_serializer)
 
 

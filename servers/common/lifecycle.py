@@ -5,8 +5,10 @@ in-flight calls drained within the grace period, then the service's own resource
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -23,6 +25,7 @@ from servers.common.interceptors import (
     RefusalHook,
     identity_client_interceptors,
 )
+from servers.common.leadership import StandbyGuard
 from servers.common.reflection import add_reflection
 from servers.common.settings import Settings
 
@@ -61,6 +64,10 @@ class Service:
     traced: bool = True
     # Told about every call this server refused (PERMISSION_DENIED / RESOURCE_EXHAUSTED): the audit trail.
     on_refusal: RefusalHook | None = None
+    # Returns once this process may serve (it won the election among replicas sharing one state,
+    # servers/common/leadership.py). Awaited after the server listens, as a standby (health
+    # NOT_SERVING, every other call refused UNAVAILABLE), and before `on_start`. None: serves at once.
+    leadership: Callable[[], Awaitable[None]] | None = None
 
 
 def connect(target: str, options: Sequence[tuple[str, int | str]] = CLIENT_OPTIONS) -> grpc.aio.Channel:
@@ -76,8 +83,11 @@ def connect_peer(settings: Settings, service: str) -> grpc.aio.Channel:
 
 
 async def serve(service: Service, settings: Settings) -> None:
-    interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = (
-        [*telemetry.server_interceptors()] if service.traced else [])
+    guard = StandbyGuard(service.name) if service.leadership is not None else None
+    # The guard first: a standby refuses before any other interceptor runs.
+    interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = [*([guard] if guard is not None else []),
+                                                                *(telemetry.server_interceptors() if service.traced
+                                                                  else [])]
     if service.identity_required:
         interceptors.append(IdentityServerInterceptor(access_log=settings.access_log,
                                                       on_refusal=service.on_refusal,
@@ -91,7 +101,10 @@ async def serve(service: Service, settings: Settings) -> None:
     server = grpc.aio.server(interceptors=interceptors, options=server_options(settings.bounds),
                              maximum_concurrent_rpcs=settings.bounds.max_concurrent_rpcs)
     health: HealthProvider
+    standard: Health | None = None
     if service.health is not None:
+        if guard is not None:
+            raise TypeError(f"{service.name}: a service with leadership uses the standard health")
         health = service.health
     else:
         standard = Health(service.service_names)
@@ -105,17 +118,37 @@ async def serve(service: Service, settings: Settings) -> None:
     address = f"{settings.host}:{service.port}"
     if server.add_insecure_port(address) == 0:
         raise SystemExit(f"{service.name}: cannot listen on {address}")
-    for hook in service.on_start:
-        await hook()
-    await server.start()
-    await health.start()
-    metrics.serve(settings.host, settings.metrics_port(service.name), settings.metrics_max_tenants)
-    log.info("serving", extra={"address": address, "services": service.service_names})
-
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if guard is None or standard is None or service.leadership is None:
+        for hook in service.on_start:
+            await hook()
+        await server.start()
+    else:
+        await standard.not_serving()
+        await server.start()
+        waiting = time.monotonic()
+        if not await _elected(service.leadership, stop):
+            log.info("standby: stopping")
+            await server.stop(settings.shutdown_grace_s)
+            telemetry.shutdown()
+            return
+        elected = time.monotonic()
+        guard.starting()
+        try:
+            for hook in service.on_start:
+                await hook()
+        except BaseException:
+            await server.stop(0)
+            raise
+        guard.activate()
+        log.info("active: took over", extra={"waited_s": round(elected - waiting, 3),
+                                              "open_s": round(time.monotonic() - elected, 3)})
+    await health.start()
+    metrics.serve(settings.host, settings.metrics_port(service.name), settings.metrics_max_tenants)
+    log.info("serving", extra={"address": address, "services": service.service_names})
     await stop.wait()
 
     log.info("shutting down", extra={"grace_s": settings.shutdown_grace_s})
@@ -128,6 +161,21 @@ async def serve(service: Service, settings: Settings) -> None:
             log.exception("error while stopping")
     telemetry.shutdown()
     log.info("stopped")
+
+
+async def _elected(leadership: Callable[[], Awaitable[None]], stop: asyncio.Event) -> bool:
+    """Waits for the election; False if told to stop first (the election is cancelled)."""
+    election = asyncio.ensure_future(leadership())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({election, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if election.done():
+        election.result()
+        return True
+    election.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await election
+    return False
 
 
 def run(name: str, build: Callable[[Settings], Service]) -> None:

@@ -433,6 +433,11 @@ class Settings:
     replica_port_stride: int = setting(100, env="COPILOT_REPLICA_PORT_STRIDE", low=1, high=10_000,
                                        doc="Replica i of a replicated service listens on replica 0's ports "
                                            "(gRPC, HTTP, metrics) + i times this.")
+    # A standby metering replica takes over this long at most after the active one dies (plus
+    # the time to open its stores); each poll is one non-blocking flock, so polling often is cheap.
+    leadership_poll_s: float = setting(0.2, env="COPILOT_LEADERSHIP_POLL_S", low=0.01, high=60,
+                                       doc="How often a standby metering replica tries the leadership lock "
+                                           "(`<data>/metering/active.lock`) held by the active one.")
     metrics_max_tenants: int = setting(50, env="COPILOT_METRICS_MAX_TENANTS", low=0, high=100_000,
                                        doc="Tenants with their own series in per-tenant metrics; the rest are "
                                            "folded into tenant=\"_other\" (bounds the series count).")

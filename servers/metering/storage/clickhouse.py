@@ -198,16 +198,18 @@ class ChdbBackend(ClickHouseBackend):
 
     name = "chdb"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, lock_wait_s: float = 0.0) -> None:
+        """`lock_wait_s`: how long `open` waits for the directory's lock (0: fails at once)."""
         super().__init__()
         self.path = path
         self._session: Any = None
         # One process per directory (the audit chain's single writer): fails fast, naming the holder.
         self._lock = DirLock(path)
+        self._lock_wait_s = lock_wait_s
 
     async def open(self) -> None:
         if self._executor is None:
-            await asyncio.to_thread(self._lock.acquire)
+            await asyncio.to_thread(self._lock.acquire, self._lock_wait_s)
         await super().open()
 
     async def close(self) -> None:
@@ -286,5 +288,5 @@ class ServerBackend(ClickHouseBackend):
         self._client.insert(table, [list(r) for r in rows], column_names=list(columns))
 
 
-def backend(clickhouse_url: str | None, embedded_dir: Path) -> ClickHouseBackend:
-    return ServerBackend(clickhouse_url) if clickhouse_url else ChdbBackend(embedded_dir)
+def backend(clickhouse_url: str | None, embedded_dir: Path, lock_wait_s: float = 0.0) -> ClickHouseBackend:
+    return ServerBackend(clickhouse_url) if clickhouse_url else ChdbBackend(embedded_dir, lock_wait_s)

@@ -6,13 +6,21 @@ their own idea of its head and fork it. chDB refuses a second process too, but o
 usage has opened it and with an error that names neither the directory nor the holder;
 this lock comes first and says both. The kernel drops it when its holder dies (even by
 SIGKILL), so a crash never leaves a stale lock behind.
+
+Metering replicas never meet here: only the active one (servers/common/leadership.py) opens
+the directory. This lock still guards it from anything else (a second mesh on the same data
+directory, an offline tool) and is the same `FileLock` as the election's.
 """
 
 from __future__ import annotations
 
-import fcntl
-import os
+import time
 from pathlib import Path
+
+from servers.common.leadership import FileLock
+
+# Between two tries while waiting for the lock.
+_RETRY_S = 0.05
 
 
 class DataDirInUse(RuntimeError):
@@ -23,33 +31,24 @@ class DirLock:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         # Beside the directory, not in it: the directory belongs to chDB.
-        self.path = directory.with_name(f"{directory.name}.lock")
-        self._fd: int | None = None
+        self._lock = FileLock(directory.with_name(f"{directory.name}.lock"))
 
-    def acquire(self) -> None:
-        """Takes the lock (blocking I/O: call from a thread) or raises DataDirInUse at once."""
-        if self._fd is not None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise DataDirInUse(
-                f"data directory {self.directory} is in use by another process (pid {holder}; lock {self.path}): "
-                "one metering process per directory, or each would extend the audit hash chains on its own "
-                "and fork them. Stop the other process or give this one its own COPILOT_DATA_DIR.") from None
-        except BaseException:
-            os.close(fd)
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
+    @property
+    def path(self) -> Path:
+        return self._lock.path
+
+    def acquire(self, wait_s: float = 0.0) -> None:
+        """Takes the lock (blocking I/O: call from a thread), trying for up to `wait_s`, or
+        raises DataDirInUse."""
+        deadline = time.monotonic() + wait_s
+        while not self._lock.try_acquire():
+            if time.monotonic() >= deadline:
+                raise DataDirInUse(
+                    f"data directory {self.directory} is in use by another process (pid {self._lock.holder()}; "
+                    f"lock {self.path}): one metering process per directory, or each would extend the audit hash "
+                    "chains on its own and fork them. Stop the other process or give this one its own "
+                    "COPILOT_DATA_DIR.")
+            time.sleep(_RETRY_S)
 
     def release(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            # Closing drops the lock; the pid left in the file is only read while someone holds it.
-            os.close(fd)
+        self._lock.release()

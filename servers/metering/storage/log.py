@@ -280,6 +280,10 @@ class RedisStreamLog(UsageLog):
     entries delivered but never acknowledged (this consumer's pending list, and other
     consumers' after `claim_idle_ms` through XAUTOCLAIM) are read back and flushed again.
     A commit acknowledges (XACK) and deletes (XDEL) the flushed entries.
+
+    The metering server opens it only in the active replica, which holds the leadership lock
+    (servers/common/leadership.py): no other consumer can be flushing, so it passes
+    `claim_idle_ms=0` and takes over a dead active's entries at once.
     """
 
     def __init__(self, url: str, stream: str = "copilot:usage:log", group: str = "flushers",
