@@ -98,7 +98,7 @@ def build(settings: Settings, config: RetrievalConfig | None = None) -> Service:
 
     return Service(
         name="retrieval",
-        port=settings.retrieval_port,
+        port=settings.port("retrieval"),
         service_names=[SERVICE_NAME],
         register=register,
         dependencies={STORE_DEPENDENCY[config.store]: engine.healthy, "embedder_ready": engine.embedder_healthy},
