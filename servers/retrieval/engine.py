@@ -9,13 +9,14 @@ with the tenant first: an entry can only ever answer the tenant that made it. Re
 the tenant's search defaults are also keyed with the tenant's revision (`revision`), so a
 cached answer is never stale:
 
-* a store that has revisions (`VersionedStore`: the embedded store) says on every request,
-  for one `stat` and a one-row read, whether the tenant's index changed since,
-  whichever process changed it: replicas sharing the store's files stay coherent (a
-  change on one is seen by the next request on any other);
-* a store without them (Weaviate) is keyed with this process's own generation of the
-  tenant, bumped by every change made through this engine; that is only right when no
-  other process writes the tenant, so with `shared` (replicas) nothing is cached for it.
+* one process (not `shared`): with this process's own generation of the tenant, bumped
+  by every change made through this engine, which is every change there is (free);
+* replicas (`shared`: other processes write the same store): with the store's revision
+  when it has them (`VersionedStore`: the embedded store), which says on every request,
+  for one `stat` and a one-row read, whether the tenant's index changed since, whichever
+  process changed it, so a change on one replica is seen by the next request on any
+  other; a store without them (Weaviate) gets nothing cached (every search reads the
+  tenant's settings and searches the store).
 
 Erasing a tenant drops all its entries; so does noticing that another process erased it.
 """
@@ -171,13 +172,12 @@ class RetrievalEngine:
     async def revision(self, tenant: str) -> Hashable | None:
         """What the tenant's cached state is keyed on now; None: nothing may be cached for it
         (it has no index, or the store cannot tell other processes' changes)."""
-        revision: Revision | None
+        if not self.shared:
+            # Every change goes through this engine: its own count is exact, and free.
+            return self._generations.get(tenant, 0)
+        revision: Revision | None = None
         if isinstance(self.store, VersionedStore):
             revision = await self.store.revision(tenant)
-        elif self.shared:
-            revision = None
-        else:
-            return self._generations.get(tenant, 0)
         seen = self._defaults.get(tenant)
         if seen is not None and _incarnation(seen[0]) != _incarnation(revision):
             # Erased (and maybe re-created) since this process last looked, by any process:
@@ -186,8 +186,9 @@ class RetrievalEngine:
         return revision
 
     async def exists(self, tenant: str) -> bool | None:
-        """Whether the tenant has an index, None when the store cannot tell cheaply."""
-        if isinstance(self.store, VersionedStore):
+        """With replicas, whether the tenant has an index now; None when the store cannot
+        tell cheaply, or when this process is the only one (it sees every erase itself)."""
+        if self.shared and isinstance(self.store, VersionedStore):
             return await self.revision(tenant) is not None
         return None
 
