@@ -5,15 +5,26 @@ mode that can actually run (and say which ran), BM25 and/or dense candidates fro
 store, fuse, rerank, cut to top_k.
 
 Caches (query results and query embeddings) are per process, bounded (LRU), and keyed
-with the tenant first: an entry can only ever answer the tenant that made it. Results are
-also keyed with the tenant's index generation, bumped by every change to its documents or
-settings, so a cached answer is never stale; erasing a tenant drops all its entries.
+with the tenant first: an entry can only ever answer the tenant that made it. Results and
+the tenant's search defaults are also keyed with the tenant's revision (`revision`), so a
+cached answer is never stale:
+
+* one process (not `shared`): with this process's own generation of the tenant, bumped
+  by every change made through this engine, which is every change there is (free);
+* replicas (`shared`: other processes write the same store): with the store's revision
+  when it has them (`VersionedStore`: the embedded store), which says on every request,
+  for one `stat` and a one-row read, whether the tenant's index changed since, whichever
+  process changed it, so a change on one replica is seen by the next request on any
+  other; a store without them (Weaviate) gets nothing cached (every search reads the
+  tenant's settings and searches the store).
+
+Erasing a tenant drops all its entries; so does noticing that another process erased it.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
@@ -37,7 +48,7 @@ from servers.retrieval.models import (
     SearchResult,
     Vectors,
 )
-from servers.retrieval.stores.base import DocumentStore, NativeHybridStore, RankingStore
+from servers.retrieval.stores.base import DocumentStore, NativeHybridStore, RankingStore, Revision, VersionedStore
 
 DEFAULT_TOP_K = 8
 # Candidates each list contributes to fusion (and the dense list's size in DENSE mode
@@ -92,13 +103,21 @@ def embedding_text(text: str) -> str:
     return text.strip()
 
 
+def _incarnation(revision: Hashable | None) -> Hashable | None:
+    return revision.incarnation if isinstance(revision, Revision) else None
+
+
 class RetrievalEngine:
     def __init__(self, store: DocumentStore, *, embedder: Embedder | None = None,
                  reranker: Reranker | None = None, chunking: ChunkingConfig = DEFAULT_CONFIG,
                  default_top_k: int = DEFAULT_TOP_K, candidates: int = DEFAULT_CANDIDATES,
                  default_alpha: float = DEFAULT_ALPHA, default_fusion: Fusion = DEFAULT_FUSION,
-                 result_cache_entries: int = 4096, embedding_cache_entries: int = 4096) -> None:
+                 result_cache_entries: int = 4096, embedding_cache_entries: int = 4096,
+                 shared: bool = False) -> None:
+        """`shared`: other processes write the same store (replicas), so caches may only be
+        keyed on the store's revisions (see the module docstring)."""
         self.store = store
+        self.shared = shared
         self.embedder = embedder
         self.reranker: Reranker = reranker or NoopReranker()
         self.chunking = chunking
@@ -109,7 +128,8 @@ class RetrievalEngine:
         self.results: LruCache[tuple[object, ...], SearchResult] = LruCache(result_cache_entries)
         self.embeddings: LruCache[tuple[str, str, str], Vectors] = LruCache(embedding_cache_entries)
         self._generations: dict[str, int] = {}
-        self._defaults: dict[str, TenantDefaults] = {}
+        # Each tenant's defaults with the revision they were read at.
+        self._defaults: dict[str, tuple[Hashable, TenantDefaults]] = {}
         metrics.SOURCES.register("retrieval_caches", self, "cache_metrics")
 
     def cache_metrics(self) -> list[object]:
@@ -148,6 +168,29 @@ class RetrievalEngine:
 
     def _changed(self, tenant: str) -> None:
         self._generations[tenant] = self._generations.get(tenant, 0) + 1
+
+    async def revision(self, tenant: str) -> Hashable | None:
+        """What the tenant's cached state is keyed on now; None: nothing may be cached for it
+        (it has no index, or the store cannot tell other processes' changes)."""
+        if not self.shared:
+            # Every change goes through this engine: its own count is exact, and free.
+            return self._generations.get(tenant, 0)
+        revision: Revision | None = None
+        if isinstance(self.store, VersionedStore):
+            revision = await self.store.revision(tenant)
+        seen = self._defaults.get(tenant)
+        if seen is not None and _incarnation(seen[0]) != _incarnation(revision):
+            # Erased (and maybe re-created) since this process last looked, by any process:
+            # nothing derived from the old index stays in memory.
+            self._forget(tenant)
+        return revision
+
+    async def exists(self, tenant: str) -> bool | None:
+        """With replicas, whether the tenant has an index now; None when the store cannot
+        tell cheaply, or when this process is the only one (it sees every erase itself)."""
+        if self.shared and isinstance(self.store, VersionedStore):
+            return await self.revision(tenant) is not None
+        return None
 
     # -- documents --------------------------------------------------------------------------
 
@@ -211,21 +254,27 @@ class RetrievalEngine:
     # -- settings ---------------------------------------------------------------------------
 
     async def defaults(self, tenant: str) -> TenantDefaults:
-        cached = self._defaults.get(tenant)
-        if cached is None:
-            cached = TenantDefaults.from_settings(await self.store.get_settings(tenant))
-            self._defaults[tenant] = cached
-        return cached
+        return await self._defaults_at(tenant, await self.revision(tenant))
+
+    async def _defaults_at(self, tenant: str, revision: Hashable | None) -> TenantDefaults:
+        seen = self._defaults.get(tenant)
+        if seen is not None and revision is not None and seen[0] == revision:
+            return seen[1]
+        defaults = TenantDefaults.from_settings(await self.store.get_settings(tenant))
+        if revision is not None:
+            self._defaults[tenant] = (revision, defaults)
+        else:
+            self._defaults.pop(tenant, None)
+        return defaults
 
     async def configure(self, tenant: str, values: dict[str, str | None]) -> TenantDefaults:
+        """Stores the settings; the tenant's revision moves, so every process (this one
+        included) reads them on its next request."""
         try:
             stored = await self.store.put_settings(tenant, values) if values else await self.store.get_settings(tenant)
         finally:
             self._changed(tenant)
-            self._defaults.pop(tenant, None)
-        defaults = TenantDefaults.from_settings(stored)
-        self._defaults[tenant] = defaults
-        return defaults
+        return TenantDefaults.from_settings(stored)
 
     def effective(self, defaults: TenantDefaults) -> tuple[SearchMode, float, Fusion, int]:
         mode = defaults.mode or (SearchMode.HYBRID if self.embedder is not None else SearchMode.BM25)
@@ -235,7 +284,8 @@ class RetrievalEngine:
     # -- search -----------------------------------------------------------------------------
 
     async def search(self, tenant: str, query: SearchQuery) -> SearchResult:
-        defaults = await self.defaults(tenant)
+        revision = await self.revision(tenant)
+        defaults = await self._defaults_at(tenant, revision)
         default_mode, default_alpha, default_fusion, default_top_k = self.effective(defaults)
         top_k = query.top_k or default_top_k
         mode = query.mode or default_mode
@@ -246,16 +296,19 @@ class RetrievalEngine:
             # lexical search runs and the response says so.
             mode = SearchMode.BM25
         filters = dict(query.filters)
-        key = (tenant, self._generations.get(tenant, 0), query.text, top_k, tuple(sorted(filters.items())),
+        key = (tenant, revision, query.text, top_k, tuple(sorted(filters.items())),
                mode, alpha if mode is SearchMode.HYBRID else None, fusion if mode is SearchMode.HYBRID else None)
-        cached = self.results.get(key)
+        cached = self.results.get(key) if revision is not None else None
         telemetry.current_span().set_attribute("copilot.cache_hit", cached is not None)
         if cached is not None:
             return replace(cached, cached=True)
         if filters:
             await self._check_filter_keys(tenant, filters)
         result = await self._search(tenant, query.text, top_k, filters, mode, alpha, fusion)
-        self.results.put(key, result)
+        if revision is not None:
+            # Read at `revision` or later (another process may have committed since): a
+            # newer answer under an older revision is still never a stale one.
+            self.results.put(key, result)
         return result
 
     async def _check_filter_keys(self, tenant: str, filters: dict[str, str]) -> None:

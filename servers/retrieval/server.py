@@ -25,11 +25,24 @@ def tenants_dir(settings: Settings) -> Path:
     return settings.data_dir / "retrieval" / "tenants"
 
 
+def audit_outbox_dir(settings: Settings) -> Path:
+    """This process's own audit outbox. Retrieval's replicas share their data directory
+    (`SHARED_DATA_SERVICES`: the tenant files), but never an outbox: two processes replaying
+    one journal would deliver, and delete, each other's events. Replica i > 0 has
+    `<data>/retrieval-<i>/audit-outbox`, as a private replica directory is named (replica 0
+    keeps the single process's, so its outbox survives a change of COPILOT_REPLICAS); not
+    created here: build touches no disk."""
+    name = f"retrieval-{settings.replica}" if settings.replica else "retrieval"
+    return settings.data_dir / name / "audit-outbox"
+
+
 # The health dependency each store reports under (NOT_SERVING while it fails).
 STORE_DEPENDENCY = {"embedded": "data_dir_writable", "weaviate": "weaviate_ready"}
 
 
 def build_store(settings: Settings, config: RetrievalConfig) -> DocumentStore:
+    """Replicas (COPILOT_REPLICAS > 1) share one store: the embedded store's tenant files
+    under `<data>/retrieval/tenants` (every replica the same directory), or Weaviate."""
     if config.store == "weaviate":
         assert config.weaviate_url is not None  # RetrievalConfig checks it
         # Imported here: weaviate-client takes about a second to import, which the
@@ -41,7 +54,7 @@ def build_store(settings: Settings, config: RetrievalConfig) -> DocumentStore:
         return WeaviateStore(WeaviateConfig(url=config.weaviate_url, grpc_port=config.weaviate_grpc_port,
                                             api_key=config.weaviate_api_key, timeout_s=config.weaviate_timeout_s,
                                             collection_prefix=config.weaviate_collection_prefix),
-                             bm25=config.bm25)
+                             bm25=config.bm25, shared=settings.replicas > 1)
     return SqliteFtsStore(tenants_dir(settings), max_open_tenants=config.max_open_tenants, workers=config.workers,
                           bm25=config.bm25)
 
@@ -59,12 +72,13 @@ def build(settings: Settings, config: RetrievalConfig | None = None) -> Service:
                              candidates=config.candidates, default_alpha=config.default_alpha,
                              default_fusion=config.default_fusion,
                              result_cache_entries=config.result_cache_entries,
-                             embedding_cache_entries=config.embedding_cache_entries)
+                             embedding_cache_entries=config.embedding_cache_entries,
+                             shared=settings.replicas > 1)
     # Ingests, deletes and search-setting changes go to metering's audit trail through a
     # durable outbox (COPILOT_AUDIT=0 turns it off, for benchmarks only); writes are only for
     # tenants metering's registry knows.
     metering_channel = connect_peer(settings, "metering")
-    audit = AuditTrail("retrieval", metering_channel, settings.data_dir / "retrieval" / "audit-outbox") \
+    audit = AuditTrail("retrieval", metering_channel, audit_outbox_dir(settings)) \
         if settings.audit_enabled else None
     servicer = RetrievalServiceServicer(engine, audit, TenantRegistry.over(metering_channel,
                                                                            settings.tenant_cache_ttl_s))
@@ -84,7 +98,7 @@ def build(settings: Settings, config: RetrievalConfig | None = None) -> Service:
 
     return Service(
         name="retrieval",
-        port=settings.retrieval_port,
+        port=settings.port("retrieval"),
         service_names=[SERVICE_NAME],
         register=register,
         dependencies={STORE_DEPENDENCY[config.store]: engine.healthy, "embedder_ready": engine.embedder_healthy},

@@ -307,7 +307,11 @@ class RetrievalServiceServicer(pb_grpc.RetrievalServiceServicer):
     async def _require_tenant(self) -> str:
         tenant = tenant_id()
         if self._registry is not None:
-            await self._registry.require(tenant)
+            exists = await self._engine.exists(tenant)
+            # A store that cannot tell: trust what this process remembers unless other
+            # replicas may have erased the tenant meanwhile.
+            await self._registry.require(tenant, remembered_ok=exists if exists is not None
+                                         else not self._engine.shared)
         return tenant
 
     async def IngestDocuments(

@@ -7,8 +7,11 @@ Only writes are checked (reads of a tenant with no index find nothing and create
 so the search path pays nothing. A tenant this process provisioned (ProvisionTenant, which
 only metering's onboarding calls, right after it registered the tenant) is known without
 asking; any other is confirmed with metering and remembered for the tenant cache TTL.
-Erasing a tenant here forgets it at once (other replicas within that TTL; the edge refuses
-a deleted tenant's tokens meanwhile).
+
+What is remembered is only trusted while the tenant's index exists (`require`'s
+`remembered_ok`): erasing a tenant, on this replica or on any other sharing the store,
+deletes its index, so the next write for it asks metering again instead of re-creating the
+index of a tenant metering no longer knows. Erasing it here also forgets it at once.
 """
 
 from __future__ import annotations
@@ -34,11 +37,13 @@ class TenantRegistry:
     def over(cls, channel: grpc.aio.Channel, ttl_s: float) -> TenantRegistry:
         return cls(tenant_pb2_grpc.TenantServiceStub(channel), ttl_s)
 
-    async def require(self, tenant_id: str) -> None:
+    async def require(self, tenant_id: str, *, remembered_ok: bool = True) -> None:
         """Returns when the registry knows the caller's tenant (asked as the caller, whose
-        identity the channel forwards); FAILED_PRECONDITION when it does not."""
+        identity the channel forwards); FAILED_PRECONDITION when it does not.
+        `remembered_ok` False: ask even if this process confirmed it before (its index is
+        gone, so it may have been deleted since)."""
         now = time.monotonic()
-        if tenant_id in self._provisioned or self._confirmed.get(tenant_id, 0.0) > now:
+        if remembered_ok and (tenant_id in self._provisioned or self._confirmed.get(tenant_id, 0.0) > now):
             return
         try:
             await self._stub.GetTenant(tenant_pb2.GetTenantRequest(), timeout=LOOKUP_TIMEOUT_S)

@@ -1,13 +1,14 @@
 """The interface every document store implements, and what the backends share.
 
-`DocumentStore` is what the engine needs of a backend; `RankingStore` and
-`NativeHybridStore` are optional capabilities it uses when a store has them. `Bm25Params`
+`DocumentStore` is what the engine needs of a backend; `RankingStore`,
+`NativeHybridStore` and `VersionedStore` are optional capabilities it uses when a store
+has them. `Bm25Params`
 (k1, b, column weights) is the one BM25 parameter set the SQLite and Weaviate stores share.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -96,6 +97,33 @@ class NativeHybridStore(Protocol):
     async def search_hybrid(self, tenant: str, text: str, vector: Vectors, top_k: int,
                             filters: Mapping[str, str], *, alpha: float, fusion: Fusion) -> list[Hit]:
         """Best first; `alpha` weighs dense (0: BM25 only, 1: dense only)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Revision:
+    """What a tenant's index is at one moment, as cheap to read as a `stat`.
+
+    Two equal revisions of a tenant mean the same contents (documents, chunks, vectors,
+    search settings), whichever process made the changes in between; a revision is never
+    seen again once the index changed. So whatever is derived from a tenant's index (query
+    results, its defaults, in-memory indexes) is cached under the revision it was read at
+    and is never served once the revision moved.
+    """
+
+    # Which life of the tenant's index: changes when it is erased (and re-created).
+    incarnation: Hashable
+    # Changes with every committed change within one incarnation, whoever made it.
+    version: Hashable
+
+
+@runtime_checkable
+class VersionedStore(Protocol):
+    """A store that can say cheaply, on every request, whether a tenant's index changed
+    since an earlier look, including changes by other processes sharing the same data
+    (replicas over one directory)."""
+
+    async def revision(self, tenant: str) -> Revision | None:
+        """The tenant's revision now; None when it has no index."""
 
 
 @dataclass(frozen=True, slots=True)

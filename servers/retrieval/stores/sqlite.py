@@ -12,6 +12,31 @@ loop. Each tenant is pinned to one worker (a stable hash of its id) and its conn
 opened, used and closed only on that thread; the same pinning serialises a tenant's writes
 and reads without any lock. Each worker keeps an LRU of open connections, so memory is
 bounded by the recently active tenants, not by the number of tenants on disk.
+
+Several processes may share one directory (retrieval replicas, docs/retrieval-replicas.md):
+SQLite serialises their writes (WAL, busy_timeout) and each reads committed data, so the
+files are always coherent; what each process holds in memory is kept coherent by keying it
+on the tenant's `Revision`, a row of the tenant's own file:
+
+* (incarnation, version): the incarnation is drawn at random when the file is made, and
+  every write transaction (`_transaction`: documents, chunks, vectors, settings) bumps the
+  version in the same commit, whichever process writes. So a revision read once is never
+  read again after any change, and equal revisions mean equal contents, across processes,
+  reopened connections and erase-then-re-create (an inode number, or SQLite's
+  `PRAGMA data_version`, which is per connection and blind to its own commits, is not).
+* Erasing a tenant deletes its files, but a connection another process holds open keeps
+  reading the unlinked file (whose revision never moves again). So every use of an
+  open connection first `stat`s the path: another inode, or none, means erased (and maybe
+  re-created), and the connection is closed and the file opened again (or found absent).
+  Closing such a connection is safe: SQLite neither checkpoints nor deletes the WAL of a
+  database file that has moved. A held-open inode cannot be reused, so the check is exact.
+* The in-memory BM25 postings and dense vectors are stored with the revision they were
+  read at and rebuilt when it moved; the "settle" delay before a lexical rebuild is read
+  from the file's modification times, so every process agrees on it.
+* Reads open files with `mode=rw`: a read never creates a file, even racing an erase.
+
+A revision costs one `stat` and a one-row read on the tenant's worker thread; nothing else is
+re-read from the file unless it changed.
 """
 
 from __future__ import annotations
@@ -24,6 +49,8 @@ import sqlite3
 import tempfile
 import threading
 import time
+import urllib.parse
+import uuid
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -49,7 +76,7 @@ from servers.retrieval.models import (
     Vectors,
 )
 from servers.retrieval.query import query_phrases, query_terms
-from servers.retrieval.stores.base import Bm25Params
+from servers.retrieval.stores.base import Bm25Params, Revision
 
 T = TypeVar("T")
 
@@ -58,7 +85,7 @@ T = TypeVar("T")
 FTS5_BM25 = Bm25Params(k1=1.2, b=0.75)
 
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA_V1 = f"""
 CREATE TABLE IF NOT EXISTS documents (
@@ -124,6 +151,17 @@ CREATE TABLE IF NOT EXISTS tenant_settings (
 );
 """
 
+# v3: the tenant's revision (see the module docstring), one row: an id drawn at random when
+# the file is made, so a tenant erased and re-created never repeats a revision, and a
+# counter every write transaction bumps, whichever process writes.
+_SCHEMA_V3 = """
+CREATE TABLE IF NOT EXISTS tenant_revision (
+    id          INTEGER PRIMARY KEY CHECK (id = 1),
+    incarnation TEXT NOT NULL,
+    version     INTEGER NOT NULL
+);
+"""
+
 _SIDE_FILES = ("-wal", "-shm", "-journal")
 
 # Keeps write transactions short so a tenant's searches interleave with a big ingest.
@@ -131,6 +169,8 @@ _WRITE_BATCH_DOCS = 64
 _WRITE_BATCH_CHARS = 4 * 1024 * 1024
 # Below SQLite's host-parameter limit with room to spare.
 _IN_CLAUSE_MAX = 500
+# Opening a tenant's file while another process erases and re-creates it, over and over.
+_OPEN_ATTEMPTS = 5
 
 
 def _now() -> str:
@@ -167,16 +207,21 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield
+        conn.execute("UPDATE tenant_revision SET version = version + 1 WHERE id = 1")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
 
 
-def _open(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Autocommit mode (isolation_level=None): transactions are explicit, see _transaction.
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=True, cached_statements=32)
+def _open(path: Path, *, create: bool) -> sqlite3.Connection:
+    if create:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    # mode=rw: a read of a tenant erased a moment ago (by another process) fails instead of
+    # creating an empty file. Autocommit mode (isolation_level=None): transactions are
+    # explicit, see _transaction.
+    target = f"file:{urllib.parse.quote(str(path))}?mode={'rwc' if create else 'rw'}"
+    conn = sqlite3.connect(target, uri=True, isolation_level=None, check_same_thread=True, cached_statements=32)
     try:
         conn.execute("PRAGMA journal_mode=WAL")
         # In WAL mode NORMAL loses nothing on a process crash, only possibly the last
@@ -190,16 +235,59 @@ def _open(path: Path) -> sqlite3.Connection:
         if version > SCHEMA_VERSION:
             raise RuntimeError(f"{path.name} has schema v{version}, newer than this server (v{SCHEMA_VERSION})")
         if version < SCHEMA_VERSION:
+            # Idempotent, so two processes opening an old file at once both succeed.
             conn.executescript(
-                f"BEGIN IMMEDIATE;{_SCHEMA_V1}{_SCHEMA_V2}PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
+                f"BEGIN IMMEDIATE;{_SCHEMA_V1}{_SCHEMA_V2}{_SCHEMA_V3}"
+                f"INSERT OR IGNORE INTO tenant_revision (id, incarnation, version) VALUES (1, '{uuid.uuid4().hex}', 0);"
+                f"PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
     except BaseException:
         conn.close()
         raise
     return conn
 
 
-# Ranks one tenant's rows on its worker thread: (worker, tenant, connection) -> (rowid, score).
-_Ranker = Callable[["_Worker", str, sqlite3.Connection], Ranked]
+# Ranks one tenant's rows on its worker thread: (worker, open tenant) -> (rowid, score).
+_Ranker = Callable[["_Worker", "_OpenTenant"], Ranked]
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at `path` now, None when there is none."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _last_written(path: Path) -> float:
+    """When the tenant's file or its WAL was last written (wall clock seconds), by any process."""
+    latest = 0.0
+    for file in (path, path.with_name(path.name + "-wal")):
+        with contextlib.suppress(FileNotFoundError):
+            latest = max(latest, os.stat(file).st_mtime)
+    return latest
+
+
+@dataclass(eq=False)
+class _OpenTenant:
+    """A tenant's open connection and what this process holds in memory for it, each index
+    with the revision it was read at (dropped with the connection: memory follows the
+    active tenants)."""
+
+    conn: sqlite3.Connection
+    path: Path
+    # The file the connection opened: when the path names another file (or none), the
+    # tenant was erased (and maybe re-created) by another process.
+    file: tuple[int, int]
+    dense: tuple[DenseIndex, Revision] | None = None
+    lexical: tuple[LexicalIndex, Revision] | None = None
+
+    def revision(self) -> Revision:
+        incarnation, version = self.conn.execute(
+            "SELECT incarnation, version FROM tenant_revision WHERE id = 1").fetchone()
+        return Revision(str(incarnation), int(version))
+
+    def current(self) -> bool:
+        return _file_identity(self.path) == self.file
 
 
 class _Worker:
@@ -212,65 +300,74 @@ class _Worker:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"retrieval-sqlite-{index}")
         self.capacity = capacity
         # An evicted tenant's connection is closed and its in-memory indexes dropped.
-        self._connections: LruCache[str, sqlite3.Connection] = LruCache(capacity, on_evict=self._evicted)
-        # The tenants' vectors as one matrix each, built on the first dense search after a
-        # change and dropped with the connection: memory follows the active tenants.
-        self._dense: dict[str, DenseIndex] = {}
-        # Likewise their FTS5 postings, with the file's data_version when they were read.
-        self._lexical: dict[str, tuple[LexicalIndex, int]] = {}
-        # When each tenant last changed (monotonic seconds), to hold off rebuilds mid-ingest.
-        self._changed: dict[str, float] = {}
+        self._tenants: LruCache[str, _OpenTenant] = LruCache(capacity, on_evict=self._evicted)
         # Query tokenizers by `tokenize=` option (in practice one: TOKENIZE).
         self._tokenizers: dict[str, QueryTokenizer] = {}
         self._thread: int | None = None
 
-    def connection(self, tenant: str, path: Path, create: bool) -> sqlite3.Connection | None:
+    def open(self, tenant: str, path: Path, create: bool) -> _OpenTenant | None:
+        """The tenant's open connection to the file now at `path` (one `stat` when already
+        open); None when it has no file and `create` is False (reads never create one)."""
         self._check_thread()
-        conn = self._connections.get(tenant)
-        if conn is not None:
-            return conn
-        if not create and not path.exists():
-            # Reads never create a tenant's file.
-            return None
-        conn = _open(path)
-        self._connections.put(tenant, conn)
-        return conn
+        held = self._tenants.get(tenant)
+        if held is not None:
+            if held.current():
+                return held
+            # Erased by another process (and maybe re-created): this connection still reads
+            # the old, unlinked file. Closing it leaves the new file alone (SQLite neither
+            # checkpoints nor deletes the WAL of a database file that has moved).
+            self.discard(tenant)
+        for _ in range(_OPEN_ATTEMPTS):
+            before = _file_identity(path)
+            if before is None and not create:
+                return None
+            try:
+                conn = _open(path, create=create)
+            except sqlite3.OperationalError:
+                if create or _file_identity(path) is not None:
+                    raise
+                return None  # erased between the stat and the open
+            after = _file_identity(path)
+            if after is not None and before in (None, after):
+                opened = _OpenTenant(conn, path, after)
+                self._tenants.put(tenant, opened)
+                return opened
+            _close(conn)  # replaced while opening: open the file that is there now
+        raise sqlite3.OperationalError(f"{path.name} kept being replaced while opening it")
 
-    def _evicted(self, tenant: str, conn: sqlite3.Connection) -> None:
-        self._forget(tenant)
-        _close(conn)
+    def _evicted(self, _tenant: str, held: _OpenTenant) -> None:
+        _close(held.conn)
 
-    def dense_index(self, tenant: str, conn: sqlite3.Connection) -> DenseIndex:
+    def revision(self, tenant: str, path: Path) -> Revision | None:
+        held = self.open(tenant, path, False)
+        return None if held is None else held.revision()
+
+    def dense_index(self, held: _OpenTenant) -> DenseIndex:
         self._check_thread()
-        index = self._dense.get(tenant)
-        if index is None:
-            index = self._dense[tenant] = DenseIndex.load(conn)
-        return index
+        revision = held.revision()
+        if held.dense is None or held.dense[1] != revision:
+            held.dense = None
+            held.dense = (DenseIndex.load(held.conn), revision)
+        return held.dense[0]
 
-    def lexical_index(self, tenant: str, conn: sqlite3.Connection, weights: Bm25Params,
-                      settle_seconds: float) -> LexicalIndex | None:
+    def lexical_index(self, held: _OpenTenant, weights: Bm25Params, settle_seconds: float) -> LexicalIndex | None:
         """The tenant's in-memory postings, or None while the tenant is still changing.
 
         Reading them takes about 0.5 s for a 12k-chunk tenant: rebuilding after every batch
-        of a long ingest would stall the worker, so until the tenant has been quiet for
-        `settle_seconds` the caller asks FTS5 instead (the same ranking, only slower).
+        of a long ingest would stall the worker, so until the tenant's file has been quiet
+        for `settle_seconds` the caller asks FTS5 instead (the same ranking, only slower).
+        "Quiet" is read from the file's own modification times, so every process that
+        shares the file agrees on it, whoever wrote.
         """
         self._check_thread()
-        # Changes committed by another connection (another process) move data_version;
-        # this connection's own writes go through `invalidate`.
-        version = int(conn.execute("PRAGMA data_version").fetchone()[0])
-        cached = self._lexical.get(tenant)
-        if cached is not None:
-            if cached[1] == version:
-                return cached[0]
-            del self._lexical[tenant]
-            self._changed[tenant] = time.monotonic()
-        changed = self._changed.get(tenant)
-        if changed is not None and time.monotonic() - changed < settle_seconds:
+        revision = held.revision()
+        if held.lexical is not None and held.lexical[1] == revision:
+            return held.lexical[0]
+        held.lexical = None
+        if settle_seconds > 0 and time.time() - _last_written(held.path) < settle_seconds:
             return None
-        index = LexicalIndex.load(conn, weights.columns, k1=weights.k1, b=weights.b)
-        self._lexical[tenant] = (index, version)
-        return index
+        held.lexical = (LexicalIndex.load(held.conn, weights.columns, k1=weights.k1, b=weights.b), revision)
+        return held.lexical[0]
 
     def tokenizer(self, tokenize: str) -> QueryTokenizer:
         self._check_thread()
@@ -279,46 +376,48 @@ class _Worker:
             tokenizer = self._tokenizers[tokenize] = QueryTokenizer(tokenize)
         return tokenizer
 
-    def invalidate(self, tenant: str) -> None:
+    def wrote(self, held: _OpenTenant) -> None:
+        """After this process committed on `held` (or may have)."""
         self._check_thread()
-        self._dense.pop(tenant, None)
-        self._lexical.pop(tenant, None)
-        self._changed[tenant] = time.monotonic()
+        # Stale from now on (their revision says so too); dropped now to free the memory
+        # during a long ingest.
+        held.dense = held.lexical = None
 
     def discard(self, tenant: str) -> None:
         self._check_thread()
-        self._forget(tenant)
-        conn = self._connections.pop(tenant)
-        if conn is not None:
-            _close(conn)
+        held = self._tenants.pop(tenant)
+        if held is not None:
+            _close(held.conn)
+
+    def sweep(self) -> list[str]:
+        """Closes the connections of tenants whose file was erased or replaced by another
+        process (an unlinked file's space is only freed when its last holder closes it)."""
+        self._check_thread()
+        gone = [tenant for tenant in self._tenants.snapshot()
+                if (held := self._tenants.peek(tenant)) is not None and not held.current()]
+        for tenant in gone:
+            self.discard(tenant)
+        return gone
 
     def close_all(self) -> None:
         self._check_thread()
-        self._dense.clear()
-        self._lexical.clear()
-        self._changed.clear()
         while self._tokenizers:
             _, tokenizer = self._tokenizers.popitem()
             tokenizer.close()
-        for conn in self._connections.clear():
-            _close(conn)
+        for held in self._tenants.clear():
+            _close(held.conn)
 
     def dense_tenants(self) -> list[str]:
-        self._check_thread()
-        return list(self._dense)
+        self.sweep()
+        return [t for t in self._tenants.snapshot() if (h := self._tenants.peek(t)) is not None and h.dense]
 
     def lexical_tenants(self) -> list[str]:
-        self._check_thread()
-        return list(self._lexical)
-
-    def _forget(self, tenant: str) -> None:
-        self._dense.pop(tenant, None)
-        self._lexical.pop(tenant, None)
-        self._changed.pop(tenant, None)
+        self.sweep()
+        return [t for t in self._tenants.snapshot() if (h := self._tenants.peek(t)) is not None and h.lexical]
 
     def open_tenants(self) -> list[str]:
-        self._check_thread()
-        return self._connections.snapshot()
+        self.sweep()
+        return self._tenants.snapshot()
 
     def _check_thread(self) -> None:
         ident = threading.get_ident()
@@ -380,14 +479,14 @@ class SqliteFtsStore:
     async def _with_connection(self, tenant: str, create: bool,
                                job: Callable[[sqlite3.Connection], T], default: T, *, writes: bool = False) -> T:
         def run(worker: _Worker, path: Path) -> T:
-            conn = worker.connection(tenant, path, create)
-            if conn is None:
+            held = worker.open(tenant, path, create)
+            if held is None:
                 return default
             try:
-                return job(conn)
+                return job(held.conn)
             finally:
                 if writes:
-                    worker.invalidate(tenant)
+                    worker.wrote(held)
 
         return await self._run(tenant, run)
 
@@ -395,7 +494,7 @@ class SqliteFtsStore:
 
     async def provision(self, tenant: str) -> None:
         def provision(worker: _Worker, path: Path) -> None:
-            worker.connection(tenant, path, create=True)
+            worker.open(tenant, path, create=True)
 
         await self._run(tenant, provision)
 
@@ -409,6 +508,17 @@ class SqliteFtsStore:
                 file.unlink(missing_ok=True)
 
         await self._run(tenant, erase)
+
+    async def revision(self, tenant: str) -> Revision | None:
+        """The tenant's revision now (see the module docstring); None when it has no file."""
+        return await self._run(tenant, lambda worker, path: worker.revision(tenant, path))
+
+    async def sweep(self) -> list[str]:
+        """Closes this process's connections to tenant files erased or replaced by another
+        process; the tenants closed."""
+        loop = asyncio.get_running_loop()
+        lists = await asyncio.gather(*(loop.run_in_executor(w.executor, w.sweep) for w in self._workers))
+        return [tenant for names in lists for tenant in names]
 
     async def open_tenants(self) -> list[str]:
         """Tenants whose connection is currently open (for tests and metrics)."""
@@ -463,7 +573,7 @@ class SqliteFtsStore:
         return await self._ranked(tenant, self._dense_ranker(vector, top_k, filters))
 
     async def fetch(self, tenant: str, ranked: Ranked) -> list[Hit]:
-        return await self._ranked_hits(tenant, lambda _worker, _tenant, _conn: ranked)
+        return await self._ranked_hits(tenant, lambda _worker, _held: ranked)
 
     def _lexical_ranker(self, text: str, top_k: int, filters: Mapping[str, str]) -> _Ranker:
         """BM25 over the tenant's FTS5 index: from its in-memory copy when there is one
@@ -474,10 +584,11 @@ class SqliteFtsStore:
         filters = dict(filters)
         weights, in_memory, settle = self.bm25, self.in_memory_lexical, self.lexical_settle_seconds
 
-        def rank(worker: _Worker, tenant: str, conn: sqlite3.Connection) -> Ranked:
+        def rank(worker: _Worker, held: _OpenTenant) -> Ranked:
             if expression is None or top_k <= 0:
                 return []
-            index = worker.lexical_index(tenant, conn, weights, settle) if in_memory else None
+            conn = held.conn
+            index = worker.lexical_index(held, weights, settle) if in_memory else None
             if index is not None:
                 allowed = _allowed_rowids(conn, filters) if filters else None
                 ranked = index.search(worker.tokenizer(index.tokenize).tokens(phrases), top_k, allowed)
@@ -493,22 +604,22 @@ class SqliteFtsStore:
         filters = dict(filters)
         query = np.ascontiguousarray(vector, dtype=np.float32).reshape(-1)
 
-        def rank(worker: _Worker, tenant: str, conn: sqlite3.Connection) -> Ranked:
-            return _rank_dense(conn, worker.dense_index(tenant, conn), query, top_k, filters)
+        def rank(worker: _Worker, held: _OpenTenant) -> Ranked:
+            return _rank_dense(held.conn, worker.dense_index(held), query, top_k, filters)
 
         return rank
 
     async def _ranked(self, tenant: str, rank: _Ranker) -> Ranked:
         def run(worker: _Worker, path: Path) -> Ranked:
-            conn = worker.connection(tenant, path, False)
-            return [] if conn is None else rank(worker, tenant, conn)
+            held = worker.open(tenant, path, False)
+            return [] if held is None else rank(worker, held)
 
         return await self._run(tenant, run)
 
     async def _ranked_hits(self, tenant: str, rank: _Ranker) -> list[Hit]:
         def run(worker: _Worker, path: Path) -> list[Hit]:
-            conn = worker.connection(tenant, path, False)
-            return [] if conn is None else _fetch_hits(conn, rank(worker, tenant, conn))
+            held = worker.open(tenant, path, False)
+            return [] if held is None else _fetch_hits(held.conn, rank(worker, held))
 
         return await self._run(tenant, run)
 
@@ -553,13 +664,19 @@ class SqliteFtsStore:
                                      " ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
             return dict(conn.execute("SELECT key, value FROM tenant_settings").fetchall())
 
-        return await self._with_connection(tenant, True, write, {})
+        return await self._with_connection(tenant, True, write, {}, writes=True)
 
     # -- health and shutdown ----------------------------------------------------------------
 
     async def healthy(self) -> bool:
         if self._closed:
             return False
+        # The health loop (every couple of seconds) is the store's clock: files other
+        # processes erased are let go of even by a replica that sees no call for them.
+        # Queued on the workers, not awaited: a probe must not wait behind a long ingest.
+        with contextlib.suppress(RuntimeError):  # closing meanwhile
+            for worker in self._workers:
+                worker.executor.submit(worker.sweep)
         # Not on the workers: a probe must not queue behind a long ingest.
         return await asyncio.to_thread(probe_writable, self.root)
 

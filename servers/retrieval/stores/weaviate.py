@@ -23,6 +23,12 @@ old and new chunks of one document while it is being replaced.
 
 Per-tenant search settings live in a second small multi-tenant collection, one object per
 key, in the same tenant shard names, so erasing a tenant drops them too.
+
+Replicas: Weaviate is the shared engine, so every retrieval process reads the same data.
+It offers no cheap per-tenant revision to key caches on, so with replicas (`shared`) the
+engine caches no search results or tenant defaults for this store (each search reads the
+settings and searches Weaviate), and this store does not trust its memory of which tenants
+exist (a write checks the tenant is there, creating it if another replica erased it).
 """
 
 from __future__ import annotations
@@ -88,7 +94,9 @@ class WeaviateConfig:
 class WeaviateStore:
     """`DocumentStore` on Weaviate (weaviate-client v4, async)."""
 
-    def __init__(self, config: WeaviateConfig, *, bm25: Bm25Params | None = None) -> None:
+    def __init__(self, config: WeaviateConfig, *, bm25: Bm25Params | None = None, shared: bool = False) -> None:
+        """`shared`: other processes (replicas) write the same Weaviate, so what this one
+        remembers of its tenants is not trusted (see `_writable`)."""
         parts = urlsplit(config.url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"WEAVIATE_URL must be an http(s) URL, got {config.url!r}")
@@ -104,6 +112,7 @@ class WeaviateStore:
         # Tenants this process has seen provisioned: writes to others provision them first,
         # like the embedded store, where a write creates the tenant's file.
         self._tenants: set[str] = set()
+        self.shared = shared
         self._closed = False
 
     # -- connection -------------------------------------------------------------------------
@@ -255,7 +264,11 @@ class WeaviateStore:
         self._tenants.add(tenant)
 
     async def _writable(self, tenant: str) -> None:
-        if tenant not in self._tenants:
+        # With replicas another process may have erased the tenant since this one saw it:
+        # a write must find it there (as the embedded store's write finds or creates the
+        # file), not fail once on a stale memory. Two existence checks a write; searches
+        # pay nothing.
+        if self.shared or tenant not in self._tenants:
             await self.provision(tenant)
 
     async def erase(self, tenant: str) -> None:
