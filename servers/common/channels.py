@@ -53,6 +53,9 @@ SERVER_OPTIONS: Sequence[tuple[str, int | str]] = (
     ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
     # ... and on a connection with no call open (Envoy pings its pooled connections).
     ("grpc.keepalive_permit_without_calls", 1),
+    # gRPC sets SO_REUSEPORT by default: a second process on a taken port (a replica given the
+    # wrong port, a stale server) would bind beside the first and silently take half its calls.
+    ("grpc.so_reuseport", 0),
 )
 
 

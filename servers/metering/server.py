@@ -129,7 +129,7 @@ def build(settings: Settings) -> lifecycle.Service:
 
     return lifecycle.Service(
         name="metering",
-        port=settings.metering_port,
+        port=settings.port("metering"),
         service_names=list(SERVICE_NAMES),
         register=register,
         dependencies={"stores": stores_answer},
