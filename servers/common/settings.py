@@ -565,11 +565,15 @@ class Settings:
         return port + self._replica_offset(replica) if service in REPLICATED_SERVICES else port
 
     def service_dir(self, service: str) -> Path:
-        """Where `service` keeps its local state. The replicas of a SHARED_DATA_SERVICES service
-        share it; the others' never do: replica i > 0 has `<service>-<i>` (replica 0 keeps the
-        single process's directory, so its outboxes survive a change of COPILOT_REPLICAS)."""
-        private = service in REPLICATED_SERVICES and service not in SHARED_DATA_SERVICES
-        name = f"{service}-{self.replica}" if private and self.replica else service
-        path = self.data_dir / name
+        """Where `service` keeps its local state (created): shared by the replicas of a
+        SHARED_DATA_SERVICES service, else this replica's own (`replica_dir`)."""
+        path = self.data_dir / service if service in SHARED_DATA_SERVICES else self.replica_dir(service)
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def replica_dir(self, service: str, replica: int | None = None) -> Path:
+        """The directory only replica `replica` (default: this process) of `service` uses (its
+        outboxes; not created here): `<service>-<i>` for i > 0, while replica 0 keeps the single
+        process's `<service>`, so its outboxes survive a change of COPILOT_REPLICAS."""
+        index = self.replica if replica is None else replica
+        return self.data_dir / (f"{service}-{index}" if index else service)

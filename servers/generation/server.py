@@ -10,6 +10,7 @@ import grpc
 from copilot.v1 import generation_pb2_grpc, tenant_pb2_grpc
 from servers.common.audit import AuditTrail
 from servers.common.lifecycle import Service, connect_peer
+from servers.common.outbox.replicas import ReplicaOutboxes
 from servers.common.settings import Settings
 from servers.generation.clients import MeteringClient, QuestionAuditor, RetrievalClient, UsageRecorder
 from servers.generation.config import GenerationConfig
@@ -19,6 +20,9 @@ from servers.generation.providers import ExtractiveProvider, Provider
 from servers.generation.resilience import Breakers
 from servers.generation.service import GenerationServicer
 from servers.generation.tenant_config import TenantConfigCache
+
+USAGE_OUTBOX = "usage-outbox"
+AUDIT_OUTBOX = "audit-outbox"
 
 
 def build(settings: Settings, config: GenerationConfig | None = None) -> Service:
@@ -39,9 +43,10 @@ def build(settings: Settings, config: GenerationConfig | None = None) -> Service
         providers[llm.name] = llm
     configs = TenantConfigCache(tenant_pb2_grpc.TenantServiceStub(metering_channel), ttl_s=settings.tenant_cache_ttl_s)
     metering = MeteringClient(metering_channel)
-    usage = UsageRecorder(metering, settings.service_dir("generation") / "usage-outbox")
+    outboxes = ReplicaOutboxes(settings, "generation", [USAGE_OUTBOX, AUDIT_OUTBOX])
+    usage = UsageRecorder(metering, outboxes.directory / USAGE_OUTBOX)
     # COPILOT_AUDIT=0 only for the benchmark's comparison: the audit trail is on in any deployment.
-    audit = AuditTrail("generation", metering_channel, settings.service_dir("generation") / "audit-outbox") \
+    audit = AuditTrail("generation", metering_channel, outboxes.directory / AUDIT_OUTBOX) \
         if settings.audit_enabled else None
     pipeline = Pipeline(
         retrieval=RetrievalClient(retrieval_channel),
@@ -75,9 +80,10 @@ def build(settings: Settings, config: GenerationConfig | None = None) -> Service
             "retrieval": _channel_ready(retrieval_channel),
             "metering": _channel_ready(metering_channel),
         },
-        on_start=[usage.start, configs.start, *([audit.start] if audit is not None else [])],
+        # The replica's outbox directory claimed (and orphans adopted) before the outboxes replay.
+        on_start=[outboxes.open, usage.start, configs.start, *([audit.start] if audit is not None else [])],
         on_refusal=audit.refused if audit is not None else None,
-        on_stop=[close],
+        on_stop=[outboxes.close, close],
     )
 
 

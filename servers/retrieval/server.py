@@ -9,6 +9,7 @@ import grpc
 from copilot.v1 import retrieval_pb2, retrieval_pb2_grpc
 from servers.common.audit import AuditTrail
 from servers.common.lifecycle import Service, connect_peer
+from servers.common.outbox.replicas import ReplicaOutboxes
 from servers.common.settings import Settings
 from servers.retrieval.config import RetrievalConfig
 from servers.retrieval.embedders import build_embedder
@@ -25,15 +26,15 @@ def tenants_dir(settings: Settings) -> Path:
     return settings.data_dir / "retrieval" / "tenants"
 
 
+AUDIT_OUTBOX = "audit-outbox"
+
+
 def audit_outbox_dir(settings: Settings) -> Path:
     """This process's own audit outbox. Retrieval's replicas share their data directory
     (`SHARED_DATA_SERVICES`: the tenant files), but never an outbox: two processes replaying
-    one journal would deliver, and delete, each other's events. Replica i > 0 has
-    `<data>/retrieval-<i>/audit-outbox`, as a private replica directory is named (replica 0
-    keeps the single process's, so its outbox survives a change of COPILOT_REPLICAS); not
-    created here: build touches no disk."""
-    name = f"retrieval-{settings.replica}" if settings.replica else "retrieval"
-    return settings.data_dir / name / "audit-outbox"
+    one journal would deliver, and delete, each other's events (servers/common/outbox/replicas.py).
+    Not created here: build touches no disk."""
+    return settings.replica_dir("retrieval") / AUDIT_OUTBOX
 
 
 # The health dependency each store reports under (NOT_SERVING while it fails).
@@ -78,6 +79,7 @@ def build(settings: Settings, config: RetrievalConfig | None = None) -> Service:
     # durable outbox (COPILOT_AUDIT=0 turns it off, for benchmarks only); writes are only for
     # tenants metering's registry knows.
     metering_channel = connect_peer(settings, "metering")
+    outboxes = ReplicaOutboxes(settings, "retrieval", [AUDIT_OUTBOX])
     audit = AuditTrail("retrieval", metering_channel, audit_outbox_dir(settings)) \
         if settings.audit_enabled else None
     servicer = RetrievalServiceServicer(engine, audit, TenantRegistry.over(metering_channel,
@@ -102,7 +104,7 @@ def build(settings: Settings, config: RetrievalConfig | None = None) -> Service:
         service_names=[SERVICE_NAME],
         register=register,
         dependencies={STORE_DEPENDENCY[config.store]: engine.healthy, "embedder_ready": engine.embedder_healthy},
-        on_start=[start_embedder, *([audit.start] if audit is not None else [])],
-        on_stop=[engine.close, stop_metering],
+        on_start=[start_embedder, outboxes.open, *([audit.start] if audit is not None else [])],
+        on_stop=[engine.close, stop_metering, outboxes.close],
         on_refusal=audit.refused if audit is not None else None,
     )

@@ -223,11 +223,11 @@ def _open(path: Path, *, create: bool) -> sqlite3.Connection:
     target = f"file:{urllib.parse.quote(str(path))}?mode={'rwc' if create else 'rw'}"
     conn = sqlite3.connect(target, uri=True, isolation_level=None, check_same_thread=True, cached_statements=32)
     try:
-        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA busy_timeout=5000")
+        _use_wal(conn)
         # In WAL mode NORMAL loses nothing on a process crash, only possibly the last
         # commits on power loss, and spares an fsync per commit.
         conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA busy_timeout=5000")
         # Small per-connection page cache: up to max_open tenants are open at once.
         conn.execute("PRAGMA cache_size=-1024")
         conn.execute("PRAGMA temp_store=MEMORY")
@@ -244,6 +244,26 @@ def _open(path: Path, *, create: bool) -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+# Two replicas creating one tenant's file at once: switching it to WAL needs the file to
+# itself, and SQLite answers "locked" at once rather than waiting on the busy timeout.
+WAL_SWITCH_ATTEMPTS = 100
+WAL_SWITCH_PAUSE_S = 0.02
+
+
+def _use_wal(conn: sqlite3.Connection) -> None:
+    """Puts the file in WAL mode (persistent: a file already in it costs one read)."""
+    for attempt in range(WAL_SWITCH_ATTEMPTS):
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+                return
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == WAL_SWITCH_ATTEMPTS - 1:
+                raise
+            time.sleep(WAL_SWITCH_PAUSE_S)
 
 
 # Ranks one tenant's rows on its worker thread: (worker, open tenant) -> (rowid, score).
