@@ -68,6 +68,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                         help=f"comma-separated rows to measure besides H, of {', '.join(ROWS)}")
     parser.add_argument("--profile", choices=ROWS, default=None,
                         help="after the measured rows, run this one again under py-spy and print the top frames")
+    parser.add_argument("--native", action="store_true",
+                        help="--profile with C frames too (py-spy pauses each process for every sample)")
     args = parser.parse_args(argv)
     if args.duration <= 0 or args.concurrency < 1 or args.warmup < 0:
         parser.error("--duration and --concurrency must be positive, --warmup not negative")
@@ -181,7 +183,7 @@ def run_rows(args: argparse.Namespace, mesh: Mesh, settings: Settings,
     if args.profile:
         label, ghz_args = rows[args.profile]
         python = {name: pid for name, pid in pids.items() if name in PYTHON_PROCESSES}
-        with Profiler(python, args.duration) as profiler:
+        with Profiler(python, args.duration, native=args.native) as profiler:
             profiled = ghz.run([*ghz_args, "-z", f"{args.duration:g}s"], duration_s=args.duration)
         print(f"\n{label} under py-spy: {profiled.ok_rps:,.0f}/s, p50 {profiled.p50_ms:.2f} ms "
               f"(not a measured row: py-spy shares the cores)\n")

@@ -8,7 +8,12 @@ of the mesh while a load runs, summarised as the top frames per process.
 py-spy runs `--nonblocking` (it reads the processes' memory without pausing them, so the load
 is barely disturbed; a sample is now and then inconsistent) at 100 samples/s, idle threads
 left out, so a frame's share of samples is its share of the process's on-CPU time. Time in
-C (grpcio's core, protobuf's upb, chDB) is charged to the Python frame that called it.
+C (grpcio's core, protobuf's upb, chDB) is charged to the Python frame that called it, or,
+with `native=True`, shown as C frames (py-spy then pauses each process for every sample).
+
+Each process gets two tables: the frames on CPU ("own", where the time is spent) and the
+frames most often on the stack ("on stack": what the time is spent for), the latter without
+the event loop's and the threads' own entry points, which are on every stack.
 """
 
 from __future__ import annotations
@@ -24,6 +29,11 @@ from pathlib import Path
 from types import TracebackType
 
 RATE_HZ = 100
+# Entry points on (nearly) every stack: they say nothing about where the time goes.
+ROOTS = ("run (threading.py)", "_bootstrap (threading.py)", "_bootstrap_inner (threading.py)",
+         "_run (asyncio/events.py)", "_run_once (asyncio/base_events.py)", "run_forever (asyncio/base_events.py)",
+         "run_until_complete (asyncio/base_events.py)", "_worker (futures/thread.py)", "run (asyncio/runners.py)",
+         "<module> (", "_run_module_as_main (", "_run_code (", "main (", "run (servers/")
 
 
 def find_py_spy() -> str | None:
@@ -70,8 +80,10 @@ class ProcessProfile:
 class Profiler:
     """py-spy on each of `pids` for `duration_s` from entering; `report` once it has exited."""
 
-    def __init__(self, pids: Mapping[str, int], duration_s: float, binary: str | None = None) -> None:
+    def __init__(self, pids: Mapping[str, int], duration_s: float, binary: str | None = None,
+                 native: bool = False) -> None:
         self._pids = dict(pids)
+        self._native = native
         self._duration = max(1, round(duration_s))
         self._binary = binary or find_py_spy()
         self._tmp = tempfile.TemporaryDirectory(prefix="copilot-pyspy-")
@@ -86,7 +98,8 @@ class Profiler:
             out = Path(self._tmp.name) / f"{name}.txt"
             self._procs[name] = subprocess.Popen(
                 [self._binary, "record", "--pid", str(pid), "--duration", str(self._duration),
-                 "--rate", str(RATE_HZ), "--nonblocking", "--format", "raw", "--output", str(out)],
+                 "--rate", str(RATE_HZ), "--native" if self._native else "--nonblocking",
+                 "--format", "raw", "--output", str(out)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         return self
 
@@ -110,22 +123,26 @@ class Profiler:
             self._tmp.cleanup()
 
     def report(self, top: int = 8) -> list[str]:
-        """Per process: the top `top` frames by own samples (with their inclusive share), as Markdown."""
+        """Per process, as Markdown: the top `top` frames on CPU, and the top frames on the stack
+        (entry points left out), each with its share of the process's samples."""
         lines: list[str] = []
         for name, profile in self.profiles.items():
-            lines.append(f"**{name}** ({profile.samples} samples at {RATE_HZ}/s over {self._duration} s)")
+            if not profile.samples:
+                continue
+            lines.append(f"**{name}**: {profile.samples} samples at {RATE_HZ}/s over {self._duration} s "
+                         f"(≈ {profile.samples / RATE_HZ / self._duration:.0%} of a core)")
             lines.append("")
-            lines.append("| own % | on stack % | frame |")
-            lines.append("|---|---|---|")
-            for frame, count in profile.own.most_common(top):
-                lines.append(f"| {100 * count / profile.samples:.1f} | "
-                             f"{100 * profile.inclusive[frame] / profile.samples:.1f} | `{frame}` |")
+            on_stack = [(f, c) for f, c in profile.inclusive.most_common() if not f.startswith(ROOTS)][:top]
+            lines.append("| own % | frame on CPU | | on stack % | frame on the stack |")
+            lines.append("|---|---|---|---|---|")
+            own = profile.own.most_common(top)
+            for i in range(max(len(own), len(on_stack))):
+                left = (f"{100 * own[i][1] / profile.samples:.1f}", f"`{own[i][0]}`") if i < len(own) else ("", "")
+                right = ((f"{100 * on_stack[i][1] / profile.samples:.1f}", f"`{on_stack[i][0]}`")
+                         if i < len(on_stack) else ("", ""))
+                lines.append(f"| {left[0]} | {left[1]} | | {right[0]} | {right[1]} |")
             lines.append("")
         for name, error in self.errors.items():
             lines.append(f"{name}: py-spy failed: {error}")
         return lines
 
-    def top_inclusive(self, name: str, top: int = 15) -> list[tuple[str, float]]:
-        """The frames most often on the stack of process `name`, with their share of its samples."""
-        profile = self.profiles[name]
-        return [(frame, count / profile.samples) for frame, count in profile.inclusive.most_common(top)]
