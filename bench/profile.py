@@ -33,7 +33,8 @@ RATE_HZ = 100
 ROOTS = ("run (threading.py)", "_bootstrap (threading.py)", "_bootstrap_inner (threading.py)",
          "_run (asyncio/events.py)", "_run_once (asyncio/base_events.py)", "run_forever (asyncio/base_events.py)",
          "run_until_complete (asyncio/base_events.py)", "_worker (futures/thread.py)", "run (asyncio/runners.py)",
-         "<module> (", "_run_module_as_main (", "_run_code (", "main (", "run (servers/")
+         "run (futures/thread.py)", "run (common/lifecycle.py)", "<module> (", "_run_module_as_main (",
+         "_run_code (", "main (")
 
 
 def find_py_spy() -> str | None:
