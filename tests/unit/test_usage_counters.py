@@ -59,7 +59,7 @@ SERVED = [
     Window(MONTH.start, HOUR),
     MONTH,
     Window(HOUR - timedelta(hours=3, minutes=30), HOUR + timedelta(minutes=10)),
-    Window(MONTH.start + timedelta(minutes=1, seconds=1), NOW),
+    Window(HOUR - timedelta(hours=3, seconds=30), NOW),
 ]
 
 
@@ -140,6 +140,23 @@ async def test_a_window_that_splits_an_hour_of_events_is_left_to_clickhouse(stor
     assert await store.current_totals("acme", previous, NOW) is None
     assert await store.current_totals("acme", Window(previous.start, NOW), NOW) is None
     await assert_counters_match(store, windows=[Window(HOUR, HOUR + timedelta(hours=1)), MONTH])
+
+
+async def test_hours_long_past_are_summed_and_still_exact(store: ClickHouseUsageStore) -> None:
+    """Hours more than USAGE_HOURS_KEPT before the newest are summed per model: windows from
+    the month's start still come from memory, others starting among them go to ClickHouse."""
+    early = MONTH.start + timedelta(hours=2, minutes=10)
+    await store.record([event("early", early, model="m1"), event("early2", early, model="m2")])
+    await assert_counters_match(store)
+    await store.record(mix("a"))  # reaches the current hour: the early hours are summed now
+    await store.record([event("late", early + timedelta(minutes=5), model="m2")])  # into a summed hour
+    await assert_counters_match(store, windows=[Window(MONTH.start, NOW), MONTH, Window(HOUR, NOW),
+                                                Window(HOUR - timedelta(hours=3, minutes=30), NOW)])
+    inside = Window(MONTH.start + timedelta(hours=1), NOW)
+    assert await store.current_totals("acme", inside, NOW) is None
+    assert (await store.totals("acme", inside)).events == 3 + 6 - 1  # a's event at the month start is out
+    store.forget("acme")  # reseeded from ClickHouse + the log: the same answers
+    await assert_counters_match(store, windows=[Window(MONTH.start, NOW), MONTH, Window(HOUR, NOW)])
 
 
 async def test_reads_never_see_a_write_in_flight_or_one_that_failed(store: ClickHouseUsageStore,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 import uuid
 from collections.abc import Sequence
@@ -55,6 +56,9 @@ log = logging.getLogger("copilot.metering.usage")
 
 # Loaded (tenant, month) counters kept in memory; the least recently used go first.
 MAX_COUNTERS = 10_000
+# Hours of usage kept one by one per tenant-month (older ones are summed): windows that
+# start on one of the last day's hours, or at the month's start, are answered from memory.
+USAGE_HOURS_KEPT = 48
 
 # What seeds a tenant-month's counters: per hour and model, the sums `totals` reports, and
 # the first and last occur_time, which say whether a window that cuts the hour takes all
@@ -74,7 +78,7 @@ class _Request(WriteRequest[UsageEvent, RecordResult]):
     counted: list[_MonthCounters | None] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(slots=True)
 class _HourUsage:
     # Model → [requests, input_tokens, output_tokens, events] of the recorded events.
     models: dict[str, list[int]] = field(default_factory=dict)
@@ -86,7 +90,7 @@ class _HourUsage:
             first: int, last: int) -> None:
         sums = self.models.get(model)
         if sums is None:
-            self.models[model] = [requests, input_tokens, output_tokens, events]
+            self.models[sys.intern(model)] = [requests, input_tokens, output_tokens, events]
         else:
             sums[0] += requests
             sums[1] += input_tokens
@@ -95,14 +99,24 @@ class _HourUsage:
         self.first = min(self.first, first)
         self.last = max(self.last, last)
 
+    def merge(self, other: _HourUsage) -> None:
+        for model, (requests, input_tokens, output_tokens, events) in other.models.items():
+            self.add(model, requests, input_tokens, output_tokens, events, other.first, other.last)
+
 
 @dataclass
 class _MonthCounters:
+    # Month start (Unix seconds).
+    month: int
     # Hour start (Unix seconds) → [requests, tokens], events being written included (quotas).
     hours: dict[int, list[int]] = field(default_factory=dict)
     tokens: int = 0
-    # Hour start (Unix seconds) → the recorded events' sums (usage reads).
+    # The recorded events' sums (usage reads): per hour for the last USAGE_HOURS_KEPT hours
+    # of events seen, and summed per model for the hours before `folded_until` (Unix
+    # seconds), which bounds the memory of a busy month to about two days of hours.
     usage: dict[int, _HourUsage] = field(default_factory=dict)
+    folded: _HourUsage = field(default_factory=_HourUsage)
+    folded_until: int = 0
 
     def add(self, hour: int, requests: int, tokens: int) -> None:
         bucket = self.hours.setdefault(hour, [0, 0])
@@ -113,16 +127,37 @@ class _MonthCounters:
     def recorded(self, e: UsageEvent) -> None:
         """An event now in the log, after dedupe: never taken back (only erased with the tenant)."""
         at = to_micros(e.occur_time)
-        hour = self.usage.get(_hour_of(e.occur_time))
-        if hour is None:
-            hour = self.usage[_hour_of(e.occur_time)] = _HourUsage()
-        hour.add(e.model, e.requests, e.input_tokens, e.output_tokens, 1, at, at)
+        self.add_usage(_hour_of(e.occur_time), e.model, e.requests, e.input_tokens, e.output_tokens, 1, at, at)
+
+    def add_usage(self, hour: int, model: str, requests: int, input_tokens: int, output_tokens: int,
+                  events: int, first: int, last: int) -> None:
+        if hour < self.folded_until:
+            self.folded.add(model, requests, input_tokens, output_tokens, events, first, last)
+            return
+        bucket = self.usage.get(hour)
+        if bucket is None:
+            bucket = self.usage[hour] = _HourUsage()
+            # Events are at most a day ahead of the clock (validate_batch): hours older than
+            # the newest one seen less USAGE_HOURS_KEPT are a day or more in the past.
+            fold_until = hour - USAGE_HOURS_KEPT * 3600
+            if fold_until > self.folded_until:
+                for old in [h for h in self.usage if h < fold_until]:
+                    self.folded.merge(self.usage.pop(old))
+                self.folded_until = fold_until
+        bucket.add(model, requests, input_tokens, output_tokens, events, first, last)
 
     def totals(self, tenant_id: str, window: Window) -> UsageTotals | None:
-        """The recorded usage in `window` (within this month), or None when an hour the window
-        cuts has events on both sides of the cut (only ClickHouse can split it)."""
+        """The recorded usage in `window` (within this month), or None when only ClickHouse can
+        split it: an hour the window cuts has events on both sides of the cut, or the window
+        takes part of the folded hours (all of them are taken from the month's start on)."""
         start, end = to_micros(window.start), to_micros(window.end)
         models: dict[str, list[int]] = {}
+        if self.folded.models:
+            if start <= self.month * 1_000_000 and end >= self.folded_until * 1_000_000:
+                for model, sums in self.folded.models.items():
+                    models[model] = list(sums)
+            elif start < self.folded_until * 1_000_000:
+                return None
         for hour_s, hour in self.usage.items():
             hour_start = hour_s * 1_000_000
             hour_end = hour_start + 3_600_000_000
@@ -326,14 +361,12 @@ class ClickHouseUsageStore(LogFlusher[_Request], UsageStore):
             # is counted either here or by `_add_pending`, never both, never neither.
             counters = self._counters.peek(key)
             if counters is None:
-                counters = _MonthCounters()
-                for hour, model, requests, input_tokens, output_tokens, events, first, last in rows:
+                counters = _MonthCounters(int(start.timestamp()))
+                for hour, model, requests, input_tokens, output_tokens, events, first, last in sorted(
+                        rows, key=lambda row: int(row[0])):
                     counters.add(int(hour), int(requests), int(input_tokens) + int(output_tokens))
-                    hour_usage = counters.usage.get(int(hour))
-                    if hour_usage is None:
-                        hour_usage = counters.usage[int(hour)] = _HourUsage()
-                    hour_usage.add(str(model), int(requests), int(input_tokens), int(output_tokens), int(events),
-                                   int(first), int(last))
+                    counters.add_usage(int(hour), str(model), int(requests), int(input_tokens), int(output_tokens),
+                                       int(events), int(first), int(last))
                 for e in self._pending_for(tenant_id, window):
                     counters.add(_hour_of(e.occur_time), e.requests, e.tokens)
                     counters.recorded(e)
