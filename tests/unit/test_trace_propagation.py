@@ -4,6 +4,7 @@ in the caller's trace (its log lines carry the trace id) over real gRPC."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 
 import grpc
@@ -85,3 +86,41 @@ async def test_a_call_without_trace_context_starts_one_shared_downstream(chain: 
     assert first_up[0] == first_down[0] and int(first_up[0], 16)
     assert second_up[0] != first_up[0] and int(second_up[0], 16)
     assert first_up[2] == first_down[2] == "1"
+
+
+class _TraceOfAccessLines(logging.Handler):
+    """Notes the trace id current when each access line is written (as the JSON formatter does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[tuple[str, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        ctx = trace.get_current_span().get_span_context()
+        self.lines.append((getattr(record, "status", ""), f"{ctx.trace_id:032x}" if ctx.is_valid else ""))
+
+
+async def test_access_lines_and_refusals_are_written_in_the_callers_trace(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(telemetry, "_exporting", False)
+    handler = _TraceOfAccessLines()
+    access = logging.getLogger("copilot.access")
+    access.addHandler(handler)
+    saved_level = access.level
+    access.setLevel(logging.INFO)  # setLevel, not an attribute: it clears the loggers' level caches
+    server = grpc.aio.server(interceptors=[IdentityServerInterceptor(access_log=True)])
+    tenant_pb2_grpc.add_TenantServiceServicer_to_server(Downstream(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    traceparent = ("traceparent", f"00-{TRACE_ID:032x}-{PARENT}-01")
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = tenant_pb2_grpc.TenantServiceStub(channel)
+            await stub.GetTenant(tenant_pb2.GetTenantRequest(), metadata=(*ACME, traceparent), timeout=10)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.GetTenant(tenant_pb2.GetTenantRequest(), metadata=(traceparent,), timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        await server.stop(None)
+        access.removeHandler(handler)
+        access.setLevel(saved_level)
+    assert handler.lines == [("OK", f"{TRACE_ID:032x}"), ("UNAUTHENTICATED", f"{TRACE_ID:032x}")]
