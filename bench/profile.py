@@ -9,7 +9,8 @@ py-spy runs `--nonblocking` (it reads the processes' memory without pausing them
 is barely disturbed; a sample is now and then inconsistent) at 100 samples/s, idle threads
 left out, so a frame's share of samples is its share of the process's on-CPU time. Time in
 C (grpcio's core, protobuf's upb, chDB) is charged to the Python frame that called it, or,
-with `native=True`, shown as C frames (py-spy then pauses each process for every sample).
+with `native=True`, shown as C frames (py-spy then pauses each process for every sample, and
+takes threads blocked in futex or epoll_wait for busy, so waits dominate those tables).
 
 Each process gets two tables: the frames on CPU ("own", where the time is spent) and the
 frames most often on the stack ("on stack": what the time is spent for), the latter without
@@ -130,8 +131,9 @@ class Profiler:
         for name, profile in self.profiles.items():
             if not profile.samples:
                 continue
-            lines.append(f"**{name}**: {profile.samples} samples at {RATE_HZ}/s over {self._duration} s "
-                         f"(≈ {profile.samples / RATE_HZ / self._duration:.0%} of a core)")
+            # Samples of all its threads: a thread py-spy takes for busy (e.g. one blocked in C)
+            # adds samples too, so this is no measure of the process's CPU, only of its parts.
+            lines.append(f"**{name}**: {profile.samples} samples (all threads) at {RATE_HZ}/s over {self._duration} s")
             lines.append("")
             on_stack = [(f, c) for f, c in profile.inclusive.most_common() if not f.startswith(ROOTS)][:top]
             lines.append("| own % | frame on CPU | | on stack % | frame on the stack |")
