@@ -1,6 +1,7 @@
 """ghz against the bare ceiling: the mesh's RPCs as fractions of what a bare grpc.aio server does.
 
-  python -m bench.ghz_ceiling [--duration 10] [--warmup 2] [--concurrency 32]
+  python -m bench.ghz_ceiling [--duration 10] [--warmup 2] [--concurrency 32] [--rows usage,answer]
+                              [--profile answer]
 
 Starts the mesh (embedded profile, extractive provider, access logs off) on free loopback
 ports and, in the same run, a grpc.aio server with grpc.health.v1 only (bench/bare_health.py).
@@ -18,6 +19,11 @@ Each row: calls/s, p50, p99, ratio to H, and CPU per call summed over the mesh's
 (Envoy, edge, generation, retrieval, metering; /proc utime+stime around the measured run),
 also in bare calls' worth (CPU per call / the bare server's CPU per bare call). The load
 average is printed at the start and the end. Prints only; writes nothing.
+
+`--rows` measures only the named rows (health, search, search-direct, usage, answer; H is
+always measured). `--profile ROW` runs that row once more after the measured ones, with py-spy
+sampling every Python process of the mesh (bench/profile.py), and prints the top frames per
+process: the profiled run is not one of the measured rows, so py-spy's cost is in none of them.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from google.protobuf import field_mask_pb2
 from bench import ghz
 from bench.loadsuite import mesh_pids, ms, provision, table, tenant_questions, wait_for_edge
 from bench.procs import load_average
+from bench.profile import Profiler, find_py_spy
 from copilot.v1 import tenant_pb2, tenant_pb2_grpc
 from copilot_cli.supervisor import Mesh, free_port, settings_on_free_ports
 from servers.common.identity import MEMBER, Identity
@@ -45,6 +52,8 @@ TENANT = "ghz-ceiling"
 # The load tenant's limits: above anything this machine can send, so the edge's rate-limit
 # check still runs on every call but never refuses one (refusals would be measured instead).
 UNLIMITED_RPS = 100_000
+ROWS = ("health", "search", "search-direct", "usage", "answer")
+PYTHON_PROCESSES = ("edge", "generation", "retrieval", "metering")
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -55,9 +64,20 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--embedder", default="hash",
                         help="COPILOT_EMBEDDER for the mesh ('hash' ingests the tenant's corpus fast; "
                              "BM25 search and basic answers do not embed)")
+    parser.add_argument("--rows", default=",".join(ROWS),
+                        help=f"comma-separated rows to measure besides H, of {', '.join(ROWS)}")
+    parser.add_argument("--profile", choices=ROWS, default=None,
+                        help="after the measured rows, run this one again under py-spy and print the top frames")
+    parser.add_argument("--native", action="store_true",
+                        help="--profile with C frames too (py-spy pauses each process for every sample)")
     args = parser.parse_args(argv)
     if args.duration <= 0 or args.concurrency < 1 or args.warmup < 0:
         parser.error("--duration and --concurrency must be positive, --warmup not negative")
+    args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    if unknown := set(args.rows) - set(ROWS):
+        parser.error(f"unknown rows {sorted(unknown)}: choose from {', '.join(ROWS)}")
+    if args.profile and find_py_spy() is None:
+        parser.error("--profile needs py-spy (pinned in requirements.lock)")
     return args
 
 
@@ -122,9 +142,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             mesh.stop()
     print()
     print("\n".join(summary(measured)))
-    edge_search, direct_search = measured[2], measured[3]
-    print(f"\nSearch through the edge / directly to retrieval: {edge_search.ratio(direct_search):.3f} of the calls/s, "
-          f"{edge_search.cpu_ms_per_call / direct_search.cpu_ms_per_call:.2f}x the CPU per call")
+    if {"search", "search-direct"} <= set(args.rows):
+        edge_search, direct_search = (measured[1 + args.rows.index(r)] for r in ("search", "search-direct"))
+        print(f"\nSearch through the edge / directly to retrieval: {edge_search.ratio(direct_search):.3f} of the "
+              f"calls/s, {edge_search.cpu_ms_per_call / direct_search.cpu_ms_per_call:.2f}x the CPU per call")
     print(f"load average at end: {load_average()}")
     return 0
 
@@ -138,25 +159,35 @@ def run_rows(args: argparse.Namespace, mesh: Mesh, settings: Settings,
     direct = ghz.metadata(Identity(TENANT, "ghz", frozenset({MEMBER})).metadata())
     search = ["--call", "copilot.v1.RetrievalService.Search",
               "-d", json.dumps({"query": question, "top_k": 10, "mode": "SEARCH_MODE_BM25"})]
-    rows: list[tuple[str, list[str]]] = [
-        ("Health through the edge", ghz.health_args(edge, args.concurrency, proto=False)),
-        ("BM25 Search through the edge (token)", ["--insecure", *search, "-m", token, "-c", c, edge]),
-        ("BM25 Search directly to retrieval", ["--insecure", *search, "-m", direct, "-c", c,
-                                               settings.address("retrieval")]),
-        ("GetUsage through the edge (token)", ["--insecure", "--call", "copilot.v1.MeteringService.GetUsage",
-                                               "-d", "{}", "-m", token, "-c", c, edge]),
-        ("Answer through the edge (extractive, basic retrieval)",
-         ["--insecure", "--call", "copilot.v1.GenerationService.Answer",
-          "-d", json.dumps({"question": question, "mode": "RETRIEVAL_MODE_BASIC"}), "-m", token, "-c", c, edge]),
-    ]
+    rows: dict[str, tuple[str, list[str]]] = {
+        "health": ("Health through the edge", ghz.health_args(edge, args.concurrency, proto=False)),
+        "search": ("BM25 Search through the edge (token)", ["--insecure", *search, "-m", token, "-c", c, edge]),
+        "search-direct": ("BM25 Search directly to retrieval", ["--insecure", *search, "-m", direct, "-c", c,
+                                                                settings.address("retrieval")]),
+        "usage": ("GetUsage through the edge (token)", ["--insecure", "--call", "copilot.v1.MeteringService.GetUsage",
+                                                        "-d", "{}", "-m", token, "-c", c, edge]),
+        "answer": ("Answer through the edge (extractive, basic retrieval)",
+                   ["--insecure", "--call", "copilot.v1.GenerationService.Answer",
+                    "-d", json.dumps({"question": question, "mode": "RETRIEVAL_MODE_BASIC"}), "-m", token,
+                    "-c", c, edge]),
+    }
     bare = ghz.bare_ceiling(f"{settings.host}:{free_port(settings.host)}", args.concurrency,
                             duration_s=args.duration, warmup_s=args.warmup)
     out = [bare]
     print(row(bare, bare), flush=True)
-    for label, ghz_args in rows:
+    for key in args.rows:
+        label, ghz_args = rows[key]
         m = ghz.measure(label, ghz_args, pids, duration_s=args.duration, warmup_s=args.warmup)
         out.append(m)
         print(row(m, bare), flush=True)
+    if args.profile:
+        label, ghz_args = rows[args.profile]
+        python = {name: pid for name, pid in pids.items() if name in PYTHON_PROCESSES}
+        with Profiler(python, args.duration, native=args.native) as profiler:
+            profiled = ghz.run([*ghz_args, "-z", f"{args.duration:g}s"], duration_s=args.duration)
+        print(f"\n{label} under py-spy: {profiled.ok_rps:,.0f}/s, p50 {profiled.p50_ms:.2f} ms "
+              f"(not a measured row: py-spy shares the cores)\n")
+        print("\n".join(profiler.report()))
     return out
 
 

@@ -21,7 +21,7 @@ from opentelemetry import baggage, trace
 from opentelemetry import context as otel_context
 
 from servers.common import identity as ident
-from servers.common import metrics
+from servers.common import metrics, telemetry
 from servers.common.decoding import MalformedReport, tolerant_deserializer
 from servers.common.errors import PASS_THROUGH, CopilotError, MalformedRequest, Unauthenticated
 
@@ -43,6 +43,7 @@ _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("copilo
 # One interceptor serves every method, whatever its messages: grpc-stubs' generics over Any.
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+Metadata: TypeAlias = "tuple[tuple[str, str | bytes], ...]"
 # What grpc.aio passes an interceptor as `continuation`: a coroutine function returning the
 # call (grpc-stubs types it as returning the call itself).
 Continuation: TypeAlias = Callable[[grpc.aio.ClientCallDetails, Any], Any]
@@ -107,14 +108,15 @@ class IdentityServerInterceptor(_ServerInterceptor):
         method = details.method
         public = method.startswith(PUBLIC_PREFIXES)
         decoding = self._decoding
+        metadata = details.invocation_metadata
         try:
-            caller = ident.from_metadata(details.invocation_metadata)
+            caller = ident.from_metadata(metadata)
         except Unauthenticated as exc:
-            return _wrap(handler, method, None, exc, self._access_log, decoding)
+            return _wrap(handler, method, None, exc, self._access_log, decoding, metadata=metadata)
         if caller is None and not public:
             err = Unauthenticated("missing verified identity: call through the edge with a valid token")
-            return _wrap(handler, method, None, err, self._access_log, decoding)
-        return _wrap(handler, method, caller, None, self._access_log, decoding, self._on_refusal)
+            return _wrap(handler, method, None, err, self._access_log, decoding, metadata=metadata)
+        return _wrap(handler, method, caller, None, self._access_log, decoding, self._on_refusal, metadata)
 
 
 class _Decoding:
@@ -233,19 +235,23 @@ async def _responses(result: Any) -> AsyncIterator[Any]:
         await result
 
 
-def _enter(caller: ident.Identity | None, context: Context) -> list[Callable[[], None]]:
-    """Sets the call's contextvars; returns the resets."""
+def _enter(caller: ident.Identity | None, context: Context, metadata: Metadata | None) -> list[Callable[[], None]]:
+    """Sets the call's contextvars (deadline, identity, trace context); returns the resets."""
     resets: list[Callable[[], None]] = []
     remaining = context.time_remaining()
     dl_token = _deadline.set(time.monotonic() + remaining if remaining is not None else None)
     resets.append(lambda: _deadline.reset(dl_token))
+    # None: spans are exported, and OpenTelemetry's interceptor made this call's span.
+    ctx = telemetry.continue_trace(metadata)
     if caller is not None:
         id_token = ident._current.set(caller)
         resets.append(lambda: ident._current.reset(id_token))
-        span = trace.get_current_span()
-        span.set_attribute("tenant.id", caller.tenant_id)
-        span.set_attribute("enduser.id", caller.subject)
-        ctx = baggage.set_baggage("tenant.id", caller.tenant_id)
+        if ctx is None:
+            span = trace.get_current_span()
+            span.set_attribute("tenant.id", caller.tenant_id)
+            span.set_attribute("enduser.id", caller.subject)
+        ctx = baggage.set_baggage("tenant.id", caller.tenant_id, ctx)
+    if ctx is not None:
         otel_token = otel_context.attach(ctx)
         resets.append(lambda: otel_context.detach(otel_token))
     return resets
@@ -272,7 +278,7 @@ def _finish(method: str, caller: ident.Identity | None, started: float, code: gr
 
 def _wrap(handler: Handler, method: str, caller: ident.Identity | None,
           refusal: CopilotError | None, access_log: bool, decoding: _Decoding,
-          on_refusal: RefusalHook | None = None) -> Handler:
+          on_refusal: RefusalHook | None = None, metadata: Metadata | None = None) -> Handler:
     log_it = access_log and not method.startswith(PUBLIC_PREFIXES)
 
     async def _fail(context: Context, exc: BaseException, started: float) -> None:
@@ -297,21 +303,23 @@ def _wrap(handler: Handler, method: str, caller: ident.Identity | None,
 
         async def unary_out(request: Any, context: Context) -> Any:
             started = time.perf_counter()
-            if refusal is not None:
-                await _fail(context, refusal, started)
-            if isinstance(request, MalformedRequest):  # what the tolerant deserializer gives for bad bytes
-                await _fail(context, request, started)
-            resets = _enter(caller, context)
+            # Entered first: refusals and the access line are logged in the call's trace.
+            resets = _enter(caller, context, metadata)  # caller is None when refused
             try:
-                response = await inner(request, context)
-            except grpc.aio.AbortError:
-                raise
-            except Exception as exc:
-                await _fail(context, exc, started)
+                if refusal is not None:
+                    await _fail(context, refusal, started)
+                if isinstance(request, MalformedRequest):  # what the tolerant deserializer gives for bad bytes
+                    await _fail(context, request, started)
+                try:
+                    response = await inner(request, context)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:
+                    await _fail(context, exc, started)
+                _finish(method, caller, started, grpc.StatusCode.OK, log_it)
+                return response
             finally:
                 _reset(resets)
-            _finish(method, caller, started, grpc.StatusCode.OK, log_it)
-            return response
 
         kind = "unary_unary" if handler.unary_unary else "stream_unary"
     else:
@@ -319,21 +327,22 @@ def _wrap(handler: Handler, method: str, caller: ident.Identity | None,
 
         async def stream_out(request: Any, context: Context) -> AsyncIterator[Any]:
             started = time.perf_counter()
-            if refusal is not None:
-                await _fail(context, refusal, started)
-            if isinstance(request, MalformedRequest):
-                await _fail(context, request, started)
-            resets = _enter(caller, context)
+            resets = _enter(caller, context, metadata)  # caller is None when refused
             try:
-                async for item in _responses(inner_stream(request, context)):
-                    yield item
-            except grpc.aio.AbortError:
-                raise
-            except Exception as exc:
-                await _fail(context, exc, started)
+                if refusal is not None:
+                    await _fail(context, refusal, started)
+                if isinstance(request, MalformedRequest):
+                    await _fail(context, request, started)
+                try:
+                    async for item in _responses(inner_stream(request, context)):
+                        yield item
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:
+                    await _fail(context, exc, started)
+                _finish(method, caller, started, grpc.StatusCode.OK, log_it)
             finally:
                 _reset(resets)
-            _finish(method, caller, started, grpc.StatusCode.OK, log_it)
 
         kind = "unary_stream" if handler.unary_stream else "stream_stream"
 
@@ -382,6 +391,8 @@ def _outgoing(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails
     metadata = grpc.aio.Metadata(*[(k, v) for k, v in (details.metadata or ())
                                    if k not in ident.IDENTITY_HEADERS])
     for key, value in caller.metadata():
+        metadata.add(key, value)
+    for key, value in telemetry.trace_headers():
         metadata.add(key, value)
     timeout = details.timeout
     remaining = remaining_deadline()

@@ -50,10 +50,19 @@ RATELIMIT_CHECKS = Counter(
     ["result"])
 
 
+# (method, code) → its series: `labels()` takes a lock and builds the key on every call,
+# and this runs on every RPC. Bounded like the labels themselves (methods of the contracts).
+_rpc_series: dict[tuple[str, grpc.StatusCode], tuple[Any, Any]] = {}
+
+
 def observe_rpc(full_method: str, code: grpc.StatusCode, seconds: float) -> None:
-    service, _, method = full_method.lstrip("/").rpartition("/")
-    RPC_REQUESTS.labels(service, method, code.name).inc()
-    RPC_LATENCY.labels(service, method).observe(seconds)
+    series = _rpc_series.get((full_method, code))
+    if series is None:
+        service, _, method = full_method.lstrip("/").rpartition("/")
+        series = (RPC_REQUESTS.labels(service, method, code.name), RPC_LATENCY.labels(service, method))
+        _rpc_series[(full_method, code)] = series
+    series[0].inc()
+    series[1].observe(seconds)
 
 
 def serve(host: str, port: int, max_tenants: int = DEFAULT_TENANT_SERIES) -> None:

@@ -14,12 +14,18 @@
 * Quotas: per tenant and month, hourly (requests, tokens) counters loaded once from the
   same two sources and then moved by every acknowledged event, so `CheckQuota` reads
   memory and sees every acknowledged event at once.
+* Usage of the current month (`current_totals`, what `GetUsage` asks by default): beside
+  the quota counters, per hour and model sums of the recorded events only, loaded in the
+  same query and moved when an event enters the log after dedupe (`_add_pending`, in the
+  step that makes it visible to `totals`), so they equal ClickHouse + the log at every
+  moment. The quota counters also count events still being written; these do not.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 import uuid
 from collections.abc import Sequence
@@ -32,6 +38,7 @@ from servers.metering.storage import clickhouse
 from servers.metering.storage.clickhouse import ClickHouseBackend
 from servers.metering.storage.flusher import LogFlusher, WriteRequest
 from servers.metering.storage.log import LogEntry, UsageLog
+from servers.metering.storage.sqlite import to_micros
 from servers.metering.usage.domain import (
     ModelUsage,
     QuotaUsage,
@@ -40,6 +47,7 @@ from servers.metering.usage.domain import (
     UsageTotals,
     Window,
     month_start,
+    month_window,
     next_month,
 )
 from servers.metering.usage.store import UsageStore
@@ -48,6 +56,20 @@ log = logging.getLogger("copilot.metering.usage")
 
 # Loaded (tenant, month) counters kept in memory; the least recently used go first.
 MAX_COUNTERS = 10_000
+# Hours of usage kept one by one per tenant-month (older ones are summed): windows that
+# start on one of the last day's hours, or at the month's start, are answered from memory.
+USAGE_HOURS_KEPT = 48
+
+# What seeds a tenant-month's counters: per hour and model, the sums `totals` reports, and
+# the first and last occur_time, which say whether a window that cuts the hour takes all
+# of it or none of it.
+HOURLY_USAGE_SQL = (
+    f"SELECT toUnixTimestamp(toStartOfHour(occur_time)), model, sum(requests), sum(input_tokens), "
+    f"sum(output_tokens), count(), toUnixTimestamp64Micro(min(occur_time)), "
+    f"toUnixTimestamp64Micro(max(occur_time)) "
+    f"FROM {clickhouse.TABLE} FINAL WHERE tenant_id = {{tenant:String}} "
+    f"AND occur_time >= {{start:DateTime64(6, 'UTC')}} AND occur_time < {{end:DateTime64(6, 'UTC')}} "
+    f"GROUP BY 1, 2")
 
 
 @dataclass
@@ -56,17 +78,106 @@ class _Request(WriteRequest[UsageEvent, RecordResult]):
     counted: list[_MonthCounters | None] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class _HourUsage:
+    # Model → [requests, input_tokens, output_tokens, events] of the recorded events.
+    models: dict[str, list[int]] = field(default_factory=dict)
+    # Earliest and latest occur_time (Unix µs) of those events.
+    first: int = 2**63
+    last: int = -(2**63)
+
+    def add(self, model: str, requests: int, input_tokens: int, output_tokens: int, events: int,
+            first: int, last: int) -> None:
+        sums = self.models.get(model)
+        if sums is None:
+            self.models[sys.intern(model)] = [requests, input_tokens, output_tokens, events]
+        else:
+            sums[0] += requests
+            sums[1] += input_tokens
+            sums[2] += output_tokens
+            sums[3] += events
+        self.first = min(self.first, first)
+        self.last = max(self.last, last)
+
+    def merge(self, other: _HourUsage) -> None:
+        for model, (requests, input_tokens, output_tokens, events) in other.models.items():
+            self.add(model, requests, input_tokens, output_tokens, events, other.first, other.last)
+
+
 @dataclass
 class _MonthCounters:
-    # Hour start (Unix seconds) → [requests, tokens].
+    # Month start (Unix seconds).
+    month: int
+    # Hour start (Unix seconds) → [requests, tokens], events being written included (quotas).
     hours: dict[int, list[int]] = field(default_factory=dict)
     tokens: int = 0
+    # The recorded events' sums (usage reads): per hour for the last USAGE_HOURS_KEPT hours
+    # of events seen, and summed per model for the hours before `folded_until` (Unix
+    # seconds), which bounds the memory of a busy month to about two days of hours.
+    usage: dict[int, _HourUsage] = field(default_factory=dict)
+    folded: _HourUsage = field(default_factory=_HourUsage)
+    folded_until: int = 0
 
     def add(self, hour: int, requests: int, tokens: int) -> None:
         bucket = self.hours.setdefault(hour, [0, 0])
         bucket[0] += requests
         bucket[1] += tokens
         self.tokens += tokens
+
+    def recorded(self, e: UsageEvent) -> None:
+        """An event now in the log, after dedupe: never taken back (only erased with the tenant)."""
+        at = to_micros(e.occur_time)
+        self.add_usage(_hour_of(e.occur_time), e.model, e.requests, e.input_tokens, e.output_tokens, 1, at, at)
+
+    def add_usage(self, hour: int, model: str, requests: int, input_tokens: int, output_tokens: int,
+                  events: int, first: int, last: int) -> None:
+        if hour < self.folded_until:
+            self.folded.add(model, requests, input_tokens, output_tokens, events, first, last)
+            return
+        bucket = self.usage.get(hour)
+        if bucket is None:
+            bucket = self.usage[hour] = _HourUsage()
+            # Events are at most a day ahead of the clock (validate_batch): hours older than
+            # the newest one seen less USAGE_HOURS_KEPT are a day or more in the past.
+            fold_until = hour - USAGE_HOURS_KEPT * 3600
+            if fold_until > self.folded_until:
+                for old in [h for h in self.usage if h < fold_until]:
+                    self.folded.merge(self.usage.pop(old))
+                self.folded_until = fold_until
+        bucket.add(model, requests, input_tokens, output_tokens, events, first, last)
+
+    def totals(self, tenant_id: str, window: Window) -> UsageTotals | None:
+        """The recorded usage in `window` (within this month), or None when only ClickHouse can
+        split it: an hour the window cuts has events on both sides of the cut, or the window
+        takes part of the folded hours (all of them are taken from the month's start on)."""
+        start, end = to_micros(window.start), to_micros(window.end)
+        models: dict[str, list[int]] = {}
+        if self.folded.models:
+            if start <= self.month * 1_000_000 and end >= self.folded_until * 1_000_000:
+                for model, sums in self.folded.models.items():
+                    models[model] = list(sums)
+            elif start < self.folded_until * 1_000_000:
+                return None
+        for hour_s, hour in self.usage.items():
+            hour_start = hour_s * 1_000_000
+            hour_end = hour_start + 3_600_000_000
+            if hour_end <= start or hour_start >= end:
+                continue
+            if hour_start < start or hour_end > end:  # the window cuts this hour
+                inside = start <= hour.first and hour.last < end
+                if not inside:
+                    if hour.last < start or hour.first >= end:
+                        continue  # all of it outside
+                    return None
+            for model, sums in hour.models.items():
+                total = models.get(model)
+                if total is None:
+                    models[model] = list(sums)
+                else:
+                    for i in range(4):
+                        total[i] += sums[i]
+        return UsageTotals(tenant_id=tenant_id, start=window.start, end=window.end,
+                           by_model=tuple(ModelUsage(name, *models[name]) for name in sorted(models)))
 
 
 def _hour_of(moment: datetime) -> int:
@@ -157,6 +268,11 @@ class ClickHouseUsageStore(LogFlusher[_Request], UsageStore):
     def _add_pending(self, entry: LogEntry) -> None:
         super()._add_pending(entry)
         self._pending_events += len(entry.events)
+        # The moment these events become recorded (deduped, durable, visible to `totals`).
+        for e in entry.events:
+            counters = self._counters.peek(_month_key(e.tenant_id, e.occur_time))
+            if counters is not None:
+                counters.recorded(e)
 
     def _provisional(self, e: UsageEvent, sign: int) -> _MonthCounters | None:
         if (e.tenant_id, e.event_id) in self._pending_keys:
@@ -238,18 +354,31 @@ class ClickHouseUsageStore(LogFlusher[_Request], UsageStore):
         start = month_start(moment)
         window = Window(start, next_month(start))
         async with self._move_lock:
-            rows = await self.db.query(clickhouse.HOURLY_SQL,
+            rows = await self.db.query(HOURLY_USAGE_SQL,
                                        {"tenant": tenant_id, "start": window.start, "end": window.end})
             # Another check may have loaded it meanwhile; events since are counted there.
+            # From the pending events read to `put`: no await, so an event entering the log
+            # is counted either here or by `_add_pending`, never both, never neither.
             counters = self._counters.peek(key)
             if counters is None:
-                counters = _MonthCounters()
-                for hour, requests, tokens in rows:
-                    counters.add(int(hour), int(requests), int(tokens))
+                counters = _MonthCounters(int(start.timestamp()))
+                for hour, model, requests, input_tokens, output_tokens, events, first, last in sorted(
+                        rows, key=lambda row: int(row[0])):
+                    counters.add(int(hour), int(requests), int(input_tokens) + int(output_tokens))
+                    counters.add_usage(int(hour), str(model), int(requests), int(input_tokens), int(output_tokens),
+                                       int(events), int(first), int(last))
                 for e in self._pending_for(tenant_id, window):
                     counters.add(_hour_of(e.occur_time), e.requests, e.tokens)
+                    counters.recorded(e)
                 self._counters.put(key, counters)
         return counters
+
+    async def current_totals(self, tenant_id: str, window: Window, now: datetime) -> UsageTotals | None:
+        month = month_window(now)
+        if window.start < month.start or window.end > month.end:
+            return None
+        counters = await self._month_counters(tenant_id, month.start)
+        return counters.totals(tenant_id, window)
 
     async def quota_usage(self, tenant_id: str, hour: Window, month: Window) -> QuotaUsage:
         if hour.start.minute or hour.start.second or hour.start.microsecond or \

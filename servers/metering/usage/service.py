@@ -93,7 +93,11 @@ class MeteringServiceServicer(metering_pb2_grpc.MeteringServiceServicer):
         if start >= end:
             raise InvalidArgument.field("start_time", "must be before end_time")
         # No existence check: usage rows outlive a deleted tenant and an operator may audit them.
-        totals = await self._usage.totals(tenant_id, Window(start, end))
+        window = Window(start, end)
+        # The current month from the counters metering keeps anyway; older periods scan.
+        totals = await self._usage.current_totals(tenant_id, window, now)
+        if totals is None:
+            totals = await self._usage.totals(tenant_id, window)
         return convert.usage_response(totals, self._prices)
 
     def _period(self, request: metering_pb2.ReportBillingRequest | metering_pb2.ReconcileBillingRequest) -> Window:

@@ -37,6 +37,11 @@ class UsageStore(ABC):
     async def totals(self, tenant_id: str, window: Window) -> UsageTotals:
         """Usage of the tenant with occur_time in `window`, per model."""
 
+    async def current_totals(self, tenant_id: str, window: Window, now: datetime) -> UsageTotals | None:
+        """`totals` from memory when the store keeps the window's usage there (the month of
+        `now`), exactly equal to `totals`; None when only a scan can answer."""
+        return None
+
     @abstractmethod
     async def quota_usage(self, tenant_id: str, hour: Window, month: Window) -> QuotaUsage:
         """Requests in `hour` and tokens in `month` (the hour lies within the month)."""
