@@ -64,7 +64,8 @@ class Reader:
     @property
     def labels(self) -> frozenset[str]:
         """Every label that admits this reader."""
-        return frozenset({f"{USER}:{self.subject}", *(f"{GROUP}:{g}" for g in self.groups)})
+        users = (f"{USER}:{self.subject}",) if self.subject.strip() else ()
+        return frozenset({*users, *(f"{GROUP}:{g}" for g in self.groups if g.strip())})
 
     def may_read(self, labels: frozenset[str] | set[str] | tuple[str, ...]) -> bool:
         return not labels or not self.labels.isdisjoint(labels)
