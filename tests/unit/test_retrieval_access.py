@@ -34,9 +34,9 @@ CORPUS = [
 QUERY = "misconduct investigation"
 
 
-async def found(engine: RetrievalEngine, reader: Reader, mode: SearchMode, top_k: int = 2,
+async def found(searcher: RetrievalEngine, reader: Reader, mode: SearchMode, top_k: int = 2,
                 text: str = QUERY) -> tuple[list[str], int]:
-    result = await engine.search(A, SearchQuery(text, top_k=top_k, mode=mode), reader)
+    result = await searcher.search(A, SearchQuery(text, top_k=top_k, mode=mode), reader)
     return [hit.document_id for hit in result.hits], result.withheld
 
 
@@ -94,37 +94,37 @@ async def test_reingest_with_other_labels_relabels_without_reindexing(engine: Re
 
 
 async def test_fts5_fallback_enforces_access_too(tmp_path: Path) -> None:
-    store = SqliteFtsStore(tmp_path / "tenants", in_memory_lexical=False)
+    embedded = SqliteFtsStore(tmp_path / "tenants", in_memory_lexical=False)
     try:
-        engine = hash_engine(store)
-        await engine.ingest(A, CORPUS)
-        hits, withheld = await found(engine, NOBODY, SearchMode.BM25)
+        searcher = hash_engine(embedded)
+        await searcher.ingest(A, CORPUS)
+        hits, withheld = await found(searcher, NOBODY, SearchMode.BM25)
         assert sorted(hits) == ["handbook", "policy"] and withheld == 1
-        assert (await found(engine, HR, SearchMode.BM25))[0][0] == "investigation"
+        assert (await found(searcher, HR, SearchMode.BM25))[0][0] == "investigation"
     finally:
-        await store.close()
+        await embedded.close()
 
 
 async def test_the_result_cache_keys_on_the_readers_view(tmp_path: Path) -> None:
-    store = SqliteFtsStore(tmp_path / "tenants")
+    embedded = SqliteFtsStore(tmp_path / "tenants")
     try:
-        engine = RetrievalEngine(store)  # with its result cache
-        await engine.ingest(A, CORPUS)
+        searcher = RetrievalEngine(embedded)  # with its result cache
+        await searcher.ingest(A, CORPUS)
         # Warmed by a privileged reader first: not served to an unprivileged one.
-        assert (await found(engine, HR, SearchMode.BM25))[0][0] == "investigation"
-        result = await engine.search(A, SearchQuery(QUERY, top_k=2, mode=SearchMode.BM25), NOBODY)
+        assert (await found(searcher, HR, SearchMode.BM25))[0][0] == "investigation"
+        result = await searcher.search(A, SearchQuery(QUERY, top_k=2, mode=SearchMode.BM25), NOBODY)
         assert not result.cached and "investigation" not in [h.document_id for h in result.hits]
-        await found(engine, Reader("dave", frozenset({"sales"})), SearchMode.BM25)
+        await found(searcher, Reader("dave", frozenset({"sales"})), SearchMode.BM25)
         # Another user, with groups no document names: the same documents, the same entry.
-        result = await engine.search(A, SearchQuery(QUERY, top_k=2, mode=SearchMode.BM25),
+        result = await searcher.search(A, SearchQuery(QUERY, top_k=2, mode=SearchMode.BM25),
                                      Reader("erin", frozenset({"ops"})))
         assert result.cached and result.withheld == 1
         # A label change moves the revision: no entry of before is served.
-        await engine.set_access(A, {"investigation": frozenset()})
-        again = await engine.search(A, SearchQuery(QUERY, top_k=2, mode=SearchMode.BM25), NOBODY)
+        await searcher.set_access(A, {"investigation": frozenset()})
+        again = await searcher.search(A, SearchQuery(QUERY, top_k=2, mode=SearchMode.BM25), NOBODY)
         assert not again.cached and again.hits[0].document_id == "investigation"
     finally:
-        await store.close()
+        await embedded.close()
 
 
 def test_labels_are_validated() -> None:
