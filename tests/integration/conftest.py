@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
@@ -12,7 +14,15 @@ from typing import Any
 import grpc
 import pytest
 
-from copilot.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc, tenant_pb2, tenant_pb2_grpc
+from copilot.v1 import (
+    common_pb2,
+    metering_pb2,
+    metering_pb2_grpc,
+    retrieval_pb2,
+    retrieval_pb2_grpc,
+    tenant_pb2,
+    tenant_pb2_grpc,
+)
 from copilot_cli.supervisor import Mesh, settings_on_free_ports
 from servers.common.issuer import DevIssuer
 from servers.common.settings import Settings
@@ -106,3 +116,27 @@ async def create_tenant(mesh: RunningMesh, channel: grpc.aio.Channel,
             retrieval_pb2.IngestDocumentsRequest(documents=documents),
             metadata=mesh.auth(tenant_id, ("member", "admin")), timeout=10)
     return tenant_id
+
+
+# How long billed usage may take to arrive: an answer returns once metering OR its outbox has
+# its usage, so the outbox may still be delivering it (or a killed replica's outbox replaying).
+SETTLE_S = 60.0
+
+
+async def settled_usage(mesh: RunningMesh, channel: grpc.aio.Channel, tenant: str,
+                        expected_requests: int) -> metering_pb2.GetUsageResponse:
+    """The tenant's usage (GetUsage through the edge, this month) once its requests reach
+    `expected_requests`, or as it is after a bounded wait; then a moment more, so a late
+    duplicate would show."""
+    stub = metering_pb2_grpc.MeteringServiceStub(channel)
+
+    async def read() -> metering_pb2.GetUsageResponse:
+        return await stub.GetUsage(metering_pb2.GetUsageRequest(), metadata=mesh.auth(tenant), timeout=10)
+
+    deadline = time.monotonic() + SETTLE_S
+    usage = await read()
+    while usage.requests < expected_requests and time.monotonic() < deadline:
+        await asyncio.sleep(0.25)
+        usage = await read()
+    await asyncio.sleep(1)
+    return await read()

@@ -19,7 +19,7 @@ from copilot.v1 import (
     tenant_pb2,
     tenant_pb2_grpc,
 )
-from tests.integration.conftest import RunningMesh, create_tenant
+from tests.integration.conftest import RunningMesh, create_tenant, settled_usage
 
 pytestmark = pytest.mark.integration
 
@@ -38,9 +38,11 @@ async def budget_one_answer(mesh: RunningMesh, channel: grpc.aio.Channel, tenant
     return int(current.config.max_tokens)
 
 
-async def _billed(mesh: RunningMesh, channel: grpc.aio.Channel, tenant: str) -> metering_pb2.GetUsageResponse:
-    stub = metering_pb2_grpc.MeteringServiceStub(channel)
-    return await stub.GetUsage(metering_pb2.GetUsageRequest(), metadata=mesh.auth(tenant), timeout=5)
+async def _billed(mesh: RunningMesh, channel: grpc.aio.Channel, tenant: str,
+                  expected: int) -> metering_pb2.GetUsageResponse:
+    """Usage once `expected` requests are billed (an answer may return while its usage is still
+    on the way from the outbox), and a moment after: a duplicate would show."""
+    return await settled_usage(mesh, channel, tenant, expected)
 
 
 async def test_a_burst_against_room_for_one_answer_admits_exactly_one(mesh: RunningMesh,
@@ -60,7 +62,7 @@ async def test_a_burst_against_room_for_one_answer_admits_exactly_one(mesh: Runn
     codes = await asyncio.gather(*(ask(i) for i in range(BURST)))
     assert codes.count(grpc.StatusCode.OK) == 1, codes
     assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
-    usage = await _billed(mesh, channel, tenant)
+    usage = await _billed(mesh, channel, tenant, 1)
     assert usage.requests == 1
     # The one answer's hold was settled to what it used: no hold is left behind.
     check = await metering_pb2_grpc.MeteringServiceStub(channel).CheckQuota(
@@ -81,7 +83,7 @@ async def test_every_attempt_of_one_edge_call_is_billed_once(mesh: RunningMesh, 
         first = await answers.Answer(request, metadata=identity, timeout=10)
         retried = await answers.Answer(request, metadata=identity, timeout=10)
     assert first.answer and retried.answer
-    usage = await _billed(mesh, channel, tenant)
+    usage = await _billed(mesh, channel, tenant, 1)
     assert (usage.requests, usage.events) == (1, 1)
 
 
@@ -94,5 +96,5 @@ async def test_a_client_cannot_choose_the_billing_key(mesh: RunningMesh, channel
     metadata = (*mesh.auth(tenant), ("x-request-id", "chosen-by-the-client"))
     await answers.Answer(request, metadata=metadata, timeout=10)
     await answers.Answer(request, metadata=metadata, timeout=10)
-    usage = await _billed(mesh, channel, tenant)
+    usage = await _billed(mesh, channel, tenant, 2)
     assert usage.requests == 2

@@ -35,7 +35,7 @@ from copilot.v1 import (
 )
 from copilot_cli.supervisor import replica_name
 from tests.fakes.llm_server import FakeLLMServer
-from tests.integration.conftest import RunningMesh, create_tenant, running_mesh
+from tests.integration.conftest import RunningMesh, create_tenant, running_mesh, settled_usage
 from tests.integration.test_admission import budget_one_answer
 
 pytestmark = [pytest.mark.integration,
@@ -82,23 +82,10 @@ def _checked(mesh: RunningMesh, replica: int) -> float:
     return sum(value for _, value in _samples(mesh, "edge", replica, "copilot_ratelimit_checks_total"))
 
 
-async def _usage(mesh: RunningMesh, channel: grpc.aio.Channel, tenant: str) -> int:
-    usage = await metering_pb2_grpc.MeteringServiceStub(channel).GetUsage(
-        metering_pb2.GetUsageRequest(), metadata=mesh.auth(tenant), timeout=5)
-    return int(usage.requests)
-
-
 async def _settled_usage(mesh: RunningMesh, channel: grpc.aio.Channel, tenant: str, expected: int) -> int:
     """The tenant's billed requests once they reach `expected` (outboxes drain, the usage log
-    flushes), or what they are after a bounded wait; then a moment more, so a late duplicate
-    would show."""
-    deadline = time.monotonic() + 60
-    billed = await _usage(mesh, channel, tenant)
-    while billed < expected and time.monotonic() < deadline:
-        await asyncio.sleep(0.5)
-        billed = await _usage(mesh, channel, tenant)
-    await asyncio.sleep(2)
-    return await _usage(mesh, channel, tenant)
+    flushes), or what they are after a bounded wait."""
+    return int((await settled_usage(mesh, channel, tenant, expected)).requests)
 
 
 async def _answer_loop(mesh: RunningMesh, channel: grpc.aio.Channel, tenant: str, count: int,
