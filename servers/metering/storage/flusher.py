@@ -6,7 +6,7 @@ Which ids were recorded before costs a ClickHouse query per write group, unless 
 prove an id new (`RecentKeys`): a first delivery (the caller says it did not send these ids
 before) of an id this process has not recorded within the store's `first_delivery_span_s`
 is new, because the only way the same id comes again without being marked a redelivery is
-within that span of its first recording (docs/benchmarks.md, "The idempotency lookup").
+within that span of its first recording (docs/idempotency-lookup.md).
 Redeliveries, and first deliveries memory cannot vouch for (just after a start, before the
 recent ids are loaded; a store other writers share), are looked up in ClickHouse as before.
 
@@ -62,7 +62,7 @@ R = TypeVar("R")
 
 class _Bloom:
     """A set of 64-bit hashes in a fixed bit array: a member is always found; a non-member is
-    found with a probability that stays under ~1 % up to `capacity` members (10 bits and 3
+    found with a probability of ~1.5 % at `capacity` members, far less below (10 bits and 3
     probes a member)."""
 
     PROBES = 3
