@@ -63,7 +63,7 @@ def main() -> None:
             token = issuer.mint(tenant, "bench-user", ["member"], ttl_s=3600)
             request = tenant_pb2.GetTenantRequest().SerializeToString()
             # What Envoy would forward after verifying the token.
-            direct_md = tuple(zip(IDENTITY_HEADERS, (tenant, "bench-user", "member"), strict=True))
+            direct_md = tuple(zip(IDENTITY_HEADERS, (tenant, "bench-user", "member", ""), strict=True))
             common = dict(request=request, concurrency=args.concurrency, duration_s=args.duration,
                           warmup_s=args.warmup, method=METHOD)
             direct = run(LoadSpec(target=settings.address("metering"), metadata=direct_md, **common),

@@ -206,7 +206,7 @@ def main() -> None:
             time.sleep(1.1)  # next second window
             flooded = run_paced([noisy, *quiet], args.duration, args.warmup)
 
-            direct_md = tuple(zip(IDENTITY_HEADERS, (latency_tenant, "bench", "member"), strict=True))
+            direct_md = tuple(zip(IDENTITY_HEADERS, (latency_tenant, "bench", "member", ""), strict=True))
             direct = run_paced([Stream("direct", settings.address("metering"), direct_md, args.latency_rps)],
                                args.duration, args.warmup, processes=1)
             edge = run_paced([Stream("edge", mesh.edge_address, auth(latency_tenant), args.latency_rps)],

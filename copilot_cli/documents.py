@@ -21,6 +21,36 @@ from copilot.v1 import retrieval_pb2
 from servers.common.text import SECTION_SEPARATOR, is_bare_heading, normalise
 
 RESERVED_METADATA = frozenset({"source", "document_id"})
+# A BEIR line's metadata key holding its access labels ("group:hr,user:alice" or a list).
+ACCESS_METADATA = "_access"
+# A markdown or text file may open with a front-matter block (between `---` lines) whose
+# `access:` line gives the file's access labels; the block is not indexed.
+_FRONT_MATTER = "---"
+
+
+def front_matter(text: str) -> tuple[dict[str, str], str]:
+    """The `key: value` lines of a leading `---` block, and the text after it."""
+    lines = text.splitlines(keepends=True)
+    if not lines or lines[0].strip() != _FRONT_MATTER:
+        return {}, text
+    for end in range(1, len(lines)):
+        if lines[end].strip() == _FRONT_MATTER:
+            fields: dict[str, str] = {}
+            for line in lines[1:end]:
+                key, sep, value = line.partition(":")
+                if sep:
+                    fields[key.strip().lower()] = value.strip()
+            return fields, "".join(lines[end + 1:])
+    return {}, text
+
+
+def access_labels(value: object) -> list[str]:
+    """Labels from a string ("group:hr, user:alice") or a list of them."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    if isinstance(value, list):
+        return [str(part).strip() for part in value if str(part).strip()]
+    return []
 TEXT_SUFFIXES = {".txt": "text/plain", ".md": "text/markdown", ".markdown": "text/markdown"}
 PDF_SUFFIX = ".pdf"
 SUPPORTED = ".txt, .md, .pdf or a BEIR corpus.jsonl"
@@ -103,13 +133,14 @@ def _text_file(path: Path, root: Path | None) -> retrieval_pb2.Document:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise DocumentError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    fields, text = front_matter(text)
     title = _title_from_name(path)
     for line in text.splitlines():
         if line.startswith("# "):
             title = line[2:].strip()
             break
     return retrieval_pb2.Document(document_id=_document_id(path, root), title=title, text=text,
-                                  source=_source(path, root),
+                                  source=_source(path, root), access=access_labels(fields.get("access", "")),
                                   content_type=TEXT_SUFFIXES.get(path.suffix.lower(), "text/plain"))
 
 
@@ -151,10 +182,12 @@ class Passage:
     title: str
     text: str
     metadata: dict[str, str] = field(default_factory=dict)
+    access: tuple[str, ...] = ()
 
     def to_document(self, source: str) -> retrieval_pb2.Document:
         return retrieval_pb2.Document(document_id=self.doc_id, title=self.title, text=self.text,
-                                      source=f"{source}#{self.doc_id}", metadata=self.metadata)
+                                      source=f"{source}#{self.doc_id}", metadata=self.metadata,
+                                      access=list(self.access))
 
 
 def _pid_parts(passage_id: str) -> tuple[str, ...]:
@@ -177,7 +210,8 @@ def iter_corpus(path: Path, headings: bool = True) -> Iterator[Passage]:
             try:
                 row = json.loads(line)
                 doc_id = str(row["_id"])
-                raw_meta = row.get("metadata") or {}
+                raw_meta = dict(row.get("metadata") or {})
+                access = tuple(access_labels(raw_meta.pop(ACCESS_METADATA, None)))
                 # `source` and `document_id` are reserved filter names of the document itself.
                 metadata = {str(k): str(v) for k, v in raw_meta.items()
                             if isinstance(v, str | int | float) and k not in RESERVED_METADATA}
@@ -195,7 +229,7 @@ def iter_corpus(path: Path, headings: bool = True) -> Iterator[Passage]:
                 if body and is_bare_heading([body]):
                     stack.append((parts, " ".join(body.split())))
                 title = SECTION_SEPARATOR.join(heading for _, heading in stack)
-            yield Passage(doc_id, title, text, metadata)
+            yield Passage(doc_id, title, text, metadata, access)
 
 
 def read_corpus(path: Path, headings: bool = True) -> list[Passage]:

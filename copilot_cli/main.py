@@ -57,12 +57,23 @@ def _parser() -> argparse.ArgumentParser:
     tok.add_argument("--user", required=True)
     tok.add_argument("--roles", default="member", help="comma-separated, e.g. member,admin (default: member)")
     tok.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default: 3600)")
+    tok.add_argument("--groups", default="", help="comma-separated groups (the groups claim), e.g. hr,legal: "
+                                                  "which access-labelled documents the holder may read")
 
     tenants_cli.add_parser(sub)
 
     ingest = sub.add_parser("ingest", help="ingest .txt/.md/.pdf files, folders of them, or a BEIR corpus.jsonl")
     ingest.add_argument("paths", nargs="+", type=Path)
     ingest.add_argument("--batch", type=int, default=64, help="documents per batch (default: 64)")
+    ingest.add_argument("--access", default="", metavar="LABELS",
+                        help="who may read the documents, e.g. group:hr,user:alice, for those that name no "
+                             "access of their own (front matter `access:`, BEIR metadata `_access`); "
+                             "default: the whole tenant")
+
+    access = sub.add_parser("access", help="set who may read documents (admin; no re-embedding)")
+    access.add_argument("document_ids", nargs="+", metavar="DOCUMENT_ID")
+    access.add_argument("--labels", required=True,
+                        help="comma-separated group:NAME / user:SUBJECT; an empty string: the whole tenant")
 
     ask = sub.add_parser("ask", help="ask a question; the answer streams, then its citations")
     ask.add_argument("question")
@@ -80,10 +91,12 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("status", help="health of every service through the edge")
     eval_command.add_parser(sub)
 
-    for p in (ingest, ask, search):
+    for p in (ingest, ask, search, access):
         p.add_argument("--tenant", required=True)
         p.add_argument("--user", default="cli-user")
         p.add_argument("--token", help="use this JWT instead of minting one with the dev key")
+    for p in (ask, search):
+        p.add_argument("--groups", default="", help="comma-separated groups of the minted token (dev key)")
     return parser
 
 
@@ -102,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                     return 2
             return up(settings, demo_data=not args.no_demo)
         if args.command == "token":
-            print(token_for(settings, args.tenant, args.user, _roles(args.roles), ttl_s=args.ttl))
+            print(token_for(settings, args.tenant, args.user, _roles(args.roles), ttl_s=args.ttl,
+                            groups=documents.access_labels(args.groups)))
             return 0
         command: Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]] = COMMANDS[args.command]
         return asyncio.run(command(args, settings))
@@ -129,10 +143,12 @@ def _roles(raw: str) -> list[str]:
 
 
 def _client(args: argparse.Namespace, settings: Settings, roles: list[str]) -> Client:
-    return Client.connect(token_for(settings, args.tenant, args.user, roles, args.token))
+    groups = documents.access_labels(getattr(args, "groups", ""))
+    return Client.connect(token_for(settings, args.tenant, args.user, roles, args.token, groups=groups))
 
 
-async def ingest_paths(client: Client, paths: list[Path], batch: int, progress: bool = True) -> dict[str, int]:
+async def ingest_paths(client: Client, paths: list[Path], batch: int, progress: bool = True,
+                       access: list[str] | None = None) -> dict[str, int]:
     """Streams documents in batches; returns counts by status."""
     from tqdm import tqdm
 
@@ -149,6 +165,8 @@ async def ingest_paths(client: Client, paths: list[Path], batch: int, progress: 
     async def batches() -> AsyncIterator[retrieval_pb2.StreamIngestDocumentsRequest]:
         chunk: list[retrieval_pb2.Document] = []
         for doc in documents.read(files, root):
+            if access and not doc.access:
+                doc.access.extend(access)
             chunk.append(doc)
             if len(chunk) >= batch:
                 yield retrieval_pb2.StreamIngestDocumentsRequest(documents=chunk)
@@ -171,11 +189,25 @@ async def ingest_paths(client: Client, paths: list[Path], batch: int, progress: 
 async def _ingest(args: argparse.Namespace, settings: Settings) -> int:
     client = _client(args, settings, ["member", "admin"])
     try:
-        counts = await ingest_paths(client, args.paths, args.batch)
+        counts = await ingest_paths(client, args.paths, args.batch, access=documents.access_labels(args.access))
     finally:
         await client.close()
     print(", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "nothing ingested")
     return 0
+
+
+async def _access(args: argparse.Namespace, settings: Settings) -> int:
+    client = _client(args, settings, ["member", "admin"])
+    labels = documents.access_labels(args.labels)
+    try:
+        response = await client.retrieval.SetDocumentAccess(retrieval_pb2.SetDocumentAccessRequest(documents=[
+            retrieval_pb2.DocumentAccess(document_id=d, access=labels) for d in args.document_ids]),
+            metadata=client.metadata, timeout=30)
+    finally:
+        await client.close()
+    print(f"{response.updated} updated, {response.unchanged} unchanged"
+          + (f", not found: {', '.join(response.not_found)}" if response.not_found else ""))
+    return 0 if not response.not_found else 1
 
 
 async def _ask(args: argparse.Namespace, settings: Settings) -> int:
@@ -266,7 +298,7 @@ async def _status(args: argparse.Namespace, settings: Settings) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]] = {
     "tenants": tenants_cli.run, "ingest": _ingest, "ask": _ask, "search": _search, "usage": billing_cli.usage,
     "billing": billing_cli.run, "status": _status, "audit": audit_cli.run,
-    "eval": eval_command.run,
+    "eval": eval_command.run, "access": _access,
 }
 
 if __name__ == "__main__":

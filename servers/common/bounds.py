@@ -45,6 +45,7 @@ METHOD_SIZES: dict[str, str] = {
     "/copilot.v1.RetrievalService/ProvisionTenant": DEFAULT,
     "/copilot.v1.RetrievalService/EraseTenant": DEFAULT,
     "/copilot.v1.RetrievalService/ConfigureSearch": DEFAULT,
+    "/copilot.v1.RetrievalService/SetDocumentAccess": DEFAULT,
     # Services send these in batches (an ingest's audit event lists every document of it).
     "/copilot.v1.MeteringService/RecordUsage": INGEST,
     "/copilot.v1.AuditService/RecordAuditEvents": INGEST,

@@ -22,7 +22,14 @@ from servers.common.errors import PermissionDenied, Unauthenticated
 TENANT_HEADER = "x-tenant-id"
 SUBJECT_HEADER = "x-user-id"
 ROLES_HEADER = "x-roles"
-IDENTITY_HEADERS = (TENANT_HEADER, SUBJECT_HEADER, ROLES_HEADER)
+# The caller's groups (a verified claim, `Settings.groups_claim`): who may read which
+# documents (docs/access-control.md). Stripped from clients and set by Envoy like the others.
+GROUPS_HEADER = "x-groups"
+IDENTITY_HEADERS = (TENANT_HEADER, SUBJECT_HEADER, ROLES_HEADER, GROUPS_HEADER)
+# Set on every call one service of the mesh makes to another (the client interceptor) and
+# stripped by Envoy from what clients send: a service may tell its peers what it tells no
+# end user (e.g. how many documents retrieval withheld from the caller, for generation's audit).
+INTERNAL_HEADER = "x-copilot-internal"
 
 # Platform-wide role: manages all tenants. Its holder still has a home tenant.
 OPERATOR = "operator"
@@ -43,6 +50,8 @@ class Identity:
     tenant_id: str
     subject: str
     roles: frozenset[str]
+    # Groups from the verified token; none when its issuer sends no groups claim.
+    groups: frozenset[str] = frozenset()
 
     def has_any(self, roles: Iterable[str]) -> bool:
         return not self.roles.isdisjoint(roles)
@@ -52,6 +61,7 @@ class Identity:
             (TENANT_HEADER, self.tenant_id),
             (SUBJECT_HEADER, self.subject),
             (ROLES_HEADER, ",".join(sorted(self.roles))),
+            (GROUPS_HEADER, ",".join(sorted(self.groups))),
         )
 
 
@@ -61,9 +71,9 @@ _current: contextvars.ContextVar[Identity | None] = contextvars.ContextVar(
 
 
 def parse_roles(raw: str) -> frozenset[str]:
-    """Roles from the x-roles header. Envoy's claim_to_headers renders a JSON list claim
-    (`"roles": ["member", "admin"]`) as base64 of the JSON; a string claim arrives as it is
-    (comma- or space-separated)."""
+    """Roles from the x-roles header (groups from x-groups alike). Envoy's claim_to_headers
+    renders a JSON list claim (`"roles": ["member", "admin"]`) as base64 of the JSON; a
+    string claim arrives as it is (comma- or space-separated)."""
     raw = raw.strip()
     if raw and not any(sep in raw for sep in ", "):
         try:
@@ -90,7 +100,13 @@ def from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> Identit
         tenant_id=tenant,
         subject=values.get(SUBJECT_HEADER, "").strip() or "anonymous",
         roles=parse_roles(values.get(ROLES_HEADER, "")),
+        groups=parse_roles(values.get(GROUPS_HEADER, "")),
     )
+
+
+def is_internal(metadata: Iterable[tuple[str, str | bytes]] | None) -> bool:
+    """Whether a call's metadata says it came from another service of the mesh."""
+    return any(key == INTERNAL_HEADER for key, _ in metadata or ())
 
 
 def current() -> Identity:

@@ -389,9 +389,10 @@ def _outgoing(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails
         # A bug, not a client error: every outgoing call acts for someone.
         raise RuntimeError(f"outgoing call {details.method!r} made without a tenant identity")
     metadata = grpc.aio.Metadata(*[(k, v) for k, v in (details.metadata or ())
-                                   if k not in ident.IDENTITY_HEADERS])
+                                   if k not in ident.IDENTITY_HEADERS and k != ident.INTERNAL_HEADER])
     for key, value in caller.metadata():
         metadata.add(key, value)
+    metadata.add(ident.INTERNAL_HEADER, "1")
     for key, value in telemetry.trace_headers():
         metadata.add(key, value)
     timeout = details.timeout

@@ -445,6 +445,11 @@ class Settings:
                               doc="The `iss` every token must carry.")
     jwt_audience: str = setting("compliance-copilot", env="COPILOT_JWT_AUDIENCE",
                                 doc="The `aud` every token must carry.")
+    # Identity providers name the group claim differently (Azure AD `groups`, Keycloak
+    # `groups`, Okta often a custom name): the edge reads this one into x-groups.
+    groups_claim: str = setting("groups", env="COPILOT_GROUPS_CLAIM",
+                                doc="The verified token's claim listing the caller's groups, which decide "
+                                    "which access-labelled documents it may read (docs/access-control.md).")
     jwks_url: str | None = setting(None, env="COPILOT_JWKS_URL",
                                    doc="A production identity provider's JWKS; unset: the edge serves the dev "
                                        "issuer's keys.")

@@ -52,6 +52,8 @@ ADMIN_RPCS = (
 # (it refuses another tenant, and plan/limits/state, to anyone but an operator).
 TENANT_ADMIN_RPCS = (
     "/copilot.v1.TenantService/UpdateTenant",
+    # Who may read a document (docs/access-control.md): admin only, not the ingest role.
+    "/copilot.v1.RetrievalService/SetDocumentAccess",
     # Its own tenant's audit trail (an operator reads any tenant's; the metering service checks).
     "/copilot.v1.AuditService/ListAuditEvents",
     "/copilot.v1.AuditService/ExportAuditEvents",

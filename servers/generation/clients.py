@@ -55,6 +55,9 @@ USAGE_RETRY = Backoff(base_s=0.1, cap_s=1.0, max_attempts=3)
 USAGE_TIMEOUT_S = 3.0
 # A cap; the caller's remaining deadline (forwarded by the client interceptor) is shorter.
 SEARCH_TIMEOUT_S = 10.0
+# Retrieval's trailer on Search to a peer of the mesh (servers/retrieval/service.py): documents
+# withheld from the caller, for the answer's audit event.
+WITHHELD_TRAILER = "x-copilot-withheld"
 # Usage is written by the platform for the caller's tenant: end users hold no write role.
 SERVICE_NAME = "generation"
 
@@ -181,12 +184,24 @@ class RetrievalClient:
         (it may run another than asked, e.g. BM25 without an embedder)."""
         wanted = search_mode_to_proto(mode)
         with telemetry.span("retrieval.search", {"copilot.search_mode": retrieval_pb2.SearchMode.Name(wanted)}):
-            response = await self._stub.Search(retrieval_pb2.SearchRequest(
+            call = self._stub.Search(retrieval_pb2.SearchRequest(
                 query=query, top_k=top_k, filters=dict(filters), mode=wanted), timeout=self._timeout_s)
+            response = await call
+            trailing = await call.trailing_metadata()
         return SearchResult(
             passages=[Passage(document_id=h.document_id, chunk_id=h.chunk_id, title=h.title, section=h.section,
                               text=h.text, score=h.score, source=h.source) for h in response.hits],
-            mode=search_mode_from_proto(response.mode))
+            mode=search_mode_from_proto(response.mode), withheld=_withheld(trailing))
+
+
+def _withheld(trailing: object) -> int:
+    """Retrieval's count of documents withheld from the caller (a trailer it sends only to
+    peers of the mesh, `identity.INTERNAL_HEADER`); 0 when absent."""
+    for key, value in trailing or ():  # type: ignore[attr-defined]
+        if key == WITHHELD_TRAILER:
+            text = value.decode() if isinstance(value, bytes) else str(value)
+            return int(text) if text.isdigit() else 0
+    return 0
 
 
 class QuestionAuditor:
@@ -207,4 +222,4 @@ class QuestionAuditor:
             provider=answered.provider, model=answered.model, degraded=answered.degraded,
             degraded_reason=answered.degraded_reason, latency=latency, request_id=answered.request_id,
             pii_placeholders=list(answered.pii_placeholders), input_tokens=answered.input_tokens,
-            output_tokens=answered.output_tokens))
+            output_tokens=answered.output_tokens, withheld_documents=answered.withheld_documents))

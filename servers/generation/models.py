@@ -42,6 +42,8 @@ class SearchResult:
     passages: list[Passage]
     # None when retrieval did not say which mode ran.
     mode: SearchMode | None
+    # Documents the caller may not read that would have ranked among these (for the audit).
+    withheld: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +104,8 @@ class AnsweredQuestion:
     pii_placeholders: Sequence[str]
     input_tokens: int
     output_tokens: int
+    # Summed over the answer's searches (docs/access-control.md).
+    withheld_documents: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -86,6 +86,9 @@ class AnswerDetails:
     usage_pending: bool = False
     retrieval_s: float = 0.0
     provider_s: float = 0.0
+    # Documents the asker may not read that retrieval withheld, summed over the answer's
+    # searches (the audit's count; never shown to the asker).
+    withheld_documents: int = 0
 
     def degrade(self, reason: str) -> None:
         self.degraded = True
@@ -265,7 +268,7 @@ class Pipeline:
             provider=details.provider, model=details.model, degraded=details.degraded,
             degraded_reason=details.degraded_reason, latency_s=details.latency_s,
             pii_placeholders=[m.placeholder for m in details.pii_masks], input_tokens=details.input_tokens,
-            output_tokens=details.output_tokens))
+            output_tokens=details.output_tokens, withheld_documents=details.withheld_documents))
 
     # --- retrieval modes -----------------------------------------------------------------
 
@@ -293,7 +296,7 @@ class Pipeline:
             subs = await self._sub_questions(question, provider, prompt, result, details)
             details.sub_questions = subs
             results = await asyncio.gather(*(self._search(
-                replace(question, text=s), top_k, SearchMode.HYBRID, None) for s in subs))
+                replace(question, text=s), top_k, SearchMode.HYBRID, details, sets_mode=False) for s in subs))
             details.mode_used = RetrievalMode.DECOMPOSED
             return decompose.fuse(results, top_k)
         if wanted == RetrievalMode.HYBRID:
@@ -328,7 +331,7 @@ class Pipeline:
 
         async def search(query: str) -> list[Passage]:
             hits = await self._search(replace(question, text=pii.mask(query).text), top_k,
-                                      SearchMode.HYBRID, None)
+                                      SearchMode.HYBRID, details, sets_mode=False)
             found.append(hits)
             return hits
 
@@ -343,9 +346,13 @@ class Pipeline:
         return decompose.fuse(found, top_k)
 
     async def _search(self, question: Question, top_k: int, mode: SearchMode,
-                      details: AnswerDetails | None) -> list[Passage]:
+                      details: AnswerDetails, *, sets_mode: bool = True) -> list[Passage]:
+        """One search as the asker (its identity, groups included, goes with the call, so
+        retrieval returns only what the asker may read); `sets_mode`: this search decides
+        which mode the answer reports."""
         found = await self._retrieval.search(question.text, top_k, question.filters, mode)
-        if details is not None and mode == SearchMode.HYBRID:
+        details.withheld_documents += found.withheld
+        if sets_mode and mode == SearchMode.HYBRID:
             if found.mode is not None and found.mode != SearchMode.HYBRID:
                 details.mode_used = RetrievalMode.BASIC
                 details.degrade(f"hybrid search unavailable (retrieval ran {found.mode}); ran basic")

@@ -19,6 +19,11 @@ cached answer is never stale:
   tenant's settings and searches the store).
 
 Erasing a tenant drops all its entries; so does noticing that another process erased it.
+
+Access (access.py): every search runs as a `Reader`, and the stores drop what it may not
+read before ranking is cut. Result keys carry the reader's view: its labels among those
+the tenant's documents use (`labels_in_use`, read once per revision), so readers who see
+the same documents share entries and no entry ever answers a reader who sees fewer.
 """
 
 from __future__ import annotations
@@ -31,12 +36,14 @@ from typing import TypeVar
 from servers.common import metrics, telemetry
 from servers.common.errors import FieldViolation, InvalidArgument
 from servers.common.lru import LruCache
+from servers.retrieval.access import AccessCheck, Reader
 from servers.retrieval.chunker import DEFAULT_CONFIG, ChunkingConfig, chunk_document
 from servers.retrieval.embedders import Embedder
 from servers.retrieval.fusion import Fusion, NoopReranker, Reranker, fuse, fuse_ranked
 from servers.retrieval.models import (
     MARKDOWN,
     RESERVED_FILTER_KEYS,
+    AccessChange,
     DeleteResult,
     DocumentInput,
     Hit,
@@ -63,6 +70,10 @@ SETTING_MODE = "default_mode"
 SETTING_ALPHA = "default_alpha"
 SETTING_FUSION = "default_fusion"
 SETTING_TOP_K = "default_top_k"
+
+# Who a search runs as when the caller names nobody (tools, benchmarks): a subject no label
+# can name ("user:" needs one) and no groups, so it reads only unrestricted documents.
+NOBODY = Reader(subject="")
 
 A = TypeVar("A")
 B = TypeVar("B")
@@ -130,6 +141,8 @@ class RetrievalEngine:
         self._generations: dict[str, int] = {}
         # Each tenant's defaults with the revision they were read at.
         self._defaults: dict[str, tuple[Hashable, TenantDefaults]] = {}
+        # Each tenant's access labels in use with the revision they were read at.
+        self._labels: dict[str, tuple[Hashable, frozenset[str] | None]] = {}
         metrics.SOURCES.register("retrieval_caches", self, "cache_metrics")
 
     def cache_metrics(self) -> list[object]:
@@ -165,6 +178,7 @@ class RetrievalEngine:
         self.results.drop(lambda key: key[0] == tenant)
         self.embeddings.drop(lambda key: key[0] == tenant)
         self._defaults.pop(tenant, None)
+        self._labels.pop(tenant, None)
 
     def _changed(self, tenant: str) -> None:
         self._generations[tenant] = self._generations.get(tenant, 0) + 1
@@ -203,12 +217,16 @@ class RetrievalEngine:
         indexed = await self.store.indexed_versions(tenant, [doc.document_id for doc in documents])
         results: list[IngestResult | None] = [None] * len(documents)
         pending: list[tuple[int, DocumentInput, str]] = []
+        # Same content, other labels: only the labels change (no chunking, no embedding).
+        relabel: dict[str, frozenset[str]] = {}
         for index, (doc, content_hash) in enumerate(zip(documents, hashes, strict=True)):
             version = indexed.get(doc.document_id)
             if (version is not None and version.content_hash == content_hash
                     and version.index_signature == self.index_signature):
                 results[index] = IngestResult(doc.document_id, IngestStatus.UNCHANGED, version.chunks,
                                               content_hash)
+                if version.access != doc.access:
+                    relabel[doc.document_id] = doc.access
             else:
                 pending.append((index, doc, content_hash))
         if pending:
@@ -221,6 +239,8 @@ class RetrievalEngine:
                 self._changed(tenant)
             for (index, _, _), result in zip(pending, written, strict=True):
                 results[index] = result
+        if relabel:
+            await self.set_access(tenant, relabel)
         return [result for result in results if result is not None]
 
     def _prepare(self, documents: Sequence[tuple[DocumentInput, str]]) -> list[PreparedDocument]:
@@ -250,6 +270,21 @@ class RetrievalEngine:
             return await self.store.delete(tenant, document_ids)
         finally:
             self._changed(tenant)
+
+    async def set_access(self, tenant: str, changes: dict[str, frozenset[str]]) -> AccessChange:
+        """Relabels documents; the revision moves, so every process applies it from its next search."""
+        try:
+            return await self.store.set_access(tenant, changes)
+        finally:
+            self._changed(tenant)
+
+    async def _labels_at(self, tenant: str, revision: Hashable) -> frozenset[str] | None:
+        seen = self._labels.get(tenant)
+        if seen is not None and seen[0] == revision:
+            return seen[1]
+        labels = await self.store.labels_in_use(tenant)
+        self._labels[tenant] = (revision, labels)
+        return labels
 
     # -- settings ---------------------------------------------------------------------------
 
@@ -283,7 +318,8 @@ class RetrievalEngine:
 
     # -- search -----------------------------------------------------------------------------
 
-    async def search(self, tenant: str, query: SearchQuery) -> SearchResult:
+    async def search(self, tenant: str, query: SearchQuery, reader: Reader = NOBODY) -> SearchResult:
+        """`reader`'s results: nothing of a document it may not read, in any mode."""
         revision = await self.revision(tenant)
         defaults = await self._defaults_at(tenant, revision)
         default_mode, default_alpha, default_fusion, default_top_k = self.effective(defaults)
@@ -296,7 +332,8 @@ class RetrievalEngine:
             # lexical search runs and the response says so.
             mode = SearchMode.BM25
         filters = dict(query.filters)
-        key = (tenant, revision, query.text, top_k, tuple(sorted(filters.items())),
+        view = reader.view(await self._labels_at(tenant, revision)) if revision is not None else None
+        key = (tenant, revision, view, query.text, top_k, tuple(sorted(filters.items())),
                mode, alpha if mode is SearchMode.HYBRID else None, fusion if mode is SearchMode.HYBRID else None)
         cached = self.results.get(key) if revision is not None else None
         telemetry.current_span().set_attribute("copilot.cache_hit", cached is not None)
@@ -304,7 +341,10 @@ class RetrievalEngine:
             return replace(cached, cached=True)
         if filters:
             await self._check_filter_keys(tenant, filters)
-        result = await self._search(tenant, query.text, top_k, filters, mode, alpha, fusion)
+        access = AccessCheck(reader, depth=top_k)
+        result = await self._search(tenant, query.text, top_k, filters, mode, alpha, fusion, access)
+        result = replace(result, withheld=len(access.withheld))
+        telemetry.current_span().set_attribute("copilot.withheld_documents", result.withheld)
         if revision is not None:
             # Read at `revision` or later (another process may have committed since): a
             # newer answer under an older revision is still never a stale one.
@@ -333,24 +373,27 @@ class RetrievalEngine:
             self.embeddings.put(key, vector)
         return vector
 
-    async def _lexical(self, tenant: str, text: str, limit: int, filters: dict[str, str]) -> list[Hit]:
-        return await self._span("search.lexical", limit, self.store.search_lexical(tenant, text, limit, filters))
+    async def _lexical(self, tenant: str, text: str, limit: int, filters: dict[str, str],
+                       access: AccessCheck) -> list[Hit]:
+        return await self._span("search.lexical", limit,
+                                self.store.search_lexical(tenant, text, limit, filters, access))
 
-    async def _dense(self, tenant: str, text: str, limit: int, filters: dict[str, str]) -> list[Hit]:
-        return await self._dense_with(tenant, text, lambda vector: self.store.search_dense(tenant, vector, limit,
-                                                                                           filters), limit)
+    async def _dense(self, tenant: str, text: str, limit: int, filters: dict[str, str],
+                     access: AccessCheck) -> list[Hit]:
+        return await self._dense_with(tenant, text, lambda vector: self.store.search_dense(
+            tenant, vector, limit, filters, access), limit)
 
     async def _rerank(self, text: str, hits: list[Hit], top_k: int) -> list[Hit]:
         with telemetry.span("search.rerank"):
             return await self.reranker.rerank(text, hits, top_k)
 
     async def _search(self, tenant: str, text: str, top_k: int, filters: dict[str, str], mode: SearchMode,
-                      alpha: float, fusion: Fusion) -> SearchResult:
+                      alpha: float, fusion: Fusion, access: AccessCheck) -> SearchResult:
         if mode is SearchMode.BM25:
-            hits = await self._lexical(tenant, text, top_k, filters)
+            hits = await self._lexical(tenant, text, top_k, filters, access)
             return SearchResult(hits=await self._rerank(text, hits, top_k), mode=mode)
         if mode is SearchMode.DENSE:
-            hits = await self._dense(tenant, text, top_k, filters)
+            hits = await self._dense(tenant, text, top_k, filters, access)
             return SearchResult(hits=await self._rerank(text, hits, top_k), mode=mode)
         # Each list contributes `candidates` to fusion; the reranker gets as many fused ones as it wants.
         candidates = max(top_k, self.candidates)
@@ -362,21 +405,22 @@ class RetrievalEngine:
             vector = await self._query_vector(tenant, text)
             with telemetry.span("search.hybrid", fusion_span):
                 fused = await self.store.search_hybrid(tenant, text, vector, candidates, filters, alpha=alpha,
-                                                       fusion=fusion)
+                                                       fusion=fusion, access=access)
         elif isinstance(self.store, RankingStore):
             # Rankings only (row keys and scores), fused, and only the winners' rows read.
             store = self.store
             lexical_keys, dense_keys = await self._both(
-                self._span("search.lexical", candidates, store.rank_lexical(tenant, text, candidates, filters)),
-                self._dense_with(tenant, text, lambda vector: store.rank_dense(tenant, vector, candidates, filters),
-                                 candidates))
+                self._span("search.lexical", candidates,
+                           store.rank_lexical(tenant, text, candidates, filters, access)),
+                self._dense_with(tenant, text, lambda vector: store.rank_dense(tenant, vector, candidates, filters,
+                                                                               access), candidates))
             with telemetry.span("search.fusion", fusion_span):
                 ranked = fuse_ranked(lexical_keys, dense_keys, alpha=alpha, method=fusion, top_k=depth)
             with telemetry.span("search.fetch", {"copilot.rows": len(ranked)}):
                 fused = await store.fetch(tenant, ranked)
         else:
-            lexical, dense = await self._both(self._lexical(tenant, text, candidates, filters),
-                                              self._dense(tenant, text, candidates, filters))
+            lexical, dense = await self._both(self._lexical(tenant, text, candidates, filters, access),
+                                              self._dense(tenant, text, candidates, filters, access))
             with telemetry.span("search.fusion", fusion_span):
                 fused = fuse(lexical, dense, alpha=alpha, method=fusion, top_k=depth)
         hits = await self._rerank(text, fused, top_k)

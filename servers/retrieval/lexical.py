@@ -34,6 +34,7 @@ import re
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -264,10 +265,18 @@ class LexicalIndex:
         """The best `top_k` (rowid, score) for phrases given as token sequences (in the
         MATCH expression's order), best first and equal scores by rowid; only rows in
         `allowed` (rowids) when given. None when a phrase has more than two tokens."""
+        ranked = self.rank(phrases, top_k, allowed)
+        return None if ranked is None else ranked[0]
+
+    def rank(self, phrases: Sequence[Sequence[str]], top_k: int, allowed: Int64s | None = None,
+             denied: Int64s | None = None, depth: int = 0) -> tuple[Ranked, list[int]] | None:
+        """As `search`, and never a row in `denied` (rowids: chunks the reader may not read),
+        removed before the cut so they take no place. Second: the denied rowids that would
+        have ranked within the best `depth` without that removal (the withheld ones)."""
         if any(len(tokens) > 2 for tokens in phrases):
             return None
         if top_k <= 0 or not len(self.rowids):
-            return []
+            return [], []
         parts: list[tuple[Int32s, Floats]] = []
         idfs: list[float] = []
         for tokens in phrases:
@@ -280,7 +289,7 @@ class LexicalIndex:
             parts.append(found)
             idfs.append(idf if idf > 0.0 else MIN_IDF)
         if not parts:
-            return []
+            return [], []
         rows = np.concatenate([part[0] for part in parts])
         freqs = np.concatenate([part[1] for part in parts])
         weights = np.repeat(np.asarray(idfs), [len(part[0]) for part in parts])
@@ -290,14 +299,28 @@ class LexicalIndex:
         candidates = np.flatnonzero(np.bincount(rows, minlength=len(self.rowids)))
         if allowed is not None:
             candidates = candidates[np.isin(self.rowids[candidates], allowed)]
-        chosen = scores[candidates]
-        if len(candidates) > top_k:
-            # Every row tied with the k-th best stays, so ties break by rowid, not by chance.
-            kth = np.partition(chosen, len(chosen) - top_k)[len(chosen) - top_k]
-            keep = chosen >= kth
-            candidates, chosen = candidates[keep], chosen[keep]
-        order = np.lexsort((candidates, -chosen))[:top_k]
-        return [(int(self.rowids[i]), float(scores[i])) for i in candidates[order]]
+        withheld: list[int] = []
+        if denied is not None and len(denied):
+            hidden = np.isin(self.rowids[candidates], denied)
+            if depth > 0 and hidden.any():
+                unrestricted = _best(candidates, scores[candidates], depth)
+                withheld = [int(self.rowids[i]) for i in unrestricted if hidden[np.searchsorted(candidates, i)]]
+            candidates = candidates[~hidden]
+        return [(int(self.rowids[i]), float(scores[i])) for i in _best(candidates, scores[candidates], top_k)], \
+            withheld
+
+
+def _best(candidates: Int64s, chosen: npt.NDArray[Any], top_k: int) -> Int64s:
+    """The best `top_k` of `candidates` (ascending row indexes) by their scores `chosen`,
+    best first, equal scores by row."""
+    if len(candidates) > top_k:
+        # Every row tied with the k-th best stays, so ties break by rowid, not by chance.
+        kth = np.partition(chosen, len(chosen) - top_k)[len(chosen) - top_k]
+        keep = chosen >= kth
+        candidates, chosen = candidates[keep], chosen[keep]
+    order = np.lexsort((candidates, -chosen))[:top_k]
+    result: Int64s = candidates[order]
+    return result
 
 
 class QueryTokenizer:

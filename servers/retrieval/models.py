@@ -48,6 +48,9 @@ class DocumentInput:
     source: str = ""
     metadata: Mapping[str, str] = field(default_factory=dict)
     content_type: str = PLAIN_TEXT
+    # Who may read it (access.py); empty: the whole tenant. Not hashed: relabelling a
+    # document does not re-chunk or re-embed it.
+    access: frozenset[str] = frozenset()
 
     def content_hash(self) -> str:
         """Hex SHA-256 over everything that changes what gets indexed or returned.
@@ -85,6 +88,8 @@ class IndexedVersion:
     content_hash: str
     index_signature: str
     chunks: int
+    # The document's access labels as stored.
+    access: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +104,15 @@ class IngestResult:
 class DeleteResult:
     deleted_documents: int
     deleted_chunks: int
+    not_found: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AccessChange:
+    """SetDocumentAccess's outcome."""
+
+    updated: tuple[str, ...]
+    unchanged: tuple[str, ...]
     not_found: tuple[str, ...]
 
 
@@ -128,6 +142,8 @@ class Hit:
     score: float
     source: str
     metadata: Mapping[str, str]
+    # The document's access labels (empty: the whole tenant may read it).
+    access: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +155,9 @@ class SearchResult:
     alpha: float | None = None
     fusion: str | None = None
     cached: bool = False
+    # Documents the caller may not read that would have ranked within its top_k (a count for
+    # the audit trail; never shown to the caller).
+    withheld: int = 0
 
 
 # Filter keys that address document fields rather than metadata; metadata may not use them.

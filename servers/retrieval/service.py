@@ -20,7 +20,8 @@ from copilot.v1 import retrieval_pb2 as pb
 from copilot.v1 import retrieval_pb2_grpc as pb_grpc
 from servers.common.audit import AuditTrail
 from servers.common.errors import FieldViolation, InvalidArgument
-from servers.common.identity import ADMIN, INGEST, SERVICE, require_role, tenant_id
+from servers.common.identity import ADMIN, INGEST, SERVICE, current, is_internal, require_role, tenant_id
+from servers.retrieval.access import AccessLabelError, Reader, parse_labels
 from servers.retrieval.chunker import section_below_title
 from servers.retrieval.engine import (
     SETTING_ALPHA,
@@ -59,6 +60,10 @@ MAX_VALUE_CHARS = 2_000
 MAX_FILTERS = 16
 # Enough to fix a batch in one round trip without an unbounded error payload.
 MAX_REPORTED_VIOLATIONS = 20
+# Search's trailing metadata to a peer of the mesh (generation, for its audit): how many
+# documents were withheld from the caller. Never sent to a call from outside the mesh: the
+# count would tell a reader that documents it may not see match its query.
+WITHHELD_TRAILER = "x-copilot-withheld"
 
 _CONTENT_TYPES = {"": PLAIN_TEXT, "text/plain": PLAIN_TEXT, "text/markdown": MARKDOWN,
                   "text/x-markdown": MARKDOWN}
@@ -154,12 +159,37 @@ def documents_from_proto(documents: Sequence[pb.Document], suffix: str = "") -> 
             violations.add(f"{prefix}.content_type",
                            f"unsupported {doc.content_type!r}: use text/plain or text/markdown")
         _check_metadata(violations, f"{prefix}.metadata", doc.metadata)
+        access = _labels(violations, f"{prefix}.access", doc.access)
         converted.append(DocumentInput(
             document_id=doc.document_id, title=doc.title, text=doc.text, source=doc.source,
-            metadata=dict(doc.metadata), content_type=content_type or PLAIN_TEXT,
+            metadata=dict(doc.metadata), content_type=content_type or PLAIN_TEXT, access=access,
         ))
     violations.raise_if_any()
     return converted
+
+
+def _labels(violations: _Violations, name: str, labels: Sequence[str]) -> frozenset[str]:
+    try:
+        return parse_labels(labels)
+    except AccessLabelError as exc:
+        violations.add(name, str(exc))
+        return frozenset()
+
+
+def access_changes_from_proto(documents: Sequence[pb.DocumentAccess]) -> dict[str, frozenset[str]]:
+    violations = _Violations()
+    if not documents:
+        violations.add("documents", "must name at least one document")
+    elif len(documents) > MAX_BATCH_DOCUMENTS:
+        violations.add("documents", f"at most {MAX_BATCH_DOCUMENTS:,} documents per call, got {len(documents):,}")
+    changes: dict[str, frozenset[str]] = {}
+    for index, doc in enumerate(documents[:MAX_BATCH_DOCUMENTS]):
+        _check_document_id(violations, f"documents[{index}].document_id", doc.document_id)
+        if doc.document_id in changes:
+            violations.add(f"documents[{index}].document_id", f"names {doc.document_id!r} twice")
+        changes[doc.document_id] = _labels(violations, f"documents[{index}].access", doc.access)
+    violations.raise_if_any()
+    return changes
 
 
 def _check_metadata(violations: _Violations, name: str, metadata: Mapping[str, str]) -> None:
@@ -279,7 +309,7 @@ def result_to_proto(result: IngestResult) -> pb.DocumentResult:
 def hit_to_proto(hit: Hit) -> pb.SearchHit:
     return pb.SearchHit(document_id=hit.document_id, chunk_id=hit.chunk_id, title=hit.title,
                         section=section_below_title(hit.title, hit.section), text=hit.text, score=hit.score,
-                        source=hit.source, metadata=dict(hit.metadata))
+                        source=hit.source, metadata=dict(hit.metadata), access=list(hit.access))
 
 
 def _results(results: Iterable[IngestResult]) -> list[pb.DocumentResult]:
@@ -349,10 +379,29 @@ class RetrievalServiceServicer(pb_grpc.RetrievalServiceServicer):
 
     async def Search(self, request: pb.SearchRequest,
                      context: ServicerContext[pb.SearchRequest, pb.SearchResponse]) -> pb.SearchResponse:
-        tenant = tenant_id()
+        caller = current()
         query = search_query_from_proto(request)
-        result = await self._engine.search(tenant, query)
+        result = await self._engine.search(caller.tenant_id, query, Reader(caller.subject, caller.groups))
+        if is_internal(context.invocation_metadata()):
+            context.set_trailing_metadata(((WITHHELD_TRAILER, str(result.withheld)),))
         return search_response(result)
+
+    async def SetDocumentAccess(
+        self, request: pb.SetDocumentAccessRequest,
+        context: ServicerContext[pb.SetDocumentAccessRequest, pb.SetDocumentAccessResponse],
+    ) -> pb.SetDocumentAccessResponse:
+        tenant = await self._require_tenant()
+        require_role(ADMIN)
+        changes = access_changes_from_proto(request.documents)
+        result = await self._engine.set_access(tenant, changes)
+        if self._audit is not None and result.updated:
+            # The trail's documents record with status "access_changed": which documents were
+            # relabelled, by whom (the labels themselves are the store's state, not history).
+            await self._audit.record(audit_pb2.AUDIT_EVENT_KIND_DOCUMENTS_INGESTED, documents=audit_pb2.DocumentsAudit(
+                documents=[audit_pb2.AuditedDocument(document_id=d, status="access_changed")
+                           for d in result.updated]))
+        return pb.SetDocumentAccessResponse(updated=len(result.updated), unchanged=len(result.unchanged),
+                                            not_found=list(result.not_found))
 
     async def DeleteDocuments(
         self, request: pb.DeleteDocumentsRequest,

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.integration
 BURST = 40
 
 
-async def _budget(mesh: RunningMesh, channel: grpc.aio.Channel, tenant: str, extra: int) -> int:
+async def budget_one_answer(mesh: RunningMesh, channel: grpc.aio.Channel, tenant: str, extra: int) -> int:
     """Limits the tenant's month to its max_tokens + `extra`; returns max_tokens."""
     stub = tenant_pb2_grpc.TenantServiceStub(channel)
     current = (await stub.GetTenant(tenant_pb2.GetTenantRequest(tenant_id=tenant), metadata=mesh.operator(),
@@ -46,7 +46,7 @@ async def _billed(mesh: RunningMesh, channel: grpc.aio.Channel, tenant: str) -> 
 async def test_a_burst_against_room_for_one_answer_admits_exactly_one(mesh: RunningMesh,
                                                                       channel: grpc.aio.Channel) -> None:
     tenant = await create_tenant(mesh, channel, plan=common_pb2.PLAN_ENTERPRISE)
-    await _budget(mesh, channel, tenant, extra=1)
+    await budget_one_answer(mesh, channel, tenant, extra=1)
     answers = generation_pb2_grpc.GenerationServiceStub(channel)
 
     async def ask(i: int) -> grpc.StatusCode:

@@ -25,7 +25,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from copilot.v1 import audit_pb2, audit_pb2_grpc, metering_pb2, metering_pb2_grpc, tenant_pb2, tenant_pb2_grpc
-from copilot_cli.supervisor import free_port
+from copilot_cli.supervisor import free_port_block
 from servers.common.errors import from_rpc_error
 from servers.metering.server import SERVICE_NAMES
 from servers.metering.storage.log import RedisStreamLog
@@ -158,13 +158,16 @@ async def test_the_standby_refuses_then_takes_over_a_killed_active_with_nothing_
         tmp_path: Path) -> None:
     redis_server = RedisServer(tmp_path)
     redis_server.start()
-    retrieval_port = free_port()
-    ports = [free_port() for _ in range(3)]
-    env = {"REDIS_URL": redis_server.url, "COPILOT_REPLICAS": "3", "COPILOT_RETRIEVAL_PORT": str(retrieval_port)}
+    # Replica i listens on replica 0's port + i x the stride (Settings.port): three ports in a row.
+    block = free_port_block(6)
+    ports = [block, block + 1, block + 2]
+    retrieval_port = block + 3  # replicas 1 and 2 of retrieval (never started) would take the next two
+    env = {"REDIS_URL": redis_server.url, "COPILOT_REPLICAS": "3", "COPILOT_RETRIEVAL_PORT": str(retrieval_port),
+           "COPILOT_REPLICA_PORT_STRIDE": "1"}
     retrieval = Retrieval(tmp_path, retrieval_port, metering_env(tmp_path, ports[0], **env, COPILOT_EMBEDDER="hash"))
     # Usage flushed rarely by the first active: all it acknowledged is still only in the stream
     # when it is killed.
-    replicas = [Replica(tmp_path, metering_env(tmp_path, port, **env, COPILOT_REPLICA=str(i),
+    replicas = [Replica(tmp_path, metering_env(tmp_path, ports[0], **env, COPILOT_REPLICA=str(i),
                                                COPILOT_USAGE_FLUSH_INTERVAL_S="30" if i == 0 else "0.2"), port)
                 for i, port in enumerate(ports)]
     active, standby, third = replicas

@@ -36,6 +36,7 @@ from copilot.v1 import (
 from copilot_cli.supervisor import replica_name
 from tests.fakes.llm_server import FakeLLMServer
 from tests.integration.conftest import RunningMesh, create_tenant, running_mesh
+from tests.integration.test_admission import budget_one_answer
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")]
@@ -389,3 +390,34 @@ async def test_the_active_metering_killed_mid_loop_a_standby_takes_over_and_noth
         verdict = await audit_pb2_grpc.AuditServiceStub(channel).VerifyAuditChain(
             audit_pb2.VerifyAuditChainRequest(tenant_id=tenant), metadata=replicated.operator(), timeout=30)
         assert verdict.ok and verdict.events_checked >= ANSWERS + 2, verdict
+
+
+def _answer_calls(mesh: RunningMesh, replica: int) -> float:
+    """Answers generation replica `replica` finished, whatever their status."""
+    return sum(value for labels, value in _samples(mesh, "generation", replica, "copilot_rpc_requests_total")
+               if labels.get("service") == GENERATION and labels.get("method") == "Answer")
+
+
+async def test_a_burst_across_both_generation_replicas_admits_exactly_the_budget(replicated: RunningMesh) -> None:
+    """Room for one answer at max_tokens, a burst of 40 spread over both generation replicas:
+    exactly one is admitted (the reservations are atomic in the shared ledger), and billed once."""
+    async with grpc.aio.insecure_channel(replicated.edge) as channel:
+        tenant = await _tenant(replicated, channel, "burst")
+        await budget_one_answer(replicated, channel, tenant, extra=1)
+        answers = generation_pb2_grpc.GenerationServiceStub(channel)
+        before = [_answer_calls(replicated, i) for i in range(2)]
+
+        async def ask(i: int) -> grpc.StatusCode:
+            try:
+                await answers.Answer(generation_pb2.AnswerRequest(question=f"{QUESTION} ({i})"),
+                                     metadata=replicated.auth(tenant), timeout=30)
+                return grpc.StatusCode.OK
+            except grpc.aio.AioRpcError as exc:
+                return exc.code()
+
+        codes = await asyncio.gather(*(ask(i) for i in range(40)))
+        after = [_answer_calls(replicated, i) for i in range(2)]
+        assert codes.count(grpc.StatusCode.OK) == 1, codes
+        assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+        assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)
+        assert await _settled_usage(replicated, channel, tenant, 1) == 1

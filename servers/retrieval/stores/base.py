@@ -12,9 +12,11 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from servers.retrieval.access import AccessCheck
 from servers.retrieval.fusion import Fusion
 from servers.retrieval.lexical import Ranked
 from servers.retrieval.models import (
+    AccessChange,
     DeleteResult,
     Hit,
     IndexedVersion,
@@ -50,12 +52,24 @@ class DocumentStore(Protocol):
         """Deletes documents and all their chunks."""
 
     async def search_lexical(self, tenant: str, text: str, top_k: int,
-                             filters: Mapping[str, str]) -> list[Hit]:
-        """Keyword (BM25) search; any user text is safe. Best hit first, score higher = better."""
+                             filters: Mapping[str, str], access: AccessCheck | None = None) -> list[Hit]:
+        """Keyword (BM25) search; any user text is safe. Best hit first, score higher = better.
+
+        With `access`, chunks of documents its reader may not read are excluded before the
+        cut to top_k (never after), and the documents withheld within `access.depth` of the
+        unrestricted ranking are added to `access.withheld` (every search_* and rank_* alike)."""
 
     async def search_dense(self, tenant: str, vector: Vectors, top_k: int,
-                           filters: Mapping[str, str]) -> list[Hit]:
+                           filters: Mapping[str, str], access: AccessCheck | None = None) -> list[Hit]:
         """Nearest chunks by cosine to a normalised query vector; score higher = better."""
+
+    async def set_access(self, tenant: str, changes: Mapping[str, frozenset[str]]) -> AccessChange:
+        """Replaces the access labels of documents (document id -> labels; empty: the whole
+        tenant), without touching their chunks or vectors; a change moves the revision."""
+
+    async def labels_in_use(self, tenant: str) -> frozenset[str] | None:
+        """Every access label some document of the tenant carries (None: the store cannot
+        tell cheaply). Readers holding the same of these see the same documents."""
 
     async def unknown_metadata_keys(self, tenant: str, keys: Sequence[str]) -> set[str]:
         """Those of `keys` that no document of the tenant has as a metadata key."""
@@ -79,10 +93,12 @@ class RankingStore(Protocol):
     and reads only the rows it returns (`fetch`), instead of every candidate of both lists.
     Row keys are the store's own (opaque); scores are those of the matching search_* call."""
 
-    async def rank_lexical(self, tenant: str, text: str, top_k: int, filters: Mapping[str, str]) -> Ranked:
+    async def rank_lexical(self, tenant: str, text: str, top_k: int, filters: Mapping[str, str],
+                           access: AccessCheck | None = None) -> Ranked:
         """(row key, score), best first."""
 
-    async def rank_dense(self, tenant: str, vector: Vectors, top_k: int, filters: Mapping[str, str]) -> Ranked:
+    async def rank_dense(self, tenant: str, vector: Vectors, top_k: int, filters: Mapping[str, str],
+                         access: AccessCheck | None = None) -> Ranked:
         """(row key, score), best first."""
 
     async def fetch(self, tenant: str, ranked: Ranked) -> list[Hit]:
@@ -95,7 +111,8 @@ class NativeHybridStore(Protocol):
     query); the engine uses it instead of two searches and `fusion.fuse` when present."""
 
     async def search_hybrid(self, tenant: str, text: str, vector: Vectors, top_k: int,
-                            filters: Mapping[str, str], *, alpha: float, fusion: Fusion) -> list[Hit]:
+                            filters: Mapping[str, str], *, alpha: float, fusion: Fusion,
+                            access: AccessCheck | None = None) -> list[Hit]:
         """Best first; `alpha` weighs dense (0: BM25 only, 1: dense only)."""
 
 

@@ -54,7 +54,7 @@ import uuid
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -65,8 +65,10 @@ import numpy.typing as npt
 
 from servers.common.identity import TENANT_ID_RE
 from servers.common.lru import LruCache
+from servers.retrieval.access import AccessCheck
 from servers.retrieval.lexical import TOKENIZE, LexicalIndex, QueryTokenizer, Ranked
 from servers.retrieval.models import (
+    AccessChange,
     DeleteResult,
     Hit,
     IndexedVersion,
@@ -85,7 +87,7 @@ T = TypeVar("T")
 FTS5_BM25 = Bm25Params(k1=1.2, b=0.75)
 
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA_V1 = f"""
 CREATE TABLE IF NOT EXISTS documents (
@@ -160,6 +162,17 @@ CREATE TABLE IF NOT EXISTS tenant_revision (
     incarnation TEXT NOT NULL,
     version     INTEGER NOT NULL
 );
+"""
+
+# v4: who may read each document (access.py): one row per label; a document without rows
+# is readable by the whole tenant. Kept beside the chunks, so a change of labels is one
+# small transaction (no re-chunking, no re-embedding) that bumps the revision like any write.
+_SCHEMA_V4 = """
+CREATE TABLE IF NOT EXISTS document_access (
+    document_id TEXT NOT NULL,
+    label       TEXT NOT NULL,              -- group:NAME or user:SUBJECT
+    PRIMARY KEY (document_id, label)
+) WITHOUT ROWID;
 """
 
 _SIDE_FILES = ("-wal", "-shm", "-journal")
@@ -237,7 +250,7 @@ def _open(path: Path, *, create: bool) -> sqlite3.Connection:
         if version < SCHEMA_VERSION:
             # Idempotent, so two processes opening an old file at once both succeed.
             conn.executescript(
-                f"BEGIN IMMEDIATE;{_SCHEMA_V1}{_SCHEMA_V2}{_SCHEMA_V3}"
+                f"BEGIN IMMEDIATE;{_SCHEMA_V1}{_SCHEMA_V2}{_SCHEMA_V3}{_SCHEMA_V4}"
                 f"INSERT OR IGNORE INTO tenant_revision (id, incarnation, version) VALUES (1, '{uuid.uuid4().hex}', 0);"
                 f"PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
     except BaseException:
@@ -300,6 +313,7 @@ class _OpenTenant:
     file: tuple[int, int]
     dense: tuple[DenseIndex, Revision] | None = None
     lexical: tuple[LexicalIndex, Revision] | None = None
+    access: tuple[AccessIndex, Revision] | None = None
 
     def revision(self) -> Revision:
         incarnation, version = self.conn.execute(
@@ -389,6 +403,14 @@ class _Worker:
         held.lexical = (LexicalIndex.load(held.conn, weights.columns, k1=weights.k1, b=weights.b), revision)
         return held.lexical[0]
 
+    def access_index(self, held: _OpenTenant) -> AccessIndex:
+        self._check_thread()
+        revision = held.revision()
+        if held.access is None or held.access[1] != revision:
+            held.access = None
+            held.access = (AccessIndex.load(held.conn), revision)
+        return held.access[0]
+
     def tokenizer(self, tokenize: str) -> QueryTokenizer:
         self._check_thread()
         tokenizer = self._tokenizers.get(tokenize)
@@ -401,7 +423,7 @@ class _Worker:
         self._check_thread()
         # Stale from now on (their revision says so too); dropped now to free the memory
         # during a long ingest.
-        held.dense = held.lexical = None
+        held.dense = held.lexical = held.access = None
 
     def discard(self, tenant: str) -> None:
         self._check_thread()
@@ -560,6 +582,11 @@ class SqliteFtsStore:
                     f" WHERE document_id IN ({','.join('?' * len(part))})", part)
                 for doc_id, content_hash, signature, chunks in rows:
                     found[doc_id] = IndexedVersion(content_hash, signature, chunks)
+                for doc_id, label in conn.execute(
+                        "SELECT document_id, label FROM document_access"
+                        f" WHERE document_id IN ({','.join('?' * len(part))})", part):
+                    version = found[doc_id]
+                    found[doc_id] = replace(version, access=version.access | {label})
             return found
 
         if not ids:
@@ -579,26 +606,40 @@ class SqliteFtsStore:
                                            DeleteResult(0, 0, tuple(ids)), writes=True)
 
     async def search_lexical(self, tenant: str, text: str, top_k: int,
-                             filters: Mapping[str, str]) -> list[Hit]:
-        return await self._ranked_hits(tenant, self._lexical_ranker(text, top_k, filters))
+                             filters: Mapping[str, str], access: AccessCheck | None = None) -> list[Hit]:
+        return await self._ranked_hits(tenant, self._lexical_ranker(text, top_k, filters, access))
 
     async def search_dense(self, tenant: str, vector: Vectors, top_k: int,
-                           filters: Mapping[str, str]) -> list[Hit]:
-        return await self._ranked_hits(tenant, self._dense_ranker(vector, top_k, filters))
+                           filters: Mapping[str, str], access: AccessCheck | None = None) -> list[Hit]:
+        return await self._ranked_hits(tenant, self._dense_ranker(vector, top_k, filters, access))
 
-    async def rank_lexical(self, tenant: str, text: str, top_k: int, filters: Mapping[str, str]) -> Ranked:
-        return await self._ranked(tenant, self._lexical_ranker(text, top_k, filters))
+    async def rank_lexical(self, tenant: str, text: str, top_k: int, filters: Mapping[str, str],
+                           access: AccessCheck | None = None) -> Ranked:
+        return await self._ranked(tenant, self._lexical_ranker(text, top_k, filters, access))
 
-    async def rank_dense(self, tenant: str, vector: Vectors, top_k: int, filters: Mapping[str, str]) -> Ranked:
-        return await self._ranked(tenant, self._dense_ranker(vector, top_k, filters))
+    async def rank_dense(self, tenant: str, vector: Vectors, top_k: int, filters: Mapping[str, str],
+                         access: AccessCheck | None = None) -> Ranked:
+        return await self._ranked(tenant, self._dense_ranker(vector, top_k, filters, access))
+
+    async def set_access(self, tenant: str, changes: Mapping[str, frozenset[str]]) -> AccessChange:
+        wanted = dict(changes)
+        return await self._with_connection(tenant, False, lambda conn: _set_access(conn, wanted),
+                                           AccessChange((), (), tuple(wanted)), writes=True)
+
+    async def labels_in_use(self, tenant: str) -> frozenset[str] | None:
+        return await self._run(tenant, lambda worker, path: (
+            frozenset() if (held := worker.open(tenant, path, False)) is None
+            else worker.access_index(held).labels_in_use))
 
     async def fetch(self, tenant: str, ranked: Ranked) -> list[Hit]:
         return await self._ranked_hits(tenant, lambda _worker, _held: ranked)
 
-    def _lexical_ranker(self, text: str, top_k: int, filters: Mapping[str, str]) -> _Ranker:
+    def _lexical_ranker(self, text: str, top_k: int, filters: Mapping[str, str],
+                        access: AccessCheck | None) -> _Ranker:
         """BM25 over the tenant's FTS5 index: from its in-memory copy when there is one
-        (filters become a mask of allowed rows, so idf stays whole-table as in FTS5),
-        otherwise (while the tenant is being written) from FTS5 itself, with FTS5's k1 and b."""
+        (filters become a mask of allowed rows and access a mask of denied ones, so idf stays
+        whole-table as in FTS5), otherwise (while the tenant is being written) from FTS5
+        itself, with FTS5's k1 and b and access as a condition of the query."""
         phrases = match_phrases(text)
         expression = _or_of_phrases(phrases)
         filters = dict(filters)
@@ -608,24 +649,38 @@ class SqliteFtsStore:
             if expression is None or top_k <= 0:
                 return []
             conn = held.conn
+            rule = worker.access_index(held).rule(access)
             index = worker.lexical_index(held, weights, settle) if in_memory else None
             if index is not None:
                 allowed = _allowed_rowids(conn, filters) if filters else None
-                ranked = index.search(worker.tokenizer(index.tokenize).tokens(phrases), top_k, allowed)
-                if ranked is not None:
-                    return ranked
-            return _rank_fts(conn, expression, top_k, filters, weights)
+                found = index.rank(worker.tokenizer(index.tokenize).tokens(phrases), top_k, allowed,
+                                   rule.denied if rule else None, rule.depth if rule else 0)
+                if found is not None:
+                    if rule is not None:
+                        rule.withheld(found[1])
+                    return found[0]
+            ranked = _rank_fts(conn, expression, top_k, filters, weights, rule.labels if rule else None)
+            if rule is not None and rule.depth > 0:
+                rule.withheld([rowid for rowid, _ in _rank_fts(conn, expression, rule.depth, filters, weights)])
+            return ranked
 
         return rank
 
-    def _dense_ranker(self, vector: Vectors, top_k: int, filters: Mapping[str, str]) -> _Ranker:
+    def _dense_ranker(self, vector: Vectors, top_k: int, filters: Mapping[str, str],
+                      access: AccessCheck | None) -> _Ranker:
         """Exact cosine over the tenant's chunk vectors (brute force in numpy: a 14k-chunk
-        tenant costs about a millisecond, with no index to build or tune)."""
+        tenant costs about a millisecond, with no index to build or tune); rows the reader
+        may not read are out before the cut."""
         filters = dict(filters)
         query = np.ascontiguousarray(vector, dtype=np.float32).reshape(-1)
 
         def rank(worker: _Worker, held: _OpenTenant) -> Ranked:
-            return _rank_dense(held.conn, worker.dense_index(held), query, top_k, filters)
+            rule = worker.access_index(held).rule(access)
+            ranked, withheld = _rank_dense(held.conn, worker.dense_index(held), query, top_k, filters,
+                                           rule.denied if rule else None, rule.depth if rule else 0)
+            if rule is not None:
+                rule.withheld(withheld)
+            return ranked
 
         return rank
 
@@ -752,10 +807,12 @@ def _upsert_one(conn: sqlite3.Connection, prepared: PreparedDocument, now: str) 
         (doc_id,)).fetchone()
     # Re-checked inside the write transaction: the caller's earlier check may be stale.
     if row is not None and row[0] == prepared.content_hash and row[1] == prepared.index_signature:
+        _write_access(conn, doc_id, doc.access)
         return IngestResult(doc_id, IngestStatus.UNCHANGED, row[2], row[0])
     if row is not None:
         conn.execute("DELETE FROM chunks WHERE document_id = ?", (doc_id,))
         conn.execute("DELETE FROM document_metadata WHERE document_id = ?", (doc_id,))
+    conn.execute("DELETE FROM document_access WHERE document_id = ?", (doc_id,))
     if not prepared.chunks:
         if row is not None:
             conn.execute("DELETE FROM documents WHERE document_id = ?", (doc_id,))
@@ -777,6 +834,7 @@ def _upsert_one(conn: sqlite3.Connection, prepared: PreparedDocument, now: str) 
     conn.executemany(
         "INSERT INTO document_metadata (document_id, key, value) VALUES (?, ?, ?)",
         [(doc_id, key, value) for key, value in doc.metadata.items()])
+    _write_access(conn, doc_id, doc.access)
     if prepared.vectors is not None:
         if len(prepared.vectors) != len(prepared.chunks):
             raise ValueError(f"{doc_id}: {len(prepared.vectors)} vectors for {len(prepared.chunks)} chunks")
@@ -800,7 +858,35 @@ def _delete(conn: sqlite3.Connection, ids: Sequence[str]) -> DeleteResult:
             deleted_documents += 1
             deleted_chunks += conn.execute("DELETE FROM chunks WHERE document_id = ?", (doc_id,)).rowcount
             conn.execute("DELETE FROM document_metadata WHERE document_id = ?", (doc_id,))
+            conn.execute("DELETE FROM document_access WHERE document_id = ?", (doc_id,))
     return DeleteResult(deleted_documents, deleted_chunks, tuple(not_found))
+
+
+def _write_access(conn: sqlite3.Connection, doc_id: str, labels: frozenset[str]) -> bool:
+    """Makes the document's labels `labels`; whether they changed."""
+    current = {label for (label,) in conn.execute(
+        "SELECT label FROM document_access WHERE document_id = ?", (doc_id,))}
+    if current == labels:
+        return False
+    conn.execute("DELETE FROM document_access WHERE document_id = ?", (doc_id,))
+    conn.executemany("INSERT INTO document_access (document_id, label) VALUES (?, ?)",
+                     [(doc_id, label) for label in sorted(labels)])
+    return True
+
+
+def _set_access(conn: sqlite3.Connection, changes: Mapping[str, frozenset[str]]) -> AccessChange:
+    updated: list[str] = []
+    unchanged: list[str] = []
+    not_found: list[str] = []
+    with _transaction(conn):
+        for doc_id, labels in changes.items():
+            if conn.execute("SELECT 1 FROM documents WHERE document_id = ?", (doc_id,)).fetchone() is None:
+                not_found.append(doc_id)
+            elif _write_access(conn, doc_id, labels):
+                updated.append(doc_id)
+            else:
+                unchanged.append(doc_id)
+    return AccessChange(tuple(updated), tuple(unchanged), tuple(not_found))
 
 
 def _filter_clauses(filters: Mapping[str, str]) -> tuple[list[str], list[object]]:
@@ -820,13 +906,21 @@ def _filter_clauses(filters: Mapping[str, str]) -> tuple[list[str], list[object]
     return clauses, params
 
 
-_HIT_COLUMNS = "c.document_id, c.chunk_id, c.title, c.section, c.text, d.source, d.metadata"
+_HIT_COLUMNS = ("c.document_id, c.chunk_id, c.title, c.section, c.text, d.source, d.metadata,"
+                " (SELECT group_concat(a.label, char(10)) FROM document_access a WHERE a.document_id = c.document_id)")
 
 
 def _rank_fts(conn: sqlite3.Connection, expression: str, top_k: int, filters: Mapping[str, str],
-              weights: Bm25Params) -> Ranked:
-    """FTS5's own bm25() ranking (its k1 1.2 and b 0.75 whatever `weights` says)."""
+              weights: Bm25Params, reader_labels: frozenset[str] | None = None) -> Ranked:
+    """FTS5's own bm25() ranking (its k1 1.2 and b 0.75 whatever `weights` says); with
+    `reader_labels`, only chunks of documents without labels or with one of them."""
     clauses, filter_params = _filter_clauses(filters)
+    if reader_labels is not None:
+        mine = sorted(reader_labels)
+        clauses.append("(NOT EXISTS (SELECT 1 FROM document_access a WHERE a.document_id = c.document_id)"
+                       " OR EXISTS (SELECT 1 FROM document_access a WHERE a.document_id = c.document_id"
+                       f" AND a.label IN ({','.join('?' * len(mine))})))")
+        filter_params.extend(mine)
     params: list[object] = [weights.title, weights.section, weights.text, expression, *filter_params, top_k]
     if clauses:
         where = "".join(f" AND {clause}" for clause in clauses)
@@ -871,17 +965,31 @@ class DenseIndex:
 
 
 def _rank_dense(conn: sqlite3.Connection, index: DenseIndex, query: Vectors, top_k: int,
-                filters: Mapping[str, str]) -> Ranked:
+                filters: Mapping[str, str], denied: npt.NDArray[np.int64] | None = None,
+                depth: int = 0) -> tuple[Ranked, list[int]]:
+    """Best `top_k` (rowid, cosine), never a row in `denied`; and the denied rowids that
+    would have ranked within the best `depth` without that removal."""
     if not len(index.ids) or index.dimension != query.shape[0] or top_k <= 0:
-        return []
+        return [], []
     scores = index.matrix @ query
     if filters:
         scores = np.where(np.isin(index.ids, _allowed_rowids(conn, filters)), scores, -np.inf)
+    withheld: list[int] = []
+    if denied is not None and len(denied):
+        hidden = np.isin(index.ids, denied)
+        if depth > 0 and hidden.any():
+            withheld = [int(index.ids[i]) for i in _best_rows(scores, depth) if hidden[i]]
+        scores = np.where(hidden, -np.inf, scores)
+    return [(int(index.ids[i]), float(scores[i])) for i in _best_rows(scores, top_k)], withheld
+
+
+def _best_rows(scores: npt.NDArray[np.float32], top_k: int) -> npt.NDArray[np.intp]:
+    """Indexes of the best `top_k` finite scores, best first."""
     count = min(top_k, len(scores))
     top = np.argpartition(-scores, count - 1)[:count]
     top = top[np.argsort(-scores[top], kind="stable")]
-    top = top[np.isfinite(scores[top])]
-    return [(int(index.ids[i]), float(scores[i])) for i in top]
+    result: npt.NDArray[np.intp] = top[np.isfinite(scores[top])]
+    return result
 
 
 def _allowed_rowids(conn: sqlite3.Connection, filters: Mapping[str, str]) -> npt.NDArray[np.int64]:
@@ -906,5 +1014,64 @@ def _fetch_hits(conn: sqlite3.Connection, ranked: Ranked) -> list[Hit]:
                 f" WHERE c.id IN ({','.join('?' * len(part))})", part):
             by_id[row[0]] = row
     return [Hit(document_id=r[1], chunk_id=r[2], title=r[3], section=r[4], text=r[5], score=score,
-                source=r[6], metadata=json.loads(r[7]))
+                source=r[6], metadata=json.loads(r[7]), access=tuple(sorted(r[8].split("\n"))) if r[8] else ())
             for rowid, score in ranked if (r := by_id.get(rowid)) is not None]
+
+
+@dataclass(frozen=True, slots=True)
+class AccessIndex:
+    """A tenant's restricted documents in memory (read once per revision): which chunk rows
+    belong to which restricted document and its labels. Unrestricted documents are not held,
+    so a tenant without labels costs nothing."""
+
+    rowids: npt.NDArray[np.int64]        # chunk rows of restricted documents, ascending
+    documents: npt.NDArray[np.int32]     # for each of those rows, its index in `ids`
+    ids: tuple[str, ...]                 # restricted document ids
+    labels: tuple[frozenset[str], ...]   # their labels, aligned with `ids`
+    labels_in_use: frozenset[str]
+
+    @classmethod
+    def load(cls, conn: sqlite3.Connection) -> AccessIndex:
+        by_document: dict[str, set[str]] = {}
+        for doc_id, label in conn.execute("SELECT document_id, label FROM document_access"):
+            by_document.setdefault(doc_id, set()).add(label)
+        ids = tuple(sorted(by_document))
+        position = {doc_id: i for i, doc_id in enumerate(ids)}
+        rows = conn.execute("SELECT c.id, c.document_id FROM chunks c WHERE c.document_id IN"
+                            " (SELECT DISTINCT document_id FROM document_access) ORDER BY c.id").fetchall() \
+            if ids else []
+        return cls(rowids=np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)),
+                   documents=np.fromiter((position[r[1]] for r in rows), dtype=np.int32, count=len(rows)),
+                   ids=ids, labels=tuple(frozenset(by_document[d]) for d in ids),
+                   labels_in_use=frozenset(label for labels in by_document.values() for label in labels))
+
+    def rule(self, access: AccessCheck | None) -> _AccessRule | None:
+        """What `access` means for this tenant now (None: nothing is restricted for it)."""
+        if access is None or not self.ids:
+            return None
+        mine = access.labels
+        denied_docs = np.fromiter((not mine & labels for labels in self.labels), dtype=bool, count=len(self.ids))
+        return _AccessRule(self, access, self.rowids[denied_docs[self.documents]])
+
+
+@dataclass(frozen=True, slots=True)
+class _AccessRule:
+    index: AccessIndex
+    check: AccessCheck
+    denied: npt.NDArray[np.int64]   # chunk rows the reader may not read, ascending
+
+    @property
+    def labels(self) -> frozenset[str]:
+        return self.check.labels
+
+    @property
+    def depth(self) -> int:
+        return self.check.depth
+
+    def withheld(self, rowids: Sequence[int]) -> None:
+        """Reports the documents of these (denied) rows as withheld."""
+        for rowid in rowids:
+            i = int(np.searchsorted(self.index.rowids, rowid))
+            if i < len(self.index.rowids) and self.index.rowids[i] == rowid \
+                    and not self.check.labels & self.index.labels[self.index.documents[i]]:
+                self.check.withheld.add(self.index.ids[self.index.documents[i]])

@@ -21,6 +21,13 @@ written. A failure at any step leaves a marker that is missing or old, so the ne
 of the document redoes it instead of reporting UNCHANGED. Readers may briefly see a mix of
 old and new chunks of one document while it is being replaced.
 
+Access labels (access.py) are a field-tokenized `access` array on every chunk, `*` for a
+document the whole tenant may read; every search carries `access containsAny [*, the
+reader's labels]` in its filter, so Weaviate drops what the reader may not read before its
+limit. Relabelling rewrites the document's chunk objects with their stored vectors (no
+re-embedding). A collection made before labels existed has no `access` property: give it a
+new collection prefix and re-ingest.
+
 Per-tenant search settings live in a second small multi-tenant collection, one object per
 key, in the same tenant shard names, so erasing a tenant drops them too.
 
@@ -51,8 +58,10 @@ from weaviate.util import generate_uuid5
 
 from servers.common.errors import Unavailable
 from servers.common.identity import TENANT_ID_RE
+from servers.retrieval.access import PUBLIC_LABEL, AccessCheck
 from servers.retrieval.fusion import Fusion
 from servers.retrieval.models import (
+    AccessChange,
     DeleteResult,
     Hit,
     IndexedVersion,
@@ -75,7 +84,7 @@ _IDS_PER_QUERY = 200
 _OBJECTS_PER_BATCH = 256
 _SETTINGS_MAX = 1000
 
-_HIT_PROPERTIES = ["document_id", "chunk_id", "title", "section", "text", "source", "metadata_json"]
+_HIT_PROPERTIES = ["document_id", "chunk_id", "title", "section", "text", "source", "metadata_json", "access"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +185,8 @@ class WeaviateStore:
                                 index_searchable=False),
             wvc.config.Property(name="metadata_keys", data_type=text_array, tokenization=field,
                                 index_searchable=False),
+            # Who may read the chunk's document: its labels, or "*" for the whole tenant.
+            wvc.config.Property(name="access", data_type=text_array, tokenization=field, index_searchable=False),
         ]
         settings_properties = [
             wvc.config.Property(name="key", data_type=text, tokenization=field, index_searchable=False),
@@ -299,11 +310,12 @@ class WeaviateStore:
                     filters=(wvc.query.Filter.by_property("ordinal").equal(0)
                              & wvc.query.Filter.by_property("document_id").contains_any(part)),
                     limit=len(part),
-                    return_properties=["document_id", "content_hash", "index_signature", "chunk_count"])
+                    return_properties=["document_id", "content_hash", "index_signature", "chunk_count", "access"])
                 for obj in result.objects:
                     p = obj.properties
                     found[str(p["document_id"])] = IndexedVersion(
-                        str(p["content_hash"]), str(p["index_signature"]), int(p["chunk_count"]))  # type: ignore[arg-type]
+                        str(p["content_hash"]), str(p["index_signature"]), int(p["chunk_count"]),  # type: ignore[arg-type]
+                        _labels(p.get("access")))
             return found
 
         return await self._read(tenant, "read document versions", read, {})
@@ -382,7 +394,7 @@ class WeaviateStore:
         return [f"title^{w.title:g}", f"section^{w.section:g}", f"text^{w.text:g}"]
 
     async def search_lexical(self, tenant: str, text: str, top_k: int,
-                             filters: Mapping[str, str]) -> list[Hit]:
+                             filters: Mapping[str, str], access: AccessCheck | None = None) -> list[Hit]:
         # The same terms as the embedded store (stop words out); over gRPC no user text
         # can form query syntax anyway.
         terms = query_terms(text)
@@ -391,32 +403,42 @@ class WeaviateStore:
 
         async def search(client: WeaviateAsyncClient) -> list[Hit]:
             chunks = client.collections.use(self.chunks_name).with_tenant(tenant)
-            result = await chunks.query.bm25(
-                query=" ".join(terms), query_properties=self._query_properties(), limit=top_k,
-                filters=_where(filters), return_properties=_HIT_PROPERTIES,
-                return_metadata=wvc.query.MetadataQuery(score=True))
+
+            async def run(limit: int, where: _Filters | None, properties: list[str]) -> Any:
+                return await chunks.query.bm25(
+                    query=" ".join(terms), query_properties=self._query_properties(), limit=limit,
+                    filters=where, return_properties=properties, return_metadata=wvc.query.MetadataQuery(score=True))
+
+            result = await _restricted(access, top_k, lambda limit, restrict: run(
+                limit, _where(filters, access if restrict else None), _HIT_PROPERTIES))
             return [_hit(obj.properties, obj.metadata.score or 0.0) for obj in result.objects]
 
         return await self._read(tenant, "search", search, [])
 
     async def search_dense(self, tenant: str, vector: Vectors, top_k: int,
-                           filters: Mapping[str, str]) -> list[Hit]:
+                           filters: Mapping[str, str], access: AccessCheck | None = None) -> list[Hit]:
         if top_k <= 0:
             return []
         query = [float(x) for x in vector.reshape(-1)]
 
         async def search(client: WeaviateAsyncClient) -> list[Hit]:
             chunks = client.collections.use(self.chunks_name).with_tenant(tenant)
-            result = await chunks.query.near_vector(
-                near_vector=query, target_vector=VECTOR_NAME, limit=top_k, filters=_where(filters),
-                return_properties=_HIT_PROPERTIES, return_metadata=wvc.query.MetadataQuery(distance=True))
+
+            async def run(limit: int, where: _Filters | None, properties: list[str]) -> Any:
+                return await chunks.query.near_vector(
+                    near_vector=query, target_vector=VECTOR_NAME, limit=limit, filters=where,
+                    return_properties=properties, return_metadata=wvc.query.MetadataQuery(distance=True))
+
+            result = await _restricted(access, top_k, lambda limit, restrict: run(
+                limit, _where(filters, access if restrict else None), _HIT_PROPERTIES))
             # Cosine distance back to the contract's cosine similarity (higher is better).
             return [_hit(obj.properties, 1.0 - (obj.metadata.distance or 0.0)) for obj in result.objects]
 
         return await self._read(tenant, "search", search, [])
 
     async def search_hybrid(self, tenant: str, text: str, vector: Vectors, top_k: int,
-                            filters: Mapping[str, str], *, alpha: float, fusion: Fusion) -> list[Hit]:
+                            filters: Mapping[str, str], *, alpha: float, fusion: Fusion,
+                            access: AccessCheck | None = None) -> list[Hit]:
         """BM25 and dense fused by Weaviate in one request (`alpha` weighs dense, as ours)."""
         if top_k <= 0:
             return []
@@ -427,14 +449,45 @@ class WeaviateStore:
 
         async def search(client: WeaviateAsyncClient) -> list[Hit]:
             chunks = client.collections.use(self.chunks_name).with_tenant(tenant)
-            result = await chunks.query.hybrid(
-                query=" ".join(terms) if terms else None, vector=query, alpha=alpha, fusion_type=method,
-                query_properties=self._query_properties(), target_vector=VECTOR_NAME, limit=top_k,
-                filters=_where(filters), return_properties=_HIT_PROPERTIES,
-                return_metadata=wvc.query.MetadataQuery(score=True))
+
+            async def run(limit: int, where: _Filters | None, properties: list[str]) -> Any:
+                return await chunks.query.hybrid(
+                    query=" ".join(terms) if terms else None, vector=query, alpha=alpha, fusion_type=method,
+                    query_properties=self._query_properties(), target_vector=VECTOR_NAME, limit=limit,
+                    filters=where, return_properties=properties,
+                    return_metadata=wvc.query.MetadataQuery(score=True))
+
+            result = await _restricted(access, top_k, lambda limit, restrict: run(
+                limit, _where(filters, access if restrict else None), _HIT_PROPERTIES))
             return [_hit(obj.properties, obj.metadata.score or 0.0) for obj in result.objects]
 
         return await self._read(tenant, "search", search, [])
+
+    async def set_access(self, tenant: str, changes: Mapping[str, frozenset[str]]) -> AccessChange:
+        """Rewrites each relabelled document's chunk objects (same ids, stored vectors)."""
+        wanted = dict(changes)
+        present = await self.indexed_versions(tenant, list(wanted))
+        updated = [d for d in wanted if d in present and present[d].access != wanted[d]]
+        unchanged = tuple(d for d in wanted if d in present and d not in updated)
+
+        async def write(client: WeaviateAsyncClient) -> None:
+            chunks = client.collections.use(self.chunks_name).with_tenant(tenant)
+            for doc_id in updated:
+                result = await chunks.query.fetch_objects(
+                    filters=wvc.query.Filter.by_property("document_id").equal(doc_id),
+                    limit=_DELETE_MAX_PER_CALL, include_vector=True)
+                await _insert(chunks, [wvc.data.DataObject(
+                    properties={**obj.properties, "access": _stored_labels(wanted[doc_id])}, uuid=obj.uuid,
+                    vector=obj.vector or None) for obj in result.objects])
+
+        if updated:
+            await self._writable(tenant)
+            await self._call("relabel documents", write, bounded=False)
+        return AccessChange(tuple(updated), unchanged, tuple(d for d in wanted if d not in present))
+
+    async def labels_in_use(self, tenant: str) -> frozenset[str] | None:
+        # No cheap way to list them: results are then keyed on every label of the reader.
+        return None
 
     async def unknown_metadata_keys(self, tenant: str, keys: Sequence[str]) -> set[str]:
         wanted = list(dict.fromkeys(keys))
@@ -539,6 +592,7 @@ def _objects(prepared: PreparedDocument, version: str) -> list[wvc.data.DataObje
         "metadata_json": json.dumps(metadata, ensure_ascii=False),
         "metadata_pairs": [_pair(k, v) for k, v in metadata.items()],
         "metadata_keys": list(metadata),
+        "access": _stored_labels(doc.access),
     }
     objects = []
     for index, chunk in enumerate(prepared.chunks):
@@ -580,9 +634,48 @@ async def _delete_all(collection: Any, where: _Filters) -> int:
     return deleted
 
 
-def _where(filters: Mapping[str, str]) -> _Filters | None:
-    """Exact-match filters: `document_id`, `source`, else a metadata key."""
+
+
+def _stored_labels(labels: frozenset[str]) -> list[str]:
+    return sorted(labels) if labels else [PUBLIC_LABEL]
+
+
+def _labels(stored: Any) -> frozenset[str]:
+    return frozenset(str(label) for label in stored or () if label != PUBLIC_LABEL)
+
+
+async def _restricted(access: AccessCheck | None, top_k: int,
+                      query: Callable[[int, bool], Awaitable[Any]]) -> Any:
+    """A search's result for `access`'s reader, and the documents withheld from it within
+    `access.depth` added to `access.withheld`.
+
+    The query runs first without the access filter (to `max(top_k, depth)`): when nothing in
+    it is withheld, it is the answer cut to top_k, in one request as without labels (BM25 and
+    cosine scores do not depend on the filter; hybrid's fused scores may differ slightly
+    from a filtered query's); otherwise the filtered query runs as well, so a withheld
+    document never takes a place."""
+    if access is None:
+        return await query(top_k, False)
+    depth = max(top_k, access.depth)
+    unrestricted = await query(depth, False)
+    withheld = False
+    for rank, obj in enumerate(unrestricted.objects):
+        if not access.reader.may_read(_labels(obj.properties.get("access"))):
+            withheld = True
+            if rank < access.depth:
+                access.withheld.add(str(obj.properties.get("document_id", "")))
+    if not withheld:
+        unrestricted.objects[:] = unrestricted.objects[:top_k]
+        return unrestricted
+    return await query(top_k, True)
+
+
+def _where(filters: Mapping[str, str], access: AccessCheck | None = None) -> _Filters | None:
+    """Exact-match filters: `document_id`, `source`, else a metadata key; with `access`, only
+    chunks of documents its reader may read."""
     clauses: list[_Filters] = []
+    if access is not None:
+        clauses.append(wvc.query.Filter.by_property("access").contains_any(sorted({PUBLIC_LABEL, *access.labels})))
     for key, value in sorted(filters.items()):
         if key in ("document_id", "source"):
             clauses.append(wvc.query.Filter.by_property(key).equal(value))
@@ -603,4 +696,5 @@ def _hit(properties: Mapping[str, Any], score: float) -> Hit:
                title=str(properties.get("title") or ""), section=str(properties.get("section") or ""),
                text=str(properties.get("text") or ""), score=float(score),
                source=str(properties.get("source") or ""),
-               metadata=json.loads(str(properties.get("metadata_json") or "{}")))
+               metadata=json.loads(str(properties.get("metadata_json") or "{}")),
+               access=tuple(sorted(_labels(properties.get("access")))))

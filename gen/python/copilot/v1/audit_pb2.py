@@ -29,55 +29,55 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63opilot/v1/audit.proto\x12\ncopilot.v1\x1a\x17\x63opilot/v1/common.proto\x1a\x1a\x63opilot/v1/retrieval.proto\x1a\x17\x63opilot/v1/tenant.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"6\n\rAuditCitation\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\x12\x10\n\x08\x63hunk_id\x18\x02 \x01(\t\"\xe7\x02\n\rQuestionAudit\x12\x10\n\x08question\x18\x01 \x01(\t\x12,\n\tmode_used\x18\x02 \x01(\x0e\x32\x19.copilot.v1.RetrievalMode\x12\x15\n\ranswer_sha256\x18\x03 \x01(\t\x12,\n\tcitations\x18\x04 \x03(\x0b\x32\x19.copilot.v1.AuditCitation\x12\x10\n\x08provider\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\x10\n\x08\x64\x65graded\x18\x07 \x01(\x08\x12\x17\n\x0f\x64\x65graded_reason\x18\x08 \x01(\t\x12*\n\x07latency\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\x18\n\x10pii_placeholders\x18\x0b \x03(\t\x12\x14\n\x0cinput_tokens\x18\x0c \x01(\x03\x12\x15\n\routput_tokens\x18\r \x01(\x03\"\\\n\x0f\x41uditedDocument\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x0e\n\x06\x63hunks\x18\x04 \x01(\x05\"S\n\x0e\x44ocumentsAudit\x12.\n\tdocuments\x18\x01 \x03(\x0b\x32\x1b.copilot.v1.AuditedDocument\x12\x11\n\tnot_found\x18\x02 \x03(\t\"r\n\x11TenantChangeAudit\x12\"\n\x06\x62\x65\x66ore\x18\x01 \x01(\x0b\x32\x12.copilot.v1.Tenant\x12!\n\x05\x61\x66ter\x18\x02 \x01(\x0b\x32\x12.copilot.v1.Tenant\x12\x16\n\x0e\x63hanged_fields\x18\x03 \x03(\t\"j\n\x11SearchConfigAudit\x12*\n\x06\x62\x65\x66ore\x18\x01 \x01(\x0b\x32\x1a.copilot.v1.SearchSettings\x12)\n\x05\x61\x66ter\x18\x02 \x01(\x0b\x32\x1a.copilot.v1.SearchSettings\"J\n\x0cRefusalAudit\x12\x0b\n\x03rpc\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\"\xd8\x04\n\nAuditEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12(\n\x04kind\x18\x02 \x01(\x0e\x32\x1a.copilot.v1.AuditEventKind\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12\x13\n\x0b\x61\x63tor_roles\x18\x04 \x03(\t\x12.\n\noccur_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07service\x18\x06 \x01(\t\x12-\n\x08question\x18\n \x01(\x0b\x32\x19.copilot.v1.QuestionAuditH\x00\x12/\n\tdocuments\x18\x0b \x01(\x0b\x32\x1a.copilot.v1.DocumentsAuditH\x00\x12\x36\n\rtenant_change\x18\x0c \x01(\x0b\x32\x1d.copilot.v1.TenantChangeAuditH\x00\x12\x36\n\rsearch_config\x18\r \x01(\x0b\x32\x1d.copilot.v1.SearchConfigAuditH\x00\x12+\n\x07refusal\x18\x0e \x01(\x0b\x32\x18.copilot.v1.RefusalAuditH\x00\x12\x11\n\ttenant_id\x18\x14 \x01(\t\x12\x0b\n\x03seq\x18\x15 \x01(\x04\x12/\n\x0brecord_time\x18\x16 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x17 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tprev_hash\x18\x18 \x01(\t\x12\x0c\n\x04hash\x18\x19 \x01(\tB\t\n\x07\x64\x65tails\"V\n\x18RecordAuditEventsRequest\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.copilot.v1.AuditEvent\x12\x12\n\nredelivery\x18\x02 \x01(\x08\"A\n\x19RecordAuditEventsResponse\x12\x10\n\x08recorded\x18\x01 \x01(\x05\x12\x12\n\nduplicates\x18\x02 \x01(\x05\"\xa5\x01\n\x0b\x41uditFilter\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12)\n\x05kinds\x18\x04 \x03(\x0e\x32\x1a.copilot.v1.AuditEventKind\"{\n\x16ListAuditEventsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\'\n\x06\x66ilter\x18\x02 \x01(\x0b\x32\x17.copilot.v1.AuditFilter\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"Z\n\x17ListAuditEventsResponse\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.copilot.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"V\n\x18\x45xportAuditEventsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\'\n\x06\x66ilter\x18\x02 \x01(\x0b\x32\x17.copilot.v1.AuditFilter\"C\n\x19\x45xportAuditEventsResponse\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.copilot.v1.AuditEvent\"_\n\x17VerifyAuditChainRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x31\n\rexpected_head\x18\x02 \x01(\x0b\x32\x1a.copilot.v1.AuditChainHead\"+\n\x0e\x41uditChainHead\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04hash\x18\x02 \x01(\t\"^\n\x0f\x41uditChainBreak\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12.\n\x07problem\x18\x02 \x01(\x0e\x32\x1d.copilot.v1.AuditChainProblem\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\xe7\x01\n\x18VerifyAuditChainResponse\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x16\n\x0e\x65vents_checked\x18\x03 \x01(\x04\x12\x11\n\tfirst_seq\x18\x04 \x01(\x04\x12\x10\n\x08last_seq\x18\x05 \x01(\x04\x12\x11\n\thead_hash\x18\x06 \x01(\t\x12\x30\n\x0b\x66irst_break\x18\x07 \x01(\x0b\x32\x1b.copilot.v1.AuditChainBreak\x12*\n\x06\x61nchor\x18\x08 \x01(\x0b\x32\x1a.copilot.v1.AuditChainHead*\xdf\x02\n\x0e\x41uditEventKind\x12 \n\x1c\x41UDIT_EVENT_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x41UDIT_EVENT_KIND_QUESTION\x10\x01\x12\'\n#AUDIT_EVENT_KIND_DOCUMENTS_INGESTED\x10\x02\x12&\n\"AUDIT_EVENT_KIND_DOCUMENTS_DELETED\x10\x03\x12#\n\x1f\x41UDIT_EVENT_KIND_TENANT_CREATED\x10\x04\x12#\n\x1f\x41UDIT_EVENT_KIND_TENANT_UPDATED\x10\x05\x12#\n\x1f\x41UDIT_EVENT_KIND_TENANT_DELETED\x10\x06\x12&\n\"AUDIT_EVENT_KIND_SEARCH_CONFIGURED\x10\x07\x12$\n AUDIT_EVENT_KIND_REQUEST_REFUSED\x10\x08*\x94\x02\n\x11\x41uditChainProblem\x12#\n\x1f\x41UDIT_CHAIN_PROBLEM_UNSPECIFIED\x10\x00\x12%\n!AUDIT_CHAIN_PROBLEM_HASH_MISMATCH\x10\x01\x12\x1f\n\x1b\x41UDIT_CHAIN_PROBLEM_MISSING\x10\x02\x12*\n&AUDIT_CHAIN_PROBLEM_PREV_HASH_MISMATCH\x10\x03\x12!\n\x1d\x41UDIT_CHAIN_PROBLEM_DUPLICATE\x10\x04\x12\x1c\n\x18\x41UDIT_CHAIN_PROBLEM_FORK\x10\x05\x12%\n!AUDIT_CHAIN_PROBLEM_HEAD_MISMATCH\x10\x06\x32\x8f\x03\n\x0c\x41uditService\x12`\n\x11RecordAuditEvents\x12$.copilot.v1.RecordAuditEventsRequest\x1a%.copilot.v1.RecordAuditEventsResponse\x12Z\n\x0fListAuditEvents\x12\".copilot.v1.ListAuditEventsRequest\x1a#.copilot.v1.ListAuditEventsResponse\x12\x62\n\x11\x45xportAuditEvents\x12$.copilot.v1.ExportAuditEventsRequest\x1a%.copilot.v1.ExportAuditEventsResponse0\x01\x12]\n\x10VerifyAuditChain\x12#.copilot.v1.VerifyAuditChainRequest\x1a$.copilot.v1.VerifyAuditChainResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63opilot/v1/audit.proto\x12\ncopilot.v1\x1a\x17\x63opilot/v1/common.proto\x1a\x1a\x63opilot/v1/retrieval.proto\x1a\x17\x63opilot/v1/tenant.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"6\n\rAuditCitation\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\x12\x10\n\x08\x63hunk_id\x18\x02 \x01(\t\"\x83\x03\n\rQuestionAudit\x12\x10\n\x08question\x18\x01 \x01(\t\x12,\n\tmode_used\x18\x02 \x01(\x0e\x32\x19.copilot.v1.RetrievalMode\x12\x15\n\ranswer_sha256\x18\x03 \x01(\t\x12,\n\tcitations\x18\x04 \x03(\x0b\x32\x19.copilot.v1.AuditCitation\x12\x10\n\x08provider\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\x10\n\x08\x64\x65graded\x18\x07 \x01(\x08\x12\x17\n\x0f\x64\x65graded_reason\x18\x08 \x01(\t\x12*\n\x07latency\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\x18\n\x10pii_placeholders\x18\x0b \x03(\t\x12\x14\n\x0cinput_tokens\x18\x0c \x01(\x03\x12\x15\n\routput_tokens\x18\r \x01(\x03\x12\x1a\n\x12withheld_documents\x18\x0e \x01(\x05\"\\\n\x0f\x41uditedDocument\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x0e\n\x06\x63hunks\x18\x04 \x01(\x05\"S\n\x0e\x44ocumentsAudit\x12.\n\tdocuments\x18\x01 \x03(\x0b\x32\x1b.copilot.v1.AuditedDocument\x12\x11\n\tnot_found\x18\x02 \x03(\t\"r\n\x11TenantChangeAudit\x12\"\n\x06\x62\x65\x66ore\x18\x01 \x01(\x0b\x32\x12.copilot.v1.Tenant\x12!\n\x05\x61\x66ter\x18\x02 \x01(\x0b\x32\x12.copilot.v1.Tenant\x12\x16\n\x0e\x63hanged_fields\x18\x03 \x03(\t\"j\n\x11SearchConfigAudit\x12*\n\x06\x62\x65\x66ore\x18\x01 \x01(\x0b\x32\x1a.copilot.v1.SearchSettings\x12)\n\x05\x61\x66ter\x18\x02 \x01(\x0b\x32\x1a.copilot.v1.SearchSettings\"J\n\x0cRefusalAudit\x12\x0b\n\x03rpc\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\"\xd8\x04\n\nAuditEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12(\n\x04kind\x18\x02 \x01(\x0e\x32\x1a.copilot.v1.AuditEventKind\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12\x13\n\x0b\x61\x63tor_roles\x18\x04 \x03(\t\x12.\n\noccur_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07service\x18\x06 \x01(\t\x12-\n\x08question\x18\n \x01(\x0b\x32\x19.copilot.v1.QuestionAuditH\x00\x12/\n\tdocuments\x18\x0b \x01(\x0b\x32\x1a.copilot.v1.DocumentsAuditH\x00\x12\x36\n\rtenant_change\x18\x0c \x01(\x0b\x32\x1d.copilot.v1.TenantChangeAuditH\x00\x12\x36\n\rsearch_config\x18\r \x01(\x0b\x32\x1d.copilot.v1.SearchConfigAuditH\x00\x12+\n\x07refusal\x18\x0e \x01(\x0b\x32\x18.copilot.v1.RefusalAuditH\x00\x12\x11\n\ttenant_id\x18\x14 \x01(\t\x12\x0b\n\x03seq\x18\x15 \x01(\x04\x12/\n\x0brecord_time\x18\x16 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x17 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tprev_hash\x18\x18 \x01(\t\x12\x0c\n\x04hash\x18\x19 \x01(\tB\t\n\x07\x64\x65tails\"V\n\x18RecordAuditEventsRequest\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.copilot.v1.AuditEvent\x12\x12\n\nredelivery\x18\x02 \x01(\x08\"A\n\x19RecordAuditEventsResponse\x12\x10\n\x08recorded\x18\x01 \x01(\x05\x12\x12\n\nduplicates\x18\x02 \x01(\x05\"\xa5\x01\n\x0b\x41uditFilter\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12)\n\x05kinds\x18\x04 \x03(\x0e\x32\x1a.copilot.v1.AuditEventKind\"{\n\x16ListAuditEventsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\'\n\x06\x66ilter\x18\x02 \x01(\x0b\x32\x17.copilot.v1.AuditFilter\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"Z\n\x17ListAuditEventsResponse\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.copilot.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"V\n\x18\x45xportAuditEventsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\'\n\x06\x66ilter\x18\x02 \x01(\x0b\x32\x17.copilot.v1.AuditFilter\"C\n\x19\x45xportAuditEventsResponse\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.copilot.v1.AuditEvent\"_\n\x17VerifyAuditChainRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x31\n\rexpected_head\x18\x02 \x01(\x0b\x32\x1a.copilot.v1.AuditChainHead\"+\n\x0e\x41uditChainHead\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04hash\x18\x02 \x01(\t\"^\n\x0f\x41uditChainBreak\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12.\n\x07problem\x18\x02 \x01(\x0e\x32\x1d.copilot.v1.AuditChainProblem\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\xe7\x01\n\x18VerifyAuditChainResponse\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x16\n\x0e\x65vents_checked\x18\x03 \x01(\x04\x12\x11\n\tfirst_seq\x18\x04 \x01(\x04\x12\x10\n\x08last_seq\x18\x05 \x01(\x04\x12\x11\n\thead_hash\x18\x06 \x01(\t\x12\x30\n\x0b\x66irst_break\x18\x07 \x01(\x0b\x32\x1b.copilot.v1.AuditChainBreak\x12*\n\x06\x61nchor\x18\x08 \x01(\x0b\x32\x1a.copilot.v1.AuditChainHead*\xdf\x02\n\x0e\x41uditEventKind\x12 \n\x1c\x41UDIT_EVENT_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x41UDIT_EVENT_KIND_QUESTION\x10\x01\x12\'\n#AUDIT_EVENT_KIND_DOCUMENTS_INGESTED\x10\x02\x12&\n\"AUDIT_EVENT_KIND_DOCUMENTS_DELETED\x10\x03\x12#\n\x1f\x41UDIT_EVENT_KIND_TENANT_CREATED\x10\x04\x12#\n\x1f\x41UDIT_EVENT_KIND_TENANT_UPDATED\x10\x05\x12#\n\x1f\x41UDIT_EVENT_KIND_TENANT_DELETED\x10\x06\x12&\n\"AUDIT_EVENT_KIND_SEARCH_CONFIGURED\x10\x07\x12$\n AUDIT_EVENT_KIND_REQUEST_REFUSED\x10\x08*\x94\x02\n\x11\x41uditChainProblem\x12#\n\x1f\x41UDIT_CHAIN_PROBLEM_UNSPECIFIED\x10\x00\x12%\n!AUDIT_CHAIN_PROBLEM_HASH_MISMATCH\x10\x01\x12\x1f\n\x1b\x41UDIT_CHAIN_PROBLEM_MISSING\x10\x02\x12*\n&AUDIT_CHAIN_PROBLEM_PREV_HASH_MISMATCH\x10\x03\x12!\n\x1d\x41UDIT_CHAIN_PROBLEM_DUPLICATE\x10\x04\x12\x1c\n\x18\x41UDIT_CHAIN_PROBLEM_FORK\x10\x05\x12%\n!AUDIT_CHAIN_PROBLEM_HEAD_MISMATCH\x10\x06\x32\x8f\x03\n\x0c\x41uditService\x12`\n\x11RecordAuditEvents\x12$.copilot.v1.RecordAuditEventsRequest\x1a%.copilot.v1.RecordAuditEventsResponse\x12Z\n\x0fListAuditEvents\x12\".copilot.v1.ListAuditEventsRequest\x1a#.copilot.v1.ListAuditEventsResponse\x12\x62\n\x11\x45xportAuditEvents\x12$.copilot.v1.ExportAuditEventsRequest\x1a%.copilot.v1.ExportAuditEventsResponse0\x01\x12]\n\x10VerifyAuditChain\x12#.copilot.v1.VerifyAuditChainRequest\x1a$.copilot.v1.VerifyAuditChainResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'copilot.v1.audit_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_AUDITEVENTKIND']._serialized_start=2851
-  _globals['_AUDITEVENTKIND']._serialized_end=3202
-  _globals['_AUDITCHAINPROBLEM']._serialized_start=3205
-  _globals['_AUDITCHAINPROBLEM']._serialized_end=3481
+  _globals['_AUDITEVENTKIND']._serialized_start=2879
+  _globals['_AUDITEVENTKIND']._serialized_end=3230
+  _globals['_AUDITCHAINPROBLEM']._serialized_start=3233
+  _globals['_AUDITCHAINPROBLEM']._serialized_end=3509
   _globals['_AUDITCITATION']._serialized_start=181
   _globals['_AUDITCITATION']._serialized_end=235
   _globals['_QUESTIONAUDIT']._serialized_start=238
-  _globals['_QUESTIONAUDIT']._serialized_end=597
-  _globals['_AUDITEDDOCUMENT']._serialized_start=599
-  _globals['_AUDITEDDOCUMENT']._serialized_end=691
-  _globals['_DOCUMENTSAUDIT']._serialized_start=693
-  _globals['_DOCUMENTSAUDIT']._serialized_end=776
-  _globals['_TENANTCHANGEAUDIT']._serialized_start=778
-  _globals['_TENANTCHANGEAUDIT']._serialized_end=892
-  _globals['_SEARCHCONFIGAUDIT']._serialized_start=894
-  _globals['_SEARCHCONFIGAUDIT']._serialized_end=1000
-  _globals['_REFUSALAUDIT']._serialized_start=1002
-  _globals['_REFUSALAUDIT']._serialized_end=1076
-  _globals['_AUDITEVENT']._serialized_start=1079
-  _globals['_AUDITEVENT']._serialized_end=1679
-  _globals['_RECORDAUDITEVENTSREQUEST']._serialized_start=1681
-  _globals['_RECORDAUDITEVENTSREQUEST']._serialized_end=1767
-  _globals['_RECORDAUDITEVENTSRESPONSE']._serialized_start=1769
-  _globals['_RECORDAUDITEVENTSRESPONSE']._serialized_end=1834
-  _globals['_AUDITFILTER']._serialized_start=1837
-  _globals['_AUDITFILTER']._serialized_end=2002
-  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=2004
-  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=2127
-  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=2129
-  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=2219
-  _globals['_EXPORTAUDITEVENTSREQUEST']._serialized_start=2221
-  _globals['_EXPORTAUDITEVENTSREQUEST']._serialized_end=2307
-  _globals['_EXPORTAUDITEVENTSRESPONSE']._serialized_start=2309
-  _globals['_EXPORTAUDITEVENTSRESPONSE']._serialized_end=2376
-  _globals['_VERIFYAUDITCHAINREQUEST']._serialized_start=2378
-  _globals['_VERIFYAUDITCHAINREQUEST']._serialized_end=2473
-  _globals['_AUDITCHAINHEAD']._serialized_start=2475
-  _globals['_AUDITCHAINHEAD']._serialized_end=2518
-  _globals['_AUDITCHAINBREAK']._serialized_start=2520
-  _globals['_AUDITCHAINBREAK']._serialized_end=2614
-  _globals['_VERIFYAUDITCHAINRESPONSE']._serialized_start=2617
-  _globals['_VERIFYAUDITCHAINRESPONSE']._serialized_end=2848
-  _globals['_AUDITSERVICE']._serialized_start=3484
-  _globals['_AUDITSERVICE']._serialized_end=3883
+  _globals['_QUESTIONAUDIT']._serialized_end=625
+  _globals['_AUDITEDDOCUMENT']._serialized_start=627
+  _globals['_AUDITEDDOCUMENT']._serialized_end=719
+  _globals['_DOCUMENTSAUDIT']._serialized_start=721
+  _globals['_DOCUMENTSAUDIT']._serialized_end=804
+  _globals['_TENANTCHANGEAUDIT']._serialized_start=806
+  _globals['_TENANTCHANGEAUDIT']._serialized_end=920
+  _globals['_SEARCHCONFIGAUDIT']._serialized_start=922
+  _globals['_SEARCHCONFIGAUDIT']._serialized_end=1028
+  _globals['_REFUSALAUDIT']._serialized_start=1030
+  _globals['_REFUSALAUDIT']._serialized_end=1104
+  _globals['_AUDITEVENT']._serialized_start=1107
+  _globals['_AUDITEVENT']._serialized_end=1707
+  _globals['_RECORDAUDITEVENTSREQUEST']._serialized_start=1709
+  _globals['_RECORDAUDITEVENTSREQUEST']._serialized_end=1795
+  _globals['_RECORDAUDITEVENTSRESPONSE']._serialized_start=1797
+  _globals['_RECORDAUDITEVENTSRESPONSE']._serialized_end=1862
+  _globals['_AUDITFILTER']._serialized_start=1865
+  _globals['_AUDITFILTER']._serialized_end=2030
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=2032
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=2155
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=2157
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=2247
+  _globals['_EXPORTAUDITEVENTSREQUEST']._serialized_start=2249
+  _globals['_EXPORTAUDITEVENTSREQUEST']._serialized_end=2335
+  _globals['_EXPORTAUDITEVENTSRESPONSE']._serialized_start=2337
+  _globals['_EXPORTAUDITEVENTSRESPONSE']._serialized_end=2404
+  _globals['_VERIFYAUDITCHAINREQUEST']._serialized_start=2406
+  _globals['_VERIFYAUDITCHAINREQUEST']._serialized_end=2501
+  _globals['_AUDITCHAINHEAD']._serialized_start=2503
+  _globals['_AUDITCHAINHEAD']._serialized_end=2546
+  _globals['_AUDITCHAINBREAK']._serialized_start=2548
+  _globals['_AUDITCHAINBREAK']._serialized_end=2642
+  _globals['_VERIFYAUDITCHAINRESPONSE']._serialized_start=2645
+  _globals['_VERIFYAUDITCHAINRESPONSE']._serialized_end=2876
+  _globals['_AUDITSERVICE']._serialized_start=3512
+  _globals['_AUDITSERVICE']._serialized_end=3911
 # @@protoc_insertion_point(module_scope)

@@ -61,7 +61,7 @@ class AuditCitation(_message.Message):
     def __init__(self, document_id: _Optional[str] = ..., chunk_id: _Optional[str] = ...) -> None: ...
 
 class QuestionAudit(_message.Message):
-    __slots__ = ("question", "mode_used", "answer_sha256", "citations", "provider", "model", "degraded", "degraded_reason", "latency", "request_id", "pii_placeholders", "input_tokens", "output_tokens")
+    __slots__ = ("question", "mode_used", "answer_sha256", "citations", "provider", "model", "degraded", "degraded_reason", "latency", "request_id", "pii_placeholders", "input_tokens", "output_tokens", "withheld_documents")
     QUESTION_FIELD_NUMBER: _ClassVar[int]
     MODE_USED_FIELD_NUMBER: _ClassVar[int]
     ANSWER_SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,7 @@ class QuestionAudit(_message.Message):
     PII_PLACEHOLDERS_FIELD_NUMBER: _ClassVar[int]
     INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    WITHHELD_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     question: str
     mode_used: _common_pb2.RetrievalMode
     answer_sha256: str
@@ -88,7 +89,8 @@ class QuestionAudit(_message.Message):
     pii_placeholders: _containers.RepeatedScalarFieldContainer[str]
     input_tokens: int
     output_tokens: int
-    def __init__(self, question: _Optional[str] = ..., mode_used: _Optional[_Union[_common_pb2.RetrievalMode, str]] = ..., answer_sha256: _Optional[str] = ..., citations: _Optional[_Iterable[_Union[AuditCitation, _Mapping]]] = ..., provider: _Optional[str] = ..., model: _Optional[str] = ..., degraded: bool = ..., degraded_reason: _Optional[str] = ..., latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., request_id: _Optional[str] = ..., pii_placeholders: _Optional[_Iterable[str]] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ...) -> None: ...
+    withheld_documents: int
+    def __init__(self, question: _Optional[str] = ..., mode_used: _Optional[_Union[_common_pb2.RetrievalMode, str]] = ..., answer_sha256: _Optional[str] = ..., citations: _Optional[_Iterable[_Union[AuditCitation, _Mapping]]] = ..., provider: _Optional[str] = ..., model: _Optional[str] = ..., degraded: bool = ..., degraded_reason: _Optional[str] = ..., latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., request_id: _Optional[str] = ..., pii_placeholders: _Optional[_Iterable[str]] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., withheld_documents: _Optional[int] = ...) -> None: ...
 
 class AuditedDocument(_message.Message):
     __slots__ = ("document_id", "content_hash", "status", "chunks")

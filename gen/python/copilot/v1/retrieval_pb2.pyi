@@ -41,7 +41,7 @@ FUSION_METHOD_RECIPROCAL_RANK: FusionMethod
 FUSION_METHOD_RELATIVE_SCORE: FusionMethod
 
 class Document(_message.Message):
-    __slots__ = ("document_id", "title", "text", "source", "metadata", "content_type")
+    __slots__ = ("document_id", "title", "text", "source", "metadata", "content_type", "access")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -55,13 +55,15 @@ class Document(_message.Message):
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     CONTENT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    ACCESS_FIELD_NUMBER: _ClassVar[int]
     document_id: str
     title: str
     text: str
     source: str
     metadata: _containers.ScalarMap[str, str]
     content_type: str
-    def __init__(self, document_id: _Optional[str] = ..., title: _Optional[str] = ..., text: _Optional[str] = ..., source: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., content_type: _Optional[str] = ...) -> None: ...
+    access: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, document_id: _Optional[str] = ..., title: _Optional[str] = ..., text: _Optional[str] = ..., source: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., content_type: _Optional[str] = ..., access: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DocumentResult(_message.Message):
     __slots__ = ("document_id", "status", "chunks", "content_hash")
@@ -125,7 +127,7 @@ class SearchRequest(_message.Message):
     def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., filters: _Optional[_Mapping[str, str]] = ..., mode: _Optional[_Union[SearchMode, str]] = ..., alpha: _Optional[float] = ..., fusion: _Optional[_Union[FusionMethod, str]] = ...) -> None: ...
 
 class SearchHit(_message.Message):
-    __slots__ = ("document_id", "chunk_id", "title", "section", "text", "score", "source", "metadata")
+    __slots__ = ("document_id", "chunk_id", "title", "section", "text", "score", "source", "metadata", "access")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +143,7 @@ class SearchHit(_message.Message):
     SCORE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    ACCESS_FIELD_NUMBER: _ClassVar[int]
     document_id: str
     chunk_id: str
     title: str
@@ -149,7 +152,8 @@ class SearchHit(_message.Message):
     score: float
     source: str
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, document_id: _Optional[str] = ..., chunk_id: _Optional[str] = ..., title: _Optional[str] = ..., section: _Optional[str] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., source: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    access: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, document_id: _Optional[str] = ..., chunk_id: _Optional[str] = ..., title: _Optional[str] = ..., section: _Optional[str] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., source: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., access: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("hits", "mode", "alpha", "fusion", "cached")
@@ -232,3 +236,27 @@ class ConfigureSearchResponse(_message.Message):
     effective: SearchSettings
     dense_available: bool
     def __init__(self, settings: _Optional[_Union[SearchSettings, _Mapping]] = ..., effective: _Optional[_Union[SearchSettings, _Mapping]] = ..., dense_available: bool = ...) -> None: ...
+
+class DocumentAccess(_message.Message):
+    __slots__ = ("document_id", "access")
+    DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ACCESS_FIELD_NUMBER: _ClassVar[int]
+    document_id: str
+    access: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, document_id: _Optional[str] = ..., access: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SetDocumentAccessRequest(_message.Message):
+    __slots__ = ("documents",)
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    documents: _containers.RepeatedCompositeFieldContainer[DocumentAccess]
+    def __init__(self, documents: _Optional[_Iterable[_Union[DocumentAccess, _Mapping]]] = ...) -> None: ...
+
+class SetDocumentAccessResponse(_message.Message):
+    __slots__ = ("updated", "unchanged", "not_found")
+    UPDATED_FIELD_NUMBER: _ClassVar[int]
+    UNCHANGED_FIELD_NUMBER: _ClassVar[int]
+    NOT_FOUND_FIELD_NUMBER: _ClassVar[int]
+    updated: int
+    unchanged: int
+    not_found: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, updated: _Optional[int] = ..., unchanged: _Optional[int] = ..., not_found: _Optional[_Iterable[str]] = ...) -> None: ...

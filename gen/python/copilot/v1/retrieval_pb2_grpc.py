@@ -71,6 +71,11 @@ class RetrievalServiceStub(object):
                 request_serializer=copilot_dot_v1_dot_retrieval__pb2.ConfigureSearchRequest.SerializeToString,
                 response_deserializer=copilot_dot_v1_dot_retrieval__pb2.ConfigureSearchResponse.FromString,
                 _registered_method=True)
+        self.SetDocumentAccess = channel.unary_unary(
+                '/copilot.v1.RetrievalService/SetDocumentAccess',
+                request_serializer=copilot_dot_v1_dot_retrieval__pb2.SetDocumentAccessRequest.SerializeToString,
+                response_deserializer=copilot_dot_v1_dot_retrieval__pb2.SetDocumentAccessResponse.FromString,
+                _registered_method=True)
 
 
 class RetrievalServiceServicer(object):
@@ -133,6 +138,14 @@ class RetrievalServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetDocumentAccess(self, request, context):
+        """Replaces who may read documents (their access labels), without re-chunking or
+        re-embedding them; applies from the next request. Requires the `admin` role.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RetrievalServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -170,6 +183,11 @@ def add_RetrievalServiceServicer_to_server(servicer, server):
                     servicer.ConfigureSearch,
                     request_deserializer=copilot_dot_v1_dot_retrieval__pb2.ConfigureSearchRequest.FromString,
                     response_serializer=copilot_dot_v1_dot_retrieval__pb2.ConfigureSearchResponse.SerializeToString,
+            ),
+            'SetDocumentAccess': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetDocumentAccess,
+                    request_deserializer=copilot_dot_v1_dot_retrieval__pb2.SetDocumentAccessRequest.FromString,
+                    response_serializer=copilot_dot_v1_dot_retrieval__pb2.SetDocumentAccessResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -363,6 +381,33 @@ class RetrievalService(object):
             '/copilot.v1.RetrievalService/ConfigureSearch',
             copilot_dot_v1_dot_retrieval__pb2.ConfigureSearchRequest.SerializeToString,
             copilot_dot_v1_dot_retrieval__pb2.ConfigureSearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetDocumentAccess(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/copilot.v1.RetrievalService/SetDocumentAccess',
+            copilot_dot_v1_dot_retrieval__pb2.SetDocumentAccessRequest.SerializeToString,
+            copilot_dot_v1_dot_retrieval__pb2.SetDocumentAccessResponse.FromString,
             options,
             channel_credentials,
             insecure,

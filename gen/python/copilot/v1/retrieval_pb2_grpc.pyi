@@ -60,6 +60,10 @@ class RetrievalServiceStub:
     when a SearchRequest leaves mode, alpha, fusion or top_k unset). Reading needs any
     role; changing needs `admin`.
     """
+    SetDocumentAccess: _grpc.UnaryUnaryMultiCallable[_retrieval_pb2.SetDocumentAccessRequest, _retrieval_pb2.SetDocumentAccessResponse]
+    """Replaces who may read documents (their access labels), without re-chunking or
+    re-embedding them; applies from the next request. Requires the `admin` role.
+    """
 
 @_typing.type_check_only
 class RetrievalServiceAsyncStub(RetrievalServiceStub):
@@ -92,6 +96,10 @@ class RetrievalServiceAsyncStub(RetrievalServiceStub):
     """Reads, and with any field set changes, the caller's tenant search defaults (used
     when a SearchRequest leaves mode, alpha, fusion or top_k unset). Reading needs any
     role; changing needs `admin`.
+    """
+    SetDocumentAccess: _aio.UnaryUnaryMultiCallable[_retrieval_pb2.SetDocumentAccessRequest, _retrieval_pb2.SetDocumentAccessResponse]  # type: ignore[assignment]
+    """Replaces who may read documents (their access labels), without re-chunking or
+    re-embedding them; applies from the next request. Requires the `admin` role.
     """
 
 class RetrievalServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -164,6 +172,16 @@ class RetrievalServiceServicer(metaclass=_abc_1.ABCMeta):
         """Reads, and with any field set changes, the caller's tenant search defaults (used
         when a SearchRequest leaves mode, alpha, fusion or top_k unset). Reading needs any
         role; changing needs `admin`.
+        """
+
+    @_abc_1.abstractmethod
+    def SetDocumentAccess(
+        self,
+        request: _retrieval_pb2.SetDocumentAccessRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_retrieval_pb2.SetDocumentAccessResponse, _abc.Awaitable[_retrieval_pb2.SetDocumentAccessResponse]]:
+        """Replaces who may read documents (their access labels), without re-chunking or
+        re-embedding them; applies from the next request. Requires the `admin` role.
         """
 
 def add_RetrievalServiceServicer_to_server(servicer: RetrievalServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -10,7 +10,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file copilot/v1/retrieval.proto.
  */
 export const file_copilot_v1_retrieval: GenFile = /*@__PURE__*/
-  fileDesc("Chpjb3BpbG90L3YxL3JldHJpZXZhbC5wcm90bxIKY29waWxvdC52MSLJAQoIRG9jdW1lbnQSEwoLZG9jdW1lbnRfaWQYASABKAkSDQoFdGl0bGUYAiABKAkSDAoEdGV4dBgDIAEoCRIOCgZzb3VyY2UYBCABKAkSNAoIbWV0YWRhdGEYBSADKAsyIi5jb3BpbG90LnYxLkRvY3VtZW50Lk1ldGFkYXRhRW50cnkSFAoMY29udGVudF90eXBlGAYgASgJGi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJ1Cg5Eb2N1bWVudFJlc3VsdBITCgtkb2N1bWVudF9pZBgBIAEoCRIoCgZzdGF0dXMYAiABKA4yGC5jb3BpbG90LnYxLkluZ2VzdFN0YXR1cxIOCgZjaHVua3MYAyABKAUSFAoMY29udGVudF9oYXNoGAQgASgJIkEKFkluZ2VzdERvY3VtZW50c1JlcXVlc3QSJwoJZG9jdW1lbnRzGAEgAygLMhQuY29waWxvdC52MS5Eb2N1bWVudCJGChdJbmdlc3REb2N1bWVudHNSZXNwb25zZRIrCgdyZXN1bHRzGAEgAygLMhouY29waWxvdC52MS5Eb2N1bWVudFJlc3VsdCJHChxTdHJlYW1Jbmdlc3REb2N1bWVudHNSZXF1ZXN0EicKCWRvY3VtZW50cxgBIAMoCzIULmNvcGlsb3QudjEuRG9jdW1lbnQiZAodU3RyZWFtSW5nZXN0RG9jdW1lbnRzUmVzcG9uc2USKwoHcmVzdWx0cxgBIAMoCzIaLmNvcGlsb3QudjEuRG9jdW1lbnRSZXN1bHQSFgoOZG9jdW1lbnRzX2RvbmUYAiABKAMihAIKDVNlYXJjaFJlcXVlc3QSDQoFcXVlcnkYASABKAkSDQoFdG9wX2sYAiABKAUSNwoHZmlsdGVycxgDIAMoCzImLmNvcGlsb3QudjEuU2VhcmNoUmVxdWVzdC5GaWx0ZXJzRW50cnkSJAoEbW9kZRgEIAEoDjIWLmNvcGlsb3QudjEuU2VhcmNoTW9kZRISCgVhbHBoYRgFIAEoAkgAiAEBEigKBmZ1c2lvbhgGIAEoDjIYLmNvcGlsb3QudjEuRnVzaW9uTWV0aG9kGi4KDEZpbHRlcnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQggKBl9hbHBoYSLnAQoJU2VhcmNoSGl0EhMKC2RvY3VtZW50X2lkGAEgASgJEhAKCGNodW5rX2lkGAIgASgJEg0KBXRpdGxlGAMgASgJEg8KB3NlY3Rpb24YBCABKAkSDAoEdGV4dBgFIAEoCRINCgVzY29yZRgGIAEoARIOCgZzb3VyY2UYByABKAkSNQoIbWV0YWRhdGEYCCADKAsyIy5jb3BpbG90LnYxLlNlYXJjaEhpdC5NZXRhZGF0YUVudHJ5Gi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASKzAQoOU2VhcmNoUmVzcG9uc2USIwoEaGl0cxgBIAMoCzIVLmNvcGlsb3QudjEuU2VhcmNoSGl0EiQKBG1vZGUYAiABKA4yFi5jb3BpbG90LnYxLlNlYXJjaE1vZGUSEgoFYWxwaGEYAyABKAJIAIgBARIoCgZmdXNpb24YBCABKA4yGC5jb3BpbG90LnYxLkZ1c2lvbk1ldGhvZBIOCgZjYWNoZWQYBSABKAhCCAoGX2FscGhhIi4KFkRlbGV0ZURvY3VtZW50c1JlcXVlc3QSFAoMZG9jdW1lbnRfaWRzGAEgAygJIl8KF0RlbGV0ZURvY3VtZW50c1Jlc3BvbnNlEhkKEWRlbGV0ZWRfZG9jdW1lbnRzGAEgASgFEhYKDmRlbGV0ZWRfY2h1bmtzGAIgASgFEhEKCW5vdF9mb3VuZBgDIAMoCSIYChZQcm92aXNpb25UZW5hbnRSZXF1ZXN0IhkKF1Byb3Zpc2lvblRlbmFudFJlc3BvbnNlIhQKEkVyYXNlVGVuYW50UmVxdWVzdCIVChNFcmFzZVRlbmFudFJlc3BvbnNlIrUBCg5TZWFyY2hTZXR0aW5ncxIsCgxkZWZhdWx0X21vZGUYASABKA4yFi5jb3BpbG90LnYxLlNlYXJjaE1vZGUSGgoNZGVmYXVsdF9hbHBoYRgCIAEoAkgAiAEBEjAKDmRlZmF1bHRfZnVzaW9uGAMgASgOMhguY29waWxvdC52MS5GdXNpb25NZXRob2QSFQoNZGVmYXVsdF90b3BfaxgEIAEoBUIQCg5fZGVmYXVsdF9hbHBoYSKRAgoWQ29uZmlndXJlU2VhcmNoUmVxdWVzdBIxCgxkZWZhdWx0X21vZGUYASABKA4yFi5jb3BpbG90LnYxLlNlYXJjaE1vZGVIAIgBARIaCg1kZWZhdWx0X2FscGhhGAIgASgCSAGIAQESNQoOZGVmYXVsdF9mdXNpb24YAyABKA4yGC5jb3BpbG90LnYxLkZ1c2lvbk1ldGhvZEgCiAEBEhoKDWRlZmF1bHRfdG9wX2sYBCABKAVIA4gBARINCgVyZXNldBgFIAEoCEIPCg1fZGVmYXVsdF9tb2RlQhAKDl9kZWZhdWx0X2FscGhhQhEKD19kZWZhdWx0X2Z1c2lvbkIQCg5fZGVmYXVsdF90b3BfayKPAQoXQ29uZmlndXJlU2VhcmNoUmVzcG9uc2USLAoIc2V0dGluZ3MYASABKAsyGi5jb3BpbG90LnYxLlNlYXJjaFNldHRpbmdzEi0KCWVmZmVjdGl2ZRgCIAEoCzIaLmNvcGlsb3QudjEuU2VhcmNoU2V0dGluZ3MSFwoPZGVuc2VfYXZhaWxhYmxlGAMgASgIKpoBCgxJbmdlc3RTdGF0dXMSHQoZSU5HRVNUX1NUQVRVU19VTlNQRUNJRklFRBAAEhkKFUlOR0VTVF9TVEFUVVNfQ1JFQVRFRBABEhoKFklOR0VTVF9TVEFUVVNfUkVQTEFDRUQQAhIbChdJTkdFU1RfU1RBVFVTX1VOQ0hBTkdFRBADEhcKE0lOR0VTVF9TVEFUVVNfRU1QVFkQBCpuCgpTZWFyY2hNb2RlEhsKF1NFQVJDSF9NT0RFX1VOU1BFQ0lGSUVEEAASFAoQU0VBUkNIX01PREVfQk0yNRABEhUKEVNFQVJDSF9NT0RFX0RFTlNFEAISFgoSU0VBUkNIX01PREVfSFlCUklEEAMqcgoMRnVzaW9uTWV0aG9kEh0KGUZVU0lPTl9NRVRIT0RfVU5TUEVDSUZJRUQQABIhCh1GVVNJT05fTUVUSE9EX1JFQ0lQUk9DQUxfUkFOSxABEiAKHEZVU0lPTl9NRVRIT0RfUkVMQVRJVkVfU0NPUkUQAjKFBQoQUmV0cmlldmFsU2VydmljZRJaCg9Jbmdlc3REb2N1bWVudHMSIi5jb3BpbG90LnYxLkluZ2VzdERvY3VtZW50c1JlcXVlc3QaIy5jb3BpbG90LnYxLkluZ2VzdERvY3VtZW50c1Jlc3BvbnNlEnAKFVN0cmVhbUluZ2VzdERvY3VtZW50cxIoLmNvcGlsb3QudjEuU3RyZWFtSW5nZXN0RG9jdW1lbnRzUmVxdWVzdBopLmNvcGlsb3QudjEuU3RyZWFtSW5nZXN0RG9jdW1lbnRzUmVzcG9uc2UoATABEj8KBlNlYXJjaBIZLmNvcGlsb3QudjEuU2VhcmNoUmVxdWVzdBoaLmNvcGlsb3QudjEuU2VhcmNoUmVzcG9uc2USWgoPRGVsZXRlRG9jdW1lbnRzEiIuY29waWxvdC52MS5EZWxldGVEb2N1bWVudHNSZXF1ZXN0GiMuY29waWxvdC52MS5EZWxldGVEb2N1bWVudHNSZXNwb25zZRJaCg9Qcm92aXNpb25UZW5hbnQSIi5jb3BpbG90LnYxLlByb3Zpc2lvblRlbmFudFJlcXVlc3QaIy5jb3BpbG90LnYxLlByb3Zpc2lvblRlbmFudFJlc3BvbnNlEk4KC0VyYXNlVGVuYW50Eh4uY29waWxvdC52MS5FcmFzZVRlbmFudFJlcXVlc3QaHy5jb3BpbG90LnYxLkVyYXNlVGVuYW50UmVzcG9uc2USWgoPQ29uZmlndXJlU2VhcmNoEiIuY29waWxvdC52MS5Db25maWd1cmVTZWFyY2hSZXF1ZXN0GiMuY29waWxvdC52MS5Db25maWd1cmVTZWFyY2hSZXNwb25zZWIGcHJvdG8z");
+  fileDesc("Chpjb3BpbG90L3YxL3JldHJpZXZhbC5wcm90bxIKY29waWxvdC52MSLZAQoIRG9jdW1lbnQSEwoLZG9jdW1lbnRfaWQYASABKAkSDQoFdGl0bGUYAiABKAkSDAoEdGV4dBgDIAEoCRIOCgZzb3VyY2UYBCABKAkSNAoIbWV0YWRhdGEYBSADKAsyIi5jb3BpbG90LnYxLkRvY3VtZW50Lk1ldGFkYXRhRW50cnkSFAoMY29udGVudF90eXBlGAYgASgJEg4KBmFjY2VzcxgHIAMoCRovCg1NZXRhZGF0YUVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEidQoORG9jdW1lbnRSZXN1bHQSEwoLZG9jdW1lbnRfaWQYASABKAkSKAoGc3RhdHVzGAIgASgOMhguY29waWxvdC52MS5Jbmdlc3RTdGF0dXMSDgoGY2h1bmtzGAMgASgFEhQKDGNvbnRlbnRfaGFzaBgEIAEoCSJBChZJbmdlc3REb2N1bWVudHNSZXF1ZXN0EicKCWRvY3VtZW50cxgBIAMoCzIULmNvcGlsb3QudjEuRG9jdW1lbnQiRgoXSW5nZXN0RG9jdW1lbnRzUmVzcG9uc2USKwoHcmVzdWx0cxgBIAMoCzIaLmNvcGlsb3QudjEuRG9jdW1lbnRSZXN1bHQiRwocU3RyZWFtSW5nZXN0RG9jdW1lbnRzUmVxdWVzdBInCglkb2N1bWVudHMYASADKAsyFC5jb3BpbG90LnYxLkRvY3VtZW50ImQKHVN0cmVhbUluZ2VzdERvY3VtZW50c1Jlc3BvbnNlEisKB3Jlc3VsdHMYASADKAsyGi5jb3BpbG90LnYxLkRvY3VtZW50UmVzdWx0EhYKDmRvY3VtZW50c19kb25lGAIgASgDIoQCCg1TZWFyY2hSZXF1ZXN0Eg0KBXF1ZXJ5GAEgASgJEg0KBXRvcF9rGAIgASgFEjcKB2ZpbHRlcnMYAyADKAsyJi5jb3BpbG90LnYxLlNlYXJjaFJlcXVlc3QuRmlsdGVyc0VudHJ5EiQKBG1vZGUYBCABKA4yFi5jb3BpbG90LnYxLlNlYXJjaE1vZGUSEgoFYWxwaGEYBSABKAJIAIgBARIoCgZmdXNpb24YBiABKA4yGC5jb3BpbG90LnYxLkZ1c2lvbk1ldGhvZBouCgxGaWx0ZXJzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUIICgZfYWxwaGEi9wEKCVNlYXJjaEhpdBITCgtkb2N1bWVudF9pZBgBIAEoCRIQCghjaHVua19pZBgCIAEoCRINCgV0aXRsZRgDIAEoCRIPCgdzZWN0aW9uGAQgASgJEgwKBHRleHQYBSABKAkSDQoFc2NvcmUYBiABKAESDgoGc291cmNlGAcgASgJEjUKCG1ldGFkYXRhGAggAygLMiMuY29waWxvdC52MS5TZWFyY2hIaXQuTWV0YWRhdGFFbnRyeRIOCgZhY2Nlc3MYCSADKAkaLwoNTWV0YWRhdGFFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIrMBCg5TZWFyY2hSZXNwb25zZRIjCgRoaXRzGAEgAygLMhUuY29waWxvdC52MS5TZWFyY2hIaXQSJAoEbW9kZRgCIAEoDjIWLmNvcGlsb3QudjEuU2VhcmNoTW9kZRISCgVhbHBoYRgDIAEoAkgAiAEBEigKBmZ1c2lvbhgEIAEoDjIYLmNvcGlsb3QudjEuRnVzaW9uTWV0aG9kEg4KBmNhY2hlZBgFIAEoCEIICgZfYWxwaGEiLgoWRGVsZXRlRG9jdW1lbnRzUmVxdWVzdBIUCgxkb2N1bWVudF9pZHMYASADKAkiXwoXRGVsZXRlRG9jdW1lbnRzUmVzcG9uc2USGQoRZGVsZXRlZF9kb2N1bWVudHMYASABKAUSFgoOZGVsZXRlZF9jaHVua3MYAiABKAUSEQoJbm90X2ZvdW5kGAMgAygJIhgKFlByb3Zpc2lvblRlbmFudFJlcXVlc3QiGQoXUHJvdmlzaW9uVGVuYW50UmVzcG9uc2UiFAoSRXJhc2VUZW5hbnRSZXF1ZXN0IhUKE0VyYXNlVGVuYW50UmVzcG9uc2UitQEKDlNlYXJjaFNldHRpbmdzEiwKDGRlZmF1bHRfbW9kZRgBIAEoDjIWLmNvcGlsb3QudjEuU2VhcmNoTW9kZRIaCg1kZWZhdWx0X2FscGhhGAIgASgCSACIAQESMAoOZGVmYXVsdF9mdXNpb24YAyABKA4yGC5jb3BpbG90LnYxLkZ1c2lvbk1ldGhvZBIVCg1kZWZhdWx0X3RvcF9rGAQgASgFQhAKDl9kZWZhdWx0X2FscGhhIpECChZDb25maWd1cmVTZWFyY2hSZXF1ZXN0EjEKDGRlZmF1bHRfbW9kZRgBIAEoDjIWLmNvcGlsb3QudjEuU2VhcmNoTW9kZUgAiAEBEhoKDWRlZmF1bHRfYWxwaGEYAiABKAJIAYgBARI1Cg5kZWZhdWx0X2Z1c2lvbhgDIAEoDjIYLmNvcGlsb3QudjEuRnVzaW9uTWV0aG9kSAKIAQESGgoNZGVmYXVsdF90b3BfaxgEIAEoBUgDiAEBEg0KBXJlc2V0GAUgASgIQg8KDV9kZWZhdWx0X21vZGVCEAoOX2RlZmF1bHRfYWxwaGFCEQoPX2RlZmF1bHRfZnVzaW9uQhAKDl9kZWZhdWx0X3RvcF9rIo8BChdDb25maWd1cmVTZWFyY2hSZXNwb25zZRIsCghzZXR0aW5ncxgBIAEoCzIaLmNvcGlsb3QudjEuU2VhcmNoU2V0dGluZ3MSLQoJZWZmZWN0aXZlGAIgASgLMhouY29waWxvdC52MS5TZWFyY2hTZXR0aW5ncxIXCg9kZW5zZV9hdmFpbGFibGUYAyABKAgiNQoORG9jdW1lbnRBY2Nlc3MSEwoLZG9jdW1lbnRfaWQYASABKAkSDgoGYWNjZXNzGAIgAygJIkkKGFNldERvY3VtZW50QWNjZXNzUmVxdWVzdBItCglkb2N1bWVudHMYASADKAsyGi5jb3BpbG90LnYxLkRvY3VtZW50QWNjZXNzIlIKGVNldERvY3VtZW50QWNjZXNzUmVzcG9uc2USDwoHdXBkYXRlZBgBIAEoBRIRCgl1bmNoYW5nZWQYAiABKAUSEQoJbm90X2ZvdW5kGAMgAygJKpoBCgxJbmdlc3RTdGF0dXMSHQoZSU5HRVNUX1NUQVRVU19VTlNQRUNJRklFRBAAEhkKFUlOR0VTVF9TVEFUVVNfQ1JFQVRFRBABEhoKFklOR0VTVF9TVEFUVVNfUkVQTEFDRUQQAhIbChdJTkdFU1RfU1RBVFVTX1VOQ0hBTkdFRBADEhcKE0lOR0VTVF9TVEFUVVNfRU1QVFkQBCpuCgpTZWFyY2hNb2RlEhsKF1NFQVJDSF9NT0RFX1VOU1BFQ0lGSUVEEAASFAoQU0VBUkNIX01PREVfQk0yNRABEhUKEVNFQVJDSF9NT0RFX0RFTlNFEAISFgoSU0VBUkNIX01PREVfSFlCUklEEAMqcgoMRnVzaW9uTWV0aG9kEh0KGUZVU0lPTl9NRVRIT0RfVU5TUEVDSUZJRUQQABIhCh1GVVNJT05fTUVUSE9EX1JFQ0lQUk9DQUxfUkFOSxABEiAKHEZVU0lPTl9NRVRIT0RfUkVMQVRJVkVfU0NPUkUQAjLnBQoQUmV0cmlldmFsU2VydmljZRJaCg9Jbmdlc3REb2N1bWVudHMSIi5jb3BpbG90LnYxLkluZ2VzdERvY3VtZW50c1JlcXVlc3QaIy5jb3BpbG90LnYxLkluZ2VzdERvY3VtZW50c1Jlc3BvbnNlEnAKFVN0cmVhbUluZ2VzdERvY3VtZW50cxIoLmNvcGlsb3QudjEuU3RyZWFtSW5nZXN0RG9jdW1lbnRzUmVxdWVzdBopLmNvcGlsb3QudjEuU3RyZWFtSW5nZXN0RG9jdW1lbnRzUmVzcG9uc2UoATABEj8KBlNlYXJjaBIZLmNvcGlsb3QudjEuU2VhcmNoUmVxdWVzdBoaLmNvcGlsb3QudjEuU2VhcmNoUmVzcG9uc2USWgoPRGVsZXRlRG9jdW1lbnRzEiIuY29waWxvdC52MS5EZWxldGVEb2N1bWVudHNSZXF1ZXN0GiMuY29waWxvdC52MS5EZWxldGVEb2N1bWVudHNSZXNwb25zZRJaCg9Qcm92aXNpb25UZW5hbnQSIi5jb3BpbG90LnYxLlByb3Zpc2lvblRlbmFudFJlcXVlc3QaIy5jb3BpbG90LnYxLlByb3Zpc2lvblRlbmFudFJlc3BvbnNlEk4KC0VyYXNlVGVuYW50Eh4uY29waWxvdC52MS5FcmFzZVRlbmFudFJlcXVlc3QaHy5jb3BpbG90LnYxLkVyYXNlVGVuYW50UmVzcG9uc2USWgoPQ29uZmlndXJlU2VhcmNoEiIuY29waWxvdC52MS5Db25maWd1cmVTZWFyY2hSZXF1ZXN0GiMuY29waWxvdC52MS5Db25maWd1cmVTZWFyY2hSZXNwb25zZRJgChFTZXREb2N1bWVudEFjY2VzcxIkLmNvcGlsb3QudjEuU2V0RG9jdW1lbnRBY2Nlc3NSZXF1ZXN0GiUuY29waWxvdC52MS5TZXREb2N1bWVudEFjY2Vzc1Jlc3BvbnNlYgZwcm90bzM");
 
 /**
  * @generated from message copilot.v1.Document
@@ -55,6 +55,15 @@ export type Document = Message<"copilot.v1.Document"> & {
    * @generated from field: string content_type = 6;
    */
   contentType: string;
+
+  /**
+   * Who may read the document: "group:NAME" (a group of the caller's verified token) and
+   * "user:SUBJECT" (the token's `sub`); any one of them admits. Empty: everyone of the tenant.
+   * Not part of the content hash: a change re-labels the document without re-embedding it.
+   *
+   * @generated from field: repeated string access = 7;
+   */
+  access: string[];
 };
 
 /**
@@ -268,6 +277,13 @@ export type SearchHit = Message<"copilot.v1.SearchHit"> & {
    * @generated from field: map<string, string> metadata = 8;
    */
   metadata: { [key: string]: string };
+
+  /**
+   * The document's access labels (empty: readable by the whole tenant).
+   *
+   * @generated from field: repeated string access = 9;
+   */
+  access: string[];
 };
 
 /**
@@ -527,6 +543,80 @@ export const ConfigureSearchResponseSchema: GenMessage<ConfigureSearchResponse> 
   messageDesc(file_copilot_v1_retrieval, 17);
 
 /**
+ * @generated from message copilot.v1.DocumentAccess
+ */
+export type DocumentAccess = Message<"copilot.v1.DocumentAccess"> & {
+  /**
+   * @generated from field: string document_id = 1;
+   */
+  documentId: string;
+
+  /**
+   * As Document.access; empty makes the document readable by the whole tenant.
+   *
+   * @generated from field: repeated string access = 2;
+   */
+  access: string[];
+};
+
+/**
+ * Describes the message copilot.v1.DocumentAccess.
+ * Use `create(DocumentAccessSchema)` to create a new message.
+ */
+export const DocumentAccessSchema: GenMessage<DocumentAccess> = /*@__PURE__*/
+  messageDesc(file_copilot_v1_retrieval, 18);
+
+/**
+ * @generated from message copilot.v1.SetDocumentAccessRequest
+ */
+export type SetDocumentAccessRequest = Message<"copilot.v1.SetDocumentAccessRequest"> & {
+  /**
+   * @generated from field: repeated copilot.v1.DocumentAccess documents = 1;
+   */
+  documents: DocumentAccess[];
+};
+
+/**
+ * Describes the message copilot.v1.SetDocumentAccessRequest.
+ * Use `create(SetDocumentAccessRequestSchema)` to create a new message.
+ */
+export const SetDocumentAccessRequestSchema: GenMessage<SetDocumentAccessRequest> = /*@__PURE__*/
+  messageDesc(file_copilot_v1_retrieval, 19);
+
+/**
+ * @generated from message copilot.v1.SetDocumentAccessResponse
+ */
+export type SetDocumentAccessResponse = Message<"copilot.v1.SetDocumentAccessResponse"> & {
+  /**
+   * Documents whose labels changed.
+   *
+   * @generated from field: int32 updated = 1;
+   */
+  updated: number;
+
+  /**
+   * Documents whose labels were already these.
+   *
+   * @generated from field: int32 unchanged = 2;
+   */
+  unchanged: number;
+
+  /**
+   * Ids that named no document.
+   *
+   * @generated from field: repeated string not_found = 3;
+   */
+  notFound: string[];
+};
+
+/**
+ * Describes the message copilot.v1.SetDocumentAccessResponse.
+ * Use `create(SetDocumentAccessResponseSchema)` to create a new message.
+ */
+export const SetDocumentAccessResponseSchema: GenMessage<SetDocumentAccessResponse> = /*@__PURE__*/
+  messageDesc(file_copilot_v1_retrieval, 20);
+
+/**
  * @generated from enum copilot.v1.IngestStatus
  */
 export enum IngestStatus {
@@ -713,6 +803,17 @@ export const RetrievalService: GenService<{
     methodKind: "unary";
     input: typeof ConfigureSearchRequestSchema;
     output: typeof ConfigureSearchResponseSchema;
+  },
+  /**
+   * Replaces who may read documents (their access labels), without re-chunking or
+   * re-embedding them; applies from the next request. Requires the `admin` role.
+   *
+   * @generated from rpc copilot.v1.RetrievalService.SetDocumentAccess
+   */
+  setDocumentAccess: {
+    methodKind: "unary";
+    input: typeof SetDocumentAccessRequestSchema;
+    output: typeof SetDocumentAccessResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_copilot_v1_retrieval, 0);
