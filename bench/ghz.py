@@ -12,7 +12,7 @@ import json
 import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +113,8 @@ class Measured:
     label: str
     result: GhzResult
     cpu_ms_per_call: float  # summed over the processes watched, per call ghz made
+    # The same, process by process (name -> CPU ms per call).
+    cpu_ms_by_process: Mapping[str, float] = field(default_factory=dict)
 
     def ratio(self, ceiling: Measured) -> float:
         """Calls/s as a fraction of the ceiling's (H)."""
@@ -133,7 +135,9 @@ def measure(label: str, args: Sequence[str], pids: Mapping[str, int], *, duratio
     result = run([*args, "-z", f"{duration_s:g}s"], duration_s=duration_s, cwd=cwd)
     after = snapshot(pids)
     per_call = cpu_used_s(before, after) * 1000 / result.count if result.count else float("nan")
-    return Measured(label, result, per_call)
+    by_process = {name: (after[name].cpu_s - before[name].cpu_s) * 1000 / result.count
+                  for name in after if name in before} if result.count else {}
+    return Measured(label, result, per_call, by_process)
 
 
 def bare_ceiling(address: str, concurrency: int, *, duration_s: float, warmup_s: float) -> Measured:

@@ -17,8 +17,9 @@ ghz drives each at the same concurrency (closed loop), by server reflection thro
 
 Each row: calls/s, p50, p99, ratio to H, and CPU per call summed over the mesh's processes
 (Envoy, edge, generation, retrieval, metering; /proc utime+stime around the measured run),
-also in bare calls' worth (CPU per call / the bare server's CPU per bare call). The load
-average is printed at the start and the end. Prints only; writes nothing.
+also in bare calls' worth (CPU per call / the bare server's CPU per bare call), and the same
+process by process. The load average is printed at the start and the end. Prints only;
+writes nothing.
 
 `--rows` measures only the named rows (health, search, search-direct, usage, answer; H is
 always measured). `--profile ROW` runs that row once more after the measured ones, with py-spy
@@ -105,6 +106,13 @@ def row(m: ghz.Measured, bare: ghz.Measured) -> str:
             f"{m.ratio(bare):5.3f} H  CPU {m.cpu_ms_per_call:6.3f} ms/call = {m.cpu_worth(bare):5.1f} bare{errors}")
 
 
+def by_process(m: ghz.Measured, bare: ghz.Measured) -> str:
+    """Where a row's CPU per call went, process by process, in bare calls' worth too."""
+    parts = [f"{name} {cpu:.3f} ms ({cpu / bare.cpu_ms_per_call:.1f} bare)" if bare.cpu_ms_per_call > 0
+             else f"{name} {cpu:.3f} ms" for name, cpu in sorted(m.cpu_ms_by_process.items(), key=lambda kv: -kv[1])]
+    return f"{'':58} CPU per call by process: " + ", ".join(parts)
+
+
 def summary(measured: Sequence[ghz.Measured]) -> list[str]:
     """The run as a Markdown table (docs/benchmarks.md keeps one)."""
     bare = measured[0]
@@ -180,6 +188,8 @@ def run_rows(args: argparse.Namespace, mesh: Mesh, settings: Settings,
         m = ghz.measure(label, ghz_args, pids, duration_s=args.duration, warmup_s=args.warmup)
         out.append(m)
         print(row(m, bare), flush=True)
+        if len(m.cpu_ms_by_process) > 1:
+            print(by_process(m, bare), flush=True)
     if args.profile:
         label, ghz_args = rows[args.profile]
         python = {name: pid for name, pid in pids.items() if name in PYTHON_PROCESSES}

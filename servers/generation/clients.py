@@ -121,12 +121,22 @@ class MeteringClient:
                            redelivery: bool = False) -> None:
         """Writes `tenant_id`'s usage events (the outbox's stored form), retrying transient
         failures with the same event ids; raises when Metering did not take them. Metering
-        deduplicates every usage event by its id, so `redelivery` changes nothing here."""
-        request = metering_pb2.RecordUsageRequest(events=events)
+        deduplicates every usage event by its id; `redelivery` (the outbox's replays) and
+        every retry here say the ids may have been sent before, which makes Metering look
+        them up among its stored events (a first delivery may skip that)."""
+        attempts = 0
+
+        def send() -> Awaitable[metering_pb2.RecordUsageResponse]:
+            nonlocal attempts
+            attempts += 1
+            # A retry after a timeout may follow an attempt Metering did record.
+            request = metering_pb2.RecordUsageRequest(events=events, redelivery=redelivery or attempts > 1)
+            return self._stub.RecordUsage(request, timeout=self._usage_timeout_s)
+
         # Not bounded by the caller's deadline: the answer was given, so its usage must be
         # written even when the caller's time ran out.
         with identity.acting_as_service(tenant_id, SERVICE_NAME), detached_deadline():
-            await retry(lambda: self._stub.RecordUsage(request, timeout=self._usage_timeout_s), USAGE_RETRY)
+            await retry(send, USAGE_RETRY)
 
 
 def usage_event(usage: Usage) -> metering_pb2.UsageEvent:

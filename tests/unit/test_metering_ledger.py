@@ -169,3 +169,37 @@ async def test_usage_recorded_without_a_reservation_counts_too(bench: Bench) -> 
     assert await bench.usage() == QuotaUsage(requests_in_hour=1, tokens_in_month=400)
     assert (await bench.ledger.reserve(TENANT, limits(tokens_per_month=500), "q2", 101, TTL, NOW)).reservation \
         is None
+
+
+async def test_holds_lapse_one_by_one_in_expiry_order_whatever_order_they_were_made_in(bench: Bench) -> None:
+    for rid, ttl_s, tokens in [("late", 30, 300), ("early", 10, 100), ("middle", 20, 200)]:
+        assert (await bench.ledger.reserve(TENANT, limits(), rid, tokens, timedelta(seconds=ttl_s), NOW)
+                ).reservation is not None
+    assert await bench.usage() == QuotaUsage(requests_in_hour=3, tokens_in_month=600)
+    assert await bench.usage(NOW + timedelta(seconds=9)) == QuotaUsage(requests_in_hour=3, tokens_in_month=600)
+    assert await bench.usage(NOW + timedelta(seconds=10)) == QuotaUsage(requests_in_hour=2, tokens_in_month=500)
+    assert await bench.usage(NOW + timedelta(seconds=20)) == QuotaUsage(requests_in_hour=1, tokens_in_month=300)
+    assert await bench.usage(NOW + timedelta(seconds=30)) == QuotaUsage(0, 0)
+
+
+async def test_an_id_released_and_reserved_again_keeps_its_new_hold_past_the_first_ones_expiry(bench: Bench) -> None:
+    await bench.ledger.reserve(TENANT, limits(), "q1", 100, timedelta(seconds=10), NOW)
+    assert await bench.ledger.release(TENANT, "q1", NOW)
+    again = await bench.ledger.reserve(TENANT, limits(), "q1", 70, timedelta(seconds=60), NOW + timedelta(seconds=5))
+    assert not again.existing and again.reservation is not None
+    # The first reservation's expiry passes: the second hold is untouched.
+    assert await bench.usage(NOW + timedelta(seconds=11)) == QuotaUsage(requests_in_hour=1, tokens_in_month=70)
+    assert await bench.usage(NOW + timedelta(seconds=65)) == QuotaUsage(0, 0)
+
+
+async def test_a_settled_id_is_remembered_until_its_expiry_then_free(bench: Bench) -> None:
+    hold = await bench.ledger.reserve(TENANT, limits(), "q1", 500, timedelta(seconds=10), NOW)
+    assert await bench.record(usage_event("answer-q1", reservation_id="q1", tokens=120)) == 1
+    before = NOW + timedelta(seconds=9)
+    retried = await bench.ledger.reserve(TENANT, limits(), "q1", 500, TTL, before)
+    assert retried.existing and retried.reservation == hold.reservation
+    assert await bench.usage(before) == QuotaUsage(requests_in_hour=1, tokens_in_month=120)
+    after = NOW + timedelta(seconds=10)
+    fresh = await bench.ledger.reserve(TENANT, limits(), "q1", 500, TTL, after)
+    assert not fresh.existing
+    assert await bench.usage(after) == QuotaUsage(requests_in_hour=2, tokens_in_month=620)

@@ -86,9 +86,15 @@ class Journal(Generic[M]):
         self._write_body(path, json.dumps(body).encode())
 
     def _write_body(self, path: Path, body: bytes) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        try:
+            fd = os.open(tmp, flags, 0o600)
+        except FileNotFoundError:
+            # The first write (or the directory was removed): made here, not per write (a
+            # mkdir that finds the directory costs a failed syscall and an exception each time).
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, flags, 0o600)
         try:
             os.write(fd, body)
             os.fsync(fd)

@@ -96,6 +96,11 @@ _SELECT = ("SELECT tenant_id, seq, event_id, kind, actor, actor_roles, service, 
 
 EXISTING_SQL = (f"SELECT DISTINCT event_id FROM {TABLE} "
                 f"WHERE tenant_id = {{tenant:String}} AND event_id IN {{ids:Array(String)}}")
+# Audit event ids are made fresh per event (servers/common/audit.py); the same id comes again
+# unmarked only by gRPC's retry of one RecordAuditEvents call (its 5 s deadline) or Envoy's
+# (the route's 30 s): two minutes covers both.
+FIRST_DELIVERY_SPAN_S = 120.0
+RECENT_SQL = f"SELECT tenant_id, event_id FROM {TABLE} WHERE record_time >= {{since:DateTime64(6, 'UTC')}}"
 HEAD_SQL = (f"SELECT seq, hash, toUnixTimestamp64Micro(expire_time) FROM {TABLE} "
             f"WHERE tenant_id = {{tenant:String}} ORDER BY seq DESC LIMIT 1")
 STORED_SEQS_SQL = (f"SELECT seq, hash FROM {TABLE} WHERE tenant_id = {{tenant:String}} "
@@ -147,6 +152,8 @@ _Request = WriteRequest[NewEvent, tuple[int, int]]
 class AuditStore(LogFlusher[_Request]):
     _flush_name = "audit"
     _existing_sql = EXISTING_SQL
+    _recent_sql = RECENT_SQL
+    first_delivery_span_s = FIRST_DELIVERY_SPAN_S
 
     def __init__(self, db: ClickHouseBackend, audit_log: UsageLog, *, owns_db: bool = False,
                  flush_interval_s: float = 0.2, flush_max_rows: int = 20_000, shared: bool | None = None) -> None:
@@ -159,6 +166,8 @@ class AuditStore(LogFlusher[_Request]):
         self._anchors: dict[str, Head] = {}
         # Other writers may append to the same chains: only the embedded store is locked to one.
         self._shared = not isinstance(db, ChdbBackend) if shared is None else shared
+        if self._shared:
+            self._recent = None  # another writer's ids are not in this process's memory
         self._move_lock = asyncio.Lock()
         # Whether the next flush must skip rows already stored: after a replay (a crash
         # between an insert and the log's commit) or an insert that failed (it may have landed).
@@ -192,9 +201,10 @@ class AuditStore(LogFlusher[_Request]):
 
     async def record(self, events: Sequence[NewEvent], check_stored: bool = True) -> tuple[int, int]:
         """(recorded, duplicates), once the new events are durable in the log. `check_stored`
-        False: the ids are fresh (a first delivery of newly generated ids), so only the
-        unflushed events are searched, not ClickHouse — a lookup there costs milliseconds of
-        CPU, queued behind the flusher's inserts on the one ClickHouse thread."""
+        False: a first delivery (the caller did not send these ids before), so ClickHouse is
+        asked only about ids the store's memory of recent ids cannot prove new (flusher.py) —
+        a lookup there costs milliseconds of CPU, queued behind the flusher's inserts on the
+        one ClickHouse thread."""
         self._ensure_open()
         result: tuple[int, int] = await self._enqueue(
             _Request(events, asyncio.get_running_loop().create_future(), check_stored))

@@ -60,6 +60,16 @@ MAX_COUNTERS = 10_000
 # start on one of the last day's hours, or at the month's start, are answered from memory.
 USAGE_HOURS_KEPT = 48
 
+# A usage event id may come again without being marked a redelivery (RecordUsageRequest):
+# when Envoy retries an Answer on another generation replica (the same edge request id, so the
+# same event id), within the route's longest stream (900 s, envoy/envoy.yaml.tmpl) and the
+# usage call's own timeouts after it; and gRPC's or Envoy's retries of one RecordUsage call,
+# within seconds. 20 minutes covers all of them with room.
+FIRST_DELIVERY_SPAN_S = 1200.0
+# The ids stored since a moment, to remember them after a start (flusher.RecentKeys).
+RECENT_SQL = (f"SELECT tenant_id, event_id FROM {clickhouse.TABLE} "
+              f"WHERE record_time >= {{since:DateTime64(6, 'UTC')}}")
+
 # What seeds a tenant-month's counters: per hour and model, the sums `totals` reports, and
 # the first and last occur_time, which say whether a window that cuts the hour takes all
 # of it or none of it.
@@ -191,6 +201,8 @@ def _month_key(tenant_id: str, moment: datetime) -> tuple[str, int]:
 class ClickHouseUsageStore(LogFlusher[_Request], UsageStore):
     _flush_name = "usage"
     _existing_sql = clickhouse.EXISTING_SQL
+    _recent_sql = RECENT_SQL
+    first_delivery_span_s = FIRST_DELIVERY_SPAN_S
 
     def __init__(self, db: ClickHouseBackend, usage_log: UsageLog, *, flush_interval_s: float = 0.2,
                  flush_max_events: int = 50_000, max_group_events: int = 20_000) -> None:
@@ -223,9 +235,9 @@ class ClickHouseUsageStore(LogFlusher[_Request], UsageStore):
 
     # --- Recording -----------------------------------------------------------------------
 
-    async def record(self, events: Sequence[UsageEvent]) -> RecordResult:
+    async def record(self, events: Sequence[UsageEvent], redelivery: bool = True) -> RecordResult:
         self._ensure_open()
-        request = _Request(events, asyncio.get_running_loop().create_future())
+        request = _Request(events, asyncio.get_running_loop().create_future(), check_stored=redelivery)
         # Counted at once, before the write: a quota check that arrives while this batch is
         # being made durable already sees it. Duplicates are taken back once known, and
         # everything if the write fails.

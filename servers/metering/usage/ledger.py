@@ -20,10 +20,12 @@ docs/admission.md has the reasoning.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from servers.metering.tenants.plans import Limits
@@ -93,13 +95,56 @@ class QuotaLedger(ABC):
         the reservations its events name, each counted once however often it is recorded."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Entry:
     tokens: int
     expire_time: datetime
     # Settled: no longer held, remembered until it would have expired so that a retried
     # reserve of the same id holds nothing.
     settled: bool = False
+
+
+@dataclass
+class _Holds:
+    """One tenant's reservations, their expiries in a heap, and the sums of the live holds,
+    so a check costs O(expired) instead of a pass over every reservation of the TTL."""
+
+    entries: dict[str, _Entry] = field(default_factory=dict)
+    # (expire_time, tie-break, id, entry): an item whose entry is no longer the id's
+    # (released, or replaced after a release) is dropped when it comes up.
+    expiry: list[tuple[datetime, int, str, _Entry]] = field(default_factory=list)
+    # Held = not settled: what `usage` adds to the recorded counters.
+    requests: int = 0
+    tokens: int = 0
+
+    def add(self, reservation_id: str, entry: _Entry) -> None:
+        self.entries[reservation_id] = entry
+        heapq.heappush(self.expiry, (entry.expire_time, next(_ORDER), reservation_id, entry))
+        if not entry.settled:
+            self.requests += 1
+            self.tokens += entry.tokens
+
+    def settle(self, entry: _Entry) -> None:
+        if not entry.settled:
+            entry.settled = True
+            self.requests -= 1
+            self.tokens -= entry.tokens
+
+    def remove(self, reservation_id: str) -> None:
+        entry = self.entries.pop(reservation_id)
+        if not entry.settled:
+            self.requests -= 1
+            self.tokens -= entry.tokens
+
+    def expire(self, now: datetime) -> None:
+        while self.expiry and self.expiry[0][0] <= now:
+            _, _, reservation_id, entry = heapq.heappop(self.expiry)
+            if self.entries.get(reservation_id) is entry:
+                self.remove(reservation_id)
+
+
+# Ties between equal expiry times are broken by insertion order (entries never compare).
+_ORDER = itertools.count()
 
 
 class LocalLedger(QuotaLedger):
@@ -114,27 +159,30 @@ class LocalLedger(QuotaLedger):
 
     def __init__(self, store: UsageStore) -> None:
         self._store = store
-        self._entries: dict[str, dict[str, _Entry]] = {}
+        self._tenants: dict[str, _Holds] = {}
         self._locks = [asyncio.Lock() for _ in range(self.STRIPES)]
 
     def _lock(self, tenant_id: str) -> asyncio.Lock:
         return self._locks[zlib.crc32(tenant_id.encode()) % self.STRIPES]
 
-    def _live(self, tenant_id: str, now: datetime) -> dict[str, _Entry]:
-        entries = self._entries.get(tenant_id)
-        if entries is None:
-            return {}
-        for rid in [rid for rid, e in entries.items() if e.expire_time <= now]:
-            del entries[rid]
-        if not entries:
-            del self._entries[tenant_id]
-        return entries
+    def _live(self, tenant_id: str, now: datetime) -> _Holds | None:
+        """The tenant's reservations with the lapsed ones dropped (None: it has none)."""
+        holds = self._tenants.get(tenant_id)
+        if holds is None:
+            return None
+        holds.expire(now)
+        if not holds.entries:
+            del self._tenants[tenant_id]
+            return None
+        return holds
 
     async def _usage(self, tenant_id: str, now: datetime) -> QuotaUsage:
         recorded = await self._store.quota_usage(tenant_id, hour_window(now), month_window(now))
-        held = [e for e in self._live(tenant_id, now).values() if not e.settled]
-        return QuotaUsage(requests_in_hour=recorded.requests_in_hour + len(held),
-                          tokens_in_month=recorded.tokens_in_month + sum(e.tokens for e in held))
+        holds = self._live(tenant_id, now)
+        if holds is None:
+            return recorded
+        return QuotaUsage(requests_in_hour=recorded.requests_in_hour + holds.requests,
+                          tokens_in_month=recorded.tokens_in_month + holds.tokens)
 
     async def usage(self, tenant_id: str, now: datetime) -> QuotaUsage:
         async with self._lock(tenant_id):
@@ -144,7 +192,8 @@ class LocalLedger(QuotaLedger):
                       now: datetime) -> Hold:
         async with self._lock(tenant_id):
             usage = await self._usage(tenant_id, now)
-            existing = self._live(tenant_id, now).get(reservation_id)
+            holds = self._live(tenant_id, now)
+            existing = holds.entries.get(reservation_id) if holds is not None else None
             if existing is not None:
                 if not existing.settled:
                     usage = QuotaUsage(usage.requests_in_hour - 1, usage.tokens_in_month - existing.tokens)
@@ -152,18 +201,18 @@ class LocalLedger(QuotaLedger):
             if not fits(limits, usage, tokens):
                 return Hold(usage, None)
             entry = _Entry(tokens, now + ttl)
-            self._entries.setdefault(tenant_id, {})[reservation_id] = entry
+            self._tenants.setdefault(tenant_id, _Holds()).add(reservation_id, entry)
             return Hold(usage, Reservation(reservation_id, tokens, entry.expire_time))
 
     async def release(self, tenant_id: str, reservation_id: str, now: datetime) -> bool:
         async with self._lock(tenant_id):
-            entries = self._live(tenant_id, now)
-            entry = entries.get(reservation_id)
-            if entry is None or entry.settled:
+            holds = self._live(tenant_id, now)
+            entry = holds.entries.get(reservation_id) if holds is not None else None
+            if holds is None or entry is None or entry.settled:
                 return False
-            del entries[reservation_id]
-            if not entries:
-                self._entries.pop(tenant_id, None)
+            holds.remove(reservation_id)
+            if not holds.entries:
+                del self._tenants[tenant_id]
             return True
 
     async def record(self, events: Sequence[UsageEvent], write: Write, now: datetime) -> RecordResult:
@@ -174,13 +223,13 @@ class LocalLedger(QuotaLedger):
         async with self._lock(tenant_id):
             # If the write fails, the holds stay: the usage is not counted, so they must be.
             result = await write(events)
-            entries = self._entries.setdefault(tenant_id, {})
+            holds = self._tenants.setdefault(tenant_id, _Holds())
             for e in settling:
-                entry = entries.get(e.reservation_id)
+                entry = holds.entries.get(e.reservation_id)
                 if entry is None:
                     # Expired (or never reserved): a late reserve of this id must not hold again.
-                    entries[e.reservation_id] = _Entry(0, now + timedelta(seconds=TOMBSTONE_S), settled=True)
+                    holds.add(e.reservation_id, _Entry(0, now + timedelta(seconds=TOMBSTONE_S), settled=True))
                 else:
-                    entry.settled = True
+                    holds.settle(entry)
             return result
 

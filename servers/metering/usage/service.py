@@ -7,6 +7,7 @@ Domain errors raised here become rich gRPC statuses in the server interceptor.
 
 from __future__ import annotations
 
+import functools
 import logging
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -75,7 +76,8 @@ class MeteringServiceServicer(metering_pb2_grpc.MeteringServiceServicer):
                                   [FieldViolation("tenant", "the caller's tenant does not exist")],
                                   reason="UNKNOWN_TENANT", metadata={"tenant_id": caller.tenant_id}) from None
         with telemetry.span("usage.record", {"copilot.usage_events": len(events)}) as current:
-            result = await self._quota.record(events, self._usage.record)
+            result = await self._quota.record(
+                events, functools.partial(self._usage.record, redelivery=request.redelivery))
             current.set_attribute("copilot.usage_duplicates", result.duplicates)
         if result.recorded:
             await self._quota.observe(tenant)

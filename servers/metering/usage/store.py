@@ -25,12 +25,14 @@ class UsageStore(ABC):
         """Acquires resources; called once before use."""
 
     @abstractmethod
-    async def record(self, events: Sequence[UsageEvent]) -> RecordResult:
+    async def record(self, events: Sequence[UsageEvent], redelivery: bool = True) -> RecordResult:
         """Stores a validated batch atomically and returns only once it is durable.
 
         Events whose (tenant_id, event_id) is already stored count as duplicates and
         change nothing. If the write fails, nothing of the batch is stored and no id is
-        claimed, so a retry of the same batch records it in full.
+        claimed, so a retry of the same batch records it in full. `redelivery` False: the
+        caller did not send these ids before (a store may look for them more cheaply then;
+        duplicates still count as duplicates).
         """
 
     @abstractmethod
@@ -109,7 +111,8 @@ class SqliteUsageStore(SqliteStore, UsageStore):
     def __init__(self, path: Path) -> None:
         self._db = SqliteWorker(path, "usage", _USAGE_SCHEMA, synchronous="FULL")
 
-    async def record(self, events: Sequence[UsageEvent]) -> RecordResult:
+    async def record(self, events: Sequence[UsageEvent], redelivery: bool = True) -> RecordResult:
+        # The primary key dedupes every write at no extra cost: `redelivery` changes nothing.
         recorded_at = to_micros(datetime.now(UTC))
         rows = [(e.tenant_id, e.event_id, e.kind.value, e.model, e.requests, e.input_tokens,
                  e.output_tokens, to_micros(e.occur_time), recorded_at,

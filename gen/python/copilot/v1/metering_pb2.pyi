@@ -52,10 +52,12 @@ class UsageEvent(_message.Message):
     def __init__(self, event_id: _Optional[str] = ..., kind: _Optional[_Union[UsageKind, str]] = ..., model: _Optional[str] = ..., requests: _Optional[int] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., occur_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attributes: _Optional[_Mapping[str, str]] = ..., reservation_id: _Optional[str] = ...) -> None: ...
 
 class RecordUsageRequest(_message.Message):
-    __slots__ = ("events",)
+    __slots__ = ("events", "redelivery")
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    REDELIVERY_FIELD_NUMBER: _ClassVar[int]
     events: _containers.RepeatedCompositeFieldContainer[UsageEvent]
-    def __init__(self, events: _Optional[_Iterable[_Union[UsageEvent, _Mapping]]] = ...) -> None: ...
+    redelivery: bool
+    def __init__(self, events: _Optional[_Iterable[_Union[UsageEvent, _Mapping]]] = ..., redelivery: bool = ...) -> None: ...
 
 class RecordUsageResponse(_message.Message):
     __slots__ = ("recorded", "duplicates")
