@@ -207,6 +207,17 @@ class _Handler(BaseHTTPRequestHandler):
                     for key in [k for k in state.shards if k[0] == name]:
                         del state.shards[key]
                     return 200, None
+            if len(parts) == 3 and parts[2] == "properties" and method == "POST":
+                # Adding a property in place (a schema upgrade); objects stored before lack it.
+                prop = self._body()
+                schema = state.collection(name)
+                if any(p["name"] == prop.get("name") for p in schema["properties"]):
+                    raise FakeError(422, grpc.StatusCode.ALREADY_EXISTS, f"property {prop.get('name')} exists")
+                prop.setdefault("tokenization", "word" if prop["dataType"][0] in ("text", "text[]") else None)
+                prop.setdefault("indexSearchable", prop["dataType"][0] in ("text", "text[]"))
+                prop.setdefault("indexFilterable", True)
+                schema["properties"].append(prop)
+                return 200, prop
             if len(parts) >= 3 and parts[2] == "tenants":
                 return self._tenants(method, name, parts[3] if len(parts) == 4 else None)
         return 404, None
