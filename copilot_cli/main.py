@@ -23,6 +23,7 @@ from copilot_cli import audit as audit_cli
 from copilot_cli import billing as billing_cli
 from copilot_cli import documents
 from copilot_cli import eval as eval_command
+from copilot_cli import eval_answers
 from copilot_cli import tenants as tenants_cli
 from copilot_cli.client import Client, CliError, edge_address, token_for
 from copilot_cli.jsonout import message_dict
@@ -90,6 +91,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("status", help="health of every service through the edge")
     eval_command.add_parser(sub)
+    eval_answers.add_parser(sub)
 
     for p in (ingest, ask, search, access):
         p.add_argument("--tenant", required=True)
@@ -333,7 +335,7 @@ async def _status(args: argparse.Namespace, settings: Settings) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]] = {
     "tenants": tenants_cli.run, "ingest": _ingest, "ask": _ask, "search": _search, "usage": billing_cli.usage,
     "billing": billing_cli.run, "status": _status, "audit": audit_cli.run,
-    "eval": eval_command.run, "access": _access,
+    "eval": eval_command.run, "access": _access, "eval-answers": eval_answers.run,
 }
 
 if __name__ == "__main__":

@@ -197,6 +197,12 @@ _ACTORS = frozenset(
 )
 
 
+# Words an answer frames its claims with ("According to the policy, ..."): not claims of
+# their own, so not looked for in the cited text.
+_FRAMING = frozenset(terms("according passage passages policy policies document documents rules rulebook "
+                           "says states stated summary short answer provided"))
+
+
 def _numbers(text: str) -> set[str]:
     found = {m.group(1).replace(",", "") + ("%" if m.group(2) else "") for m in _NUMBER.finditer(text)}
     found |= {_NUMBER_WORDS[w] for w in re.findall(r"[a-z]+", text.lower()) if w in _NUMBER_WORDS}
@@ -221,14 +227,15 @@ class Scorer:
     text does not contain. Thresholds tuned on a split of the ObliQA set (`copilot
     eval-answers`), reported on the other (docs/groundedness.md)."""
 
-    # A sentence is supported from this support up.
-    threshold: float = 0.6
+    # A sentence is supported from this support up. Both values are what `copilot eval-answers`
+    # chose on its tuning half (docs/groundedness.md has the figures on the other half).
+    threshold: float = 0.9
     # What each missing fact (number, date, negation, actor) takes off the recall.
-    fact_penalty: float = 0.35
+    fact_penalty: float = 0.2
 
     def judge(self, sentence: str, cited: Sequence[str]) -> Verdict:
         claim = CITE.sub("", sentence)
-        claim_terms = set(terms(claim))
+        claim_terms = set(terms(claim)) - _FRAMING
         if not claim_terms:
             return Verdict(True, 1.0)
         if not cited:
