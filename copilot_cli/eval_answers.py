@@ -14,7 +14,8 @@ from pathlib import Path
 from servers.common.settings import Settings
 
 MODULE = "servers.generation.grounding_eval"
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "obliqa-dev"
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "obliqa-dev"
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -27,5 +28,5 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 async def run(args: argparse.Namespace, settings: Settings) -> int:
     argv = ["--data", args.data, "--passages", str(args.passages), *(["--json"] if args.json else [])]
     process = await asyncio.create_subprocess_exec(sys.executable, "-m", MODULE, *argv,
-                                                   cwd=str(Path(__file__).resolve().parents[1]))
+                                                   cwd=str(ROOT))
     return await process.wait()

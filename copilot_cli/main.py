@@ -21,9 +21,8 @@ import grpc
 from copilot.v1 import common_pb2, generation_pb2, retrieval_pb2
 from copilot_cli import audit as audit_cli
 from copilot_cli import billing as billing_cli
-from copilot_cli import documents
+from copilot_cli import documents, eval_answers
 from copilot_cli import eval as eval_command
-from copilot_cli import eval_answers
 from copilot_cli import tenants as tenants_cli
 from copilot_cli.client import Client, CliError, edge_address, token_for
 from copilot_cli.jsonout import message_dict
