@@ -172,8 +172,9 @@ class QuotesSplitter:
         cut = self._pending.rfind("\n")
         tail = self._pending[cut + 1:] if cut >= 0 else self._pending
         if (cut >= 0 or not self._emitted) and _could_start_quotes(tail):
-            shown = self._pending[:max(cut, 0)]
-            self._pending = self._pending[max(cut, 0):]
+            # Held from the blank lines before it: they belong to the block if it is one.
+            keep = len(self._pending[:max(cut, 0)].rstrip())
+            shown, self._pending = self._pending[:keep], self._pending[keep:]
             return self._show(shown)
         shown, self._pending = self._pending, ""
         return self._show(shown)
