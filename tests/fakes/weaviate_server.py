@@ -234,6 +234,10 @@ class _Handler(BaseHTTPRequestHandler):
             prop.setdefault("tokenization", "word" if prop["dataType"][0] in ("text", "text[]") else None)
             prop.setdefault("indexSearchable", prop["dataType"][0] in ("text", "text[]"))
             prop.setdefault("indexFilterable", True)
+        # What Weaviate fills in and its client reads back (add_property checks the schema).
+        for vector in (body.get("vectorConfig") or {}).values():
+            vector.setdefault("vectorIndexType", "hnsw")
+            vector.setdefault("vectorIndexConfig", dict(_HNSW_DEFAULTS))
         state.classes[name] = body
         if body.get("multiTenancyConfig", {}).get("enabled"):
             state.tenants[name] = {}
@@ -289,6 +293,13 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 # -- gRPC ------------------------------------------------------------------------------------
+
+
+_HNSW_DEFAULTS: dict[str, Any] = {
+    "distance": "cosine", "cleanupIntervalSeconds": 300, "dynamicEfFactor": 8, "dynamicEfMax": 500,
+    "dynamicEfMin": 100, "ef": -1, "efConstruction": 128, "filterStrategy": "sweeping", "flatSearchCutoff": 40000,
+    "maxConnections": 32, "skip": False, "vectorCacheMaxObjects": 1000000000000,
+}
 
 
 def _tokens(value: Any) -> list[str]:

@@ -53,7 +53,12 @@ import weaviate
 import weaviate.classes as wvc
 from weaviate import WeaviateAsyncClient
 from weaviate.collections.classes.filters import _Filters
-from weaviate.exceptions import UnexpectedStatusCodeError, WeaviateBaseError, WeaviateQueryError
+from weaviate.exceptions import (
+    UnexpectedStatusCodeError,
+    WeaviateBaseError,
+    WeaviateInvalidInputError,
+    WeaviateQueryError,
+)
 from weaviate.util import generate_uuid5
 
 from servers.common.errors import Unavailable
@@ -227,16 +232,14 @@ class WeaviateStore:
 
     async def _upgrade(self, client: WeaviateAsyncClient, name: str) -> None:
         collection = client.collections.get(name)
-        present = {p.name for p in (await collection.config.get()).properties}
         for prop in self._added_properties():
-            if prop.name in present:
-                continue
             try:
                 await collection.config.add_property(prop)
-            except UnexpectedStatusCodeError:
-                # Another replica added it first.
-                present = {p.name for p in (await collection.config.get()).properties}
-                if prop.name not in present:
+            except WeaviateInvalidInputError:
+                pass  # added before (the client checks first)
+            except UnexpectedStatusCodeError as exc:
+                # Another replica added it between the client's check and its request.
+                if "exist" not in str(exc).lower():
                     raise
 
     async def _call(self, what: str, op: Callable[[WeaviateAsyncClient], Awaitable[T]], *,
