@@ -21,7 +21,7 @@ import grpc
 from copilot.v1 import common_pb2, generation_pb2, retrieval_pb2
 from copilot_cli import audit as audit_cli
 from copilot_cli import billing as billing_cli
-from copilot_cli import documents
+from copilot_cli import documents, eval_answers
 from copilot_cli import eval as eval_command
 from copilot_cli import tenants as tenants_cli
 from copilot_cli.client import Client, CliError, edge_address, token_for
@@ -90,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("status", help="health of every service through the edge")
     eval_command.add_parser(sub)
+    eval_answers.add_parser(sub)
 
     for p in (ingest, ask, search, access):
         p.add_argument("--tenant", required=True)
@@ -235,6 +236,10 @@ async def _ask(args: argparse.Namespace, settings: Settings) -> int:
             print("\nSources:")
         for c in details.citations:
             print(f"  [{c.index}] {_where(c.title, c.section)} ({c.document_id})")
+            for span in details.spans:
+                if span.citation_index == c.index:
+                    print(f"      {_span_line(span)}")
+        _print_verdict("".join(text), details)
         if details.pii_masks:
             # Say what left the machine masked, so the user knows why the answer may not
             # mention a detail they typed.
@@ -243,6 +248,37 @@ async def _ask(args: argparse.Namespace, settings: Settings) -> int:
         if details.degraded:
             print(f"\nnote: {details.degraded_reason}")
     return 0
+
+
+def _span_line(span: generation_pb2.CitedSpan) -> str:
+    """The quoted span, where it is in the document, and how it was matched."""
+    quoted = " ".join(span.text.split())
+    if len(quoted) > 300:
+        quoted = quoted[:297] + "..."
+    where = f"chars {span.start}-{span.end}" if span.end > span.start else "no offsets (re-ingest the document)"
+    how = {generation_pb2.SPAN_ORIGIN_EXTRACTED: "extracted", generation_pb2.SPAN_ORIGIN_INFERRED: "nearest sentence"}
+    quality = how.get(span.origin) or ("exact quote" if span.match_quality >= 1 else
+                                        f"quote matched {span.match_quality:.0%}")
+    return f"\u201c{quoted}\u201d  ({where}; {quality})"
+
+
+def _print_verdict(answer: str, details: generation_pb2.AnswerDetails) -> None:
+    verdict = details.groundedness
+    if not details.sentences:
+        return
+    total = len(details.sentences)
+    print(f"\nGroundedness {verdict.score:.2f}: {total - verdict.unsupported_sentences} of {total} "
+          f"sentences supported by their citations")
+    for s in details.sentences:
+        if s.supported:
+            continue
+        what = "removed" if s.removed else "unsupported"
+        shown = f": \u201c{answer[s.start:s.end]}\u201d" if s.end > s.start else ""
+        print(f"  {what} (support {s.support:.2f}){shown} - {'; '.join(s.issues)}")
+    if verdict.refused:
+        print("  the answer was refused: the tenant refuses answers with unsupported sentences")
+    if verdict.unmatched_quotes:
+        print(f"  {verdict.unmatched_quotes} quote(s) of the model not found in their sources (dropped)")
 
 
 async def _search(args: argparse.Namespace, settings: Settings) -> int:
@@ -298,7 +334,7 @@ async def _status(args: argparse.Namespace, settings: Settings) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]] = {
     "tenants": tenants_cli.run, "ingest": _ingest, "ask": _ask, "search": _search, "usage": billing_cli.usage,
     "billing": billing_cli.run, "status": _status, "audit": audit_cli.run,
-    "eval": eval_command.run, "access": _access,
+    "eval": eval_command.run, "access": _access, "eval-answers": eval_answers.run,
 }
 
 if __name__ == "__main__":

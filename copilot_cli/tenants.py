@@ -17,6 +17,8 @@ from servers.common.settings import Settings
 PLANS = {"free": common_pb2.PLAN_FREE, "pro": common_pb2.PLAN_PRO, "enterprise": common_pb2.PLAN_ENTERPRISE}
 MODES = {"basic": common_pb2.RETRIEVAL_MODE_BASIC, "hybrid": common_pb2.RETRIEVAL_MODE_HYBRID,
          "decomposed": common_pb2.RETRIEVAL_MODE_DECOMPOSED, "agentic": common_pb2.RETRIEVAL_MODE_AGENTIC}
+UNSUPPORTED = {"flag": tenant_pb2.UNSUPPORTED_SENTENCES_FLAG, "remove": tenant_pb2.UNSUPPORTED_SENTENCES_REMOVE,
+               "refuse": tenant_pb2.UNSUPPORTED_SENTENCES_REFUSE}
 # --set NAME=VALUE: the update mask path and how to read the value.
 SETTABLE: dict[str, Any] = {
     "display_name": str, "plan": lambda v: PLANS[v],
@@ -26,6 +28,7 @@ SETTABLE: dict[str, Any] = {
     "config.system_prompt": str, "config.retrieval_mode": lambda v: MODES[v], "config.top_k": int,
     "config.pii_masking": lambda v: v.lower() in {"1", "true", "yes", "on"},
     "config.agentic_tools": lambda v: v.lower() in {"1", "true", "yes", "on"},
+    "config.unsupported_sentences": lambda v: UNSUPPORTED[v],
 }
 
 

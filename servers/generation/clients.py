@@ -30,7 +30,12 @@ from servers.common.errors import quota_refusal_of
 from servers.common.interceptors import detached_deadline
 from servers.common.outbox import Outbox
 from servers.common.retry import TRANSIENT_CODES, Backoff, retry
-from servers.generation.convert import mode_to_proto, search_mode_from_proto, search_mode_to_proto
+from servers.generation.convert import (
+    location_from_proto,
+    mode_to_proto,
+    search_mode_from_proto,
+    search_mode_to_proto,
+)
 from servers.generation.models import (
     AnsweredQuestion,
     QuotaDecision,
@@ -190,7 +195,8 @@ class RetrievalClient:
             trailing = await call.trailing_metadata()
         return SearchResult(
             passages=[Passage(document_id=h.document_id, chunk_id=h.chunk_id, title=h.title, section=h.section,
-                              text=h.text, score=h.score, source=h.source) for h in response.hits],
+                              text=h.text, score=h.score, source=h.source, location=location_from_proto(h))
+                      for h in response.hits],
             mode=search_mode_from_proto(response.mode), withheld=_withheld(trailing))
 
 

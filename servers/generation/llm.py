@@ -25,14 +25,20 @@ from opentelemetry.trace import Status, StatusCode
 
 from servers.common import metrics, telemetry
 from servers.common.interceptors import remaining_deadline
-from servers.generation.providers import Generation, Passage, Prompt, Quote
+from servers.generation.providers import Generation, Passage, Prompt, Quote, SpanOrigin
 from servers.generation.text import estimate_tokens, sentences, terms
 
 CITATION_RULES = (
     "The passages below are numbered. Answer only from them and cite every claim with the "
     "passage number in square brackets, like [1] or [2]. If the passages do not answer the "
-    "question, say so."
+    "question, say so. After the answer, write a line containing only 'Quotes:' and under it, "
+    "one per line, every passage you cited with the exact words of it your claim rests on, "
+    "copied verbatim, like: [1] \"the exact words\""
 )
+# The line that starts the quotes block; nothing from it on is part of the answer's text.
+QUOTES_MARKER = "quotes:"
+_QUOTES_START = re.compile(r"(?:^|\n)[ \t]*[*_#]*[ \t]*quotes[ \t]*[*_]*:[*_]*[ \t]*(?:\n|$)", re.I)
+_QUOTE_LINE = re.compile(r"^\s*(?:[-*]\s*)?\[(\d{1,3})\]\s*[:\-\u2013]?\s*(.+?)\s*$")
 DECOMPOSE_INSTRUCTIONS = (
     "Split the user's question into the self-contained sub-questions needed to answer it, at most "
     "four, one per line, without numbering. If it is a single question, return it unchanged."
@@ -143,6 +149,80 @@ def citations_from_text(answer: str, passages: Sequence[Passage]) -> list[Quote]
     return quotes
 
 
+class QuotesSplitter:
+    """Separates the answer a model streams from the quotes block it ends with: `feed` returns
+    what may be shown now (holding back a line that could be the block's start), `finish` the
+    rest; `quotes` then holds the parsed block."""
+
+    def __init__(self) -> None:
+        self._pending = ""
+        self._block: str | None = None
+        self._emitted = False
+
+    def feed(self, delta: str) -> str:
+        if self._block is not None:
+            self._block += delta
+            return ""
+        self._pending += delta
+        found = _QUOTES_START.search(self._pending)
+        if found:
+            shown, self._block = self._pending[:found.start()], self._pending[found.start():]
+            self._pending = ""
+            return self._show(shown)
+        cut = self._pending.rfind("\n")
+        tail = self._pending[cut + 1:] if cut >= 0 else self._pending
+        if (cut >= 0 or not self._emitted) and _could_start_quotes(tail):
+            # Held from the blank lines before it: they belong to the block if it is one.
+            keep = len(self._pending[:max(cut, 0)].rstrip())
+            shown, self._pending = self._pending[:keep], self._pending[keep:]
+            return self._show(shown)
+        shown, self._pending = self._pending, ""
+        return self._show(shown)
+
+    def finish(self) -> str:
+        shown, self._pending = self._pending, ""
+        if self._block is None and _QUOTES_START.search(shown):
+            return ""
+        return self._show(shown.rstrip() if self._block is not None else shown)
+
+    def _show(self, text: str) -> str:
+        if self._block is not None:
+            text = text.rstrip()
+        self._emitted = self._emitted or bool(text)
+        return text
+
+    @property
+    def quoted(self) -> bool:
+        return self._block is not None
+
+    def quotes(self, passages: Sequence[Passage]) -> list[Quote]:
+        """The block's quotes that name a passage of the prompt (number → passage)."""
+        out = []
+        for line in (self._block or "").splitlines():
+            match = _QUOTE_LINE.match(line)
+            if match and 1 <= (number := int(match.group(1))) <= len(passages):
+                text = match.group(2).strip().strip("\"'\u201c\u201d\u2018\u2019").strip()
+                if text:
+                    out.append(Quote(passage=number - 1, text=text, number=number))
+        return out
+
+
+def _could_start_quotes(tail: str) -> bool:
+    """Whether a line still being streamed may turn out to be the quotes marker."""
+    bare = re.sub(r"[\s*_#]", "", tail).lower()
+    return bool(tail.strip()) and (QUOTES_MARKER.startswith(bare) or bare.startswith(QUOTES_MARKER))
+
+
+def finish_quotes(result: Generation, splitter: QuotesSplitter, answer: str, passages: Sequence[Passage]) -> None:
+    """The model's own quotes when it gave them, else the passage sentences nearest to what
+    cites them."""
+    quotes = splitter.quotes(passages)
+    if quotes:
+        result.quotes, result.quotes_origin = quotes, SpanOrigin.QUOTED
+    else:
+        result.quotes, result.quotes_origin = citations_from_text(answer, passages), SpanOrigin.INFERRED
+
+
 def parse_sub_questions(text: str, limit: int = 4) -> list[str]:
     lines = [re.sub(r"^\s*(?:[-*•]|\d+[.)])\s*", "", line).strip() for line in text.splitlines()]
     return [line for line in lines if len(line.split()) >= 2][:limit]
@@ -167,7 +247,10 @@ class OpenAIProvider:
 
     async def stream(self, prompt: Prompt, result: Generation) -> AsyncIterator[str]:
         model = prompt.model or self.model
+        # `raw` is what the model sent, `text` what was shown of it (the quotes block held back).
         text: list[str] = []
+        raw: list[str] = []
+        splitter = QuotesSplitter()
         try:
             stream = await self._client.chat.completions.create(
                 model=model, stream=True, stream_options={"include_usage": True},
@@ -183,10 +266,15 @@ class OpenAIProvider:
                     for choice in chunk.choices:
                         delta = choice.delta.content if choice.delta else None
                         if delta:
-                            text.append(delta)
+                            raw.append(delta)
                             if result.estimated:
-                                result.output_tokens = estimate_tokens("".join(text))
-                            yield delta
+                                result.output_tokens = estimate_tokens("".join(raw))
+                            if shown := splitter.feed(delta):
+                                text.append(shown)
+                                yield shown
+                if shown := splitter.finish():
+                    text.append(shown)
+                    yield shown
             finally:
                 await stream.close()  # on cancellation too: the provider stops generating
         except openai.APIError as exc:
@@ -196,7 +284,7 @@ class OpenAIProvider:
         finally:
             if result.estimated:
                 result.input_tokens = estimate_tokens(system_message(prompt) + user_message(prompt))
-            result.quotes = citations_from_text("".join(text), prompt.passages)
+            finish_quotes(result, splitter, "".join(text), prompt.passages)
 
     async def decompose(self, prompt: Prompt, result: Generation) -> list[str]:
         """The model's sub-questions for `prompt.question` (decomposed retrieval)."""
@@ -267,6 +355,8 @@ class AnthropicProvider:
 
     async def stream(self, prompt: Prompt, result: Generation) -> AsyncIterator[str]:
         text: list[str] = []
+        raw: list[str] = []
+        splitter = QuotesSplitter()
         try:
             stream = await self._client.messages.create(
                 model=prompt.model or self.model, stream=True, system=system_message(prompt),
@@ -280,12 +370,17 @@ class AnthropicProvider:
                         result.output_tokens = event.message.usage.output_tokens
                         result.estimated = False
                     elif event.type == "content_block_delta" and event.delta.type == "text_delta":
-                        text.append(event.delta.text)
                         # Until message_delta gives the final count, at least what was streamed.
-                        result.output_tokens = max(result.output_tokens, estimate_tokens("".join(text)))
-                        yield event.delta.text
+                        raw.append(event.delta.text)
+                        result.output_tokens = max(result.output_tokens, estimate_tokens("".join(raw)))
+                        if shown := splitter.feed(event.delta.text):
+                            text.append(shown)
+                            yield shown
                     elif event.type == "message_delta" and event.usage is not None:
                         result.output_tokens = event.usage.output_tokens
+                if shown := splitter.finish():
+                    text.append(shown)
+                    yield shown
             finally:
                 await stream.close()
         except anthropic.APIError as exc:
@@ -295,7 +390,7 @@ class AnthropicProvider:
         finally:
             if result.estimated:
                 result.input_tokens = estimate_tokens(system_message(prompt) + user_message(prompt))
-            result.quotes = citations_from_text("".join(text), prompt.passages)
+            finish_quotes(result, splitter, "".join(text), prompt.passages)
 
     async def decompose(self, prompt: Prompt, result: Generation) -> list[str]:
         try:

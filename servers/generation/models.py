@@ -11,6 +11,7 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from servers.generation.grounding import UnsupportedPolicy
 from servers.generation.providers import Passage
 
 
@@ -125,6 +126,8 @@ class TenantConfig:
     pii_masking: bool = True
     agentic_tools: bool = False
     plan: Plan = Plan.FREE
+    # What an answer does with sentences its citations do not support (docs/groundedness.md).
+    unsupported_sentences: UnsupportedPolicy = UnsupportedPolicy.FLAG
 
 
 # Retrieval modes each plan may ask for per request (and run at all).

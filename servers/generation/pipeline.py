@@ -21,6 +21,7 @@ from opentelemetry import trace
 from servers.common import identity
 from servers.generation import decompose, pii
 from servers.generation.clients import MeteringClient, QuestionAuditor, RetrievalClient, UsageRecorder
+from servers.generation.grounding import CitedPassage, Grounding, UnsupportedPolicy, apply_policy, ground
 from servers.generation.llm import ProviderFailure, SearchFn, provider_call
 from servers.generation.models import (
     AnsweredQuestion,
@@ -61,13 +62,6 @@ class Question:
     call_id: str = ""
 
 
-@dataclass(frozen=True)
-class CitedPassage:
-    index: int
-    passage: Passage
-    quote: str
-
-
 @dataclass
 class AnswerDetails:
     request_id: str
@@ -89,6 +83,8 @@ class AnswerDetails:
     # Documents the asker may not read that retrieval withheld, summed over the answer's
     # searches (the audit's count; never shown to the asker).
     withheld_documents: int = 0
+    # The citations' spans and every sentence's verdict (grounding.py).
+    grounding: Grounding = field(default_factory=Grounding)
 
     def degrade(self, reason: str) -> None:
         self.degraded = True
@@ -196,14 +192,20 @@ class Pipeline:
         # The audit trail keeps the answer's digest, not its text.
         digest = hashlib.sha256()
         finished = False
+        # A tenant that removes unsupported sentences or refuses such answers is sent the
+        # answer only once it has been checked; every other answer streams as it comes.
+        hold = config.unsupported_sentences is not UnsupportedPolicy.FLAG
+        parts: list[str] = []
         t0 = time.perf_counter()
         try:
             try:
                 with provider_call(provider.name, "stream", prompt.model or provider.model):
                     async for delta in provider.stream(prompt, result):
                         emitted = True
-                        digest.update(delta.encode())
-                        yield delta
+                        parts.append(delta)
+                        if not hold:
+                            digest.update(delta.encode())
+                            yield delta
                 if provider.name != "extractive":
                     self._breakers.record(provider.name, tenant, ok=True)
             except ProviderFailure as exc:
@@ -222,8 +224,10 @@ class Pipeline:
                     spent.append(result)
                     with provider_call(provider.name, "stream", provider.model):
                         async for delta in provider.stream(prompt, result):
-                            digest.update(delta.encode())
-                            yield delta
+                            parts.append(delta)
+                            if not hold:
+                                digest.update(delta.encode())
+                                yield delta
             finished = True
         finally:
             details.provider_s += time.perf_counter() - t0
@@ -244,10 +248,13 @@ class Pipeline:
                 details.degrade("the answer did not complete")
                 details.latency_s = time.perf_counter() - started
                 self._audit_question(question.text, details, digest.hexdigest())
-        details.citations = [
-            CitedPassage(index=q.number or i, passage=passages[q.passage], quote=q.text)
-            for i, q in enumerate(result.quotes, start=1)
-        ]
+        answer = "".join(parts)
+        details.citations, details.grounding = ground(answer, result.quotes, passages, origin=result.quotes_origin)
+        if hold:
+            answer = apply_policy(answer, details.grounding, config.unsupported_sentences)
+            digest.update(answer.encode())
+            if answer:
+                yield answer
         details.latency_s = time.perf_counter() - started
         audited = self._audit_question(question.text, details, digest.hexdigest()) \
             if self._audit is not None else None

@@ -3,6 +3,7 @@ deterministic, every sentence it outputs is quoted from a retrieved passage and 
 
 from __future__ import annotations
 
+import enum
 import math
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
@@ -28,6 +29,49 @@ def passage_sentences(text: str) -> tuple[tuple[str, frozenset[str], int], ...]:
     return tuple(out)
 
 
+@dataclass(frozen=True, slots=True)
+class TextEdit:
+    """chunk_text[at:at + length] stands for `original` in the document's original text."""
+
+    at: int
+    length: int
+    original: str
+
+
+@dataclass(frozen=True, slots=True)
+class SourceLocation:
+    """Retrieval's ChunkLocation: the chunk covers original[start:end], which is the chunk's
+    text with `edits` applied. (Retrieval's chunker has the same type; services share the wire
+    contract, not code.)"""
+
+    start: int
+    end: int
+    edits: tuple[TextEdit, ...] = ()
+
+    def original_text(self, chunk_text: str) -> str:
+        parts: list[str] = []
+        at = 0
+        for edit in self.edits:
+            parts.append(chunk_text[at:edit.at])
+            parts.append(edit.original)
+            at = edit.at + edit.length
+        parts.append(chunk_text[at:])
+        return "".join(parts)
+
+    def to_original(self, position: int, *, end: bool = False) -> int:
+        """The original offset of the chunk text's `position`; inside an edit, the edit's
+        start (or with `end` its end), so a span never cuts an edit in half."""
+        shift = 0
+        for edit in self.edits:
+            if position < edit.at or (end and position == edit.at):
+                break
+            if position < edit.at + edit.length:
+                base = self.start + edit.at + shift
+                return base + len(edit.original) if end else base
+            shift += len(edit.original) - edit.length
+        return self.start + position + shift
+
+
 @dataclass(frozen=True)
 class Passage:
     document_id: str
@@ -37,6 +81,9 @@ class Passage:
     text: str
     score: float
     source: str
+    # Where the chunk lies in the document's original text; None when retrieval indexed it
+    # before offsets were kept.
+    location: SourceLocation | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +108,17 @@ class Quote:
     number: int | None = None
 
 
+class SpanOrigin(enum.StrEnum):
+    """How a provider's quotes were obtained."""
+
+    # The answer's sentences are the passages' own (extractive): exact by construction.
+    EXTRACTED = "extracted"
+    # The model quoted them (found in the passage by matching, see grounding.find_quote).
+    QUOTED = "quoted"
+    # The model gave no quotes: the passage sentence closest to what cites it.
+    INFERRED = "inferred"
+
+
 @dataclass
 class Generation:
     """What a provider reports once its stream ends."""
@@ -69,6 +127,7 @@ class Generation:
     input_tokens: int
     output_tokens: int
     estimated: bool
+    quotes_origin: SpanOrigin = SpanOrigin.EXTRACTED
 
 
 class Provider(Protocol):
@@ -137,12 +196,12 @@ class ExtractiveProvider:
             result.output_tokens = estimate_tokens(NOT_FOUND_ANSWER)
             yield NOT_FOUND_ANSWER
             return
-        # One citation per passage, numbered in order of first use, quoting what was used.
-        cited: dict[int, list[str]] = {}
+        # One citation per passage, numbered in order of first use; every sentence is a quote
+        # of its own (its span is exactly that sentence of the passage).
+        numbers: dict[int, int] = {}
         for i, quote in enumerate(quotes):
-            cited.setdefault(quote.passage, []).append(quote.text)
-            number = list(cited).index(quote.passage) + 1
+            number = numbers.setdefault(quote.passage, len(numbers) + 1)
             piece = f"{'' if i == 0 else ' '}{quote.text} [{number}]"
             result.output_tokens += estimate_tokens(piece)
+            result.quotes.append(Quote(passage=quote.passage, text=quote.text, number=number))
             yield piece
-        result.quotes = [Quote(passage=p, text=" ".join(texts)) for p, texts in cited.items()]

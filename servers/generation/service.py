@@ -10,7 +10,7 @@ from grpc.aio import ServicerContext
 
 from copilot.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from servers.common.errors import InvalidArgument
-from servers.generation.convert import mode_from_proto, mode_to_proto
+from servers.generation.convert import mode_from_proto, mode_to_proto, origin_to_proto, policy_to_proto
 from servers.generation.pipeline import AnswerDetails, Pipeline, Question
 
 MAX_QUESTION_CHARS = 4000
@@ -45,6 +45,7 @@ def _duration(seconds: float) -> duration_pb2.Duration:
 
 def to_proto(details: AnswerDetails) -> generation_pb2.AnswerDetails:
     latency = _duration(details.latency_s)
+    grounding = details.grounding
     return generation_pb2.AnswerDetails(
         citations=[
             common_pb2.Citation(index=c.index, document_id=c.passage.document_id, chunk_id=c.passage.chunk_id,
@@ -61,6 +62,16 @@ def to_proto(details: AnswerDetails) -> generation_pb2.AnswerDetails:
         pii_masks=[generation_pb2.PiiMask(kind=m.kind, placeholder=m.placeholder) for m in details.pii_masks],
         sub_questions=details.sub_questions, usage_pending=details.usage_pending,
         retrieval_latency=_duration(details.retrieval_s), provider_latency=_duration(details.provider_s),
+        spans=[generation_pb2.CitedSpan(citation_index=s.citation, document_id=s.document_id, chunk_id=s.chunk_id,
+                                        start=s.start, end=s.end, text=s.text, match_quality=s.quality,
+                                        origin=origin_to_proto(s.origin)) for s in grounding.spans],
+        sentences=[generation_pb2.SentenceVerdict(start=s.start, end=s.end, citations=s.citations, spans=s.spans,
+                                                  supported=s.verdict.supported, support=s.verdict.support,
+                                                  issues=s.verdict.issues, removed=s.removed)
+                   for s in grounding.sentences],
+        groundedness=generation_pb2.Groundedness(score=grounding.score, unsupported_sentences=grounding.unsupported,
+                                                 policy=policy_to_proto(grounding.policy), refused=grounding.refused,
+                                                 unmatched_quotes=grounding.unmatched_quotes),
     )
 
 

@@ -22,7 +22,7 @@ from servers.common.errors import PermissionDenied
 from servers.common.retry import Backoff
 from servers.common.singleflight import SingleFlight
 from servers.common.tenant_watch import TenantFollower, watch_as
-from servers.generation.convert import mode_from_proto, plan_from_proto
+from servers.generation.convert import mode_from_proto, plan_from_proto, policy_from_proto
 from servers.generation.models import Plan, RetrievalMode, TenantConfig
 
 log = logging.getLogger("copilot.generation.tenants")
@@ -47,6 +47,7 @@ def config_from_proto(tenant: tenant_pb2.Tenant) -> TenantConfig:
         pii_masking=cfg.pii_masking,
         agentic_tools=cfg.agentic_tools,
         plan=plan_from_proto(tenant.plan) or Plan.FREE,
+        unsupported_sentences=policy_from_proto(cfg.unsupported_sentences),
     )
 
 

@@ -29,6 +29,9 @@ _MODES = {common_pb2.RETRIEVAL_MODE_BASIC: RetrievalMode.BASIC,
           common_pb2.RETRIEVAL_MODE_HYBRID: RetrievalMode.HYBRID,
           common_pb2.RETRIEVAL_MODE_DECOMPOSED: RetrievalMode.DECOMPOSED,
           common_pb2.RETRIEVAL_MODE_AGENTIC: RetrievalMode.AGENTIC}
+_UNSUPPORTED = {tenant_pb2.UNSUPPORTED_SENTENCES_FLAG: "flag",
+                tenant_pb2.UNSUPPORTED_SENTENCES_REMOVE: "remove",
+                tenant_pb2.UNSUPPORTED_SENTENCES_REFUSE: "refuse"}
 _KINDS = {metering_pb2.USAGE_KIND_UNSPECIFIED: UsageKind.UNSPECIFIED,
           metering_pb2.USAGE_KIND_QUERY: UsageKind.QUERY,
           metering_pb2.USAGE_KIND_INGEST: UsageKind.INGEST,
@@ -40,6 +43,7 @@ def _inverse(mapping: dict[Any, Any]) -> dict[Any, Any]:
 
 
 _PLANS_PB, _STATES_PB, _MODES_PB = _inverse(_PLANS), _inverse(_STATES), _inverse(_MODES)
+_UNSUPPORTED_PB = _inverse(_UNSUPPORTED)
 
 
 def plan(value: int) -> Plan | None:
@@ -98,6 +102,8 @@ def tenant_pb(tenant: Tenant) -> tenant_pb2.Tenant:
             top_k=config.top_k,
             pii_masking=config.pii_masking,
             agentic_tools=config.agentic_tools,
+            unsupported_sentences=_UNSUPPORTED_PB.get(config.unsupported_sentences,
+                                                      tenant_pb2.UNSUPPORTED_SENTENCES_FLAG),
         ),
         config_version=tenant.config_version,
         create_time=timestamp(tenant.create_time),
@@ -112,6 +118,8 @@ def _leaf(message: tenant_pb2.Tenant, path: str) -> Any:
         return _STATES.get(message.state)
     if path == "config.retrieval_mode":
         return _MODES.get(message.config.retrieval_mode)
+    if path == "config.unsupported_sentences":
+        return _UNSUPPORTED.get(message.config.unsupported_sentences)
     value: Any = message
     for part in path.split("."):
         value = getattr(value, part)

@@ -14,6 +14,7 @@ Everything here is pure and deterministic: the same input yields the same chunks
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ from dataclasses import dataclass
 from servers.common.text import SECTION_SEPARATOR, SENTENCE_END, has_content, is_bare_heading, normalise
 
 # Bumped whenever chunk boundaries change, so stored documents are re-indexed.
-CHUNKER_VERSION = 1
+# v2: chunks carry their place in the original text (`Location`); boundaries as in v1.
+CHUNKER_VERSION = 2
 
 MAX_LABEL_CHARS = 200
 
@@ -46,11 +48,59 @@ DEFAULT_CONFIG = ChunkingConfig()
 
 
 @dataclass(frozen=True, slots=True)
+class TextEdit:
+    """chunk_text[at:at + length] stands for `original` in the document's original text."""
+
+    at: int
+    length: int
+    original: str
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    """Where a chunk lies in its document's original text (as ingested, before `normalise`):
+    original[start:end], which is the chunk's text with `edits` applied (`original_text`).
+
+    A chunk is not a plain slice of the original: the chunker collapses blank lines, strips
+    line ends, drops noise lines and applies NFC. The edits record exactly those places, so
+    a citation can point at the original's characters (docs/groundedness.md)."""
+
+    start: int
+    end: int
+    edits: tuple[TextEdit, ...] = ()
+
+    def original_text(self, chunk_text: str) -> str:
+        parts: list[str] = []
+        at = 0
+        for edit in self.edits:
+            parts.append(chunk_text[at:edit.at])
+            parts.append(edit.original)
+            at = edit.at + edit.length
+        parts.append(chunk_text[at:])
+        return "".join(parts)
+
+    def to_original(self, position: int, *, end: bool = False) -> int:
+        """The original offset of the chunk text's `position`. A position inside an edit maps
+        to the edit's start (or, with `end`, its end), so a span never cuts an edit in half."""
+        shift = 0
+        for edit in self.edits:
+            if position < edit.at or (end and position == edit.at):
+                break
+            if position < edit.at + edit.length:
+                base = self.start + edit.at + shift
+                return base + len(edit.original) if end else base
+            shift += len(edit.original) - edit.length
+        return self.start + position + shift
+
+
+@dataclass(frozen=True, slots=True)
 class Chunk:
     document_id: str
     ordinal: int
     section_path: tuple[str, ...]
     text: str
+    # None only for chunks read back from a store that indexed them before offsets were kept.
+    location: Location | None = None
 
     @property
     def chunk_id(self) -> str:
@@ -78,18 +128,91 @@ def chunk_id(document_id: str, ordinal: int) -> str:
 
 def chunk_document(document_id: str, text: str, *, markdown: bool = False,
                    config: ChunkingConfig = DEFAULT_CONFIG) -> list[Chunk]:
-    """The chunks of one document, in reading order, with ordinals 0..n-1."""
+    """The chunks of one document, in reading order, with ordinals 0..n-1, each located in
+    `text` as given."""
     sections = _Parser(markdown).parse(normalise(text).split("\n"))
     if len(sections) == 1 and not sections[0].path and is_bare_heading(sections[0].paragraphs):
         return []
     chunks: list[Chunk] = []
+    cursor = 0
     for section in sections:
         paragraphs = [p for p in section.paragraphs if has_content(p)]
         if not paragraphs:
             continue
         for piece in _pack(paragraphs, config):
-            chunks.append(Chunk(document_id, len(chunks), section.path, piece))
+            location = locate(piece, text, cursor)
+            # Chunks follow each other; an overlapping one starts inside its predecessor.
+            cursor = location.start
+            chunks.append(Chunk(document_id, len(chunks), section.path, piece, location))
     return chunks
+
+
+# --- location -------------------------------------------------------------------------------
+
+_TOKEN = re.compile(r"\S+")
+# How far past the previous match a token may be found: further means a long dropped stretch
+# (a table rule, a heading-free noise block) or a false match; the token is then left to an edit.
+_TOKEN_REACH = 400
+_ANCHOR_TOKENS = 6
+
+
+def locate(chunk: str, original: str, cursor: int = 0) -> Location:
+    """Where `chunk` (the chunker's text) lies in `original` at or after `cursor`.
+
+    Walks the chunk's words through the original in order; whatever lies between two
+    matched words and differs becomes an edit. The result reproduces the original exactly
+    (`Location.original_text`), whatever the match quality: a word that cannot be matched
+    only widens an edit."""
+    tokens = [(m.start(), m.group(0)) for m in _TOKEN.finditer(chunk)]
+    start = _anchor(tokens, original, cursor)
+    if start < 0:
+        return Location(cursor, cursor, (TextEdit(0, len(chunk), ""),)) if chunk else Location(cursor, cursor)
+    edits: list[TextEdit] = []
+    chunk_at, orig_at = 0, start
+    for position, token in tokens:
+        limit = orig_at + _TOKEN_REACH + (position - chunk_at)
+        found = original.find(token, orig_at, limit + len(token))
+        if found < 0:
+            continue
+        if chunk[chunk_at:position] != original[orig_at:found]:
+            edits.append(TextEdit(chunk_at, position - chunk_at, original[orig_at:found]))
+        chunk_at, orig_at = position + len(token), found + len(token)
+    if chunk_at < len(chunk):
+        edits.append(TextEdit(chunk_at, len(chunk) - chunk_at, ""))
+    return Location(start, orig_at, tuple(edits))
+
+
+def location_to_json(location: Location) -> str:
+    """The stores' compact form: [start, end, [[at, length, original], ...]]."""
+    return json.dumps([location.start, location.end, [[e.at, e.length, e.original] for e in location.edits]],
+                      ensure_ascii=False, separators=(",", ":"))
+
+
+def location_from_json(raw: str | None) -> Location | None:
+    """None for a chunk stored before offsets were kept (or an unreadable value)."""
+    if not raw:
+        return None
+    try:
+        start, end, edits = json.loads(raw)
+        return Location(int(start), int(end), tuple(TextEdit(int(a), int(n), str(o)) for a, n, o in edits))
+    except (ValueError, TypeError):
+        return None
+
+
+def _anchor(tokens: list[tuple[int, str]], original: str, cursor: int) -> int:
+    """Where the chunk's first words are in the original: the first few words in order with
+    any whitespace between them, else the first word found alone."""
+    if not tokens:
+        return -1
+    words = [re.escape(t) for _, t in tokens[:_ANCHOR_TOKENS]]
+    match = re.compile(r"\s+".join(words)).search(original, cursor)
+    if match:
+        return match.start()
+    for _, token in tokens[:_ANCHOR_TOKENS]:
+        found = original.find(token, cursor)
+        if found >= 0:
+            return found
+    return -1
 
 
 # --- structure ----------------------------------------------------------------------------

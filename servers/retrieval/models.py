@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from servers.retrieval.chunker import Chunk
+from servers.retrieval.chunker import Chunk, Location
 
 # An embedding model's output: one float32 row per text (L2-normalised).
 Vectors = npt.NDArray[np.float32]
@@ -144,6 +144,9 @@ class Hit:
     metadata: Mapping[str, str]
     # The document's access labels (empty: the whole tenant may read it).
     access: tuple[str, ...] = ()
+    # Where the chunk lies in the document's original text; None when it was indexed before
+    # offsets were kept.
+    location: Location | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -307,9 +307,14 @@ def result_to_proto(result: IngestResult) -> pb.DocumentResult:
 
 
 def hit_to_proto(hit: Hit) -> pb.SearchHit:
+    location = None
+    if hit.location is not None:
+        location = pb.ChunkLocation(start=hit.location.start, end=hit.location.end,
+                                    edits=[pb.TextEdit(at=e.at, length=e.length, original=e.original)
+                                           for e in hit.location.edits])
     return pb.SearchHit(document_id=hit.document_id, chunk_id=hit.chunk_id, title=hit.title,
                         section=section_below_title(hit.title, hit.section), text=hit.text, score=hit.score,
-                        source=hit.source, metadata=dict(hit.metadata), access=list(hit.access))
+                        source=hit.source, metadata=dict(hit.metadata), access=list(hit.access), location=location)
 
 
 def _results(results: Iterable[IngestResult]) -> list[pb.DocumentResult]:

@@ -4,7 +4,8 @@ wire formats (JSON and server-sent events), so the real SDKs can be tested over 
 "timeout" (answers after the client gave up), "malformed" (a broken SSE chunk first),
 "break" (a broken chunk after some text).
 
-The answer is deterministic: the first sentence of passage [1] of the prompt, cited [1].
+The answer is deterministic: the first sentence of passage [1] of the prompt, cited [1], and,
+when the system prompt asks for quotes, a quotes block quoting it.
 """
 
 from __future__ import annotations
@@ -43,12 +44,21 @@ def _text_of(content: Any) -> str:
     return ""
 
 
-def answer_for(prompt: str) -> str:
+def answer_for(prompt: str, system: str = "", script: str | None = None) -> str:
+    """Scripted answers besides failures: "unsupported" adds a sentence its citation does not
+    carry (a number the passage lacks); "misquote" quotes words that are not in the passage."""
     match = re.search(r"^\[1\][^\n]*\n(.+?)(?:\n\n\[2\]|\n\nQuestion:|$)", prompt, re.S | re.M)
     if not match:
         return "The passages do not answer this question."
     first = re.split(r"(?<=[.!?])\s", " ".join(match.group(1).split()), maxsplit=1)[0]
-    return f"According to the policy, {first} [1]"
+    answer = f"According to the policy, {first} [1]"
+    if script == "unsupported":
+        answer += " The deadline for this is 9999 days from the Board's approval [1]."
+    if "Quotes:" in system:
+        # What a model asked for quotes sends after its answer (the service strips it).
+        quote = "zebras orbit quietly around purple lighthouses" if script == "misquote" else first
+        answer += f'\n\nQuotes:\n[1] "{quote}"'
+    return answer
 
 
 def _words(text: str) -> list[str]:
@@ -106,11 +116,11 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(self.state.timeout_sleep_s)
         openai_api = self.path.endswith("/chat/completions")
         prompt = _text_of(body.get("messages", [{}])[-1].get("content")) if body.get("messages") else ""
-        text = answer_for(prompt)
         input_tokens = max(1, len(json.dumps(body)) // 4)
         try:
             system = body.get("system") or (body["messages"][0].get("content")
                                             if body["messages"][0].get("role") == "system" else "")
+            text = answer_for(prompt, _text_of(system), failure)
             if "sub-questions" in str(system) and not body.get("stream"):
                 self._decompose(body, openai_api, prompt, input_tokens)
             elif body.get("tools"):

@@ -207,6 +207,17 @@ class _Handler(BaseHTTPRequestHandler):
                     for key in [k for k in state.shards if k[0] == name]:
                         del state.shards[key]
                     return 200, None
+            if len(parts) == 3 and parts[2] == "properties" and method == "POST":
+                # Adding a property in place (a schema upgrade); objects stored before lack it.
+                prop = self._body()
+                schema = state.collection(name)
+                if any(p["name"] == prop.get("name") for p in schema["properties"]):
+                    raise FakeError(422, grpc.StatusCode.ALREADY_EXISTS, f"property {prop.get('name')} exists")
+                prop.setdefault("tokenization", "word" if prop["dataType"][0] in ("text", "text[]") else None)
+                prop.setdefault("indexSearchable", prop["dataType"][0] in ("text", "text[]"))
+                prop.setdefault("indexFilterable", True)
+                schema["properties"].append(prop)
+                return 200, prop
             if len(parts) >= 3 and parts[2] == "tenants":
                 return self._tenants(method, name, parts[3] if len(parts) == 4 else None)
         return 404, None
@@ -223,6 +234,10 @@ class _Handler(BaseHTTPRequestHandler):
             prop.setdefault("tokenization", "word" if prop["dataType"][0] in ("text", "text[]") else None)
             prop.setdefault("indexSearchable", prop["dataType"][0] in ("text", "text[]"))
             prop.setdefault("indexFilterable", True)
+        # What Weaviate fills in and its client reads back (add_property checks the schema).
+        for vector in (body.get("vectorConfig") or {}).values():
+            vector.setdefault("vectorIndexType", "hnsw")
+            vector.setdefault("vectorIndexConfig", dict(_HNSW_DEFAULTS))
         state.classes[name] = body
         if body.get("multiTenancyConfig", {}).get("enabled"):
             state.tenants[name] = {}
@@ -278,6 +293,13 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 # -- gRPC ------------------------------------------------------------------------------------
+
+
+_HNSW_DEFAULTS: dict[str, Any] = {
+    "distance": "cosine", "cleanupIntervalSeconds": 300, "dynamicEfFactor": 8, "dynamicEfMax": 500,
+    "dynamicEfMin": 100, "ef": -1, "efConstruction": 128, "filterStrategy": "sweeping", "flatSearchCutoff": 40000,
+    "maxConnections": 32, "skip": False, "vectorCacheMaxObjects": 1000000000000,
+}
 
 
 def _tokens(value: Any) -> list[str]:

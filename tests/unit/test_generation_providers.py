@@ -52,7 +52,10 @@ async def test_streams_with_provider_counts_and_citations(fake: FakeLLMServer, k
     text, result = await _run(provider)
     await provider.close()
     assert text.endswith("[1]") and "rescreened daily" in text
-    assert result.estimated is False and result.output_tokens == len(text.split(" "))
+    # The model's quotes block is counted (it was generated) but not shown.
+    assert "Quotes:" not in text
+    sent = text + '\n\nQuotes:\n[1] "Existing customers are rescreened daily."'
+    assert result.estimated is False and result.output_tokens == len(sent.split(" "))
     assert [(q.passage, q.number) for q in result.quotes] == [(0, 1)]
     assert result.quotes[0].text == "Existing customers are rescreened daily."
     assert fake.state.streams_finished == 1

@@ -209,3 +209,21 @@ async def test_erase_removes_everything(engine: RetrievalEngine, store: Document
 
 async def test_healthy(store: DocumentStore) -> None:
     assert await store.healthy()
+
+
+@pytest.mark.parametrize("mode", list(SearchMode))
+async def test_hits_carry_their_place_in_the_original_text(engine: RetrievalEngine, store: DocumentStore,
+                                                           mode: SearchMode) -> None:
+    # CRLF line ends, a decomposed accent, runs of spaces and a markdown rule the chunker drops:
+    # the location still reproduces the original exactly.
+    original = ("# Records\r\n\r\nThe re\u0301gime says firms keep   zebra records for seven years.\r\n\r\n---\r\n\r\n"
+                "Zebra records are stored\r\nsecurely by the MLRO.\r\n")
+    await store.provision(A)
+    await engine.ingest(A, [DocumentInput(document_id="rec", title="Records", text=original,
+                                          content_type="text/markdown")])
+    result = await engine.search(A, SearchQuery("zebra records", mode=mode))
+    assert result.hits
+    for hit in result.hits:
+        assert hit.location is not None
+        assert hit.location.original_text(hit.text) == original[hit.location.start:hit.location.end]
+        assert "zebra records" in original[hit.location.start:hit.location.end]

@@ -18,7 +18,14 @@ from typing import Any
 from servers.common.errors import FieldViolation, InvalidArgument
 from servers.common.identity import PLATFORM_TENANT, TENANT_ID_RE
 from servers.metering.tenants import plans
-from servers.metering.tenants.plans import PROVIDERS, Limits, Plan, RetrievalMode, TenantConfig
+from servers.metering.tenants.plans import (
+    PROVIDERS,
+    UNSUPPORTED_SENTENCES,
+    Limits,
+    Plan,
+    RetrievalMode,
+    TenantConfig,
+)
 
 log = logging.getLogger("copilot.metering.tenants")
 
@@ -114,6 +121,8 @@ _CONFIG_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "top_k": lambda v: None if _is_int(v) and 1 <= v <= 100 else "must be between 1 and 100",
     "pii_masking": lambda v: None if isinstance(v, bool) else "must be a boolean",
     "agentic_tools": lambda v: None if isinstance(v, bool) else "must be a boolean",
+    "unsupported_sentences": lambda v: None if v in UNSUPPORTED_SENTENCES
+    else f"must be one of {', '.join(UNSUPPORTED_SENTENCES)}",
 }
 
 

@@ -48,6 +48,14 @@ class TenantConfig:
     top_k: int
     pii_masking: bool
     agentic_tools: bool
+    # What an answer does with a sentence its citations do not support: flag it (in the
+    # answer's details), remove it, or refuse the answer (docs/groundedness.md). Flag by
+    # default: nothing is withheld from a tenant that did not ask for it.
+    unsupported_sentences: str = "flag"
+
+
+# The values of TenantConfig.unsupported_sentences.
+UNSUPPORTED_SENTENCES = ("flag", "remove", "refuse")
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,7 @@ import numpy.typing as npt
 from servers.common.identity import TENANT_ID_RE
 from servers.common.lru import LruCache
 from servers.retrieval.access import AccessCheck
+from servers.retrieval.chunker import location_from_json, location_to_json
 from servers.retrieval.lexical import TOKENIZE, LexicalIndex, QueryTokenizer, Ranked
 from servers.retrieval.models import (
     AccessChange,
@@ -87,7 +88,7 @@ T = TypeVar("T")
 FTS5_BM25 = Bm25Params(k1=1.2, b=0.75)
 
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _SCHEMA_V1 = f"""
 CREATE TABLE IF NOT EXISTS documents (
@@ -175,6 +176,19 @@ CREATE TABLE IF NOT EXISTS document_access (
 ) WITHOUT ROWID;
 """
 
+# v5: where each chunk lies in its document's original text (chunker.Location as JSON), keyed
+# by the chunk's rowid like its vector; chunks indexed before have no row (no offsets) until
+# their document is re-ingested.
+_SCHEMA_V5 = """
+CREATE TABLE IF NOT EXISTS chunk_locations (
+    id       INTEGER PRIMARY KEY,           -- chunks.id
+    location TEXT NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS chunks_location_after_delete AFTER DELETE ON chunks BEGIN
+    DELETE FROM chunk_locations WHERE id = old.id;
+END;
+"""
+
 _SIDE_FILES = ("-wal", "-shm", "-journal")
 
 # Keeps write transactions short so a tenant's searches interleave with a big ingest.
@@ -250,7 +264,7 @@ def _open(path: Path, *, create: bool) -> sqlite3.Connection:
         if version < SCHEMA_VERSION:
             # Idempotent, so two processes opening an old file at once both succeed.
             conn.executescript(
-                f"BEGIN IMMEDIATE;{_SCHEMA_V1}{_SCHEMA_V2}{_SCHEMA_V3}{_SCHEMA_V4}"
+                f"BEGIN IMMEDIATE;{_SCHEMA_V1}{_SCHEMA_V2}{_SCHEMA_V3}{_SCHEMA_V4}{_SCHEMA_V5}"
                 f"INSERT OR IGNORE INTO tenant_revision (id, incarnation, version) VALUES (1, '{uuid.uuid4().hex}', 0);"
                 f"PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
     except BaseException:
@@ -832,6 +846,9 @@ def _upsert_one(conn: sqlite3.Connection, prepared: PreparedDocument, now: str) 
         "INSERT INTO chunks (chunk_id, document_id, ordinal, title, section, text) VALUES (?, ?, ?, ?, ?, ?)",
         [(c.chunk_id, doc_id, c.ordinal, doc.title, c.section, c.text) for c in prepared.chunks])
     conn.executemany(
+        "INSERT INTO chunk_locations (id, location) SELECT id, ? FROM chunks WHERE chunk_id = ?",
+        [(location_to_json(c.location), c.chunk_id) for c in prepared.chunks if c.location is not None])
+    conn.executemany(
         "INSERT INTO document_metadata (document_id, key, value) VALUES (?, ?, ?)",
         [(doc_id, key, value) for key, value in doc.metadata.items()])
     _write_access(conn, doc_id, doc.access)
@@ -907,7 +924,8 @@ def _filter_clauses(filters: Mapping[str, str]) -> tuple[list[str], list[object]
 
 
 _HIT_COLUMNS = ("c.document_id, c.chunk_id, c.title, c.section, c.text, d.source, d.metadata,"
-                " (SELECT group_concat(a.label, char(10)) FROM document_access a WHERE a.document_id = c.document_id)")
+                " (SELECT group_concat(a.label, char(10)) FROM document_access a WHERE a.document_id = c.document_id),"
+                " (SELECT l.location FROM chunk_locations l WHERE l.id = c.id)")
 
 
 def _rank_fts(conn: sqlite3.Connection, expression: str, top_k: int, filters: Mapping[str, str],
@@ -1014,7 +1032,8 @@ def _fetch_hits(conn: sqlite3.Connection, ranked: Ranked) -> list[Hit]:
                 f" WHERE c.id IN ({','.join('?' * len(part))})", part):
             by_id[row[0]] = row
     return [Hit(document_id=r[1], chunk_id=r[2], title=r[3], section=r[4], text=r[5], score=score,
-                source=r[6], metadata=json.loads(r[7]), access=tuple(sorted(r[8].split("\n"))) if r[8] else ())
+                source=r[6], metadata=json.loads(r[7]), access=tuple(sorted(r[8].split("\n"))) if r[8] else (),
+                location=location_from_json(r[9]))
             for rowid, score in ranked if (r := by_id.get(rowid)) is not None]
 
 

@@ -53,12 +53,18 @@ import weaviate
 import weaviate.classes as wvc
 from weaviate import WeaviateAsyncClient
 from weaviate.collections.classes.filters import _Filters
-from weaviate.exceptions import UnexpectedStatusCodeError, WeaviateBaseError, WeaviateQueryError
+from weaviate.exceptions import (
+    UnexpectedStatusCodeError,
+    WeaviateBaseError,
+    WeaviateInvalidInputError,
+    WeaviateQueryError,
+)
 from weaviate.util import generate_uuid5
 
 from servers.common.errors import Unavailable
 from servers.common.identity import TENANT_ID_RE
 from servers.retrieval.access import PUBLIC_LABEL, AccessCheck
+from servers.retrieval.chunker import location_from_json, location_to_json
 from servers.retrieval.fusion import Fusion
 from servers.retrieval.models import (
     AccessChange,
@@ -84,7 +90,8 @@ _IDS_PER_QUERY = 200
 _OBJECTS_PER_BATCH = 256
 _SETTINGS_MAX = 1000
 
-_HIT_PROPERTIES = ["document_id", "chunk_id", "title", "section", "text", "source", "metadata_json", "access"]
+_HIT_PROPERTIES = ["document_id", "chunk_id", "title", "section", "text", "source", "metadata_json", "access",
+                   "location_json"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +194,7 @@ class WeaviateStore:
                                 index_searchable=False),
             # Who may read the chunk's document: its labels, or "*" for the whole tenant.
             wvc.config.Property(name="access", data_type=text_array, tokenization=field, index_searchable=False),
+            *self._added_properties(),
         ]
         settings_properties = [
             wvc.config.Property(name="key", data_type=text, tokenization=field, index_searchable=False),
@@ -195,6 +203,8 @@ class WeaviateStore:
         for name, properties, vectors in ((self.chunks_name, chunk_properties, True),
                                           (self.settings_name, settings_properties, False)):
             if await client.collections.exists(name):
+                if vectors:
+                    await self._upgrade(client, name)
                 continue
             try:
                 await client.collections.create(
@@ -210,6 +220,26 @@ class WeaviateStore:
             except UnexpectedStatusCodeError:
                 # Another replica created it first.
                 if not await client.collections.exists(name):
+                    raise
+
+    @staticmethod
+    def _added_properties() -> list[wvc.config.Property]:
+        """Chunk properties added after the collection's first version; `_upgrade` adds them to
+        a collection made before (Weaviate adds a property in place, existing objects without it)."""
+        # chunker.Location as JSON: where the chunk lies in the document's original text.
+        return [wvc.config.Property(name="location_json", data_type=wvc.config.DataType.TEXT,
+                                    index_searchable=False, index_filterable=False)]
+
+    async def _upgrade(self, client: WeaviateAsyncClient, name: str) -> None:
+        collection = client.collections.get(name)
+        for prop in self._added_properties():
+            try:
+                await collection.config.add_property(prop)
+            except WeaviateInvalidInputError:
+                pass  # added before (the client checks first)
+            except UnexpectedStatusCodeError as exc:
+                # Another replica added it between the client's check and its request.
+                if "exist" not in str(exc).lower():
                     raise
 
     async def _call(self, what: str, op: Callable[[WeaviateAsyncClient], Awaitable[T]], *,
@@ -601,7 +631,8 @@ def _objects(prepared: PreparedDocument, version: str) -> list[wvc.data.DataObje
             vector = {VECTOR_NAME: [float(x) for x in prepared.vectors[index]]}
         objects.append(wvc.data.DataObject(
             properties={**common, "chunk_id": chunk.chunk_id, "ordinal": chunk.ordinal, "section": chunk.section,
-                        "text": chunk.text},
+                        "text": chunk.text,
+                        "location_json": location_to_json(chunk.location) if chunk.location is not None else ""},
             # Stable per chunk: re-writing a chunk replaces its object.
             uuid=generate_uuid5(chunk.chunk_id, doc.document_id),
             vector=vector,
@@ -697,4 +728,5 @@ def _hit(properties: Mapping[str, Any], score: float) -> Hit:
                text=str(properties.get("text") or ""), score=float(score),
                source=str(properties.get("source") or ""),
                metadata=json.loads(str(properties.get("metadata_json") or "{}")),
-               access=tuple(sorted(_labels(properties.get("access")))))
+               access=tuple(sorted(_labels(properties.get("access")))),
+               location=location_from_json(str(properties.get("location_json") or "")))

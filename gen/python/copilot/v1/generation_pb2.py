@@ -23,10 +23,11 @@ _sym_db = _symbol_database.Default()
 
 
 from copilot.v1 import common_pb2 as copilot_dot_v1_dot_common__pb2
+from copilot.v1 import tenant_pb2 as copilot_dot_v1_dot_tenant__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63opilot/v1/generation.proto\x12\ncopilot.v1\x1a\x17\x63opilot/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\"\xd6\x01\n\rAnswerRequest\x12\x10\n\x08question\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\'\n\x04mode\x18\x03 \x01(\x0e\x32\x19.copilot.v1.RetrievalMode\x12\x37\n\x07\x66ilters\x18\x04 \x03(\x0b\x32&.copilot.v1.AnswerRequest.FiltersEntry\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x1a.\n\x0c\x46iltersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe2\x01\n\x13StreamAnswerRequest\x12\x10\n\x08question\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\'\n\x04mode\x18\x03 \x01(\x0e\x32\x19.copilot.v1.RetrievalMode\x12=\n\x07\x66ilters\x18\x04 \x03(\x0b\x32,.copilot.v1.StreamAnswerRequest.FiltersEntry\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x1a.\n\x0c\x46iltersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xda\x03\n\rAnswerDetails\x12\'\n\tcitations\x18\x01 \x03(\x0b\x32\x14.copilot.v1.Citation\x12%\n\x05usage\x18\x02 \x01(\x0b\x32\x16.copilot.v1.TokenUsage\x12*\n\x07latency\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\tmode_used\x18\x04 \x01(\x0e\x32\x19.copilot.v1.RetrievalMode\x12\x10\n\x08\x64\x65graded\x18\x05 \x01(\x08\x12\x17\n\x0f\x64\x65graded_reason\x18\x06 \x01(\t\x12\x10\n\x08provider\x18\x07 \x01(\t\x12\r\n\x05model\x18\x08 \x01(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\x12&\n\tpii_masks\x18\n \x03(\x0b\x32\x13.copilot.v1.PiiMask\x12\x15\n\rsub_questions\x18\x0b \x03(\t\x12\x15\n\rusage_pending\x18\x0c \x01(\x08\x12\x34\n\x11retrieval_latency\x18\r \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x33\n\x10provider_latency\x18\x0e \x01(\x0b\x32\x19.google.protobuf.Duration\",\n\x07PiiMask\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x13\n\x0bplaceholder\x18\x02 \x01(\t\"L\n\x0e\x41nswerResponse\x12\x0e\n\x06\x61nswer\x18\x01 \x01(\t\x12*\n\x07\x64\x65tails\x18\x02 \x01(\x0b\x32\x19.copilot.v1.AnswerDetails\"^\n\x14StreamAnswerResponse\x12\x0f\n\x05\x64\x65lta\x18\x01 \x01(\tH\x00\x12,\n\x07\x64\x65tails\x18\x02 \x01(\x0b\x32\x19.copilot.v1.AnswerDetailsH\x00\x42\x07\n\x05\x65vent2\xa9\x01\n\x11GenerationService\x12?\n\x06\x41nswer\x12\x19.copilot.v1.AnswerRequest\x1a\x1a.copilot.v1.AnswerResponse\x12S\n\x0cStreamAnswer\x12\x1f.copilot.v1.StreamAnswerRequest\x1a .copilot.v1.StreamAnswerResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63opilot/v1/generation.proto\x12\ncopilot.v1\x1a\x17\x63opilot/v1/common.proto\x1a\x17\x63opilot/v1/tenant.proto\x1a\x1egoogle/protobuf/duration.proto\"\xd6\x01\n\rAnswerRequest\x12\x10\n\x08question\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\'\n\x04mode\x18\x03 \x01(\x0e\x32\x19.copilot.v1.RetrievalMode\x12\x37\n\x07\x66ilters\x18\x04 \x03(\x0b\x32&.copilot.v1.AnswerRequest.FiltersEntry\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x1a.\n\x0c\x46iltersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe2\x01\n\x13StreamAnswerRequest\x12\x10\n\x08question\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\'\n\x04mode\x18\x03 \x01(\x0e\x32\x19.copilot.v1.RetrievalMode\x12=\n\x07\x66ilters\x18\x04 \x03(\x0b\x32,.copilot.v1.StreamAnswerRequest.FiltersEntry\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x1a.\n\x0c\x46iltersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe0\x04\n\rAnswerDetails\x12\'\n\tcitations\x18\x01 \x03(\x0b\x32\x14.copilot.v1.Citation\x12%\n\x05usage\x18\x02 \x01(\x0b\x32\x16.copilot.v1.TokenUsage\x12*\n\x07latency\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\tmode_used\x18\x04 \x01(\x0e\x32\x19.copilot.v1.RetrievalMode\x12\x10\n\x08\x64\x65graded\x18\x05 \x01(\x08\x12\x17\n\x0f\x64\x65graded_reason\x18\x06 \x01(\t\x12\x10\n\x08provider\x18\x07 \x01(\t\x12\r\n\x05model\x18\x08 \x01(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\x12&\n\tpii_masks\x18\n \x03(\x0b\x32\x13.copilot.v1.PiiMask\x12\x15\n\rsub_questions\x18\x0b \x03(\t\x12\x15\n\rusage_pending\x18\x0c \x01(\x08\x12\x34\n\x11retrieval_latency\x18\r \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x33\n\x10provider_latency\x18\x0e \x01(\x0b\x32\x19.google.protobuf.Duration\x12$\n\x05spans\x18\x0f \x03(\x0b\x32\x15.copilot.v1.CitedSpan\x12.\n\tsentences\x18\x10 \x03(\x0b\x32\x1b.copilot.v1.SentenceVerdict\x12.\n\x0cgroundedness\x18\x11 \x01(\x0b\x32\x18.copilot.v1.Groundedness\"\xb3\x01\n\tCitedSpan\x12\x16\n\x0e\x63itation_index\x18\x01 \x01(\x05\x12\x13\n\x0b\x64ocument_id\x18\x02 \x01(\t\x12\x10\n\x08\x63hunk_id\x18\x03 \x01(\t\x12\r\n\x05start\x18\x04 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x05 \x01(\x05\x12\x0c\n\x04text\x18\x06 \x01(\t\x12\x15\n\rmatch_quality\x18\x07 \x01(\x01\x12&\n\x06origin\x18\x08 \x01(\x0e\x32\x16.copilot.v1.SpanOrigin\"\x94\x01\n\x0fSentenceVerdict\x12\r\n\x05start\x18\x01 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x05\x12\x11\n\tcitations\x18\x03 \x03(\x05\x12\r\n\x05spans\x18\x04 \x03(\x05\x12\x11\n\tsupported\x18\x05 \x01(\x08\x12\x0f\n\x07support\x18\x06 \x01(\x01\x12\x0e\n\x06issues\x18\x07 \x03(\t\x12\x0f\n\x07removed\x18\x08 \x01(\x08\"\x99\x01\n\x0cGroundedness\x12\r\n\x05score\x18\x01 \x01(\x01\x12\x1d\n\x15unsupported_sentences\x18\x02 \x01(\x05\x12\x30\n\x06policy\x18\x03 \x01(\x0e\x32 .copilot.v1.UnsupportedSentences\x12\x0f\n\x07refused\x18\x04 \x01(\x08\x12\x18\n\x10unmatched_quotes\x18\x05 \x01(\x05\",\n\x07PiiMask\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x13\n\x0bplaceholder\x18\x02 \x01(\t\"L\n\x0e\x41nswerResponse\x12\x0e\n\x06\x61nswer\x18\x01 \x01(\t\x12*\n\x07\x64\x65tails\x18\x02 \x01(\x0b\x32\x19.copilot.v1.AnswerDetails\"^\n\x14StreamAnswerResponse\x12\x0f\n\x05\x64\x65lta\x18\x01 \x01(\tH\x00\x12,\n\x07\x64\x65tails\x18\x02 \x01(\x0b\x32\x19.copilot.v1.AnswerDetailsH\x00\x42\x07\n\x05\x65vent*v\n\nSpanOrigin\x12\x1b\n\x17SPAN_ORIGIN_UNSPECIFIED\x10\x00\x12\x19\n\x15SPAN_ORIGIN_EXTRACTED\x10\x01\x12\x16\n\x12SPAN_ORIGIN_QUOTED\x10\x02\x12\x18\n\x14SPAN_ORIGIN_INFERRED\x10\x03\x32\xa9\x01\n\x11GenerationService\x12?\n\x06\x41nswer\x12\x19.copilot.v1.AnswerRequest\x1a\x1a.copilot.v1.AnswerResponse\x12S\n\x0cStreamAnswer\x12\x1f.copilot.v1.StreamAnswerRequest\x1a .copilot.v1.StreamAnswerResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,22 +38,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ANSWERREQUEST_FILTERSENTRY']._serialized_options = b'8\001'
   _globals['_STREAMANSWERREQUEST_FILTERSENTRY']._loaded_options = None
   _globals['_STREAMANSWERREQUEST_FILTERSENTRY']._serialized_options = b'8\001'
-  _globals['_ANSWERREQUEST']._serialized_start=101
-  _globals['_ANSWERREQUEST']._serialized_end=315
-  _globals['_ANSWERREQUEST_FILTERSENTRY']._serialized_start=269
-  _globals['_ANSWERREQUEST_FILTERSENTRY']._serialized_end=315
-  _globals['_STREAMANSWERREQUEST']._serialized_start=318
-  _globals['_STREAMANSWERREQUEST']._serialized_end=544
-  _globals['_STREAMANSWERREQUEST_FILTERSENTRY']._serialized_start=269
-  _globals['_STREAMANSWERREQUEST_FILTERSENTRY']._serialized_end=315
-  _globals['_ANSWERDETAILS']._serialized_start=547
-  _globals['_ANSWERDETAILS']._serialized_end=1021
-  _globals['_PIIMASK']._serialized_start=1023
-  _globals['_PIIMASK']._serialized_end=1067
-  _globals['_ANSWERRESPONSE']._serialized_start=1069
-  _globals['_ANSWERRESPONSE']._serialized_end=1145
-  _globals['_STREAMANSWERRESPONSE']._serialized_start=1147
-  _globals['_STREAMANSWERRESPONSE']._serialized_end=1241
-  _globals['_GENERATIONSERVICE']._serialized_start=1244
-  _globals['_GENERATIONSERVICE']._serialized_end=1413
+  _globals['_SPANORIGIN']._serialized_start=1891
+  _globals['_SPANORIGIN']._serialized_end=2009
+  _globals['_ANSWERREQUEST']._serialized_start=126
+  _globals['_ANSWERREQUEST']._serialized_end=340
+  _globals['_ANSWERREQUEST_FILTERSENTRY']._serialized_start=294
+  _globals['_ANSWERREQUEST_FILTERSENTRY']._serialized_end=340
+  _globals['_STREAMANSWERREQUEST']._serialized_start=343
+  _globals['_STREAMANSWERREQUEST']._serialized_end=569
+  _globals['_STREAMANSWERREQUEST_FILTERSENTRY']._serialized_start=294
+  _globals['_STREAMANSWERREQUEST_FILTERSENTRY']._serialized_end=340
+  _globals['_ANSWERDETAILS']._serialized_start=572
+  _globals['_ANSWERDETAILS']._serialized_end=1180
+  _globals['_CITEDSPAN']._serialized_start=1183
+  _globals['_CITEDSPAN']._serialized_end=1362
+  _globals['_SENTENCEVERDICT']._serialized_start=1365
+  _globals['_SENTENCEVERDICT']._serialized_end=1513
+  _globals['_GROUNDEDNESS']._serialized_start=1516
+  _globals['_GROUNDEDNESS']._serialized_end=1669
+  _globals['_PIIMASK']._serialized_start=1671
+  _globals['_PIIMASK']._serialized_end=1715
+  _globals['_ANSWERRESPONSE']._serialized_start=1717
+  _globals['_ANSWERRESPONSE']._serialized_end=1793
+  _globals['_STREAMANSWERRESPONSE']._serialized_start=1795
+  _globals['_STREAMANSWERRESPONSE']._serialized_end=1889
+  _globals['_GENERATIONSERVICE']._serialized_start=2012
+  _globals['_GENERATIONSERVICE']._serialized_end=2181
 # @@protoc_insertion_point(module_scope)

@@ -127,7 +127,7 @@ class SearchRequest(_message.Message):
     def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., filters: _Optional[_Mapping[str, str]] = ..., mode: _Optional[_Union[SearchMode, str]] = ..., alpha: _Optional[float] = ..., fusion: _Optional[_Union[FusionMethod, str]] = ...) -> None: ...
 
 class SearchHit(_message.Message):
-    __slots__ = ("document_id", "chunk_id", "title", "section", "text", "score", "source", "metadata", "access")
+    __slots__ = ("document_id", "chunk_id", "title", "section", "text", "score", "source", "metadata", "access", "location")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +144,7 @@ class SearchHit(_message.Message):
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     ACCESS_FIELD_NUMBER: _ClassVar[int]
+    LOCATION_FIELD_NUMBER: _ClassVar[int]
     document_id: str
     chunk_id: str
     title: str
@@ -153,7 +154,28 @@ class SearchHit(_message.Message):
     source: str
     metadata: _containers.ScalarMap[str, str]
     access: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, document_id: _Optional[str] = ..., chunk_id: _Optional[str] = ..., title: _Optional[str] = ..., section: _Optional[str] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., source: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., access: _Optional[_Iterable[str]] = ...) -> None: ...
+    location: ChunkLocation
+    def __init__(self, document_id: _Optional[str] = ..., chunk_id: _Optional[str] = ..., title: _Optional[str] = ..., section: _Optional[str] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., source: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., access: _Optional[_Iterable[str]] = ..., location: _Optional[_Union[ChunkLocation, _Mapping]] = ...) -> None: ...
+
+class ChunkLocation(_message.Message):
+    __slots__ = ("start", "end", "edits")
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    EDITS_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    end: int
+    edits: _containers.RepeatedCompositeFieldContainer[TextEdit]
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., edits: _Optional[_Iterable[_Union[TextEdit, _Mapping]]] = ...) -> None: ...
+
+class TextEdit(_message.Message):
+    __slots__ = ("at", "length", "original")
+    AT_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    ORIGINAL_FIELD_NUMBER: _ClassVar[int]
+    at: int
+    length: int
+    original: str
+    def __init__(self, at: _Optional[int] = ..., length: _Optional[int] = ..., original: _Optional[str] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("hits", "mode", "alpha", "fusion", "cached")

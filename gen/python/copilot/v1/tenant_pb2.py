@@ -27,49 +27,51 @@ from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mas
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63opilot/v1/tenant.proto\x12\ncopilot.v1\x1a\x17\x63opilot/v1/common.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x94\x01\n\x0cTenantLimits\x12\x1b\n\x13requests_per_second\x18\x01 \x01(\x05\x12\x1b\n\x13requests_per_minute\x18\x02 \x01(\x05\x12\x19\n\x11requests_per_hour\x18\x03 \x01(\x05\x12\x18\n\x10tokens_per_month\x18\x04 \x01(\x03\x12\x15\n\rmax_documents\x18\x05 \x01(\x05\"\xdd\x01\n\x0cTenantConfig\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x15\n\rsystem_prompt\x18\x05 \x01(\t\x12\x31\n\x0eretrieval_mode\x18\x06 \x01(\x0e\x32\x19.copilot.v1.RetrievalMode\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x13\n\x0bpii_masking\x18\x08 \x01(\x08\x12\x15\n\ragentic_tools\x18\t \x01(\x08\"\xc7\x02\n\x06Tenant\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x1e\n\x04plan\x18\x03 \x01(\x0e\x32\x10.copilot.v1.Plan\x12&\n\x05state\x18\x04 \x01(\x0e\x32\x17.copilot.v1.TenantState\x12(\n\x06limits\x18\x05 \x01(\x0b\x32\x18.copilot.v1.TenantLimits\x12(\n\x06\x63onfig\x18\x06 \x01(\x0b\x32\x18.copilot.v1.TenantConfig\x12\x16\n\x0e\x63onfig_version\x18\x07 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"^\n\x13\x43reateTenantRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x1e\n\x04plan\x18\x03 \x01(\x0e\x32\x10.copilot.v1.Plan\":\n\x14\x43reateTenantResponse\x12\"\n\x06tenant\x18\x01 \x01(\x0b\x32\x12.copilot.v1.Tenant\"%\n\x10GetTenantRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"7\n\x11GetTenantResponse\x12\"\n\x06tenant\x18\x01 \x01(\x0b\x32\x12.copilot.v1.Tenant\"j\n\x13UpdateTenantRequest\x12\"\n\x06tenant\x18\x01 \x01(\x0b\x32\x12.copilot.v1.Tenant\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\":\n\x14UpdateTenantResponse\x12\"\n\x06tenant\x18\x01 \x01(\x0b\x32\x12.copilot.v1.Tenant\";\n\x12ListTenantsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"S\n\x13ListTenantsResponse\x12#\n\x07tenants\x18\x01 \x03(\x0b\x32\x12.copilot.v1.Tenant\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"(\n\x13\x44\x65leteTenantRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"\x16\n\x14\x44\x65leteTenantResponse\"<\n\x14SuspendTenantRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tsuspended\x18\x02 \x01(\x08\";\n\x15SuspendTenantResponse\x12\"\n\x06tenant\x18\x01 \x01(\x0b\x32\x12.copilot.v1.Tenant\"\x15\n\x13WatchTenantsRequest\"n\n\x14WatchTenantsResponse\x12#\n\x07tenants\x18\x01 \x03(\x0b\x32\x12.copilot.v1.Tenant\x12\x1a\n\x12\x64\x65leted_tenant_ids\x18\x02 \x03(\t\x12\x15\n\rsnapshot_done\x18\x03 \x01(\x08*`\n\x0bTenantState\x12\x1c\n\x18TENANT_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13TENANT_STATE_ACTIVE\x10\x01\x12\x1a\n\x16TENANT_STATE_SUSPENDED\x10\x02\x32\xcd\x04\n\rTenantService\x12Q\n\x0c\x43reateTenant\x12\x1f.copilot.v1.CreateTenantRequest\x1a .copilot.v1.CreateTenantResponse\x12H\n\tGetTenant\x12\x1c.copilot.v1.GetTenantRequest\x1a\x1d.copilot.v1.GetTenantResponse\x12Q\n\x0cUpdateTenant\x12\x1f.copilot.v1.UpdateTenantRequest\x1a .copilot.v1.UpdateTenantResponse\x12N\n\x0bListTenants\x12\x1e.copilot.v1.ListTenantsRequest\x1a\x1f.copilot.v1.ListTenantsResponse\x12Q\n\x0c\x44\x65leteTenant\x12\x1f.copilot.v1.DeleteTenantRequest\x1a .copilot.v1.DeleteTenantResponse\x12T\n\rSuspendTenant\x12 .copilot.v1.SuspendTenantRequest\x1a!.copilot.v1.SuspendTenantResponse\x12S\n\x0cWatchTenants\x12\x1f.copilot.v1.WatchTenantsRequest\x1a .copilot.v1.WatchTenantsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63opilot/v1/tenant.proto\x12\ncopilot.v1\x1a\x17\x63opilot/v1/common.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x94\x01\n\x0cTenantLimits\x12\x1b\n\x13requests_per_second\x18\x01 \x01(\x05\x12\x1b\n\x13requests_per_minute\x18\x02 \x01(\x05\x12\x19\n\x11requests_per_hour\x18\x03 \x01(\x05\x12\x18\n\x10tokens_per_month\x18\x04 \x01(\x03\x12\x15\n\rmax_documents\x18\x05 \x01(\x05\"\x9e\x02\n\x0cTenantConfig\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x15\n\rsystem_prompt\x18\x05 \x01(\t\x12\x31\n\x0eretrieval_mode\x18\x06 \x01(\x0e\x32\x19.copilot.v1.RetrievalMode\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x13\n\x0bpii_masking\x18\x08 \x01(\x08\x12\x15\n\ragentic_tools\x18\t \x01(\x08\x12?\n\x15unsupported_sentences\x18\n \x01(\x0e\x32 .copilot.v1.UnsupportedSentences\"\xc7\x02\n\x06Tenant\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x1e\n\x04plan\x18\x03 \x01(\x0e\x32\x10.copilot.v1.Plan\x12&\n\x05state\x18\x04 \x01(\x0e\x32\x17.copilot.v1.TenantState\x12(\n\x06limits\x18\x05 \x01(\x0b\x32\x18.copilot.v1.TenantLimits\x12(\n\x06\x63onfig\x18\x06 \x01(\x0b\x32\x18.copilot.v1.TenantConfig\x12\x16\n\x0e\x63onfig_version\x18\x07 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"^\n\x13\x43reateTenantRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x1e\n\x04plan\x18\x03 \x01(\x0e\x32\x10.copilot.v1.Plan\":\n\x14\x43reateTenantResponse\x12\"\n\x06tenant\x18\x01 \x01(\x0b\x32\x12.copilot.v1.Tenant\"%\n\x10GetTenantRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"7\n\x11GetTenantResponse\x12\"\n\x06tenant\x18\x01 \x01(\x0b\x32\x12.copilot.v1.Tenant\"j\n\x13UpdateTenantRequest\x12\"\n\x06tenant\x18\x01 \x01(\x0b\x32\x12.copilot.v1.Tenant\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\":\n\x14UpdateTenantResponse\x12\"\n\x06tenant\x18\x01 \x01(\x0b\x32\x12.copilot.v1.Tenant\";\n\x12ListTenantsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"S\n\x13ListTenantsResponse\x12#\n\x07tenants\x18\x01 \x03(\x0b\x32\x12.copilot.v1.Tenant\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"(\n\x13\x44\x65leteTenantRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"\x16\n\x14\x44\x65leteTenantResponse\"<\n\x14SuspendTenantRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tsuspended\x18\x02 \x01(\x08\";\n\x15SuspendTenantResponse\x12\"\n\x06tenant\x18\x01 \x01(\x0b\x32\x12.copilot.v1.Tenant\"\x15\n\x13WatchTenantsRequest\"n\n\x14WatchTenantsResponse\x12#\n\x07tenants\x18\x01 \x03(\x0b\x32\x12.copilot.v1.Tenant\x12\x1a\n\x12\x64\x65leted_tenant_ids\x18\x02 \x03(\t\x12\x15\n\rsnapshot_done\x18\x03 \x01(\x08*`\n\x0bTenantState\x12\x1c\n\x18TENANT_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13TENANT_STATE_ACTIVE\x10\x01\x12\x1a\n\x16TENANT_STATE_SUSPENDED\x10\x02*\xa1\x01\n\x14UnsupportedSentences\x12%\n!UNSUPPORTED_SENTENCES_UNSPECIFIED\x10\x00\x12\x1e\n\x1aUNSUPPORTED_SENTENCES_FLAG\x10\x01\x12 \n\x1cUNSUPPORTED_SENTENCES_REMOVE\x10\x02\x12 \n\x1cUNSUPPORTED_SENTENCES_REFUSE\x10\x03\x32\xcd\x04\n\rTenantService\x12Q\n\x0c\x43reateTenant\x12\x1f.copilot.v1.CreateTenantRequest\x1a .copilot.v1.CreateTenantResponse\x12H\n\tGetTenant\x12\x1c.copilot.v1.GetTenantRequest\x1a\x1d.copilot.v1.GetTenantResponse\x12Q\n\x0cUpdateTenant\x12\x1f.copilot.v1.UpdateTenantRequest\x1a .copilot.v1.UpdateTenantResponse\x12N\n\x0bListTenants\x12\x1e.copilot.v1.ListTenantsRequest\x1a\x1f.copilot.v1.ListTenantsResponse\x12Q\n\x0c\x44\x65leteTenant\x12\x1f.copilot.v1.DeleteTenantRequest\x1a .copilot.v1.DeleteTenantResponse\x12T\n\rSuspendTenant\x12 .copilot.v1.SuspendTenantRequest\x1a!.copilot.v1.SuspendTenantResponse\x12S\n\x0cWatchTenants\x12\x1f.copilot.v1.WatchTenantsRequest\x1a .copilot.v1.WatchTenantsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'copilot.v1.tenant_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TENANTSTATE']._serialized_start=1726
-  _globals['_TENANTSTATE']._serialized_end=1822
+  _globals['_TENANTSTATE']._serialized_start=1791
+  _globals['_TENANTSTATE']._serialized_end=1887
+  _globals['_UNSUPPORTEDSENTENCES']._serialized_start=1890
+  _globals['_UNSUPPORTEDSENTENCES']._serialized_end=2051
   _globals['_TENANTLIMITS']._serialized_start=132
   _globals['_TENANTLIMITS']._serialized_end=280
   _globals['_TENANTCONFIG']._serialized_start=283
-  _globals['_TENANTCONFIG']._serialized_end=504
-  _globals['_TENANT']._serialized_start=507
-  _globals['_TENANT']._serialized_end=834
-  _globals['_CREATETENANTREQUEST']._serialized_start=836
-  _globals['_CREATETENANTREQUEST']._serialized_end=930
-  _globals['_CREATETENANTRESPONSE']._serialized_start=932
-  _globals['_CREATETENANTRESPONSE']._serialized_end=990
-  _globals['_GETTENANTREQUEST']._serialized_start=992
-  _globals['_GETTENANTREQUEST']._serialized_end=1029
-  _globals['_GETTENANTRESPONSE']._serialized_start=1031
-  _globals['_GETTENANTRESPONSE']._serialized_end=1086
-  _globals['_UPDATETENANTREQUEST']._serialized_start=1088
-  _globals['_UPDATETENANTREQUEST']._serialized_end=1194
-  _globals['_UPDATETENANTRESPONSE']._serialized_start=1196
-  _globals['_UPDATETENANTRESPONSE']._serialized_end=1254
-  _globals['_LISTTENANTSREQUEST']._serialized_start=1256
-  _globals['_LISTTENANTSREQUEST']._serialized_end=1315
-  _globals['_LISTTENANTSRESPONSE']._serialized_start=1317
-  _globals['_LISTTENANTSRESPONSE']._serialized_end=1400
-  _globals['_DELETETENANTREQUEST']._serialized_start=1402
-  _globals['_DELETETENANTREQUEST']._serialized_end=1442
-  _globals['_DELETETENANTRESPONSE']._serialized_start=1444
-  _globals['_DELETETENANTRESPONSE']._serialized_end=1466
-  _globals['_SUSPENDTENANTREQUEST']._serialized_start=1468
-  _globals['_SUSPENDTENANTREQUEST']._serialized_end=1528
-  _globals['_SUSPENDTENANTRESPONSE']._serialized_start=1530
-  _globals['_SUSPENDTENANTRESPONSE']._serialized_end=1589
-  _globals['_WATCHTENANTSREQUEST']._serialized_start=1591
-  _globals['_WATCHTENANTSREQUEST']._serialized_end=1612
-  _globals['_WATCHTENANTSRESPONSE']._serialized_start=1614
-  _globals['_WATCHTENANTSRESPONSE']._serialized_end=1724
-  _globals['_TENANTSERVICE']._serialized_start=1825
-  _globals['_TENANTSERVICE']._serialized_end=2414
+  _globals['_TENANTCONFIG']._serialized_end=569
+  _globals['_TENANT']._serialized_start=572
+  _globals['_TENANT']._serialized_end=899
+  _globals['_CREATETENANTREQUEST']._serialized_start=901
+  _globals['_CREATETENANTREQUEST']._serialized_end=995
+  _globals['_CREATETENANTRESPONSE']._serialized_start=997
+  _globals['_CREATETENANTRESPONSE']._serialized_end=1055
+  _globals['_GETTENANTREQUEST']._serialized_start=1057
+  _globals['_GETTENANTREQUEST']._serialized_end=1094
+  _globals['_GETTENANTRESPONSE']._serialized_start=1096
+  _globals['_GETTENANTRESPONSE']._serialized_end=1151
+  _globals['_UPDATETENANTREQUEST']._serialized_start=1153
+  _globals['_UPDATETENANTREQUEST']._serialized_end=1259
+  _globals['_UPDATETENANTRESPONSE']._serialized_start=1261
+  _globals['_UPDATETENANTRESPONSE']._serialized_end=1319
+  _globals['_LISTTENANTSREQUEST']._serialized_start=1321
+  _globals['_LISTTENANTSREQUEST']._serialized_end=1380
+  _globals['_LISTTENANTSRESPONSE']._serialized_start=1382
+  _globals['_LISTTENANTSRESPONSE']._serialized_end=1465
+  _globals['_DELETETENANTREQUEST']._serialized_start=1467
+  _globals['_DELETETENANTREQUEST']._serialized_end=1507
+  _globals['_DELETETENANTRESPONSE']._serialized_start=1509
+  _globals['_DELETETENANTRESPONSE']._serialized_end=1531
+  _globals['_SUSPENDTENANTREQUEST']._serialized_start=1533
+  _globals['_SUSPENDTENANTREQUEST']._serialized_end=1593
+  _globals['_SUSPENDTENANTRESPONSE']._serialized_start=1595
+  _globals['_SUSPENDTENANTRESPONSE']._serialized_end=1654
+  _globals['_WATCHTENANTSREQUEST']._serialized_start=1656
+  _globals['_WATCHTENANTSREQUEST']._serialized_end=1677
+  _globals['_WATCHTENANTSRESPONSE']._serialized_start=1679
+  _globals['_WATCHTENANTSRESPONSE']._serialized_end=1789
+  _globals['_TENANTSERVICE']._serialized_start=2054
+  _globals['_TENANTSERVICE']._serialized_end=2643
 # @@protoc_insertion_point(module_scope)

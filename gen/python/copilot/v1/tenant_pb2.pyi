@@ -17,9 +17,20 @@ class TenantState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TENANT_STATE_UNSPECIFIED: _ClassVar[TenantState]
     TENANT_STATE_ACTIVE: _ClassVar[TenantState]
     TENANT_STATE_SUSPENDED: _ClassVar[TenantState]
+
+class UnsupportedSentences(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    UNSUPPORTED_SENTENCES_UNSPECIFIED: _ClassVar[UnsupportedSentences]
+    UNSUPPORTED_SENTENCES_FLAG: _ClassVar[UnsupportedSentences]
+    UNSUPPORTED_SENTENCES_REMOVE: _ClassVar[UnsupportedSentences]
+    UNSUPPORTED_SENTENCES_REFUSE: _ClassVar[UnsupportedSentences]
 TENANT_STATE_UNSPECIFIED: TenantState
 TENANT_STATE_ACTIVE: TenantState
 TENANT_STATE_SUSPENDED: TenantState
+UNSUPPORTED_SENTENCES_UNSPECIFIED: UnsupportedSentences
+UNSUPPORTED_SENTENCES_FLAG: UnsupportedSentences
+UNSUPPORTED_SENTENCES_REMOVE: UnsupportedSentences
+UNSUPPORTED_SENTENCES_REFUSE: UnsupportedSentences
 
 class TenantLimits(_message.Message):
     __slots__ = ("requests_per_second", "requests_per_minute", "requests_per_hour", "tokens_per_month", "max_documents")
@@ -36,7 +47,7 @@ class TenantLimits(_message.Message):
     def __init__(self, requests_per_second: _Optional[int] = ..., requests_per_minute: _Optional[int] = ..., requests_per_hour: _Optional[int] = ..., tokens_per_month: _Optional[int] = ..., max_documents: _Optional[int] = ...) -> None: ...
 
 class TenantConfig(_message.Message):
-    __slots__ = ("provider", "model", "temperature", "max_tokens", "system_prompt", "retrieval_mode", "top_k", "pii_masking", "agentic_tools")
+    __slots__ = ("provider", "model", "temperature", "max_tokens", "system_prompt", "retrieval_mode", "top_k", "pii_masking", "agentic_tools", "unsupported_sentences")
     PROVIDER_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +57,7 @@ class TenantConfig(_message.Message):
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     PII_MASKING_FIELD_NUMBER: _ClassVar[int]
     AGENTIC_TOOLS_FIELD_NUMBER: _ClassVar[int]
+    UNSUPPORTED_SENTENCES_FIELD_NUMBER: _ClassVar[int]
     provider: str
     model: str
     temperature: float
@@ -55,7 +67,8 @@ class TenantConfig(_message.Message):
     top_k: int
     pii_masking: bool
     agentic_tools: bool
-    def __init__(self, provider: _Optional[str] = ..., model: _Optional[str] = ..., temperature: _Optional[float] = ..., max_tokens: _Optional[int] = ..., system_prompt: _Optional[str] = ..., retrieval_mode: _Optional[_Union[_common_pb2.RetrievalMode, str]] = ..., top_k: _Optional[int] = ..., pii_masking: bool = ..., agentic_tools: bool = ...) -> None: ...
+    unsupported_sentences: UnsupportedSentences
+    def __init__(self, provider: _Optional[str] = ..., model: _Optional[str] = ..., temperature: _Optional[float] = ..., max_tokens: _Optional[int] = ..., system_prompt: _Optional[str] = ..., retrieval_mode: _Optional[_Union[_common_pb2.RetrievalMode, str]] = ..., top_k: _Optional[int] = ..., pii_masking: bool = ..., agentic_tools: bool = ..., unsupported_sentences: _Optional[_Union[UnsupportedSentences, str]] = ...) -> None: ...
 
 class Tenant(_message.Message):
     __slots__ = ("tenant_id", "display_name", "plan", "state", "limits", "config", "config_version", "create_time", "update_time")

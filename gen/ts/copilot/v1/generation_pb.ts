@@ -2,10 +2,12 @@
 // @generated from file copilot/v1/generation.proto (package copilot.v1, syntax proto3)
 /* eslint-disable */
 
-import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
-import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
+import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
+import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { Citation, RetrievalMode, TokenUsage } from "./common_pb";
 import { file_copilot_v1_common } from "./common_pb";
+import type { UnsupportedSentences } from "./tenant_pb";
+import { file_copilot_v1_tenant } from "./tenant_pb";
 import type { Duration } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_duration } from "@bufbuild/protobuf/wkt";
 import type { Message } from "@bufbuild/protobuf";
@@ -14,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file copilot/v1/generation.proto.
  */
 export const file_copilot_v1_generation: GenFile = /*@__PURE__*/
-  fileDesc("Chtjb3BpbG90L3YxL2dlbmVyYXRpb24ucHJvdG8SCmNvcGlsb3QudjEi1gEKDUFuc3dlclJlcXVlc3QSEAoIcXVlc3Rpb24YASABKAkSDQoFdG9wX2sYAiABKAUSJwoEbW9kZRgDIAEoDjIZLmNvcGlsb3QudjEuUmV0cmlldmFsTW9kZRI3CgdmaWx0ZXJzGAQgAygLMiYuY29waWxvdC52MS5BbnN3ZXJSZXF1ZXN0LkZpbHRlcnNFbnRyeRISCgpyZXF1ZXN0X2lkGAUgASgJGi4KDEZpbHRlcnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIuIBChNTdHJlYW1BbnN3ZXJSZXF1ZXN0EhAKCHF1ZXN0aW9uGAEgASgJEg0KBXRvcF9rGAIgASgFEicKBG1vZGUYAyABKA4yGS5jb3BpbG90LnYxLlJldHJpZXZhbE1vZGUSPQoHZmlsdGVycxgEIAMoCzIsLmNvcGlsb3QudjEuU3RyZWFtQW5zd2VyUmVxdWVzdC5GaWx0ZXJzRW50cnkSEgoKcmVxdWVzdF9pZBgFIAEoCRouCgxGaWx0ZXJzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASLaAwoNQW5zd2VyRGV0YWlscxInCgljaXRhdGlvbnMYASADKAsyFC5jb3BpbG90LnYxLkNpdGF0aW9uEiUKBXVzYWdlGAIgASgLMhYuY29waWxvdC52MS5Ub2tlblVzYWdlEioKB2xhdGVuY3kYAyABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SLAoJbW9kZV91c2VkGAQgASgOMhkuY29waWxvdC52MS5SZXRyaWV2YWxNb2RlEhAKCGRlZ3JhZGVkGAUgASgIEhcKD2RlZ3JhZGVkX3JlYXNvbhgGIAEoCRIQCghwcm92aWRlchgHIAEoCRINCgVtb2RlbBgIIAEoCRISCgpyZXF1ZXN0X2lkGAkgASgJEiYKCXBpaV9tYXNrcxgKIAMoCzITLmNvcGlsb3QudjEuUGlpTWFzaxIVCg1zdWJfcXVlc3Rpb25zGAsgAygJEhUKDXVzYWdlX3BlbmRpbmcYDCABKAgSNAoRcmV0cmlldmFsX2xhdGVuY3kYDSABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SMwoQcHJvdmlkZXJfbGF0ZW5jeRgOIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiIsCgdQaWlNYXNrEgwKBGtpbmQYASABKAkSEwoLcGxhY2Vob2xkZXIYAiABKAkiTAoOQW5zd2VyUmVzcG9uc2USDgoGYW5zd2VyGAEgASgJEioKB2RldGFpbHMYAiABKAsyGS5jb3BpbG90LnYxLkFuc3dlckRldGFpbHMiXgoUU3RyZWFtQW5zd2VyUmVzcG9uc2USDwoFZGVsdGEYASABKAlIABIsCgdkZXRhaWxzGAIgASgLMhkuY29waWxvdC52MS5BbnN3ZXJEZXRhaWxzSABCBwoFZXZlbnQyqQEKEUdlbmVyYXRpb25TZXJ2aWNlEj8KBkFuc3dlchIZLmNvcGlsb3QudjEuQW5zd2VyUmVxdWVzdBoaLmNvcGlsb3QudjEuQW5zd2VyUmVzcG9uc2USUwoMU3RyZWFtQW5zd2VyEh8uY29waWxvdC52MS5TdHJlYW1BbnN3ZXJSZXF1ZXN0GiAuY29waWxvdC52MS5TdHJlYW1BbnN3ZXJSZXNwb25zZTABYgZwcm90bzM", [file_copilot_v1_common, file_google_protobuf_duration]);
+  fileDesc("Chtjb3BpbG90L3YxL2dlbmVyYXRpb24ucHJvdG8SCmNvcGlsb3QudjEi1gEKDUFuc3dlclJlcXVlc3QSEAoIcXVlc3Rpb24YASABKAkSDQoFdG9wX2sYAiABKAUSJwoEbW9kZRgDIAEoDjIZLmNvcGlsb3QudjEuUmV0cmlldmFsTW9kZRI3CgdmaWx0ZXJzGAQgAygLMiYuY29waWxvdC52MS5BbnN3ZXJSZXF1ZXN0LkZpbHRlcnNFbnRyeRISCgpyZXF1ZXN0X2lkGAUgASgJGi4KDEZpbHRlcnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIuIBChNTdHJlYW1BbnN3ZXJSZXF1ZXN0EhAKCHF1ZXN0aW9uGAEgASgJEg0KBXRvcF9rGAIgASgFEicKBG1vZGUYAyABKA4yGS5jb3BpbG90LnYxLlJldHJpZXZhbE1vZGUSPQoHZmlsdGVycxgEIAMoCzIsLmNvcGlsb3QudjEuU3RyZWFtQW5zd2VyUmVxdWVzdC5GaWx0ZXJzRW50cnkSEgoKcmVxdWVzdF9pZBgFIAEoCRouCgxGaWx0ZXJzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASLgBAoNQW5zd2VyRGV0YWlscxInCgljaXRhdGlvbnMYASADKAsyFC5jb3BpbG90LnYxLkNpdGF0aW9uEiUKBXVzYWdlGAIgASgLMhYuY29waWxvdC52MS5Ub2tlblVzYWdlEioKB2xhdGVuY3kYAyABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SLAoJbW9kZV91c2VkGAQgASgOMhkuY29waWxvdC52MS5SZXRyaWV2YWxNb2RlEhAKCGRlZ3JhZGVkGAUgASgIEhcKD2RlZ3JhZGVkX3JlYXNvbhgGIAEoCRIQCghwcm92aWRlchgHIAEoCRINCgVtb2RlbBgIIAEoCRISCgpyZXF1ZXN0X2lkGAkgASgJEiYKCXBpaV9tYXNrcxgKIAMoCzITLmNvcGlsb3QudjEuUGlpTWFzaxIVCg1zdWJfcXVlc3Rpb25zGAsgAygJEhUKDXVzYWdlX3BlbmRpbmcYDCABKAgSNAoRcmV0cmlldmFsX2xhdGVuY3kYDSABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SMwoQcHJvdmlkZXJfbGF0ZW5jeRgOIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIkCgVzcGFucxgPIAMoCzIVLmNvcGlsb3QudjEuQ2l0ZWRTcGFuEi4KCXNlbnRlbmNlcxgQIAMoCzIbLmNvcGlsb3QudjEuU2VudGVuY2VWZXJkaWN0Ei4KDGdyb3VuZGVkbmVzcxgRIAEoCzIYLmNvcGlsb3QudjEuR3JvdW5kZWRuZXNzIrMBCglDaXRlZFNwYW4SFgoOY2l0YXRpb25faW5kZXgYASABKAUSEwoLZG9jdW1lbnRfaWQYAiABKAkSEAoIY2h1bmtfaWQYAyABKAkSDQoFc3RhcnQYBCABKAUSCwoDZW5kGAUgASgFEgwKBHRleHQYBiABKAkSFQoNbWF0Y2hfcXVhbGl0eRgHIAEoARImCgZvcmlnaW4YCCABKA4yFi5jb3BpbG90LnYxLlNwYW5PcmlnaW4ilAEKD1NlbnRlbmNlVmVyZGljdBINCgVzdGFydBgBIAEoBRILCgNlbmQYAiABKAUSEQoJY2l0YXRpb25zGAMgAygFEg0KBXNwYW5zGAQgAygFEhEKCXN1cHBvcnRlZBgFIAEoCBIPCgdzdXBwb3J0GAYgASgBEg4KBmlzc3VlcxgHIAMoCRIPCgdyZW1vdmVkGAggASgIIpkBCgxHcm91bmRlZG5lc3MSDQoFc2NvcmUYASABKAESHQoVdW5zdXBwb3J0ZWRfc2VudGVuY2VzGAIgASgFEjAKBnBvbGljeRgDIAEoDjIgLmNvcGlsb3QudjEuVW5zdXBwb3J0ZWRTZW50ZW5jZXMSDwoHcmVmdXNlZBgEIAEoCBIYChB1bm1hdGNoZWRfcXVvdGVzGAUgASgFIiwKB1BpaU1hc2sSDAoEa2luZBgBIAEoCRITCgtwbGFjZWhvbGRlchgCIAEoCSJMCg5BbnN3ZXJSZXNwb25zZRIOCgZhbnN3ZXIYASABKAkSKgoHZGV0YWlscxgCIAEoCzIZLmNvcGlsb3QudjEuQW5zd2VyRGV0YWlscyJeChRTdHJlYW1BbnN3ZXJSZXNwb25zZRIPCgVkZWx0YRgBIAEoCUgAEiwKB2RldGFpbHMYAiABKAsyGS5jb3BpbG90LnYxLkFuc3dlckRldGFpbHNIAEIHCgVldmVudCp2CgpTcGFuT3JpZ2luEhsKF1NQQU5fT1JJR0lOX1VOU1BFQ0lGSUVEEAASGQoVU1BBTl9PUklHSU5fRVhUUkFDVEVEEAESFgoSU1BBTl9PUklHSU5fUVVPVEVEEAISGAoUU1BBTl9PUklHSU5fSU5GRVJSRUQQAzKpAQoRR2VuZXJhdGlvblNlcnZpY2USPwoGQW5zd2VyEhkuY29waWxvdC52MS5BbnN3ZXJSZXF1ZXN0GhouY29waWxvdC52MS5BbnN3ZXJSZXNwb25zZRJTCgxTdHJlYW1BbnN3ZXISHy5jb3BpbG90LnYxLlN0cmVhbUFuc3dlclJlcXVlc3QaIC5jb3BpbG90LnYxLlN0cmVhbUFuc3dlclJlc3BvbnNlMAFiBnByb3RvMw", [file_copilot_v1_common, file_copilot_v1_tenant, file_google_protobuf_duration]);
 
 /**
  * @generated from message copilot.v1.AnswerRequest
@@ -187,6 +189,27 @@ export type AnswerDetails = Message<"copilot.v1.AnswerDetails"> & {
    * @generated from field: google.protobuf.Duration provider_latency = 14;
    */
   providerLatency?: Duration | undefined;
+
+  /**
+   * The exact spans of the documents' original text the answer rests on; every span
+   * belongs to one of `citations` (docs/groundedness.md).
+   *
+   * @generated from field: repeated copilot.v1.CitedSpan spans = 15;
+   */
+  spans: CitedSpan[];
+
+  /**
+   * The answer's sentences in order: which citations and spans each rests on, and whether
+   * they support it.
+   *
+   * @generated from field: repeated copilot.v1.SentenceVerdict sentences = 16;
+   */
+  sentences: SentenceVerdict[];
+
+  /**
+   * @generated from field: copilot.v1.Groundedness groundedness = 17;
+   */
+  groundedness?: Groundedness | undefined;
 };
 
 /**
@@ -195,6 +218,177 @@ export type AnswerDetails = Message<"copilot.v1.AnswerDetails"> & {
  */
 export const AnswerDetailsSchema: GenMessage<AnswerDetails> = /*@__PURE__*/
   messageDesc(file_copilot_v1_generation, 2);
+
+/**
+ * A range of a document's original text (as ingested), in Unicode code points: [start, end).
+ *
+ * @generated from message copilot.v1.CitedSpan
+ */
+export type CitedSpan = Message<"copilot.v1.CitedSpan"> & {
+  /**
+   * The Citation.index this span belongs to.
+   *
+   * @generated from field: int32 citation_index = 1;
+   */
+  citationIndex: number;
+
+  /**
+   * @generated from field: string document_id = 2;
+   */
+  documentId: string;
+
+  /**
+   * @generated from field: string chunk_id = 3;
+   */
+  chunkId: string;
+
+  /**
+   * @generated from field: int32 start = 4;
+   */
+  start: number;
+
+  /**
+   * @generated from field: int32 end = 5;
+   */
+  end: number;
+
+  /**
+   * The document's original text at [start, end).
+   *
+   * @generated from field: string text = 6;
+   */
+  text: string;
+
+  /**
+   * How closely the quote matched the source: 1 verbatim (whitespace aside), lower for a
+   * fuzzy match; quotes below the service's threshold are dropped, not shown.
+   *
+   * @generated from field: double match_quality = 7;
+   */
+  matchQuality: number;
+
+  /**
+   * @generated from field: copilot.v1.SpanOrigin origin = 8;
+   */
+  origin: SpanOrigin;
+};
+
+/**
+ * Describes the message copilot.v1.CitedSpan.
+ * Use `create(CitedSpanSchema)` to create a new message.
+ */
+export const CitedSpanSchema: GenMessage<CitedSpan> = /*@__PURE__*/
+  messageDesc(file_copilot_v1_generation, 3);
+
+/**
+ * @generated from message copilot.v1.SentenceVerdict
+ */
+export type SentenceVerdict = Message<"copilot.v1.SentenceVerdict"> & {
+  /**
+   * The sentence's [start, end) in the answer text as delivered (code points); a removed
+   * sentence has start == end at the place it was cut from.
+   *
+   * @generated from field: int32 start = 1;
+   */
+  start: number;
+
+  /**
+   * @generated from field: int32 end = 2;
+   */
+  end: number;
+
+  /**
+   * The Citation.index values the sentence cites.
+   *
+   * @generated from field: repeated int32 citations = 3;
+   */
+  citations: number[];
+
+  /**
+   * Indexes into AnswerDetails.spans that the sentence rests on.
+   *
+   * @generated from field: repeated int32 spans = 4;
+   */
+  spans: number[];
+
+  /**
+   * @generated from field: bool supported = 5;
+   */
+  supported: boolean;
+
+  /**
+   * 0..1: how strongly its cited spans support it.
+   *
+   * @generated from field: double support = 6;
+   */
+  support: number;
+
+  /**
+   * Why it is not supported, e.g. "cites nothing", "30 days is not in the cited text".
+   *
+   * @generated from field: repeated string issues = 7;
+   */
+  issues: string[];
+
+  /**
+   * Left out of the answer by the tenant's setting.
+   *
+   * @generated from field: bool removed = 8;
+   */
+  removed: boolean;
+};
+
+/**
+ * Describes the message copilot.v1.SentenceVerdict.
+ * Use `create(SentenceVerdictSchema)` to create a new message.
+ */
+export const SentenceVerdictSchema: GenMessage<SentenceVerdict> = /*@__PURE__*/
+  messageDesc(file_copilot_v1_generation, 4);
+
+/**
+ * @generated from message copilot.v1.Groundedness
+ */
+export type Groundedness = Message<"copilot.v1.Groundedness"> & {
+  /**
+   * 0..1: the answer's sentences' support, weighted by their length.
+   *
+   * @generated from field: double score = 1;
+   */
+  score: number;
+
+  /**
+   * @generated from field: int32 unsupported_sentences = 2;
+   */
+  unsupportedSentences: number;
+
+  /**
+   * What the tenant's setting did with them.
+   *
+   * @generated from field: copilot.v1.UnsupportedSentences policy = 3;
+   */
+  policy: UnsupportedSentences;
+
+  /**
+   * The answer was refused because a sentence was unsupported (policy REFUSE).
+   *
+   * @generated from field: bool refused = 4;
+   */
+  refused: boolean;
+
+  /**
+   * Model quotes not found in the passage they cited (dropped).
+   *
+   * @generated from field: int32 unmatched_quotes = 5;
+   */
+  unmatchedQuotes: number;
+};
+
+/**
+ * Describes the message copilot.v1.Groundedness.
+ * Use `create(GroundednessSchema)` to create a new message.
+ */
+export const GroundednessSchema: GenMessage<Groundedness> = /*@__PURE__*/
+  messageDesc(file_copilot_v1_generation, 5);
 
 /**
  * One masked PII value: its kind (EMAIL, PHONE, CARD, IBAN, SSN) and the placeholder
@@ -219,7 +413,7 @@ export type PiiMask = Message<"copilot.v1.PiiMask"> & {
  * Use `create(PiiMaskSchema)` to create a new message.
  */
 export const PiiMaskSchema: GenMessage<PiiMask> = /*@__PURE__*/
-  messageDesc(file_copilot_v1_generation, 3);
+  messageDesc(file_copilot_v1_generation, 6);
 
 /**
  * @generated from message copilot.v1.AnswerResponse
@@ -241,7 +435,7 @@ export type AnswerResponse = Message<"copilot.v1.AnswerResponse"> & {
  * Use `create(AnswerResponseSchema)` to create a new message.
  */
 export const AnswerResponseSchema: GenMessage<AnswerResponse> = /*@__PURE__*/
-  messageDesc(file_copilot_v1_generation, 4);
+  messageDesc(file_copilot_v1_generation, 7);
 
 /**
  * @generated from message copilot.v1.StreamAnswerResponse
@@ -274,7 +468,46 @@ export type StreamAnswerResponse = Message<"copilot.v1.StreamAnswerResponse"> & 
  * Use `create(StreamAnswerResponseSchema)` to create a new message.
  */
 export const StreamAnswerResponseSchema: GenMessage<StreamAnswerResponse> = /*@__PURE__*/
-  messageDesc(file_copilot_v1_generation, 5);
+  messageDesc(file_copilot_v1_generation, 8);
+
+/**
+ * How a span was found.
+ *
+ * @generated from enum copilot.v1.SpanOrigin
+ */
+export enum SpanOrigin {
+  /**
+   * @generated from enum value: SPAN_ORIGIN_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * The answer's sentence was taken from the document (extractive): exact by construction.
+   *
+   * @generated from enum value: SPAN_ORIGIN_EXTRACTED = 1;
+   */
+  EXTRACTED = 1,
+
+  /**
+   * The model quoted it and the quote was found in the cited passage (see match_quality).
+   *
+   * @generated from enum value: SPAN_ORIGIN_QUOTED = 2;
+   */
+  QUOTED = 2,
+
+  /**
+   * The model gave no usable quote: the passage sentence closest to the citing sentence.
+   *
+   * @generated from enum value: SPAN_ORIGIN_INFERRED = 3;
+   */
+  INFERRED = 3,
+}
+
+/**
+ * Describes the enum copilot.v1.SpanOrigin.
+ */
+export const SpanOriginSchema: GenEnum<SpanOrigin> = /*@__PURE__*/
+  enumDesc(file_copilot_v1_generation, 0);
 
 /**
  * The retrieval-augmented answer pipeline: quota check, tenant config, retrieval,

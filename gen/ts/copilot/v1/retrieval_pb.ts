@@ -10,7 +10,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file copilot/v1/retrieval.proto.
  */
 export const file_copilot_v1_retrieval: GenFile = /*@__PURE__*/
-  fileDesc("Chpjb3BpbG90L3YxL3JldHJpZXZhbC5wcm90bxIKY29waWxvdC52MSLZAQoIRG9jdW1lbnQSEwoLZG9jdW1lbnRfaWQYASABKAkSDQoFdGl0bGUYAiABKAkSDAoEdGV4dBgDIAEoCRIOCgZzb3VyY2UYBCABKAkSNAoIbWV0YWRhdGEYBSADKAsyIi5jb3BpbG90LnYxLkRvY3VtZW50Lk1ldGFkYXRhRW50cnkSFAoMY29udGVudF90eXBlGAYgASgJEg4KBmFjY2VzcxgHIAMoCRovCg1NZXRhZGF0YUVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEidQoORG9jdW1lbnRSZXN1bHQSEwoLZG9jdW1lbnRfaWQYASABKAkSKAoGc3RhdHVzGAIgASgOMhguY29waWxvdC52MS5Jbmdlc3RTdGF0dXMSDgoGY2h1bmtzGAMgASgFEhQKDGNvbnRlbnRfaGFzaBgEIAEoCSJBChZJbmdlc3REb2N1bWVudHNSZXF1ZXN0EicKCWRvY3VtZW50cxgBIAMoCzIULmNvcGlsb3QudjEuRG9jdW1lbnQiRgoXSW5nZXN0RG9jdW1lbnRzUmVzcG9uc2USKwoHcmVzdWx0cxgBIAMoCzIaLmNvcGlsb3QudjEuRG9jdW1lbnRSZXN1bHQiRwocU3RyZWFtSW5nZXN0RG9jdW1lbnRzUmVxdWVzdBInCglkb2N1bWVudHMYASADKAsyFC5jb3BpbG90LnYxLkRvY3VtZW50ImQKHVN0cmVhbUluZ2VzdERvY3VtZW50c1Jlc3BvbnNlEisKB3Jlc3VsdHMYASADKAsyGi5jb3BpbG90LnYxLkRvY3VtZW50UmVzdWx0EhYKDmRvY3VtZW50c19kb25lGAIgASgDIoQCCg1TZWFyY2hSZXF1ZXN0Eg0KBXF1ZXJ5GAEgASgJEg0KBXRvcF9rGAIgASgFEjcKB2ZpbHRlcnMYAyADKAsyJi5jb3BpbG90LnYxLlNlYXJjaFJlcXVlc3QuRmlsdGVyc0VudHJ5EiQKBG1vZGUYBCABKA4yFi5jb3BpbG90LnYxLlNlYXJjaE1vZGUSEgoFYWxwaGEYBSABKAJIAIgBARIoCgZmdXNpb24YBiABKA4yGC5jb3BpbG90LnYxLkZ1c2lvbk1ldGhvZBouCgxGaWx0ZXJzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUIICgZfYWxwaGEi9wEKCVNlYXJjaEhpdBITCgtkb2N1bWVudF9pZBgBIAEoCRIQCghjaHVua19pZBgCIAEoCRINCgV0aXRsZRgDIAEoCRIPCgdzZWN0aW9uGAQgASgJEgwKBHRleHQYBSABKAkSDQoFc2NvcmUYBiABKAESDgoGc291cmNlGAcgASgJEjUKCG1ldGFkYXRhGAggAygLMiMuY29waWxvdC52MS5TZWFyY2hIaXQuTWV0YWRhdGFFbnRyeRIOCgZhY2Nlc3MYCSADKAkaLwoNTWV0YWRhdGFFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIrMBCg5TZWFyY2hSZXNwb25zZRIjCgRoaXRzGAEgAygLMhUuY29waWxvdC52MS5TZWFyY2hIaXQSJAoEbW9kZRgCIAEoDjIWLmNvcGlsb3QudjEuU2VhcmNoTW9kZRISCgVhbHBoYRgDIAEoAkgAiAEBEigKBmZ1c2lvbhgEIAEoDjIYLmNvcGlsb3QudjEuRnVzaW9uTWV0aG9kEg4KBmNhY2hlZBgFIAEoCEIICgZfYWxwaGEiLgoWRGVsZXRlRG9jdW1lbnRzUmVxdWVzdBIUCgxkb2N1bWVudF9pZHMYASADKAkiXwoXRGVsZXRlRG9jdW1lbnRzUmVzcG9uc2USGQoRZGVsZXRlZF9kb2N1bWVudHMYASABKAUSFgoOZGVsZXRlZF9jaHVua3MYAiABKAUSEQoJbm90X2ZvdW5kGAMgAygJIhgKFlByb3Zpc2lvblRlbmFudFJlcXVlc3QiGQoXUHJvdmlzaW9uVGVuYW50UmVzcG9uc2UiFAoSRXJhc2VUZW5hbnRSZXF1ZXN0IhUKE0VyYXNlVGVuYW50UmVzcG9uc2UitQEKDlNlYXJjaFNldHRpbmdzEiwKDGRlZmF1bHRfbW9kZRgBIAEoDjIWLmNvcGlsb3QudjEuU2VhcmNoTW9kZRIaCg1kZWZhdWx0X2FscGhhGAIgASgCSACIAQESMAoOZGVmYXVsdF9mdXNpb24YAyABKA4yGC5jb3BpbG90LnYxLkZ1c2lvbk1ldGhvZBIVCg1kZWZhdWx0X3RvcF9rGAQgASgFQhAKDl9kZWZhdWx0X2FscGhhIpECChZDb25maWd1cmVTZWFyY2hSZXF1ZXN0EjEKDGRlZmF1bHRfbW9kZRgBIAEoDjIWLmNvcGlsb3QudjEuU2VhcmNoTW9kZUgAiAEBEhoKDWRlZmF1bHRfYWxwaGEYAiABKAJIAYgBARI1Cg5kZWZhdWx0X2Z1c2lvbhgDIAEoDjIYLmNvcGlsb3QudjEuRnVzaW9uTWV0aG9kSAKIAQESGgoNZGVmYXVsdF90b3BfaxgEIAEoBUgDiAEBEg0KBXJlc2V0GAUgASgIQg8KDV9kZWZhdWx0X21vZGVCEAoOX2RlZmF1bHRfYWxwaGFCEQoPX2RlZmF1bHRfZnVzaW9uQhAKDl9kZWZhdWx0X3RvcF9rIo8BChdDb25maWd1cmVTZWFyY2hSZXNwb25zZRIsCghzZXR0aW5ncxgBIAEoCzIaLmNvcGlsb3QudjEuU2VhcmNoU2V0dGluZ3MSLQoJZWZmZWN0aXZlGAIgASgLMhouY29waWxvdC52MS5TZWFyY2hTZXR0aW5ncxIXCg9kZW5zZV9hdmFpbGFibGUYAyABKAgiNQoORG9jdW1lbnRBY2Nlc3MSEwoLZG9jdW1lbnRfaWQYASABKAkSDgoGYWNjZXNzGAIgAygJIkkKGFNldERvY3VtZW50QWNjZXNzUmVxdWVzdBItCglkb2N1bWVudHMYASADKAsyGi5jb3BpbG90LnYxLkRvY3VtZW50QWNjZXNzIlIKGVNldERvY3VtZW50QWNjZXNzUmVzcG9uc2USDwoHdXBkYXRlZBgBIAEoBRIRCgl1bmNoYW5nZWQYAiABKAUSEQoJbm90X2ZvdW5kGAMgAygJKpoBCgxJbmdlc3RTdGF0dXMSHQoZSU5HRVNUX1NUQVRVU19VTlNQRUNJRklFRBAAEhkKFUlOR0VTVF9TVEFUVVNfQ1JFQVRFRBABEhoKFklOR0VTVF9TVEFUVVNfUkVQTEFDRUQQAhIbChdJTkdFU1RfU1RBVFVTX1VOQ0hBTkdFRBADEhcKE0lOR0VTVF9TVEFUVVNfRU1QVFkQBCpuCgpTZWFyY2hNb2RlEhsKF1NFQVJDSF9NT0RFX1VOU1BFQ0lGSUVEEAASFAoQU0VBUkNIX01PREVfQk0yNRABEhUKEVNFQVJDSF9NT0RFX0RFTlNFEAISFgoSU0VBUkNIX01PREVfSFlCUklEEAMqcgoMRnVzaW9uTWV0aG9kEh0KGUZVU0lPTl9NRVRIT0RfVU5TUEVDSUZJRUQQABIhCh1GVVNJT05fTUVUSE9EX1JFQ0lQUk9DQUxfUkFOSxABEiAKHEZVU0lPTl9NRVRIT0RfUkVMQVRJVkVfU0NPUkUQAjLnBQoQUmV0cmlldmFsU2VydmljZRJaCg9Jbmdlc3REb2N1bWVudHMSIi5jb3BpbG90LnYxLkluZ2VzdERvY3VtZW50c1JlcXVlc3QaIy5jb3BpbG90LnYxLkluZ2VzdERvY3VtZW50c1Jlc3BvbnNlEnAKFVN0cmVhbUluZ2VzdERvY3VtZW50cxIoLmNvcGlsb3QudjEuU3RyZWFtSW5nZXN0RG9jdW1lbnRzUmVxdWVzdBopLmNvcGlsb3QudjEuU3RyZWFtSW5nZXN0RG9jdW1lbnRzUmVzcG9uc2UoATABEj8KBlNlYXJjaBIZLmNvcGlsb3QudjEuU2VhcmNoUmVxdWVzdBoaLmNvcGlsb3QudjEuU2VhcmNoUmVzcG9uc2USWgoPRGVsZXRlRG9jdW1lbnRzEiIuY29waWxvdC52MS5EZWxldGVEb2N1bWVudHNSZXF1ZXN0GiMuY29waWxvdC52MS5EZWxldGVEb2N1bWVudHNSZXNwb25zZRJaCg9Qcm92aXNpb25UZW5hbnQSIi5jb3BpbG90LnYxLlByb3Zpc2lvblRlbmFudFJlcXVlc3QaIy5jb3BpbG90LnYxLlByb3Zpc2lvblRlbmFudFJlc3BvbnNlEk4KC0VyYXNlVGVuYW50Eh4uY29waWxvdC52MS5FcmFzZVRlbmFudFJlcXVlc3QaHy5jb3BpbG90LnYxLkVyYXNlVGVuYW50UmVzcG9uc2USWgoPQ29uZmlndXJlU2VhcmNoEiIuY29waWxvdC52MS5Db25maWd1cmVTZWFyY2hSZXF1ZXN0GiMuY29waWxvdC52MS5Db25maWd1cmVTZWFyY2hSZXNwb25zZRJgChFTZXREb2N1bWVudEFjY2VzcxIkLmNvcGlsb3QudjEuU2V0RG9jdW1lbnRBY2Nlc3NSZXF1ZXN0GiUuY29waWxvdC52MS5TZXREb2N1bWVudEFjY2Vzc1Jlc3BvbnNlYgZwcm90bzM");
+  fileDesc("Chpjb3BpbG90L3YxL3JldHJpZXZhbC5wcm90bxIKY29waWxvdC52MSLZAQoIRG9jdW1lbnQSEwoLZG9jdW1lbnRfaWQYASABKAkSDQoFdGl0bGUYAiABKAkSDAoEdGV4dBgDIAEoCRIOCgZzb3VyY2UYBCABKAkSNAoIbWV0YWRhdGEYBSADKAsyIi5jb3BpbG90LnYxLkRvY3VtZW50Lk1ldGFkYXRhRW50cnkSFAoMY29udGVudF90eXBlGAYgASgJEg4KBmFjY2VzcxgHIAMoCRovCg1NZXRhZGF0YUVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEidQoORG9jdW1lbnRSZXN1bHQSEwoLZG9jdW1lbnRfaWQYASABKAkSKAoGc3RhdHVzGAIgASgOMhguY29waWxvdC52MS5Jbmdlc3RTdGF0dXMSDgoGY2h1bmtzGAMgASgFEhQKDGNvbnRlbnRfaGFzaBgEIAEoCSJBChZJbmdlc3REb2N1bWVudHNSZXF1ZXN0EicKCWRvY3VtZW50cxgBIAMoCzIULmNvcGlsb3QudjEuRG9jdW1lbnQiRgoXSW5nZXN0RG9jdW1lbnRzUmVzcG9uc2USKwoHcmVzdWx0cxgBIAMoCzIaLmNvcGlsb3QudjEuRG9jdW1lbnRSZXN1bHQiRwocU3RyZWFtSW5nZXN0RG9jdW1lbnRzUmVxdWVzdBInCglkb2N1bWVudHMYASADKAsyFC5jb3BpbG90LnYxLkRvY3VtZW50ImQKHVN0cmVhbUluZ2VzdERvY3VtZW50c1Jlc3BvbnNlEisKB3Jlc3VsdHMYASADKAsyGi5jb3BpbG90LnYxLkRvY3VtZW50UmVzdWx0EhYKDmRvY3VtZW50c19kb25lGAIgASgDIoQCCg1TZWFyY2hSZXF1ZXN0Eg0KBXF1ZXJ5GAEgASgJEg0KBXRvcF9rGAIgASgFEjcKB2ZpbHRlcnMYAyADKAsyJi5jb3BpbG90LnYxLlNlYXJjaFJlcXVlc3QuRmlsdGVyc0VudHJ5EiQKBG1vZGUYBCABKA4yFi5jb3BpbG90LnYxLlNlYXJjaE1vZGUSEgoFYWxwaGEYBSABKAJIAIgBARIoCgZmdXNpb24YBiABKA4yGC5jb3BpbG90LnYxLkZ1c2lvbk1ldGhvZBouCgxGaWx0ZXJzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUIICgZfYWxwaGEipAIKCVNlYXJjaEhpdBITCgtkb2N1bWVudF9pZBgBIAEoCRIQCghjaHVua19pZBgCIAEoCRINCgV0aXRsZRgDIAEoCRIPCgdzZWN0aW9uGAQgASgJEgwKBHRleHQYBSABKAkSDQoFc2NvcmUYBiABKAESDgoGc291cmNlGAcgASgJEjUKCG1ldGFkYXRhGAggAygLMiMuY29waWxvdC52MS5TZWFyY2hIaXQuTWV0YWRhdGFFbnRyeRIOCgZhY2Nlc3MYCSADKAkSKwoIbG9jYXRpb24YCiABKAsyGS5jb3BpbG90LnYxLkNodW5rTG9jYXRpb24aLwoNTWV0YWRhdGFFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIlAKDUNodW5rTG9jYXRpb24SDQoFc3RhcnQYASABKAUSCwoDZW5kGAIgASgFEiMKBWVkaXRzGAMgAygLMhQuY29waWxvdC52MS5UZXh0RWRpdCI4CghUZXh0RWRpdBIKCgJhdBgBIAEoBRIOCgZsZW5ndGgYAiABKAUSEAoIb3JpZ2luYWwYAyABKAkiswEKDlNlYXJjaFJlc3BvbnNlEiMKBGhpdHMYASADKAsyFS5jb3BpbG90LnYxLlNlYXJjaEhpdBIkCgRtb2RlGAIgASgOMhYuY29waWxvdC52MS5TZWFyY2hNb2RlEhIKBWFscGhhGAMgASgCSACIAQESKAoGZnVzaW9uGAQgASgOMhguY29waWxvdC52MS5GdXNpb25NZXRob2QSDgoGY2FjaGVkGAUgASgIQggKBl9hbHBoYSIuChZEZWxldGVEb2N1bWVudHNSZXF1ZXN0EhQKDGRvY3VtZW50X2lkcxgBIAMoCSJfChdEZWxldGVEb2N1bWVudHNSZXNwb25zZRIZChFkZWxldGVkX2RvY3VtZW50cxgBIAEoBRIWCg5kZWxldGVkX2NodW5rcxgCIAEoBRIRCglub3RfZm91bmQYAyADKAkiGAoWUHJvdmlzaW9uVGVuYW50UmVxdWVzdCIZChdQcm92aXNpb25UZW5hbnRSZXNwb25zZSIUChJFcmFzZVRlbmFudFJlcXVlc3QiFQoTRXJhc2VUZW5hbnRSZXNwb25zZSK1AQoOU2VhcmNoU2V0dGluZ3MSLAoMZGVmYXVsdF9tb2RlGAEgASgOMhYuY29waWxvdC52MS5TZWFyY2hNb2RlEhoKDWRlZmF1bHRfYWxwaGEYAiABKAJIAIgBARIwCg5kZWZhdWx0X2Z1c2lvbhgDIAEoDjIYLmNvcGlsb3QudjEuRnVzaW9uTWV0aG9kEhUKDWRlZmF1bHRfdG9wX2sYBCABKAVCEAoOX2RlZmF1bHRfYWxwaGEikQIKFkNvbmZpZ3VyZVNlYXJjaFJlcXVlc3QSMQoMZGVmYXVsdF9tb2RlGAEgASgOMhYuY29waWxvdC52MS5TZWFyY2hNb2RlSACIAQESGgoNZGVmYXVsdF9hbHBoYRgCIAEoAkgBiAEBEjUKDmRlZmF1bHRfZnVzaW9uGAMgASgOMhguY29waWxvdC52MS5GdXNpb25NZXRob2RIAogBARIaCg1kZWZhdWx0X3RvcF9rGAQgASgFSAOIAQESDQoFcmVzZXQYBSABKAhCDwoNX2RlZmF1bHRfbW9kZUIQCg5fZGVmYXVsdF9hbHBoYUIRCg9fZGVmYXVsdF9mdXNpb25CEAoOX2RlZmF1bHRfdG9wX2sijwEKF0NvbmZpZ3VyZVNlYXJjaFJlc3BvbnNlEiwKCHNldHRpbmdzGAEgASgLMhouY29waWxvdC52MS5TZWFyY2hTZXR0aW5ncxItCgllZmZlY3RpdmUYAiABKAsyGi5jb3BpbG90LnYxLlNlYXJjaFNldHRpbmdzEhcKD2RlbnNlX2F2YWlsYWJsZRgDIAEoCCI1Cg5Eb2N1bWVudEFjY2VzcxITCgtkb2N1bWVudF9pZBgBIAEoCRIOCgZhY2Nlc3MYAiADKAkiSQoYU2V0RG9jdW1lbnRBY2Nlc3NSZXF1ZXN0Ei0KCWRvY3VtZW50cxgBIAMoCzIaLmNvcGlsb3QudjEuRG9jdW1lbnRBY2Nlc3MiUgoZU2V0RG9jdW1lbnRBY2Nlc3NSZXNwb25zZRIPCgd1cGRhdGVkGAEgASgFEhEKCXVuY2hhbmdlZBgCIAEoBRIRCglub3RfZm91bmQYAyADKAkqmgEKDEluZ2VzdFN0YXR1cxIdChlJTkdFU1RfU1RBVFVTX1VOU1BFQ0lGSUVEEAASGQoVSU5HRVNUX1NUQVRVU19DUkVBVEVEEAESGgoWSU5HRVNUX1NUQVRVU19SRVBMQUNFRBACEhsKF0lOR0VTVF9TVEFUVVNfVU5DSEFOR0VEEAMSFwoTSU5HRVNUX1NUQVRVU19FTVBUWRAEKm4KClNlYXJjaE1vZGUSGwoXU0VBUkNIX01PREVfVU5TUEVDSUZJRUQQABIUChBTRUFSQ0hfTU9ERV9CTTI1EAESFQoRU0VBUkNIX01PREVfREVOU0UQAhIWChJTRUFSQ0hfTU9ERV9IWUJSSUQQAypyCgxGdXNpb25NZXRob2QSHQoZRlVTSU9OX01FVEhPRF9VTlNQRUNJRklFRBAAEiEKHUZVU0lPTl9NRVRIT0RfUkVDSVBST0NBTF9SQU5LEAESIAocRlVTSU9OX01FVEhPRF9SRUxBVElWRV9TQ09SRRACMucFChBSZXRyaWV2YWxTZXJ2aWNlEloKD0luZ2VzdERvY3VtZW50cxIiLmNvcGlsb3QudjEuSW5nZXN0RG9jdW1lbnRzUmVxdWVzdBojLmNvcGlsb3QudjEuSW5nZXN0RG9jdW1lbnRzUmVzcG9uc2UScAoVU3RyZWFtSW5nZXN0RG9jdW1lbnRzEiguY29waWxvdC52MS5TdHJlYW1Jbmdlc3REb2N1bWVudHNSZXF1ZXN0GikuY29waWxvdC52MS5TdHJlYW1Jbmdlc3REb2N1bWVudHNSZXNwb25zZSgBMAESPwoGU2VhcmNoEhkuY29waWxvdC52MS5TZWFyY2hSZXF1ZXN0GhouY29waWxvdC52MS5TZWFyY2hSZXNwb25zZRJaCg9EZWxldGVEb2N1bWVudHMSIi5jb3BpbG90LnYxLkRlbGV0ZURvY3VtZW50c1JlcXVlc3QaIy5jb3BpbG90LnYxLkRlbGV0ZURvY3VtZW50c1Jlc3BvbnNlEloKD1Byb3Zpc2lvblRlbmFudBIiLmNvcGlsb3QudjEuUHJvdmlzaW9uVGVuYW50UmVxdWVzdBojLmNvcGlsb3QudjEuUHJvdmlzaW9uVGVuYW50UmVzcG9uc2USTgoLRXJhc2VUZW5hbnQSHi5jb3BpbG90LnYxLkVyYXNlVGVuYW50UmVxdWVzdBofLmNvcGlsb3QudjEuRXJhc2VUZW5hbnRSZXNwb25zZRJaCg9Db25maWd1cmVTZWFyY2gSIi5jb3BpbG90LnYxLkNvbmZpZ3VyZVNlYXJjaFJlcXVlc3QaIy5jb3BpbG90LnYxLkNvbmZpZ3VyZVNlYXJjaFJlc3BvbnNlEmAKEVNldERvY3VtZW50QWNjZXNzEiQuY29waWxvdC52MS5TZXREb2N1bWVudEFjY2Vzc1JlcXVlc3QaJS5jb3BpbG90LnYxLlNldERvY3VtZW50QWNjZXNzUmVzcG9uc2ViBnByb3RvMw");
 
 /**
  * @generated from message copilot.v1.Document
@@ -284,6 +284,14 @@ export type SearchHit = Message<"copilot.v1.SearchHit"> & {
    * @generated from field: repeated string access = 9;
    */
   access: string[];
+
+  /**
+   * Where the chunk lies in the document's original text; unset for chunks indexed before
+   * offsets were kept (re-ingesting the document adds it).
+   *
+   * @generated from field: copilot.v1.ChunkLocation location = 10;
+   */
+  location?: ChunkLocation | undefined;
 };
 
 /**
@@ -292,6 +300,69 @@ export type SearchHit = Message<"copilot.v1.SearchHit"> & {
  */
 export const SearchHitSchema: GenMessage<SearchHit> = /*@__PURE__*/
   messageDesc(file_copilot_v1_retrieval, 7);
+
+/**
+ * A chunk's place in its document's original text (as ingested, before any normalisation),
+ * in Unicode code points (Python string indexes; a UTF-16 client converts).
+ *
+ * @generated from message copilot.v1.ChunkLocation
+ */
+export type ChunkLocation = Message<"copilot.v1.ChunkLocation"> & {
+  /**
+   * The chunk covers original[start:end).
+   *
+   * @generated from field: int32 start = 1;
+   */
+  start: number;
+
+  /**
+   * @generated from field: int32 end = 2;
+   */
+  end: number;
+
+  /**
+   * Where the chunk's text differs from original[start:end] (whitespace the chunker
+   * collapsed, lines it dropped, NFC), in order: chunk_text[at:at+length] stands for
+   * `original`. Applying them to the chunk's text gives original[start:end] exactly.
+   *
+   * @generated from field: repeated copilot.v1.TextEdit edits = 3;
+   */
+  edits: TextEdit[];
+};
+
+/**
+ * Describes the message copilot.v1.ChunkLocation.
+ * Use `create(ChunkLocationSchema)` to create a new message.
+ */
+export const ChunkLocationSchema: GenMessage<ChunkLocation> = /*@__PURE__*/
+  messageDesc(file_copilot_v1_retrieval, 8);
+
+/**
+ * @generated from message copilot.v1.TextEdit
+ */
+export type TextEdit = Message<"copilot.v1.TextEdit"> & {
+  /**
+   * @generated from field: int32 at = 1;
+   */
+  at: number;
+
+  /**
+   * @generated from field: int32 length = 2;
+   */
+  length: number;
+
+  /**
+   * @generated from field: string original = 3;
+   */
+  original: string;
+};
+
+/**
+ * Describes the message copilot.v1.TextEdit.
+ * Use `create(TextEditSchema)` to create a new message.
+ */
+export const TextEditSchema: GenMessage<TextEdit> = /*@__PURE__*/
+  messageDesc(file_copilot_v1_retrieval, 9);
 
 /**
  * @generated from message copilot.v1.SearchResponse
@@ -334,7 +405,7 @@ export type SearchResponse = Message<"copilot.v1.SearchResponse"> & {
  * Use `create(SearchResponseSchema)` to create a new message.
  */
 export const SearchResponseSchema: GenMessage<SearchResponse> = /*@__PURE__*/
-  messageDesc(file_copilot_v1_retrieval, 8);
+  messageDesc(file_copilot_v1_retrieval, 10);
 
 /**
  * @generated from message copilot.v1.DeleteDocumentsRequest
@@ -351,7 +422,7 @@ export type DeleteDocumentsRequest = Message<"copilot.v1.DeleteDocumentsRequest"
  * Use `create(DeleteDocumentsRequestSchema)` to create a new message.
  */
 export const DeleteDocumentsRequestSchema: GenMessage<DeleteDocumentsRequest> = /*@__PURE__*/
-  messageDesc(file_copilot_v1_retrieval, 9);
+  messageDesc(file_copilot_v1_retrieval, 11);
 
 /**
  * @generated from message copilot.v1.DeleteDocumentsResponse
@@ -378,7 +449,7 @@ export type DeleteDocumentsResponse = Message<"copilot.v1.DeleteDocumentsRespons
  * Use `create(DeleteDocumentsResponseSchema)` to create a new message.
  */
 export const DeleteDocumentsResponseSchema: GenMessage<DeleteDocumentsResponse> = /*@__PURE__*/
-  messageDesc(file_copilot_v1_retrieval, 10);
+  messageDesc(file_copilot_v1_retrieval, 12);
 
 /**
  * @generated from message copilot.v1.ProvisionTenantRequest
@@ -391,7 +462,7 @@ export type ProvisionTenantRequest = Message<"copilot.v1.ProvisionTenantRequest"
  * Use `create(ProvisionTenantRequestSchema)` to create a new message.
  */
 export const ProvisionTenantRequestSchema: GenMessage<ProvisionTenantRequest> = /*@__PURE__*/
-  messageDesc(file_copilot_v1_retrieval, 11);
+  messageDesc(file_copilot_v1_retrieval, 13);
 
 /**
  * @generated from message copilot.v1.ProvisionTenantResponse
@@ -404,7 +475,7 @@ export type ProvisionTenantResponse = Message<"copilot.v1.ProvisionTenantRespons
  * Use `create(ProvisionTenantResponseSchema)` to create a new message.
  */
 export const ProvisionTenantResponseSchema: GenMessage<ProvisionTenantResponse> = /*@__PURE__*/
-  messageDesc(file_copilot_v1_retrieval, 12);
+  messageDesc(file_copilot_v1_retrieval, 14);
 
 /**
  * @generated from message copilot.v1.EraseTenantRequest
@@ -417,7 +488,7 @@ export type EraseTenantRequest = Message<"copilot.v1.EraseTenantRequest"> & {
  * Use `create(EraseTenantRequestSchema)` to create a new message.
  */
 export const EraseTenantRequestSchema: GenMessage<EraseTenantRequest> = /*@__PURE__*/
-  messageDesc(file_copilot_v1_retrieval, 13);
+  messageDesc(file_copilot_v1_retrieval, 15);
 
 /**
  * @generated from message copilot.v1.EraseTenantResponse
@@ -430,7 +501,7 @@ export type EraseTenantResponse = Message<"copilot.v1.EraseTenantResponse"> & {
  * Use `create(EraseTenantResponseSchema)` to create a new message.
  */
 export const EraseTenantResponseSchema: GenMessage<EraseTenantResponse> = /*@__PURE__*/
-  messageDesc(file_copilot_v1_retrieval, 14);
+  messageDesc(file_copilot_v1_retrieval, 16);
 
 /**
  * @generated from message copilot.v1.SearchSettings
@@ -466,7 +537,7 @@ export type SearchSettings = Message<"copilot.v1.SearchSettings"> & {
  * Use `create(SearchSettingsSchema)` to create a new message.
  */
 export const SearchSettingsSchema: GenMessage<SearchSettings> = /*@__PURE__*/
-  messageDesc(file_copilot_v1_retrieval, 15);
+  messageDesc(file_copilot_v1_retrieval, 17);
 
 /**
  * @generated from message copilot.v1.ConfigureSearchRequest
@@ -507,7 +578,7 @@ export type ConfigureSearchRequest = Message<"copilot.v1.ConfigureSearchRequest"
  * Use `create(ConfigureSearchRequestSchema)` to create a new message.
  */
 export const ConfigureSearchRequestSchema: GenMessage<ConfigureSearchRequest> = /*@__PURE__*/
-  messageDesc(file_copilot_v1_retrieval, 16);
+  messageDesc(file_copilot_v1_retrieval, 18);
 
 /**
  * @generated from message copilot.v1.ConfigureSearchResponse
@@ -540,7 +611,7 @@ export type ConfigureSearchResponse = Message<"copilot.v1.ConfigureSearchRespons
  * Use `create(ConfigureSearchResponseSchema)` to create a new message.
  */
 export const ConfigureSearchResponseSchema: GenMessage<ConfigureSearchResponse> = /*@__PURE__*/
-  messageDesc(file_copilot_v1_retrieval, 17);
+  messageDesc(file_copilot_v1_retrieval, 19);
 
 /**
  * @generated from message copilot.v1.DocumentAccess
@@ -564,7 +635,7 @@ export type DocumentAccess = Message<"copilot.v1.DocumentAccess"> & {
  * Use `create(DocumentAccessSchema)` to create a new message.
  */
 export const DocumentAccessSchema: GenMessage<DocumentAccess> = /*@__PURE__*/
-  messageDesc(file_copilot_v1_retrieval, 18);
+  messageDesc(file_copilot_v1_retrieval, 20);
 
 /**
  * @generated from message copilot.v1.SetDocumentAccessRequest
@@ -581,7 +652,7 @@ export type SetDocumentAccessRequest = Message<"copilot.v1.SetDocumentAccessRequ
  * Use `create(SetDocumentAccessRequestSchema)` to create a new message.
  */
 export const SetDocumentAccessRequestSchema: GenMessage<SetDocumentAccessRequest> = /*@__PURE__*/
-  messageDesc(file_copilot_v1_retrieval, 19);
+  messageDesc(file_copilot_v1_retrieval, 21);
 
 /**
  * @generated from message copilot.v1.SetDocumentAccessResponse
@@ -614,7 +685,7 @@ export type SetDocumentAccessResponse = Message<"copilot.v1.SetDocumentAccessRes
  * Use `create(SetDocumentAccessResponseSchema)` to create a new message.
  */
 export const SetDocumentAccessResponseSchema: GenMessage<SetDocumentAccessResponse> = /*@__PURE__*/
-  messageDesc(file_copilot_v1_retrieval, 20);
+  messageDesc(file_copilot_v1_retrieval, 22);
 
 /**
  * @generated from enum copilot.v1.IngestStatus
