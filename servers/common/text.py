@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from dataclasses import dataclass
 
 SECTION_SEPARATOR = " > "
 SENTENCE_END = (".", ";", ":", ",", "?", "!", "\u3002")
@@ -48,3 +49,51 @@ def is_bare_heading(paragraphs: list[str]) -> bool:
     words = line.lower().split()
     return (0 < len(words) <= 12 and len(line) <= 120 and not line.endswith(SENTENCE_END)
             and _STATEMENT_WORDS.isdisjoint(words))
+
+
+@dataclass(frozen=True, slots=True)
+class TextEdit:
+    """chunk_text[at:at + length] stands for `original` in the document's original text."""
+
+    at: int
+    length: int
+    original: str
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    """Where a chunk lies in its document's original text (as ingested, before `normalise`):
+    original[start:end], which is the chunk's text with `edits` applied (`original_text`).
+    Retrieval's chunker makes it; generation maps quoted spans back through it (the wire form
+    is the contract's ChunkLocation).
+
+    A chunk is not a plain slice of the original: the chunker collapses blank lines, strips
+    line ends, drops noise lines and applies NFC. The edits record exactly those places, so
+    a citation can point at the original's characters (docs/groundedness.md)."""
+
+    start: int
+    end: int
+    edits: tuple[TextEdit, ...] = ()
+
+    def original_text(self, chunk_text: str) -> str:
+        parts: list[str] = []
+        at = 0
+        for edit in self.edits:
+            parts.append(chunk_text[at:edit.at])
+            parts.append(edit.original)
+            at = edit.at + edit.length
+        parts.append(chunk_text[at:])
+        return "".join(parts)
+
+    def to_original(self, position: int, *, end: bool = False) -> int:
+        """The original offset of the chunk text's `position`. A position inside an edit maps
+        to the edit's start (or, with `end`, its end), so a span never cuts an edit in half."""
+        shift = 0
+        for edit in self.edits:
+            if position < edit.at or (end and position == edit.at):
+                break
+            if position < edit.at + edit.length:
+                base = self.start + edit.at + shift
+                return base + len(edit.original) if end else base
+            shift += len(edit.original) - edit.length
+        return self.start + position + shift

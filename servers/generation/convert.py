@@ -5,9 +5,10 @@ edges only: the gRPC layer (service.py), the clients (clients.py) and the tenant
 from __future__ import annotations
 
 from copilot.v1 import common_pb2, generation_pb2, retrieval_pb2, tenant_pb2
+from servers.common.text import Location, TextEdit
 from servers.generation.grounding import UnsupportedPolicy
 from servers.generation.models import Plan, RetrievalMode, SearchMode
-from servers.generation.providers import SourceLocation, SpanOrigin, TextEdit
+from servers.generation.providers import SpanOrigin
 
 _MODES: dict[RetrievalMode, common_pb2.RetrievalMode] = {
     RetrievalMode.BASIC: common_pb2.RETRIEVAL_MODE_BASIC,
@@ -81,9 +82,9 @@ def origin_to_proto(origin: SpanOrigin) -> generation_pb2.SpanOrigin:
     return _ORIGINS[origin]
 
 
-def location_from_proto(hit: retrieval_pb2.SearchHit) -> SourceLocation | None:
+def location_from_proto(hit: retrieval_pb2.SearchHit) -> Location | None:
     """None for a hit indexed before retrieval kept offsets."""
     if not hit.HasField("location"):
         return None
     loc = hit.location
-    return SourceLocation(loc.start, loc.end, tuple(TextEdit(e.at, e.length, e.original) for e in loc.edits))
+    return Location(loc.start, loc.end, tuple(TextEdit(e.at, e.length, e.original) for e in loc.edits))

@@ -7,7 +7,7 @@ Three steps after a provider has answered:
 2. `cite` turns what the provider quoted into spans of the documents' original text: a quote is
    found in its passage's chunk (verbatim up to whitespace, else by fuzzy matching, with the
    match quality kept; a quote that cannot be found is dropped and counted), then mapped through
-   the chunk's `SourceLocation` to the original's offsets and characters.
+   the chunk's `Location` to the original's offsets and characters.
 3. `Scorer` judges each sentence against the text it cites: content-word recall, plus the
    entailment checks a lexical score misses (numbers, dates, negation and actors that the cited
    text does not contain). The verdict is per sentence and for the whole answer; what happens to
@@ -22,7 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 
-from servers.generation.providers import NOT_FOUND_ANSWER, Passage, Quote, SourceLocation, SpanOrigin
+from servers.common.text import Location
+from servers.generation.providers import NOT_FOUND_ANSWER, Passage, Quote, SpanOrigin
 from servers.generation.text import sentences, terms
 
 # --- finding a quote in a passage -------------------------------------------------------------
@@ -137,7 +138,7 @@ class Span:
     origin: SpanOrigin
 
 
-def span_in(passage_text: str, location: SourceLocation | None, match: Match, *, citation: int,
+def span_in(passage_text: str, location: Location | None, match: Match, *, citation: int,
             document_id: str, chunk_id: str, origin: SpanOrigin) -> Span:
     """`match` (offsets in the chunk's text) as a span of the original document."""
     if location is None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Protocol
 
+from servers.common.text import Location
 from servers.generation.text import estimate_tokens, sentences, terms
 
 # Passages recur across answers (a tenant's popular sections): their sentences and terms are
@@ -29,49 +30,6 @@ def passage_sentences(text: str) -> tuple[tuple[str, frozenset[str], int], ...]:
     return tuple(out)
 
 
-@dataclass(frozen=True, slots=True)
-class TextEdit:
-    """chunk_text[at:at + length] stands for `original` in the document's original text."""
-
-    at: int
-    length: int
-    original: str
-
-
-@dataclass(frozen=True, slots=True)
-class SourceLocation:
-    """Retrieval's ChunkLocation: the chunk covers original[start:end], which is the chunk's
-    text with `edits` applied. (Retrieval's chunker has the same type; services share the wire
-    contract, not code.)"""
-
-    start: int
-    end: int
-    edits: tuple[TextEdit, ...] = ()
-
-    def original_text(self, chunk_text: str) -> str:
-        parts: list[str] = []
-        at = 0
-        for edit in self.edits:
-            parts.append(chunk_text[at:edit.at])
-            parts.append(edit.original)
-            at = edit.at + edit.length
-        parts.append(chunk_text[at:])
-        return "".join(parts)
-
-    def to_original(self, position: int, *, end: bool = False) -> int:
-        """The original offset of the chunk text's `position`; inside an edit, the edit's
-        start (or with `end` its end), so a span never cuts an edit in half."""
-        shift = 0
-        for edit in self.edits:
-            if position < edit.at or (end and position == edit.at):
-                break
-            if position < edit.at + edit.length:
-                base = self.start + edit.at + shift
-                return base + len(edit.original) if end else base
-            shift += len(edit.original) - edit.length
-        return self.start + position + shift
-
-
 @dataclass(frozen=True)
 class Passage:
     document_id: str
@@ -83,7 +41,7 @@ class Passage:
     source: str
     # Where the chunk lies in the document's original text; None when retrieval indexed it
     # before offsets were kept.
-    location: SourceLocation | None = None
+    location: Location | None = None
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,15 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
-from servers.common.text import SECTION_SEPARATOR, SENTENCE_END, has_content, is_bare_heading, normalise
+from servers.common.text import (
+    SECTION_SEPARATOR,
+    SENTENCE_END,
+    Location,
+    TextEdit,
+    has_content,
+    is_bare_heading,
+    normalise,
+)
 
 # Bumped whenever chunk boundaries change, so stored documents are re-indexed.
 # v2: chunks carry their place in the original text (`Location`); boundaries as in v1.
@@ -45,52 +53,6 @@ class ChunkingConfig:
 
 
 DEFAULT_CONFIG = ChunkingConfig()
-
-
-@dataclass(frozen=True, slots=True)
-class TextEdit:
-    """chunk_text[at:at + length] stands for `original` in the document's original text."""
-
-    at: int
-    length: int
-    original: str
-
-
-@dataclass(frozen=True, slots=True)
-class Location:
-    """Where a chunk lies in its document's original text (as ingested, before `normalise`):
-    original[start:end], which is the chunk's text with `edits` applied (`original_text`).
-
-    A chunk is not a plain slice of the original: the chunker collapses blank lines, strips
-    line ends, drops noise lines and applies NFC. The edits record exactly those places, so
-    a citation can point at the original's characters (docs/groundedness.md)."""
-
-    start: int
-    end: int
-    edits: tuple[TextEdit, ...] = ()
-
-    def original_text(self, chunk_text: str) -> str:
-        parts: list[str] = []
-        at = 0
-        for edit in self.edits:
-            parts.append(chunk_text[at:edit.at])
-            parts.append(edit.original)
-            at = edit.at + edit.length
-        parts.append(chunk_text[at:])
-        return "".join(parts)
-
-    def to_original(self, position: int, *, end: bool = False) -> int:
-        """The original offset of the chunk text's `position`. A position inside an edit maps
-        to the edit's start (or, with `end`, its end), so a span never cuts an edit in half."""
-        shift = 0
-        for edit in self.edits:
-            if position < edit.at or (end and position == edit.at):
-                break
-            if position < edit.at + edit.length:
-                base = self.start + edit.at + shift
-                return base + len(edit.original) if end else base
-            shift += len(edit.original) - edit.length
-        return self.start + position + shift
 
 
 @dataclass(frozen=True, slots=True)

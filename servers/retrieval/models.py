@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from servers.retrieval.chunker import Chunk, Location
+from servers.common.text import Location
+from servers.retrieval.chunker import Chunk
 
 # An embedding model's output: one float32 row per text (L2-normalised).
 Vectors = npt.NDArray[np.float32]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from servers.common.text import Location, TextEdit
 from servers.generation.grounding import (
     REFUSAL_ANSWER,
     Scorer,
@@ -22,9 +23,7 @@ from servers.generation.providers import (
     Passage,
     Prompt,
     Quote,
-    SourceLocation,
     SpanOrigin,
-    TextEdit,
 )
 from servers.retrieval.chunker import ChunkingConfig, chunk_document, location_from_json, location_to_json
 
@@ -42,7 +41,7 @@ def passages(original: str = ORIGINAL, markdown: bool = True) -> list[Passage]:
         loc = chunk.location
         assert loc is not None
         out.append(Passage("pol", chunk.chunk_id, "Policy", chunk.section, chunk.text, 1.0, "pol.md",
-                           SourceLocation(loc.start, loc.end,
+                           Location(loc.start, loc.end,
                                           tuple(TextEdit(e.at, e.length, e.original) for e in loc.edits))))
     return out
 

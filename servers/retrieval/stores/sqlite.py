@@ -176,7 +176,7 @@ CREATE TABLE IF NOT EXISTS document_access (
 ) WITHOUT ROWID;
 """
 
-# v5: where each chunk lies in its document's original text (chunker.Location as JSON), keyed
+# v5: where each chunk lies in its document's original text (servers.common.text.Location as JSON), keyed
 # by the chunk's rowid like its vector; chunks indexed before have no row (no offsets) until
 # their document is re-ingested.
 _SCHEMA_V5 = """

@@ -226,7 +226,7 @@ class WeaviateStore:
     def _added_properties() -> list[wvc.config.Property]:
         """Chunk properties added after the collection's first version; `_upgrade` adds them to
         a collection made before (Weaviate adds a property in place, existing objects without it)."""
-        # chunker.Location as JSON: where the chunk lies in the document's original text.
+        # servers.common.text.Location as JSON: where the chunk lies in the document's original text.
         return [wvc.config.Property(name="location_json", data_type=wvc.config.DataType.TEXT,
                                     index_searchable=False, index_filterable=False)]
 
