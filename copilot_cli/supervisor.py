@@ -156,6 +156,14 @@ def envoy_binary() -> str:
     return found
 
 
+class Interrupted(KeyboardInterrupt):
+    """A signal (SIGINT, SIGTERM) while the mesh was starting: stop what started, then exit."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 @dataclass
 class Mesh:
     settings: Settings
@@ -163,6 +171,18 @@ class Mesh:
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     # The REDIS_URL of the redis-server `start` started itself (replicas without a REDIS_URL).
     own_redis_url: str | None = None
+    # The signal that interrupted `start` (set by `interrupt`, from a signal handler).
+    _interrupted: int | None = None
+
+    def interrupt(self, signum: int) -> None:
+        """Makes a `start` under way give up at its next step (raising `Interrupted`). A signal
+        handler calls it as well as raising: an exception raised inside a blocking gRPC call
+        is swallowed by gRPC as a cancelled call, so the waits check this flag too."""
+        self._interrupted = signum
+
+    def check_interrupted(self) -> None:
+        if self._interrupted is not None:
+            raise Interrupted(self._interrupted)
 
     @property
     def log_dir(self) -> Path:
@@ -223,6 +243,7 @@ class Mesh:
             self._wait_up(replica_name("metering", 0), timeout_s)
             for name in self.server_names():
                 if name not in self.processes:
+                    self.check_interrupted()
                     self._spawn_server(name)
             for name in self.server_names():
                 self._wait_up(name, timeout_s)
@@ -304,6 +325,7 @@ class Mesh:
         with grpc.insecure_channel(address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
+                self.check_interrupted()
                 proc = self.processes[name]
                 if proc.poll() is not None:
                     raise MeshError(f"{name} exited with code {proc.returncode}; see {self.log_dir / (name + '.log')}"

@@ -9,18 +9,10 @@ import threading
 from dataclasses import replace
 
 from copilot_cli import demo
-from copilot_cli.supervisor import Mesh, MeshError
+from copilot_cli.supervisor import Interrupted, Mesh, MeshError
 from servers.common.settings import Settings
 
 READY_FILE = "ready"
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM while the mesh is starting: stop what started, then exit."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
 
 
 def up(settings: Settings, demo_data: bool = True) -> int:
@@ -34,6 +26,7 @@ def up(settings: Settings, demo_data: bool = True) -> int:
         # Installed before anything starts: during start-up a signal interrupts it (and the
         # handlers below stop whatever had started); afterwards it asks for a clean stop.
         if starting:
+            mesh.interrupt(signum)
             raise Interrupted(signum)
         stop.set()
 
@@ -48,6 +41,8 @@ def up(settings: Settings, demo_data: bool = True) -> int:
             for tenant, counts in seeded.items():
                 summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
                 print(f"  demo tenant {tenant}: {summary}")
+        # A signal raised inside a gRPC call may have been swallowed as a cancelled call.
+        mesh.check_interrupted()
         # Health ("" at the edge, `copilot status`) says SERVING from here on, not before.
         mesh.mark_ready()
         starting = False

@@ -121,6 +121,12 @@ OUTLIER_DETECTION = {
 }
 
 
+# Metering's replicas: only a dead one (connections refused or reset) is ejected. An active that
+# answers UNAVAILABLE is opening its stores after a takeover (or a dependency is down): ejecting
+# the only serving replica would send every call to the standbys (a panic, none healthy).
+METERING_OUTLIER_DETECTION = {**OUTLIER_DETECTION, "enforcing_consecutive_gateway_failure": 0}
+
+
 def metering_idempotent_routes(bounds: Bounds) -> str:
     """The routes of METERING_IDEMPOTENT_RPCS (template lines): like the metering prefix
     routes after them, with the idempotent retry policy."""
@@ -298,6 +304,7 @@ def render(settings: Settings, *, allowed_origins: Sequence[str] | None = None,
         "EDGE_SERVICES_ENDPOINTS": endpoints(settings, "edge_services"),
         "EDGE_HTTP_ENDPOINTS": endpoints(settings, "edge_http"),
         "OUTLIER_DETECTION": f"outlier_detection: {json.dumps(OUTLIER_DETECTION)}",
+        "METERING_OUTLIER_DETECTION": f"outlier_detection: {json.dumps(METERING_OUTLIER_DETECTION)}",
         "RETRY_UNSENT": json.dumps(retry_policy(RETRY_ON_UNSENT)),
         "RETRY_IDEMPOTENT": json.dumps(retry_policy(RETRY_ON_IDEMPOTENT)),
         # A rate limit check that never reached a replica goes to another one (within the

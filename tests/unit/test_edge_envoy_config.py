@@ -143,6 +143,9 @@ def test_replicated_clusters_balance_over_every_replica() -> None:
                   "path: /copilot.v1.RetrievalService/IngestDocuments", "prefix: /copilot.v1.RetrievalService/ }"):
         assert json.loads(_route(text, route).split("hash_policy: ", 1)[1].splitlines()[0]) == \
             [{"header": {"header_name": "x-tenant-id"}}], route
+    # Metering ejects a dead replica, never the active for answering UNAVAILABLE (opening its stores).
+    assert '"enforcing_consecutive_gateway_failure": 0' in clusters["metering"]
+    assert '"enforcing_consecutive_gateway_failure": 100' in clusters["generation"]
     # One active metering and two standbys are a third healthy: not a panic; none healthy is.
     assert "healthy_panic_threshold: { value: 25.0 }" in clusters["metering"]
 
