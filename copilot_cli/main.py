@@ -235,7 +235,8 @@ async def _ask(args: argparse.Namespace, settings: Settings) -> int:
         if details.citations:
             print("\nSources:")
         for c in details.citations:
-            print(f"  [{c.index}] {_where(c.title, c.section)} ({c.document_id})")
+            readers = f"; readable by {', '.join(c.access)}" if c.access else ""
+            print(f"  [{c.index}] {_where(c.title, c.section)} ({c.document_id}{readers})")
             for span in details.spans:
                 if span.citation_index == c.index:
                     print(f"      {_span_line(span)}")

@@ -195,7 +195,8 @@ class RetrievalClient:
             trailing = await call.trailing_metadata()
         return SearchResult(
             passages=[Passage(document_id=h.document_id, chunk_id=h.chunk_id, title=h.title, section=h.section,
-                              text=h.text, score=h.score, source=h.source, location=location_from_proto(h))
+                              text=h.text, score=h.score, source=h.source, location=location_from_proto(h),
+                              access=tuple(h.access))
                       for h in response.hits],
             mode=search_mode_from_proto(response.mode), withheld=_withheld(trailing))
 

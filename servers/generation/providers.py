@@ -42,6 +42,8 @@ class Passage:
     # Where the chunk lies in the document's original text; None when retrieval indexed it
     # before offsets were kept.
     location: Location | None = None
+    # The document's access labels (docs/access-control.md); empty: the whole tenant.
+    access: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ def to_proto(details: AnswerDetails) -> generation_pb2.AnswerDetails:
         citations=[
             common_pb2.Citation(index=c.index, document_id=c.passage.document_id, chunk_id=c.passage.chunk_id,
                                 title=c.passage.title, section=c.passage.section, quote=c.quote,
-                                score=c.passage.score, source=c.passage.source)
+                                score=c.passage.score, source=c.passage.source, access=c.passage.access)
             for c in details.citations
         ],
         usage=common_pb2.TokenUsage(input_tokens=details.input_tokens, output_tokens=details.output_tokens,

@@ -53,6 +53,7 @@ try {
   findings.answerUpdates = await page.evaluate(() => window.__answerUpdates);
   findings.citations = await page.locator("#citations li").count();
   findings.inlineCitations = await page.locator("#answer button.cite").count();
+  findings.verdict = (await page.textContent("#verdict")).trim();
   await shot("03-answer");
 
   // 4. A citation opens the cited passage.
@@ -60,6 +61,9 @@ try {
   await page.locator("#passage[open]").waitFor();
   findings.passageTitle = await page.textContent("#passage-title");
   findings.passageText = (await page.textContent("#passage-text")).trim();
+  findings.passageMarked = (await page.locator("#passage-text mark").allTextContents()).map((t) => t.trim());
+  findings.passageSpan = (await page.textContent("#passage-span")).trim();
+  findings.passageAccess = (await page.textContent("#passage-access")).trim();
   await shot("04-passage");
   await page.getByRole("button", { name: "Close" }).click();
 

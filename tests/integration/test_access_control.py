@@ -134,6 +134,9 @@ async def test_answers_never_cite_a_withheld_document_and_audit_the_count(mesh: 
         question=question, top_k=2, mode=common_pb2.RETRIEVAL_MODE_BASIC),
         metadata=groups(mesh, tenant, "hr", user="carol"), timeout=30)
     assert "investigation" in [c.document_id for c in privileged.details.citations]
+    # The citation says who may read what it cites.
+    cited = {c.document_id: list(c.access) for c in privileged.details.citations}
+    assert sorted(cited["investigation"]) == ["group:hr", "user:dana"], cited
 
     # The audit trail: every one of bob's answers withheld the investigation, hr's none.
     audit = audit_pb2_grpc.AuditServiceStub(channel)

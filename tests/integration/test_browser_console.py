@@ -95,6 +95,12 @@ async def test_console_signs_in_asks_streams_cites_uploads_and_refuses_an_expire
     assert result["citations"] >= 1 and result["inlineCitations"] >= 1
     assert "Customer onboarding policy" in result["passageTitle"]
     assert "MLRO" in result["passageText"]
+    # The exact span the answer rests on is marked in the passage, with where it is in the
+    # document; who may read it; and the answer's groundedness verdict.
+    assert result["passageMarked"] and all(m in result["passageText"] for m in result["passageMarked"]), result
+    assert result["passageSpan"].startswith("Cited span: characters "), result
+    assert result["passageAccess"] == "Readable by the whole tenant"
+    assert result["verdict"].startswith("Groundedness "), result
     assert "Uploaded" in result["upload"] and "browser-upload.md" in result["upload"]
     # Refused in words, not a code.
     assert "no longer valid" in result["expiredError"] and "16" not in result["expiredError"]

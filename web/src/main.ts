@@ -5,6 +5,7 @@ import { Code, ConnectError, createClient, type Client, type Interceptor } from 
 import { createGrpcWebTransport } from "@connectrpc/connect-web";
 import { GenerationService } from "../../gen/ts/copilot/v1/generation_pb";
 import type { Citation } from "../../gen/ts/copilot/v1/common_pb";
+import type { AnswerDetails, CitedSpan } from "../../gen/ts/copilot/v1/generation_pb";
 import { Plan } from "../../gen/ts/copilot/v1/common_pb";
 import { MeteringService } from "../../gen/ts/copilot/v1/metering_pb";
 import { IngestStatus, RetrievalService } from "../../gen/ts/copilot/v1/retrieval_pb";
@@ -186,14 +187,55 @@ function citationButton(c: Citation): HTMLButtonElement {
   return button;
 }
 
+// The exact spans of the current answer, by the citation they belong to.
+let spansByCitation = new Map<number, CitedSpan[]>();
+
+function readers(c: Citation): string {
+  return c.access.length ? `Readable by ${c.access.join(", ")}` : "Readable by the whole tenant";
+}
+
+// The passage with the cited spans marked: a span is the document's original text, the passage
+// the indexed chunk, so they are matched with whitespace made flexible.
+function markedPassage(text: string, spans: CitedSpan[]): (string | Node)[] {
+  const found: [number, number][] = [];
+  for (const span of spans) {
+    if (!span.text.trim()) continue;
+    const pattern = span.text.trim().split(/\s+/).map((w) => w.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")).join("\\s+");
+    const match = new RegExp(pattern).exec(text);
+    if (match) found.push([match.index, match.index + match[0].length]);
+  }
+  found.sort((a, b) => a[0] - b[0]);
+  const parts: (string | Node)[] = [];
+  let at = 0;
+  for (const [from, to] of found) {
+    if (from < at) continue;  // overlaps the previous mark
+    const mark = document.createElement("mark");
+    mark.textContent = text.slice(from, to);
+    parts.push(text.slice(at, from), mark);
+    at = to;
+  }
+  parts.push(text.slice(at));
+  return parts;
+}
+
 function openPassage(c: Citation): void {
+  const spans = spansByCitation.get(c.index) ?? [];
   $("passage-title").textContent = `[${c.index}] ${c.title || c.documentId}`;
   $("passage-where").textContent = [c.section, c.source || c.documentId].filter(Boolean).join(" · ");
-  $("passage-text").textContent = c.quote || "(no passage text)";
+  $("passage-access").textContent = readers(c);
+  $("passage-text").replaceChildren(...markedPassage(c.quote || "(no passage text)", spans));
+  $("passage-span").textContent = spans.map((s) => s.end > s.start
+    ? `Cited span: characters ${s.start}–${s.end} of the document` + (s.matchQuality < 1 ? ` (quote matched ${Math.round(s.matchQuality * 100)} %)` : "")
+    : "Cited span: no offsets (the document predates them: re-ingest it)").join("\n");
   $<HTMLDialogElement>("passage").showModal();
 }
 
-function renderAnswer(text: string, citations: Citation[]): void {
+function renderAnswer(text: string, details: AnswerDetails): void {
+  const citations = details.citations;
+  spansByCitation = new Map();
+  for (const span of details.spans) {
+    spansByCitation.set(span.citationIndex, [...(spansByCitation.get(span.citationIndex) ?? []), span]);
+  }
   const byIndex = new Map(citations.map((c) => [c.index, c]));
   const answer = $("answer");
   const parts: (string | Node)[] = [];
@@ -213,9 +255,43 @@ function renderAnswer(text: string, citations: Citation[]): void {
     const open = citationButton(c);
     open.textContent = c.title || c.documentId;
     item.append(open, c.section ? ` — ${c.section}` : "");
+    if (c.access.length) {
+      const badge = document.createElement("span");
+      badge.className = "access";
+      badge.textContent = c.access.join(", ");
+      badge.title = readers(c);
+      item.append(badge);
+    }
     return item;
   }));
   $("sources-title").hidden = citations.length === 0;
+  renderVerdict(text, details);
+}
+
+// The groundedness verdict: the score, and each sentence its citations do not support.
+function renderVerdict(text: string, details: AnswerDetails): void {
+  const box = $("verdict");
+  const sentences = details.sentences;
+  if (!sentences.length) {
+    box.replaceChildren();
+    return;
+  }
+  const verdict = details.groundedness;
+  const supported = sentences.length - (verdict?.unsupportedSentences ?? 0);
+  const summary = document.createElement("p");
+  summary.className = "meta";
+  summary.textContent = `Groundedness ${(verdict?.score ?? 0).toFixed(2)}: ${supported} of ${sentences.length} ` +
+    "sentences supported by what they cite" + (verdict?.refused ? " · refused: unsupported sentences" : "");
+  const points = Array.from(text);  // offsets are in code points
+  const list = document.createElement("ul");
+  for (const s of sentences.filter((x) => !x.supported)) {
+    const item = document.createElement("li");
+    item.className = "unsupported";
+    const quoted = s.end > s.start ? `“${points.slice(s.start, s.end).join("").trim()}” ` : "";
+    item.textContent = `${s.removed ? "Removed" : "Unsupported"}: ${quoted}(${s.issues.join("; ") || "weak support"})`;
+    list.append(item);
+  }
+  box.replaceChildren(summary, ...(list.childElementCount ? [list] : []));
 }
 
 async function ask(question: string): Promise<void> {
@@ -225,6 +301,7 @@ async function ask(question: string): Promise<void> {
   answer.setAttribute("aria-busy", "true");
   $("answer-meta").textContent = "";
   $("citations").replaceChildren();
+  $("verdict").replaceChildren();
   $("sources-title").hidden = true;
   let text = "";
   try {
@@ -234,7 +311,7 @@ async function ask(question: string): Promise<void> {
         answer.textContent = text;
       } else if (event.event.case === "details") {
         const details = event.event.value;
-        renderAnswer(text, details.citations);
+        renderAnswer(text, details);
         const degraded = details.degraded ? ` · simplified answer: ${details.degradedReason}` : "";
         $("answer-meta").textContent = `Answered by ${details.provider || "the copilot"}${degraded}`;
       }

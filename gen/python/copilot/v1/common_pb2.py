@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63opilot/v1/common.proto\x12\ncopilot.v1\"\x8e\x01\n\x08\x43itation\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x13\n\x0b\x64ocument_id\x18\x02 \x01(\t\x12\x10\n\x08\x63hunk_id\x18\x03 \x01(\t\x12\r\n\x05title\x18\x04 \x01(\t\x12\x0f\n\x07section\x18\x05 \x01(\t\x12\r\n\x05quote\x18\x06 \x01(\t\x12\r\n\x05score\x18\x07 \x01(\x01\x12\x0e\n\x06source\x18\x08 \x01(\t\"b\n\nTokenUsage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x15\n\routput_tokens\x18\x02 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x03\x12\x11\n\testimated\x18\x04 \x01(\x08*N\n\x04Plan\x12\x14\n\x10PLAN_UNSPECIFIED\x10\x00\x12\r\n\tPLAN_FREE\x10\x01\x12\x0c\n\x08PLAN_PRO\x10\x02\x12\x13\n\x0fPLAN_ENTERPRISE\x10\x03*\x9f\x01\n\rRetrievalMode\x12\x1e\n\x1aRETRIEVAL_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14RETRIEVAL_MODE_BASIC\x10\x01\x12\x19\n\x15RETRIEVAL_MODE_HYBRID\x10\x02\x12\x1d\n\x19RETRIEVAL_MODE_DECOMPOSED\x10\x03\x12\x1a\n\x16RETRIEVAL_MODE_AGENTIC\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63opilot/v1/common.proto\x12\ncopilot.v1\"\x9e\x01\n\x08\x43itation\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x13\n\x0b\x64ocument_id\x18\x02 \x01(\t\x12\x10\n\x08\x63hunk_id\x18\x03 \x01(\t\x12\r\n\x05title\x18\x04 \x01(\t\x12\x0f\n\x07section\x18\x05 \x01(\t\x12\r\n\x05quote\x18\x06 \x01(\t\x12\r\n\x05score\x18\x07 \x01(\x01\x12\x0e\n\x06source\x18\x08 \x01(\t\x12\x0e\n\x06\x61\x63\x63\x65ss\x18\t \x03(\t\"b\n\nTokenUsage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x15\n\routput_tokens\x18\x02 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x03\x12\x11\n\testimated\x18\x04 \x01(\x08*N\n\x04Plan\x12\x14\n\x10PLAN_UNSPECIFIED\x10\x00\x12\r\n\tPLAN_FREE\x10\x01\x12\x0c\n\x08PLAN_PRO\x10\x02\x12\x13\n\x0fPLAN_ENTERPRISE\x10\x03*\x9f\x01\n\rRetrievalMode\x12\x1e\n\x1aRETRIEVAL_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14RETRIEVAL_MODE_BASIC\x10\x01\x12\x19\n\x15RETRIEVAL_MODE_HYBRID\x10\x02\x12\x1d\n\x19RETRIEVAL_MODE_DECOMPOSED\x10\x03\x12\x1a\n\x16RETRIEVAL_MODE_AGENTIC\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'copilot.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PLAN']._serialized_start=284
-  _globals['_PLAN']._serialized_end=362
-  _globals['_RETRIEVALMODE']._serialized_start=365
-  _globals['_RETRIEVALMODE']._serialized_end=524
+  _globals['_PLAN']._serialized_start=300
+  _globals['_PLAN']._serialized_end=378
+  _globals['_RETRIEVALMODE']._serialized_start=381
+  _globals['_RETRIEVALMODE']._serialized_end=540
   _globals['_CITATION']._serialized_start=40
-  _globals['_CITATION']._serialized_end=182
-  _globals['_TOKENUSAGE']._serialized_start=184
-  _globals['_TOKENUSAGE']._serialized_end=282
+  _globals['_CITATION']._serialized_end=198
+  _globals['_TOKENUSAGE']._serialized_start=200
+  _globals['_TOKENUSAGE']._serialized_end=298
 # @@protoc_insertion_point(module_scope)

@@ -1,6 +1,8 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable
 from typing import ClassVar as _ClassVar, Optional as _Optional
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -30,7 +32,7 @@ RETRIEVAL_MODE_DECOMPOSED: RetrievalMode
 RETRIEVAL_MODE_AGENTIC: RetrievalMode
 
 class Citation(_message.Message):
-    __slots__ = ("index", "document_id", "chunk_id", "title", "section", "quote", "score", "source")
+    __slots__ = ("index", "document_id", "chunk_id", "title", "section", "quote", "score", "source", "access")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
     CHUNK_ID_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +41,7 @@ class Citation(_message.Message):
     QUOTE_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    ACCESS_FIELD_NUMBER: _ClassVar[int]
     index: int
     document_id: str
     chunk_id: str
@@ -47,7 +50,8 @@ class Citation(_message.Message):
     quote: str
     score: float
     source: str
-    def __init__(self, index: _Optional[int] = ..., document_id: _Optional[str] = ..., chunk_id: _Optional[str] = ..., title: _Optional[str] = ..., section: _Optional[str] = ..., quote: _Optional[str] = ..., score: _Optional[float] = ..., source: _Optional[str] = ...) -> None: ...
+    access: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, index: _Optional[int] = ..., document_id: _Optional[str] = ..., chunk_id: _Optional[str] = ..., title: _Optional[str] = ..., section: _Optional[str] = ..., quote: _Optional[str] = ..., score: _Optional[float] = ..., source: _Optional[str] = ..., access: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TokenUsage(_message.Message):
     __slots__ = ("input_tokens", "output_tokens", "total_tokens", "estimated")
