@@ -47,3 +47,29 @@ def test_a_documents_source_is_never_an_absolute_path(tmp_path: Path, monkeypatc
     root = given[0] if given[0].is_dir() else None
     [doc] = documents.read(documents.expand(given), root)
     assert doc.source == expected and doc.title == "AML"
+
+
+def test_access_labels_come_from_front_matter_beir_metadata_and_lists(tmp_path: Path) -> None:
+    """A document's readers, as a file or a BEIR corpus gives them (docs/access-control.md)."""
+    memo = tmp_path / "memo.md"
+    memo.write_text("---\naccess: group:hr, user:alice\ntitle-ignored: x\n---\n# Memo\n\nInvestigation notes.\n")
+    public = tmp_path / "public.md"
+    public.write_text("# Public\n\nEveryone may read this.\n")
+    unclosed = tmp_path / "unclosed.md"
+    unclosed.write_text("---\naccess: group:hr\n# Not front matter: never closed\n")
+    docs = {d.document_id: d for d in documents.read([memo, public, unclosed], root=tmp_path)}
+    docs = {k.removesuffix(".md"): v for k, v in docs.items()}
+    assert list(docs["memo"].access) == ["group:hr", "user:alice"]
+    # The block is not indexed; the text starts after it.
+    assert docs["memo"].text.startswith("# Memo") and "access:" not in docs["memo"].text
+    assert list(docs["public"].access) == [] and list(docs["unclosed"].access) == []
+    assert "access: group:hr" in docs["unclosed"].text
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps(line) for line in (
+        {"_id": "a", "title": "A", "text": "Restricted.", "metadata": {"_access": "group:legal", "k": "v"}},
+        {"_id": "b", "title": "B", "text": "Listed.", "metadata": {"_access": ["user:bob", " group:hr "]}},
+        {"_id": "c", "title": "C", "text": "Open."})) + "\n")
+    passages = {p.doc_id: p for p in documents.read_corpus(corpus)}
+    assert passages["a"].access == ("group:legal",) and passages["a"].metadata == {"k": "v"}
+    assert passages["b"].access == ("user:bob", "group:hr") and passages["c"].access == ()
+    assert documents.access_labels("") == [] and documents.access_labels(None) == []
